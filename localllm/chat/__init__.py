@@ -1,0 +1,1 @@
+"""Chat templates, tool-call and thinking parsers, structured-output grammars."""

@@ -1,0 +1,1 @@
+"""Reading and validating GGUF files before llama.cpp ever sees them."""

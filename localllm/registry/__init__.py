@@ -1,0 +1,1 @@
+"""Model names, the blob store and manifests, Modelfiles, create and pull."""

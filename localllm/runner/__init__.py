@@ -1,0 +1,1 @@
+"""The only code that calls llama_cpp: model/context lifetime and the batching worker thread."""
