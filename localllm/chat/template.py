@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import TemplateError
 
-__all__ = ["ChatTemplate", "JinjaTemplate", "PlainTemplate"]
+__all__ = ["ChatTemplate", "JinjaTemplate", "PlainTemplate", "is_go_template", "load_template"]
 
 
 class ChatTemplate:
@@ -127,3 +128,33 @@ class PlainTemplate(ChatTemplate):
     ) -> str:
         parts = [str(m.get("content") or "") for m in messages if m.get("content")]
         return "\n\n".join(parts)
+
+
+_GO_ACTION = re.compile(r"\{\{-?\s*(?:\.|\$|(?:range|if|with|end|else|template|define|block)\b|/\*)")
+_JINJA_MARK = re.compile(r"\{%|\{#")
+
+
+def is_go_template(source: str) -> bool:
+    """Whether template text is Ollama's Go template language rather than Jinja.
+
+    Go actions start with a field (`{{ .Prompt }}`), a variable (`{{ $x }}`) or a bare keyword
+    (`{{ range ... }}`); Jinja has `{% ... %}` statements and never a leading dot.
+    """
+    if _JINJA_MARK.search(source):
+        return False
+    return _GO_ACTION.search(source) is not None
+
+
+def load_template(source: str | None, *, bos_token: str = "", eos_token: str = "") -> ChatTemplate:
+    """The chat template for template text: a Go template, a Jinja template, or the plain fallback.
+
+    Empty text gives `PlainTemplate` (Ollama's default `{{ .Prompt }}`). Failures to parse raise
+    `TemplateError`.
+    """
+    if source is None or not source.strip():
+        return PlainTemplate()
+    if is_go_template(source):
+        from .gotemplate import GoTemplate
+
+        return GoTemplate(source)
+    return JinjaTemplate(source, bos_token=bos_token, eos_token=eos_token)

@@ -1,1 +1,36 @@
 """Model names, the blob store and manifests, Modelfiles, create and pull."""
+
+from .modelfile import Instruction, Modelfile
+from .modelfile import parse as parse_modelfile
+from .names import DEFAULT_HOST, DEFAULT_NAMESPACE, DEFAULT_TAG, ModelName, is_valid_name
+from .registry import (
+    ModelDetails,
+    ModelEntry,
+    Registry,
+    ResolvedModel,
+    ShowResponse,
+    format_parameters,
+    model_capabilities,
+)
+from .store import BlobStore, Layer, Manifest
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_NAMESPACE",
+    "DEFAULT_TAG",
+    "BlobStore",
+    "Instruction",
+    "Layer",
+    "Manifest",
+    "ModelDetails",
+    "ModelEntry",
+    "ModelName",
+    "Modelfile",
+    "Registry",
+    "ResolvedModel",
+    "ShowResponse",
+    "format_parameters",
+    "is_valid_name",
+    "model_capabilities",
+    "parse_modelfile",
+]

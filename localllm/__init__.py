@@ -1,0 +1,68 @@
+"""localllm: Ollama's engine as a Python library.
+
+    import localllm
+
+    async with localllm.Engine() as engine:
+        async for chunk in engine.chat("smollm2", [{"role": "user", "content": "hi"}]):
+            print(chunk.message.content, end="")
+"""
+
+from .engine import Engine
+from .errors import (
+    CapabilityError,
+    ContextLengthExceeded,
+    ConversionError,
+    DigestMismatch,
+    EngineClosed,
+    InsufficientMemory,
+    InvalidFormat,
+    InvalidModelFile,
+    InvalidModelName,
+    InvalidOptions,
+    InvalidRequest,
+    LocalLLMError,
+    ModelfileError,
+    ModelLoadError,
+    ModelNotFound,
+    PullError,
+    QueueFull,
+    RunnerError,
+    TemplateError,
+    ToolError,
+)
+from .options import Options
+from .stream import ResponseStream
+from .types import ChatResponse, GenerateResponse, Message, ToolCall, ToolCallFunction
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CapabilityError",
+    "ChatResponse",
+    "ContextLengthExceeded",
+    "ConversionError",
+    "DigestMismatch",
+    "Engine",
+    "EngineClosed",
+    "GenerateResponse",
+    "InsufficientMemory",
+    "InvalidFormat",
+    "InvalidModelFile",
+    "InvalidModelName",
+    "InvalidOptions",
+    "InvalidRequest",
+    "LocalLLMError",
+    "Message",
+    "ModelLoadError",
+    "ModelNotFound",
+    "ModelfileError",
+    "Options",
+    "PullError",
+    "QueueFull",
+    "ResponseStream",
+    "RunnerError",
+    "TemplateError",
+    "ToolCall",
+    "ToolCallFunction",
+    "__version__",
+]

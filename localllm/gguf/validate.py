@@ -1,0 +1,813 @@
+"""A defensive GGUF parser: every file is checked here before llama.cpp sees it.
+
+llama.cpp aborts the whole process on many malformed files (failed asserts, out-of-range reads), so nothing
+that could reach one of those paths may pass. The parser below never trusts a count or a length before
+comparing it with the bytes that are left, never allocates from an unchecked count, does not recurse (GGUF
+arrays of arrays are refused, as llama.cpp refuses them), and turns every problem into `InvalidModelFile`
+with a message that names what is wrong, where, and what to do about it.
+
+`validate_file` runs the structural parse and then the semantic checks (architecture, tokenizer, a few
+hyperparameters llama.cpp asserts on). `inspect.read_info` reuses the structural parse only.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import struct
+from collections.abc import Callable
+from typing import Any, NoReturn, Union
+
+import attrs
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS
+
+from localllm.errors import InvalidModelFile
+
+__all__ = ["GGUF_MAGIC", "is_gguf", "validate_bytes", "validate_file"]
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+
+# Limits llama.cpp itself applies (gguf.cpp, ggml.h, llama-hparams.h).
+MAX_STRING_LENGTH = 1 << 30
+MAX_ARRAY_ELEMENTS = 1 << 30
+MAX_TENSOR_NAME = 63  # GGML_MAX_NAME is 64, including the terminating NUL
+MAX_DIMS = 4
+MAX_LAYERS = 512
+MAX_EXPERTS = 512
+_INT64_MAX = (1 << 63) - 1
+_INT32_MAX = (1 << 31) - 1
+
+_HEADER_SIZE = 4 + 4 + 8 + 8
+# The smallest encodings, used to bound counts by the bytes that are left.
+_MIN_KV_SIZE = 8 + 1 + 4 + 1  # key length, a 1-byte key, value type, a 1-byte value
+_MIN_TENSOR_INFO_SIZE = 8 + 1 + 4 + 8 + 4 + 8  # name length, 1-byte name, n_dims, one dim, type, offset
+
+HINT_CORRUPT = "The file is damaged or incomplete: re-download it, or re-create it from its source."
+HINT_TOKENIZER = (
+    "Its tokenizer metadata is inconsistent: re-create the file with a current GGUF converter, or re-download it."
+)
+HINT_ARCH = (
+    "llama.cpp cannot run this model: use a model of a supported architecture, or re-create the file with a "
+    "current GGUF converter."
+)
+HINT_HPARAMS = (
+    "Its model metadata is inconsistent: re-create the file with a current GGUF converter, or re-download it."
+)
+
+# GGUF metadata value types.
+T_UINT8, T_INT8, T_UINT16, T_INT16, T_UINT32, T_INT32, T_FLOAT32, T_BOOL = range(8)
+T_STRING, T_ARRAY, T_UINT64, T_INT64, T_FLOAT64 = range(8, 13)
+
+VALUE_TYPE_NAMES = {
+    T_UINT8: "uint8",
+    T_INT8: "int8",
+    T_UINT16: "uint16",
+    T_INT16: "int16",
+    T_UINT32: "uint32",
+    T_INT32: "int32",
+    T_FLOAT32: "float32",
+    T_BOOL: "bool",
+    T_STRING: "string",
+    T_ARRAY: "array",
+    T_UINT64: "uint64",
+    T_INT64: "int64",
+    T_FLOAT64: "float64",
+}
+_SCALAR_STRUCTS = {
+    T_UINT8: struct.Struct("<B"),
+    T_INT8: struct.Struct("<b"),
+    T_UINT16: struct.Struct("<H"),
+    T_INT16: struct.Struct("<h"),
+    T_UINT32: struct.Struct("<I"),
+    T_INT32: struct.Struct("<i"),
+    T_FLOAT32: struct.Struct("<f"),
+    T_BOOL: struct.Struct("<B"),
+    T_UINT64: struct.Struct("<Q"),
+    T_INT64: struct.Struct("<q"),
+    T_FLOAT64: struct.Struct("<d"),
+}
+_NUMPY_DTYPES = {
+    T_UINT8: np.dtype("<u1"),
+    T_INT8: np.dtype("<i1"),
+    T_UINT16: np.dtype("<u2"),
+    T_INT16: np.dtype("<i2"),
+    T_UINT32: np.dtype("<u4"),
+    T_INT32: np.dtype("<i4"),
+    T_FLOAT32: np.dtype("<f4"),
+    T_BOOL: np.dtype("<u1"),
+    T_UINT64: np.dtype("<u8"),
+    T_INT64: np.dtype("<i8"),
+    T_FLOAT64: np.dtype("<f8"),
+}
+INTEGER_TYPES = frozenset({T_UINT8, T_INT8, T_UINT16, T_INT16, T_UINT32, T_INT32, T_UINT64, T_INT64})
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+@attrs.frozen
+class GGMLType:
+    """A tensor data type: its ggml number, name, and block geometry."""
+
+    value: int
+    name: str
+    block_size: int  # elements per block
+    type_size: int  # bytes per block
+
+
+def _ggml_types() -> dict[int, GGMLType]:
+    types: dict[int, GGMLType] = {}
+    for qtype, (block_size, type_size) in GGML_QUANT_SIZES.items():
+        if block_size > 0 and type_size > 0:
+            types[int(qtype)] = GGMLType(int(qtype), qtype.name, block_size, type_size)
+    return types
+
+
+GGML_TYPES: dict[int, GGMLType] = _ggml_types()
+
+# The architecture names llama.cpp knows, as the gguf package (maintained with llama.cpp) lists them.
+KNOWN_ARCHITECTURES: frozenset[str] = frozenset(MODEL_ARCH_NAMES.values())
+# Architectures whose graph starts from a token embedding: their files must carry token_embd.weight.
+_ARCHS_WITH_TOKEN_EMBD: frozenset[str] = frozenset(
+    name for arch, name in MODEL_ARCH_NAMES.items() if MODEL_TENSOR.TOKEN_EMBD in MODEL_TENSORS.get(arch, ())
+)
+
+# token_type values (llama.cpp's llama_token_type).
+TOKEN_TYPE_BYTE = 6
+_BYTE_TOKEN = re.compile(rb"<0x[0-9A-Fa-f]{2}>\Z")
+_SPECIAL_ID_KEY = re.compile(r"tokenizer\.ggml\.\w+_token_id\Z")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parsed structure (shared with inspect.py)
+
+
+@attrs.frozen
+class KV:
+    """One metadata entry as parsed.
+
+    `value` is an int, float, bool or bytes for scalars; for arrays it is a numpy array of numbers (bools as
+    uint8) or a list of bytes (strings).
+    """
+
+    key: str
+    type: int  # a T_* value; T_ARRAY for arrays
+    element_type: int | None  # for arrays, the type of the elements
+    value: Any
+    offset: int  # where the entry starts in the file
+
+
+@attrs.frozen
+class RawTensor:
+    name: str
+    dims: tuple[int, ...]  # GGUF order: dims[0] is the row length
+    ggml_type: GGMLType
+    offset: int  # absolute byte offset of the data in the file
+    n_bytes: int
+    n_elements: int
+    info_offset: int  # where the tensor's description starts in the file
+
+
+@attrs.frozen
+class ParsedGGUF:
+    name: str
+    file_size: int
+    version: int
+    alignment: int
+    data_offset: int  # absolute start of the tensor data section
+    kv: dict[str, KV]
+    tensors: tuple[RawTensor, ...]
+
+
+Buffer = Union[bytes, mmap.mmap]
+
+
+class _Parser:
+    """Reads the header, metadata and tensor descriptions of one GGUF file, checking every step."""
+
+    def __init__(self, buf: Buffer, file_size: int, name: str) -> None:
+        self.buf = buf
+        self.avail = len(buf)  # bytes of the file we can read (a prefix when validating a partial buffer)
+        self.size = file_size
+        self.name = name
+        self.pos = 0
+
+    # -- errors --------------------------------------------------------------------------------------------
+
+    def fail(self, message: str, hint: str = HINT_CORRUPT) -> NoReturn:
+        raise InvalidModelFile(f"{self.name}: {message}. {hint}")
+
+    def need(self, n: int, what: str) -> None:
+        """Fail unless `n` more bytes can be read at the current position."""
+        if n <= self.avail - self.pos:
+            return
+        if self.avail < self.size and n <= self.size - self.pos:
+            self.fail(
+                f"{what} (offset {self.pos}, {n} bytes) lies beyond the first {self.avail} bytes that were given "
+                f"for checking",
+                "Pass the whole header (or the whole file) to validate_bytes.",
+            )
+        self.fail(f"{what} (offset {self.pos}, {n} bytes) runs past the end of the file (size {self.size})")
+
+    # -- primitive reads ------------------------------------------------------------------------------------
+
+    def u32(self, what: str) -> int:
+        self.need(4, what)
+        (value,) = _U32.unpack_from(self.buf, self.pos)
+        self.pos += 4
+        return int(value)
+
+    def u64(self, what: str) -> int:
+        self.need(8, what)
+        (value,) = _U64.unpack_from(self.buf, self.pos)
+        self.pos += 8
+        return int(value)
+
+    def string(self, what: str, limit: int = MAX_STRING_LENGTH) -> bytes:
+        start = self.pos
+        length = self.u64(f"length of {what}")
+        if length > limit:
+            self.pos = start
+            self.fail(f"{what} at offset {start} claims a length of {length} bytes (the limit is {limit})")
+        if length > self.size - self.pos:
+            self.fail(
+                f"{what} at offset {start} claims a length of {length} bytes, but only {self.size - self.pos} "
+                f"bytes of the file (size {self.size}) are left"
+            )
+        self.need(length, what)
+        data = self.buf[self.pos : self.pos + length]
+        self.pos += length
+        return bytes(data)
+
+    # -- header ---------------------------------------------------------------------------------------------
+
+    def parse(self) -> ParsedGGUF:
+        if self.size < _HEADER_SIZE:
+            self.fail(f"the file is only {self.size} bytes long, too short for a GGUF header ({_HEADER_SIZE} bytes)")
+        self.need(4, "the magic number")
+        magic = bytes(self.buf[0:4])
+        if magic != GGUF_MAGIC:
+            self.fail(
+                f"not a GGUF file: it starts with {magic!r}, not {GGUF_MAGIC!r}",
+                "Use a model file in GGUF format (for example one converted with llama.cpp's convert_hf_to_gguf.py).",
+            )
+        self.pos = 4
+        version = self.u32("the version")
+        if version not in SUPPORTED_VERSIONS:
+            if version & 0xFFFF == 0 and (version >> 24) in SUPPORTED_VERSIONS:
+                self.fail(
+                    f"GGUF version field reads {version}: this is a big-endian file",
+                    "Use a little-endian GGUF file: re-create it without the big-endian option.",
+                )
+            if version == 1:
+                self.fail(
+                    "GGUF version 1 is no longer supported",
+                    "Re-download a current version of the model, or re-create it with a current GGUF converter.",
+                )
+            self.fail(
+                f"unsupported GGUF version {version} (supported: {', '.join(map(str, SUPPORTED_VERSIONS))})",
+                "The file is damaged, or was written for a newer llama.cpp: re-download it or re-create it.",
+            )
+        n_tensors = self.u64("the tensor count")
+        n_kv = self.u64("the metadata entry count")
+        left = self.size - self.pos
+        if n_kv > left // _MIN_KV_SIZE:
+            self.fail(f"the header claims {n_kv} metadata entries, more than a file of {self.size} bytes can hold")
+        if n_tensors > left // _MIN_TENSOR_INFO_SIZE:
+            self.fail(f"the header claims {n_tensors} tensors, more than a file of {self.size} bytes can hold")
+        if n_kv * _MIN_KV_SIZE + n_tensors * _MIN_TENSOR_INFO_SIZE > left:
+            self.fail(
+                f"the header claims {n_kv} metadata entries and {n_tensors} tensors, more than a file of "
+                f"{self.size} bytes can hold"
+            )
+
+        kv = self.parse_kv(n_kv)
+        alignment = self.alignment(kv)
+        tensors_info = [self.tensor_info(i) for i in range(n_tensors)]
+        self.check_tensor_names(tensors_info)
+        data_offset = -(-self.pos // alignment) * alignment
+        if n_tensors and data_offset > self.size:
+            self.fail(
+                f"the tensor data section would start at offset {data_offset}, past the end of the file "
+                f"(size {self.size})"
+            )
+        tensors = self.place_tensors(tensors_info, data_offset, alignment)
+        return ParsedGGUF(
+            name=self.name,
+            file_size=self.size,
+            version=version,
+            alignment=alignment,
+            data_offset=data_offset,
+            kv=kv,
+            tensors=tensors,
+        )
+
+    # -- metadata -------------------------------------------------------------------------------------------
+
+    def parse_kv(self, n_kv: int) -> dict[str, KV]:
+        entries: dict[str, KV] = {}
+        for index in range(n_kv):
+            start = self.pos
+            raw_key = self.string(f"the key of metadata entry {index}", limit=65535)
+            if not raw_key:
+                self.fail(f"metadata entry {index} at offset {start} has an empty key")
+            if b"\0" in raw_key:
+                self.fail(f"the key of metadata entry {index} at offset {start} contains a NUL byte: {raw_key!r}")
+            try:
+                key = raw_key.decode("utf-8")
+            except UnicodeDecodeError:
+                self.fail(f"the key of metadata entry {index} at offset {start} is not valid UTF-8: {raw_key!r}")
+            if key in entries:
+                self.fail(f"metadata key '{key}' appears twice (entries at offsets {entries[key].offset} and {start})")
+            vtype = self.u32(f"the value type of metadata key '{key}'")
+            if vtype == T_ARRAY:
+                element_type = self.u32(f"the element type of metadata key '{key}'")
+                count = self.u64(f"the element count of metadata key '{key}'")
+                value = self.array(key, element_type, count)
+                entries[key] = KV(key, T_ARRAY, element_type, value, start)
+            elif vtype in VALUE_TYPE_NAMES:
+                entries[key] = KV(key, vtype, None, self.scalar(key, vtype), start)
+            else:
+                self.fail(f"metadata key '{key}' (offset {start}) has unknown value type {vtype}")
+        return entries
+
+    def scalar(self, key: str, vtype: int) -> Any:
+        if vtype == T_STRING:
+            return self.string(f"the value of metadata key '{key}'")
+        packer = _SCALAR_STRUCTS[vtype]
+        self.need(packer.size, f"the value of metadata key '{key}'")
+        (value,) = packer.unpack_from(self.buf, self.pos)
+        if vtype == T_BOOL:
+            if value > 1:
+                self.fail(f"metadata key '{key}' (offset {self.pos}) is a bool with the invalid byte value {value}")
+            value = bool(value)
+        self.pos += packer.size
+        return value
+
+    def array(self, key: str, element_type: int, count: int) -> Any:
+        if element_type == T_ARRAY:
+            self.fail(f"metadata key '{key}' is an array of arrays, which GGUF readers do not support")
+        if element_type not in VALUE_TYPE_NAMES:
+            self.fail(f"metadata key '{key}' is an array with unknown element type {element_type}")
+        left = self.size - self.pos
+        if count > MAX_ARRAY_ELEMENTS:
+            self.fail(f"metadata key '{key}' claims {count} array elements (the limit is {MAX_ARRAY_ELEMENTS})")
+        if element_type == T_STRING:
+            if count > left // 8:
+                self.fail(
+                    f"metadata key '{key}' claims {count} strings, more than the {left} bytes left in the file "
+                    f"(size {self.size}) can hold"
+                )
+            return self.string_array(key, count)
+        dtype = _NUMPY_DTYPES[element_type]
+        n_bytes = count * dtype.itemsize
+        if n_bytes > left:
+            self.fail(
+                f"metadata key '{key}' claims {count} {VALUE_TYPE_NAMES[element_type]} elements ({n_bytes} bytes), "
+                f"more than the {left} bytes left in the file (size {self.size})"
+            )
+        self.need(n_bytes, f"the array of metadata key '{key}'")
+        values = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
+        if element_type == T_BOOL and count and int(values.max()) > 1:
+            bad = int(np.argmax(values > 1))
+            self.fail(f"metadata key '{key}' element {bad} is a bool with the invalid byte value {int(values[bad])}")
+        self.pos += n_bytes
+        return values
+
+    def string_array(self, key: str, count: int) -> list[bytes]:
+        # The hot loop of the parser (vocabularies have up to a few hundred thousand entries): locals only.
+        buf = self.buf
+        pos = self.pos
+        avail = self.avail
+        unpack = _U64.unpack_from
+        out: list[bytes] = [b""] * count
+        for i in range(count):
+            if avail - pos < 8:
+                self.pos = pos
+                self.need(8, f"the length of element {i} of metadata key '{key}'")
+            (length,) = unpack(buf, pos)
+            pos += 8
+            if length > avail - pos:
+                self.pos = pos - 8
+                if length > MAX_STRING_LENGTH or length > self.size - pos:
+                    self.fail(
+                        f"element {i} of metadata key '{key}' (offset {pos - 8}) claims a length of {length} bytes, "
+                        f"but only {self.size - pos} bytes of the file (size {self.size}) are left"
+                    )
+                self.pos = pos
+                self.need(length, f"element {i} of metadata key '{key}'")
+            out[i] = bytes(buf[pos : pos + length])
+            pos += length
+        self.pos = pos
+        return out
+
+    def alignment(self, kv: dict[str, KV]) -> int:
+        entry = kv.get("general.alignment")
+        if entry is None:
+            return DEFAULT_ALIGNMENT
+        if entry.type != T_UINT32:
+            self.fail(f"metadata key 'general.alignment' must be a uint32, but is a {describe_type(entry)}")
+        value = int(entry.value)
+        if value == 0 or value & (value - 1):
+            self.fail(f"metadata key 'general.alignment' is {value}, which is not a power of two")
+        return value
+
+    # -- tensors --------------------------------------------------------------------------------------------
+
+    def tensor_info(self, index: int) -> tuple[str, tuple[int, ...], GGMLType, int, int, int, int]:
+        start = self.pos
+        raw_name = self.string(f"the name of tensor {index}", limit=MAX_STRING_LENGTH)
+        if not raw_name:
+            self.fail(f"tensor {index} (offset {start}) has an empty name")
+        if len(raw_name) > MAX_TENSOR_NAME:
+            self.fail(
+                f"the name of tensor {index} (offset {start}) is {len(raw_name)} bytes long; llama.cpp allows at "
+                f"most {MAX_TENSOR_NAME}: {raw_name[:80]!r}"
+            )
+        if b"\0" in raw_name:
+            self.fail(f"the name of tensor {index} (offset {start}) contains a NUL byte: {raw_name!r}")
+        try:
+            name = raw_name.decode("utf-8")
+        except UnicodeDecodeError:
+            self.fail(f"the name of tensor {index} (offset {start}) is not valid UTF-8: {raw_name!r}")
+        n_dims = self.u32(f"the dimension count of tensor '{name}'")
+        if not 1 <= n_dims <= MAX_DIMS:
+            self.fail(f"tensor '{name}' (offset {start}) has {n_dims} dimensions; it must have 1 to {MAX_DIMS}")
+        dims: list[int] = []
+        n_elements = 1
+        for axis in range(n_dims):
+            dim = self.u64(f"dimension {axis} of tensor '{name}'")
+            if dim < 1 or dim > _INT64_MAX:
+                self.fail(f"tensor '{name}' (offset {start}) has dimension {axis} of size {dim}")
+            n_elements *= dim
+            if n_elements > _INT64_MAX:
+                self.fail(f"tensor '{name}' (offset {start}) has too many elements (shape {[*dims, dim]})")
+            dims.append(dim)
+        type_value = self.u32(f"the type of tensor '{name}'")
+        ggml_type = GGML_TYPES.get(type_value)
+        if ggml_type is None:
+            self.fail(f"tensor '{name}' (offset {start}) has unknown ggml type {type_value}")
+        if dims[0] % ggml_type.block_size:
+            self.fail(
+                f"tensor '{name}' (offset {start}) has rows of {dims[0]} elements, not a multiple of the block size "
+                f"{ggml_type.block_size} of its type {ggml_type.name}"
+            )
+        n_bytes = n_elements // ggml_type.block_size * ggml_type.type_size
+        offset = self.u64(f"the data offset of tensor '{name}'")
+        return name, tuple(dims), ggml_type, offset, n_bytes, n_elements, start
+
+    def check_tensor_names(self, infos: list[tuple[str, tuple[int, ...], GGMLType, int, int, int, int]]) -> None:
+        seen: dict[str, int] = {}
+        for info in infos:
+            name, start = info[0], info[6]
+            if name in seen:
+                self.fail(f"tensor '{name}' is described twice (at offsets {seen[name]} and {start})")
+            seen[name] = start
+
+    def place_tensors(
+        self,
+        infos: list[tuple[str, tuple[int, ...], GGMLType, int, int, int, int]],
+        data_offset: int,
+        alignment: int,
+    ) -> tuple[RawTensor, ...]:
+        tensors: list[RawTensor] = []
+        for name, dims, ggml_type, relative, n_bytes, n_elements, start in infos:
+            absolute = data_offset + relative
+            if relative % alignment:
+                self.fail(
+                    f"tensor '{name}' data (offset {absolute}) is not aligned to {alignment} bytes "
+                    f"(relative offset {relative})"
+                )
+            if absolute + n_bytes > self.size:
+                self.fail(
+                    f"tensor '{name}' data (offset {absolute}, {n_bytes} bytes) runs past the end of the file "
+                    f"(size {self.size})"
+                )
+            tensors.append(RawTensor(name, dims, ggml_type, absolute, n_bytes, n_elements, start))
+        ordered = sorted(tensors, key=lambda t: t.offset)
+        for before, after in zip(ordered, ordered[1:]):
+            if after.offset < before.offset + before.n_bytes:
+                self.fail(
+                    f"tensor '{after.name}' data (offset {after.offset}) overlaps tensor '{before.name}' "
+                    f"(offset {before.offset}, {before.n_bytes} bytes)"
+                )
+        return tuple(tensors)
+
+
+def describe_type(entry: KV) -> str:
+    if entry.type == T_ARRAY and entry.element_type is not None:
+        return f"array of {VALUE_TYPE_NAMES.get(entry.element_type, '?')}"
+    return VALUE_TYPE_NAMES.get(entry.type, "?")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry points for the parse
+
+
+def display_name(path: str | os.PathLike[str]) -> str:
+    return os.fspath(path)
+
+
+def parse_file(path: str | os.PathLike[str]) -> ParsedGGUF:
+    """Parse the header, metadata and tensor descriptions of a GGUF file (structural checks only)."""
+    name = display_name(path)
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < _HEADER_SIZE:
+                return _Parser(handle.read(), size, name).parse()
+            try:
+                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):
+                return _parse_by_reading(handle, size, name)
+            try:
+                return _Parser(mapped, size, name).parse()
+            finally:
+                mapped.close()
+    except InvalidModelFile:
+        raise
+    except OSError as exc:
+        raise InvalidModelFile(f"{name}: cannot read the file: {exc.strerror or exc}") from exc
+
+
+def _parse_by_reading(handle: Any, size: int, name: str) -> ParsedGGUF:
+    """Fallback where a file cannot be memory-mapped: read a growing prefix until the header fits."""
+    want = min(size, 8 << 20)
+    while True:
+        handle.seek(0)
+        data = handle.read(want)
+        try:
+            return _Parser(data, size, name).parse()
+        except InvalidModelFile:
+            if len(data) >= size:
+                raise
+            want = min(size, want * 4)
+
+
+def parse_bytes(data: bytes | bytearray | memoryview, name: str, file_size: int | None = None) -> ParsedGGUF:
+    buf = bytes(data) if not isinstance(data, bytes) else data
+    size = len(buf) if file_size is None else file_size
+    if size < len(buf):
+        raise InvalidModelFile(f"{name}: file_size {size} is smaller than the {len(buf)} bytes given")
+    return _Parser(buf, size, name).parse()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Semantic checks
+
+
+def _fail(parsed: ParsedGGUF, message: str, hint: str) -> NoReturn:
+    raise InvalidModelFile(f"{parsed.name}: {message}. {hint}")
+
+
+def _int_value(parsed: ParsedGGUF, key: str, hint: str = HINT_HPARAMS) -> int | None:
+    entry = parsed.kv.get(key)
+    if entry is None:
+        return None
+    if entry.type not in INTEGER_TYPES:
+        _fail(parsed, f"metadata key '{key}' must be an integer, but is a {describe_type(entry)}", hint)
+    return int(entry.value)
+
+
+def _string_value(parsed: ParsedGGUF, key: str, hint: str = HINT_HPARAMS) -> bytes | None:
+    entry = parsed.kv.get(key)
+    if entry is None:
+        return None
+    if entry.type != T_STRING:
+        _fail(parsed, f"metadata key '{key}' must be a string, but is a {describe_type(entry)}", hint)
+    value: bytes = entry.value
+    return value
+
+
+def _array_value(parsed: ParsedGGUF, key: str, element_type: int, hint: str) -> Any:
+    entry = parsed.kv.get(key)
+    if entry is None:
+        return None
+    if entry.type != T_ARRAY or entry.element_type != element_type:
+        _fail(
+            parsed,
+            f"metadata key '{key}' must be an array of {VALUE_TYPE_NAMES[element_type]}, but is a "
+            f"{describe_type(entry)}",
+            hint,
+        )
+    return entry.value
+
+
+def check_architecture(parsed: ParsedGGUF) -> str:
+    raw = _string_value(parsed, "general.architecture", HINT_ARCH)
+    if raw is None:
+        _fail(parsed, "metadata key 'general.architecture' is missing", HINT_ARCH)
+    arch = raw.decode("utf-8", "replace")
+    if arch not in KNOWN_ARCHITECTURES:
+        _fail(parsed, f"unknown model architecture '{arch}' (general.architecture)", HINT_ARCH)
+    return arch
+
+
+def check_hparams(parsed: ParsedGGUF, arch: str) -> None:
+    for suffix in ("context_length", "embedding_length", "block_count", "feed_forward_length", "vocab_size"):
+        key = f"{arch}.{suffix}"
+        entry = parsed.kv.get(key)
+        if entry is None or entry.type == T_ARRAY:  # some architectures give per-layer arrays
+            continue
+        value = _int_value(parsed, key)
+        if value is not None and not 0 <= value <= _INT32_MAX:  # llama.cpp hands these out as int32
+            _fail(parsed, f"metadata key '{key}' is {value}, outside 0 to {_INT32_MAX}", HINT_HPARAMS)
+    block_count = _int_value(parsed, f"{arch}.block_count")
+    if block_count is not None and not 0 <= block_count <= MAX_LAYERS:
+        _fail(
+            parsed,
+            f"metadata key '{arch}.block_count' is {block_count} (llama.cpp allows 0 to {MAX_LAYERS})",
+            HINT_HPARAMS,
+        )
+    experts = _int_value(parsed, f"{arch}.expert_count") or 0
+    used = _int_value(parsed, f"{arch}.expert_used_count") or 0
+    if not 0 <= experts <= MAX_EXPERTS:
+        _fail(
+            parsed,
+            f"metadata key '{arch}.expert_count' is {experts} (llama.cpp allows 0 to {MAX_EXPERTS})",
+            HINT_HPARAMS,
+        )
+    if used < 0 or used > experts or (experts > 0 and used == 0):
+        _fail(
+            parsed,
+            f"metadata key '{arch}.expert_used_count' is {used} with {arch}.expert_count {experts}: it must be "
+            f"between 1 and the expert count (or 0 without experts)",
+            HINT_HPARAMS,
+        )
+
+
+def check_tensors(parsed: ParsedGGUF, arch: str) -> None:
+    if not parsed.tensors:
+        _fail(parsed, "the file holds no tensors", HINT_CORRUPT)
+    if arch in _ARCHS_WITH_TOKEN_EMBD and not any(t.name == "token_embd.weight" for t in parsed.tensors):
+        _fail(parsed, f"tensor 'token_embd.weight', which every '{arch}' model needs, is missing", HINT_CORRUPT)
+
+
+def _canonical_tokens(tokens: list[bytes]) -> list[bytes]:
+    """Token strings as llama.cpp sees them: cut at the first NUL, and empty ones renamed."""
+    if all(tokens) and not any(b"\0" in t for t in tokens):
+        return tokens
+    out: list[bytes] = []
+    for index, token in enumerate(tokens):
+        token = token.split(b"\0", 1)[0]
+        out.append(token or b"[EMPTY_%d]" % index)
+    return out
+
+
+def _show(token: bytes) -> str:
+    text = repr(token.decode("utf-8", "backslashreplace"))
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_tokenizer(parsed: ParsedGGUF) -> None:
+    hint = HINT_TOKENIZER
+    model_raw = _string_value(parsed, "tokenizer.ggml.model", hint)
+    model = model_raw.decode("utf-8", "replace") if model_raw is not None else None
+    tokens: list[bytes] | None = _array_value(parsed, "tokenizer.ggml.tokens", T_STRING, hint)
+    if tokens is None:
+        if model is not None and model not in ("none", "no_vocab"):
+            _fail(
+                parsed, f"tokenizer.ggml.model is '{model}' but the vocabulary (tokenizer.ggml.tokens) is missing", hint
+            )
+        return
+    n_vocab = len(tokens)
+    if n_vocab == 0:
+        _fail(parsed, "the vocabulary (tokenizer.ggml.tokens) is empty", hint)
+    if n_vocab >= 1 << 31:
+        _fail(parsed, f"the vocabulary has {n_vocab} tokens, more than llama.cpp's 32-bit token ids allow", hint)
+
+    scores = _array_value(parsed, "tokenizer.ggml.scores", T_FLOAT32, hint)
+    if scores is not None and len(scores) != n_vocab:
+        _fail(parsed, f"tokenizer.ggml.scores has {len(scores)} entries but tokenizer.ggml.tokens has {n_vocab}", hint)
+    token_types = _array_value(parsed, "tokenizer.ggml.token_type", T_INT32, hint)
+    if token_types is not None and len(token_types) != n_vocab:
+        _fail(
+            parsed,
+            f"tokenizer.ggml.token_type has {len(token_types)} entries but tokenizer.ggml.tokens has {n_vocab}",
+            hint,
+        )
+    _array_value(parsed, "tokenizer.ggml.merges", T_STRING, hint)
+
+    canonical = _canonical_tokens(tokens)
+    unique = set(canonical)
+    if len(unique) != n_vocab:
+        first: dict[bytes, int] = {}
+        for index, token in enumerate(canonical):
+            if token in first:
+                _fail(
+                    parsed, f"the vocabulary has the token {_show(token)} twice (ids {first[token]} and {index})", hint
+                )
+            first[token] = index
+
+    for key in sorted(k for k in parsed.kv if _SPECIAL_ID_KEY.match(k)):
+        value = _int_value(parsed, key, hint)
+        if value is not None and not 0 <= value < n_vocab:
+            _fail(parsed, f"{key} is {value}, outside the vocabulary of {n_vocab} tokens", hint)
+
+    if token_types is not None:
+        byte_ids = np.flatnonzero(token_types == TOKEN_TYPE_BYTE)
+        if model == "bert" and len(byte_ids):
+            _fail(
+                parsed,
+                f"token {int(byte_ids[0])} ({_show(canonical[int(byte_ids[0])])}) has the byte type, which a "
+                f"'bert' (WordPiece) vocabulary cannot have",
+                hint,
+            )
+        if model in ("llama", "t5"):
+            for index in byte_ids.tolist():
+                if not _BYTE_TOKEN.match(canonical[index]):
+                    _fail(parsed, f"byte token {index} is {_show(canonical[index])}, not of the form <0xNN>", hint)
+
+    if model == "llama" and b"<0x00>" in unique:
+        # A byte-fallback vocabulary: llama.cpp looks each byte up when text has no better token.
+        missing = [c for c in range(256) if b"<0x%02X>" % c not in unique and bytes([c]) not in unique]
+        if missing:
+            _fail(
+                parsed,
+                f"the byte-fallback vocabulary lacks the byte token <0x{missing[0]:02X}> "
+                f"({len(missing)} of 256 byte tokens are missing)",
+                hint,
+            )
+
+    charsmap = parsed.kv.get("tokenizer.ggml.precompiled_charsmap")
+    if charsmap is not None:
+        if charsmap.type != T_ARRAY or charsmap.element_type not in (T_UINT8, T_INT8):
+            _fail(
+                parsed,
+                f"tokenizer.ggml.precompiled_charsmap must be an array of bytes, but is a {describe_type(charsmap)}",
+                hint,
+            )
+        blob = charsmap.value
+        if len(blob) and (len(blob) < 4 or int.from_bytes(blob[:4].tobytes(), "little") + 4 >= len(blob)):
+            _fail(parsed, "tokenizer.ggml.precompiled_charsmap is shorter than the size it declares", hint)
+
+
+def check_general(parsed: ParsedGGUF) -> None:
+    _int_value(parsed, "general.file_type")
+    for key, entry in parsed.kv.items():
+        if (key == "tokenizer.chat_template" or key.startswith("tokenizer.chat_template.")) and entry.type != T_STRING:
+            _fail(parsed, f"metadata key '{key}' must be a string, but is a {describe_type(entry)}", HINT_TOKENIZER)
+
+
+_CHECKS: tuple[Callable[[ParsedGGUF], None], ...] = (check_general, check_tokenizer)
+
+
+def check(parsed: ParsedGGUF) -> None:
+    """The semantic checks on a structurally sound file."""
+    arch = check_architecture(parsed)
+    for step in _CHECKS:
+        step(parsed)
+    check_hparams(parsed, arch)
+    check_tensors(parsed, arch)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def validate_file(path: str | os.PathLike[str]) -> None:
+    """Check that `path` is a GGUF model file llama.cpp can safely load; raise `InvalidModelFile` if not.
+
+    Only the header, metadata and tensor descriptions are read (through a memory map); the tensor data is
+    checked for placement, not content.
+    """
+    name = display_name(path)
+    try:
+        check(parse_file(path))
+    except InvalidModelFile:
+        raise
+    except Exception as exc:  # a bug here must not let a file through, nor escape as another type
+        raise InvalidModelFile(
+            f"{name}: the file could not be checked ({type(exc).__name__}: {exc}). {HINT_CORRUPT}"
+        ) from exc
+
+
+def validate_bytes(
+    data: bytes | bytearray | memoryview, *, name: str = "<bytes>", file_size: int | None = None
+) -> None:
+    """Like `validate_file`, for a file held in memory.
+
+    `data` may be only the start of a file of `file_size` bytes, as long as it holds the whole header,
+    metadata and tensor descriptions: tensor data is never read, only its placement inside `file_size`.
+    """
+    try:
+        check(parse_bytes(data, name, file_size))
+    except InvalidModelFile:
+        raise
+    except Exception as exc:
+        raise InvalidModelFile(
+            f"{name}: the data could not be checked ({type(exc).__name__}: {exc}). {HINT_CORRUPT}"
+        ) from exc
+
+
+def is_gguf(path: str | os.PathLike[str]) -> bool:
+    """Whether the file at `path` starts with the GGUF magic (a cheap test, not a validation)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == GGUF_MAGIC
+    except OSError:
+        return False

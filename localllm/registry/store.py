@@ -1,0 +1,624 @@
+"""The on-disk model store, in Ollama's layout so one folder can serve both.
+
+::
+
+    <root>/blobs/sha256-<64 hex>                         content-addressed files
+    <root>/blobs/sha256-<64 hex>-partial                 a download in progress
+    <root>/manifests/<host>/<namespace>/<model>/<tag>    docker v2 manifests (JSON)
+
+Blobs are written to a temporary file in ``blobs/`` while they are hashed and
+reach their real name only by an atomic rename (or hard link) once the digest
+is known, so a crash never leaves a half-written blob under a real name.
+Manifests are replaced atomically too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ..errors import DigestMismatch, LocalLLMError, ModelNotFound
+from .names import ModelName
+
+__all__ = [
+    "MEDIA_ADAPTER",
+    "MEDIA_CONFIG",
+    "MEDIA_LICENSE",
+    "MEDIA_MANIFEST",
+    "MEDIA_MESSAGES",
+    "MEDIA_MODEL",
+    "MEDIA_PARAMS",
+    "MEDIA_PROJECTOR",
+    "MEDIA_SYSTEM",
+    "MEDIA_TEMPLATE",
+    "BlobStore",
+    "Layer",
+    "Manifest",
+    "go_json",
+    "normalize_digest",
+]
+
+log = logging.getLogger("localllm.registry")
+
+MEDIA_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MEDIA_CONFIG = "application/vnd.docker.container.image.v1+json"
+MEDIA_MODEL = "application/vnd.ollama.image.model"
+MEDIA_TEMPLATE = "application/vnd.ollama.image.template"
+MEDIA_SYSTEM = "application/vnd.ollama.image.system"
+MEDIA_PARAMS = "application/vnd.ollama.image.params"
+MEDIA_MESSAGES = "application/vnd.ollama.image.messages"
+MEDIA_LICENSE = "application/vnd.ollama.image.license"
+MEDIA_ADAPTER = "application/vnd.ollama.image.adapter"
+MEDIA_PROJECTOR = "application/vnd.ollama.image.projector"
+
+_DIGEST_RE = re.compile(r"sha256[:-]([0-9a-fA-F]{64})")
+_BLOB_NAME_RE = re.compile(r"sha256-[0-9a-f]{64}")
+_ANY_DIGEST_RE = re.compile(r"sha256[:-]([0-9a-fA-F]{64})")
+_TEMP_PREFIX = ".localllm-tmp-"
+_CHUNK = 1 << 20
+
+
+def normalize_digest(digest: str) -> str:
+    """Return ``sha256:<lowercase hex>``; raise LocalLLMError for anything else."""
+    if not isinstance(digest, str):
+        raise LocalLLMError(f"a blob digest must be a string like 'sha256:<64 hex digits>', got {digest!r}")
+    match = _DIGEST_RE.fullmatch(digest)
+    if match is None:
+        raise LocalLLMError(f"invalid blob digest {digest!r}: expected 'sha256:' followed by 64 hex digits")
+    return "sha256:" + match.group(1).lower()
+
+
+def go_json(value: Any) -> bytes:
+    """Encode like Go's encoding/json Encoder: compact, HTML-escaped, with a trailing newline."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    text = (
+        text.replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026")
+        .replace("\u2028", "\\u2028")
+        .replace("\u2029", "\\u2029")
+    )
+    return (text + "\n").encode("utf-8")
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+@attrs.frozen
+class Layer:
+    """One entry of a manifest: a blob and what it holds."""
+
+    media_type: str
+    digest: str = attrs.field(converter=normalize_digest)
+    size: int
+    from_: str | None = None
+    #: Ollama's optional per-layer name (tensor layers); kept so manifests round-trip.
+    name: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.from_:
+            data["from"] = self.from_
+        if self.name:
+            data["name"] = self.name
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Layer:
+        if not isinstance(data, Mapping):
+            raise LocalLLMError(f"a manifest layer must be an object, got {type(data).__name__}")
+        try:
+            media_type = data["mediaType"]
+            digest = data["digest"]
+            size = data["size"]
+        except KeyError as exc:
+            raise LocalLLMError(f"a manifest layer lacks the field {exc.args[0]!r}") from None
+        if not isinstance(media_type, str) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise LocalLLMError(f"a manifest layer has a bad mediaType or size: {dict(data)!r}")
+        from_ = data.get("from") or None
+        name = data.get("name") or None
+        return cls(
+            media_type=media_type,
+            digest=digest,
+            size=size,
+            from_=str(from_) if from_ is not None else None,
+            name=str(name) if name is not None else None,
+        )
+
+
+def _layer_tuple(items: Iterable[Layer]) -> tuple[Layer, ...]:
+    return tuple(items)
+
+
+def _manifest_dict(schema_version: int, media_type: str, config: Layer, layers: Iterable[Layer]) -> dict[str, Any]:
+    return {
+        "schemaVersion": schema_version,
+        "mediaType": media_type,
+        "config": config.to_dict(),
+        "layers": [layer.to_dict() for layer in layers],
+    }
+
+
+@attrs.frozen
+class Manifest:
+    """A docker v2 image manifest as Ollama writes it.
+
+    `raw` keeps the exact bytes a manifest was read from (a pulled manifest
+    keeps the registry's bytes, so its digest stays the registry's); it is
+    dropped automatically when it no longer describes the fields.
+    """
+
+    config: Layer
+    layers: tuple[Layer, ...] = attrs.field(default=(), converter=_layer_tuple)
+    schema_version: int = 2
+    media_type: str = MEDIA_MANIFEST
+    raw: bytes | None = attrs.field(default=None, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.raw is not None:
+            try:
+                same = Manifest.from_json(self.raw, keep_raw=False) == self
+            except LocalLLMError:
+                same = False
+            if not same:
+                object.__setattr__(self, "raw", None)
+
+    def to_json(self) -> bytes:
+        """The manifest as bytes: the bytes it was read from, or Go-style compact JSON."""
+        if self.raw is not None:
+            return self.raw
+        return go_json(_manifest_dict(self.schema_version, self.media_type, self.config, self.layers))
+
+    @classmethod
+    def from_json(cls, data: bytes | str, *, keep_raw: bool = True) -> Manifest:
+        raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        try:
+            obj = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise LocalLLMError(f"a manifest is not valid JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise LocalLLMError("a manifest must be a JSON object")
+        if "config" not in obj:
+            raise LocalLLMError("a manifest lacks its 'config' entry")
+        layers = obj.get("layers") or []
+        if not isinstance(layers, list):
+            raise LocalLLMError("a manifest's 'layers' must be a list")
+        schema = obj.get("schemaVersion", 2)
+        media = obj.get("mediaType", MEDIA_MANIFEST)
+        if not isinstance(schema, int) or not isinstance(media, str):
+            raise LocalLLMError("a manifest has a bad schemaVersion or mediaType")
+        return cls(
+            config=Layer.from_dict(obj["config"]),
+            layers=tuple(Layer.from_dict(layer) for layer in layers),
+            schema_version=schema,
+            media_type=media,
+            raw=raw if keep_raw else None,
+        )
+
+    @property
+    def digest(self) -> str:
+        """The sha256 (hex) of the manifest's bytes, as ``ollama list`` shows it."""
+        return hashlib.sha256(self.to_json()).hexdigest()
+
+    @property
+    def size(self) -> int:
+        """Total size of the config and all layers, in bytes."""
+        return self.config.size + sum(layer.size for layer in self.layers)
+
+    @property
+    def digests(self) -> tuple[str, ...]:
+        """Every blob the manifest references, config first."""
+        return (self.config.digest, *(layer.digest for layer in self.layers))
+
+    def layers_of(self, media_type: str) -> tuple[Layer, ...]:
+        return tuple(layer for layer in self.layers if layer.media_type == media_type)
+
+    def layer_of(self, media_type: str) -> Layer | None:
+        """The last layer of `media_type`, if any."""
+        found = self.layers_of(media_type)
+        return found[-1] if found else None
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class BlobStore:
+    """Blobs and manifests under one root folder (``~/.ollama/models`` works as is)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).expanduser()
+        self.blobs_dir = self.root / "blobs"
+        self.manifests_dir = self.root / "manifests"
+        self._lock = threading.Lock()
+        self._file_locks: dict[tuple[int, int], threading.Lock] = {}
+        # (device, inode, size, mtime_ns) of files already added -> digest
+        self._added: dict[tuple[int, int, int, int], str] = {}
+
+    # ---- blobs
+
+    def blob_path(self, digest: str) -> Path:
+        """``blobs/sha256-<hex>`` for ``sha256:<hex>`` (validates the digest)."""
+        return self.blobs_dir / normalize_digest(digest).replace(":", "-")
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def partial_path(self, digest: str) -> Path:
+        """Where a resumable download of `digest` keeps its bytes."""
+        return self.blobs_dir / (normalize_digest(digest).replace(":", "-") + "-partial")
+
+    def _temp_path(self) -> Path:
+        self.blobs_dir.mkdir(parents=True, exist_ok=True)
+        return self.blobs_dir / f"{_TEMP_PREFIX}{secrets.token_hex(8)}"
+
+    def _install(self, temp: Path, digest: str, size: int) -> Path:
+        """Give `temp` (already hashed to `digest`) its real name, unless an intact copy is there."""
+        final = self.blob_path(digest)
+        try:
+            if final.stat().st_size == size:
+                temp.unlink(missing_ok=True)
+                return final
+        except FileNotFoundError:
+            pass
+        try:
+            # link() never replaces: if another writer got there first, keep theirs.
+            os.link(temp, final)
+        except FileExistsError:
+            if final.stat().st_size != size:
+                os.replace(temp, final)
+                _fsync_dir(self.blobs_dir)
+                return final
+        except OSError:
+            os.replace(temp, final)
+            _fsync_dir(self.blobs_dir)
+            return final
+        temp.unlink(missing_ok=True)
+        _fsync_dir(self.blobs_dir)
+        return final
+
+    def commit_partial(self, digest: str) -> Path:
+        """Hash the finished partial download of `digest`; move it into place or delete it and raise."""
+        digest = normalize_digest(digest)
+        partial = self.partial_path(digest)
+        if not partial.is_file():
+            raise LocalLLMError(f"no partial download of {digest} to commit")
+        # Move it aside first so a concurrent writer can no longer append while we hash.
+        temp = self._temp_path()
+        os.replace(partial, temp)
+        try:
+            actual, size = _hash_file(temp)
+            if actual != digest:
+                raise DigestMismatch(
+                    f"downloaded blob has digest {actual}, expected {digest}; the download was discarded"
+                )
+            return self._install(temp, digest, size)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def _file_lock(self, key: tuple[int, int]) -> threading.Lock:
+        with self._lock:
+            lock = self._file_locks.get(key)
+            if lock is None:
+                lock = self._file_locks[key] = threading.Lock()
+            return lock
+
+    def add_file(
+        self,
+        path: Path,
+        *,
+        link: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> str:
+        """Add a file's content as a blob and return its digest.
+
+        With `link` the blob is a hard link to `path` where the filesystem
+        allows, else a copy. Either way the content is hashed under a
+        temporary name and renamed into place only afterwards. `progress`, if
+        given, is called with (bytes done, total bytes) while hashing.
+        Adding the same file from several threads writes it once.
+        """
+        path = Path(path)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise LocalLLMError(f"no such file: {path}") from None
+        if not path.is_file():
+            raise LocalLLMError(f"not a regular file: {path}")
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._file_lock((st.st_dev, st.st_ino)):
+            known = self._added.get(identity)
+            if known is not None and self.has_blob(known) and self.blob_path(known).stat().st_size == st.st_size:
+                if progress is not None:
+                    progress(st.st_size, st.st_size)
+                return known
+            digest = self._add_file(path, st.st_size, link=link, progress=progress)
+            self._added[identity] = digest
+            return digest
+
+    def _add_file(self, path: Path, total: int, *, link: bool, progress: Callable[[int, int], None] | None) -> str:
+        temp = self._temp_path()
+        try:
+            linked = False
+            if link:
+                try:
+                    os.link(path, temp)
+                    linked = True
+                except OSError:
+                    linked = False
+            if linked:
+                digest, size = _hash_file(temp, progress=progress, total=total)
+            else:
+                digest, size = _copy_hashing(path, temp, progress=progress, total=total)
+            self._install(temp, digest, size)
+            return digest
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def add_bytes(self, data: bytes) -> str:
+        """Add `data` as a blob and return its digest."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        final = self.blob_path(digest)
+        with contextlib.suppress(FileNotFoundError):
+            if final.stat().st_size == len(data):
+                return digest
+        temp = self._temp_path()
+        try:
+            with open(temp, "xb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            self._install(temp, digest, len(data))
+        finally:
+            temp.unlink(missing_ok=True)
+        return digest
+
+    def read_blob(self, digest: str) -> bytes:
+        path = self.blob_path(digest)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise LocalLLMError(f"blob {normalize_digest(digest)} is missing from {self.blobs_dir}") from None
+
+    def touch_blob(self, digest: str) -> None:
+        """Mark a blob as recently used (protects it from a prune with a grace period)."""
+        with contextlib.suppress(OSError):
+            os.utime(self.blob_path(digest))
+
+    # ---- names
+
+    def resolve_name(self, name: ModelName) -> ModelName:
+        """`name` spelled as the store already spells it, part by part (case-insensitively).
+
+        Parts that match nothing on disk keep the given spelling, so a new tag of
+        an existing model lands in that model's folder whatever its case.
+        """
+        folder = self.manifests_dir
+        spelled: list[str] = []
+        for part in name.parts:
+            chosen = part
+            try:
+                entries = os.listdir(folder)
+            except OSError:
+                entries = []
+            if part not in entries:
+                folded = part.lower()
+                for entry in sorted(entries):
+                    if entry.lower() == folded:
+                        chosen = entry
+                        break
+            spelled.append(chosen)
+            folder = folder / chosen
+        return name.with_spelling((spelled[0], spelled[1], spelled[2], spelled[3]))
+
+    def manifest_path(self, name: ModelName) -> Path:
+        return self.manifests_dir / self.resolve_name(name).manifest_relpath
+
+    def has_manifest(self, name: ModelName) -> bool:
+        return self.manifest_path(name).is_file()
+
+    # ---- manifests
+
+    def read_manifest(self, name: ModelName) -> Manifest:
+        """The manifest of `name` (matched case-insensitively); ModelNotFound if there is none."""
+        path = self.manifest_path(name)
+        try:
+            data = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ModelNotFound(f"model '{name.display}' not found") from None
+        try:
+            return Manifest.from_json(data)
+        except LocalLLMError as exc:
+            raise LocalLLMError(f"the manifest of '{name.display}' ({path}) is damaged: {exc}") from None
+
+    def manifest_mtime(self, name: ModelName) -> float:
+        try:
+            return self.manifest_path(name).stat().st_mtime
+        except FileNotFoundError:
+            raise ModelNotFound(f"model '{name.display}' not found") from None
+
+    def write_manifest(self, name: ModelName, manifest: Manifest) -> None:
+        """Write (or atomically replace) the manifest of `name`."""
+        path = self.manifest_path(name)
+        data = manifest.to_json()
+        for attempt in range(3):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temp = path.parent / f"{_TEMP_PREFIX}{secrets.token_hex(8)}"
+            try:
+                with open(temp, "xb") as out:
+                    out.write(data)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(temp, path)
+                break
+            except FileNotFoundError:
+                # a concurrent prune removed the (then empty) folder; make it again
+                if attempt == 2:
+                    raise
+            finally:
+                temp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+
+    def delete_manifest(self, name: ModelName) -> None:
+        """Remove the manifest of `name` and the folders it leaves empty; ModelNotFound if absent."""
+        path = self.manifest_path(name)
+        try:
+            path.unlink()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ModelNotFound(f"model '{name.display}' not found") from None
+        folder = path.parent
+        while folder != self.manifests_dir and self.manifests_dir in folder.parents:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+            folder = folder.parent
+
+    def _manifest_files(self) -> list[tuple[Path, tuple[str, str, str, str]]]:
+        found: list[tuple[Path, tuple[str, str, str, str]]] = []
+        if not self.manifests_dir.is_dir():
+            return found
+        for path in self.manifests_dir.glob("*/*/*/*"):
+            if path.name.startswith(_TEMP_PREFIX) or not path.is_file():
+                continue
+            rel = path.relative_to(self.manifests_dir).parts
+            found.append((path, (rel[0], rel[1], rel[2], rel[3])))
+        return found
+
+    def list_manifests(self) -> list[tuple[ModelName, Manifest, float]]:
+        """Every readable manifest with its name and modification time; damaged ones are logged and skipped."""
+        result: list[tuple[ModelName, Manifest, float]] = []
+        for path, parts in self._manifest_files():
+            try:
+                name = ModelName.from_parts(*parts)
+            except LocalLLMError:
+                log.warning("skipping manifest with an invalid name: %s", path)
+                continue
+            try:
+                data = path.read_bytes()
+                mtime = path.stat().st_mtime
+                manifest = Manifest.from_json(data)
+            except (OSError, LocalLLMError) as exc:
+                log.warning("skipping unreadable manifest %s: %s", path, exc)
+                continue
+            result.append((name, manifest, mtime))
+        return result
+
+    def referenced_digests(self) -> set[str]:
+        """Every digest any manifest refers to. Damaged manifests count by every digest they mention."""
+        used: set[str] = set()
+        for path, _ in self._manifest_files():
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            try:
+                used.update(Manifest.from_json(data).digests)
+            except LocalLLMError:
+                text = data.decode("utf-8", "replace")
+                used.update("sha256:" + hexpart.lower() for hexpart in _ANY_DIGEST_RE.findall(text))
+        return used
+
+    def remove_blobs(self, digests: Iterable[str]) -> list[str]:
+        """Remove those of `digests` no manifest references; return the ones removed."""
+        used = self.referenced_digests()
+        removed: list[str] = []
+        for digest in dict.fromkeys(normalize_digest(d) for d in digests):
+            if digest in used:
+                continue
+            try:
+                self.blob_path(digest).unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(digest)
+        return removed
+
+    def prune(self, *, grace: float = 0.0) -> list[str]:
+        """Remove unreferenced blobs and leftover partial/temporary files; return their file names.
+
+        Files modified less than `grace` seconds ago are kept: pass a grace
+        period when a download or create may be running concurrently.
+        """
+        removed: list[str] = []
+        if not self.blobs_dir.is_dir():
+            return removed
+        used = {d.replace(":", "-") for d in self.referenced_digests()}
+        now = time.time()
+        for entry in sorted(os.scandir(self.blobs_dir), key=lambda e: e.name):
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if _BLOB_NAME_RE.fullmatch(entry.name) and entry.name in used:
+                continue
+            try:
+                if grace > 0 and now - entry.stat(follow_symlinks=False).st_mtime < grace:
+                    continue
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed.append(entry.name)
+        self._prune_manifest_dirs(now, grace)
+        return removed
+
+    def _prune_manifest_dirs(self, now: float, grace: float) -> None:
+        if not self.manifests_dir.is_dir():
+            return
+        for folder, _dirs, files in sorted(os.walk(self.manifests_dir), key=lambda t: -len(t[0])):
+            for file in files:
+                if file.startswith(_TEMP_PREFIX):
+                    temp = Path(folder, file)
+                    with contextlib.suppress(OSError):
+                        if grace <= 0 or now - temp.stat().st_mtime >= grace:
+                            temp.unlink()
+            if Path(folder) == self.manifests_dir:
+                continue
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
+def _hash_file(path: Path, *, progress: Callable[[int, int], None] | None = None, total: int = 0) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as src:
+        while chunk := src.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            if progress is not None:
+                progress(size, max(total, size))
+    return "sha256:" + digest.hexdigest(), size
+
+
+def _copy_hashing(
+    source: Path, temp: Path, *, progress: Callable[[int, int], None] | None = None, total: int = 0
+) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(source, "rb") as src, open(temp, "xb") as out:
+        while chunk := src.read(_CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+            if progress is not None:
+                progress(size, max(total, size))
+        out.flush()
+        os.fsync(out.fileno())
+    return "sha256:" + digest.hexdigest(), size

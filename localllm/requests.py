@@ -1,0 +1,318 @@
+"""generate and chat: from a request to a running sequence, and from its text to Ollama-shaped chunks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import attrs
+
+from .chat.template import ChatTemplate, JinjaTemplate, PlainTemplate
+from .errors import InvalidRequest, LocalLLMError
+from .options import Options
+from .runner.protocol import SamplingParams, SequenceHandle, SequenceResult
+from .scheduler.keepalive import parse_keep_alive
+from .scheduler.scheduler import Lease
+from .stream import Job
+from .types import ChatResponse, GenerateResponse, Message, ToolCall, now_iso
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+__all__ = ["ChatRequest", "GenerateRequest", "combine_chat", "combine_generate", "open_chat", "open_generate"]
+
+T = TypeVar("T")
+
+
+@attrs.frozen
+class GenerateRequest:
+    model: str
+    prompt: str
+    suffix: str | None = None
+    system: str | None = None
+    template: str | None = None
+    context: tuple[int, ...] | None = None
+    raw: bool = False
+    format: Any = None
+    images: tuple[Any, ...] | None = None
+    options: dict[str, Any] | None = None
+    keep_alive: float | str | None = None
+    think: bool | str | None = None
+
+
+@attrs.frozen
+class ChatRequest:
+    model: str
+    messages: tuple[Message, ...]
+    tools: tuple[Any, ...] | None = None
+    format: Any = None
+    options: dict[str, Any] | None = None
+    keep_alive: float | str | None = None
+    think: bool | str | None = None
+    tool_choice: Any = None
+
+
+def sampling_params(options: Options, *, grammar: str | None = None) -> SamplingParams:
+    return SamplingParams(
+        temperature=options.temperature,
+        top_k=options.top_k,
+        top_p=options.top_p,
+        min_p=options.min_p,
+        typical_p=options.typical_p,
+        repeat_last_n=options.repeat_last_n,
+        repeat_penalty=options.repeat_penalty,
+        presence_penalty=options.presence_penalty,
+        frequency_penalty=options.frequency_penalty,
+        seed=options.seed,
+        num_predict=options.num_predict,
+        stop=options.stop,
+        grammar=grammar,
+    )
+
+
+def model_template(lease: Lease, resolved: Any) -> ChatTemplate:
+    """The model's chat template, built once per loaded runner."""
+    info = lease.model.info
+    template = info.get("chat_template_object")
+    if template is None:
+        runner = lease.runner
+        source = getattr(resolved, "template", None) or runner.model.metadata("tokenizer.chat_template")
+        bos = runner.model.token_text(runner.model.bos_token) if runner.model.bos_token >= 0 else ""
+        eos = runner.model.token_text(runner.model.eos_token) if runner.model.eos_token >= 0 else ""
+        if not source:
+            template = PlainTemplate()
+        else:
+            try:
+                from .chat.template import load_template
+
+                template = load_template(source, bos_token=bos, eos_token=eos)
+            except ImportError:
+                template = JinjaTemplate(source, bos_token=bos, eos_token=eos)
+        info["chat_template_object"] = template
+    return template  # type: ignore[no-any-return]
+
+
+def tokenize_prompt(lease: Lease, text: str) -> list[int]:
+    runner = lease.runner
+    tokens: list[int] = runner.tokenize(text, add_special=True)
+    bos = runner.model.bos_token
+    # A template that writes the BOS token itself plus llama.cpp's own BOS would double it.
+    if len(tokens) >= 2 and tokens[0] == bos and tokens[1] == bos:
+        tokens = tokens[1:]
+    return tokens
+
+
+class RunJob(Job[T]):
+    """A submitted sequence: turns its text and result into chunks, and owns its lease."""
+
+    def __init__(
+        self,
+        lease: Lease,
+        handle: SequenceHandle,
+        *,
+        on_text: Callable[[str], list[T]],
+        on_done: Callable[[SequenceResult, int], list[T]],
+        started: float,
+    ) -> None:
+        self.lease = lease
+        self.handle = handle
+        self._on_text = on_text
+        self._on_done = on_done
+        self._started = started
+
+    async def next_chunks(self) -> tuple[list[T], bool]:
+        chunks: list[T] = []
+        for item in await self.handle.mailbox.get_all():
+            if isinstance(item, str):
+                chunks.extend(self._on_text(item))
+            elif isinstance(item, SequenceResult):
+                total = int((time.perf_counter() - self._started) * 1e9)
+                self.close()
+                chunks.extend(self._on_done(item, total))
+                return chunks, True
+            else:
+                self.close()
+                raise item
+        return chunks, False
+
+    def close(self) -> None:
+        if not self.handle.finished:
+            self.handle.cancel()
+        self.lease.release()
+
+
+class DoneJob(Job[T]):
+    """A request answered without generating (load / unload)."""
+
+    def __init__(self, chunk: T) -> None:
+        self._chunk = chunk
+
+    async def next_chunks(self) -> tuple[list[T], bool]:
+        return [self._chunk], True
+
+    def close(self) -> None:
+        pass
+
+
+def _durations(result: SequenceResult, total: int, load: int) -> dict[str, int]:
+    return {
+        "total_duration": total,
+        "load_duration": load,
+        "prompt_eval_count": result.prompt_eval_count,
+        "prompt_eval_duration": result.prompt_eval_duration,
+        "eval_count": result.eval_count,
+        "eval_duration": result.eval_duration,
+    }
+
+
+async def _load_or_unload(engine: Engine, resolved: Any, options: Options, keep_alive: Any) -> tuple[str, int]:
+    """An empty request loads the model (or, with keep_alive 0, unloads it), as in Ollama."""
+    if parse_keep_alive(keep_alive, engine.settings.keep_alive) == 0:
+        path = str(resolved.model_path)
+        await engine.scheduler.unload_where(lambda m: m.key.model_path == path)
+        return "unload", 0
+    lease, _alive = await engine._acquire(resolved, options, keep_alive)
+    lease.release()
+    return "load", lease.load_duration
+
+
+async def open_generate(engine: Engine, request: GenerateRequest) -> Job[GenerateResponse]:
+    started = time.perf_counter()
+    resolved = await engine._resolve(request.model)
+    options = engine._options(resolved, request.options)
+    name = request.model
+    if not request.prompt and not request.context:
+        reason, load = await _load_or_unload(engine, resolved, options, request.keep_alive)
+        return DoneJob(
+            GenerateResponse(model=name, created_at=now_iso(), done=True, done_reason=reason, load_duration=load)
+        )
+    grammar = _grammar_for(request.format)
+    lease, _alive = await engine._acquire(resolved, options, request.keep_alive)
+    try:
+        if request.raw:
+            text = request.prompt
+        else:
+            template = model_template(lease, resolved)
+            if request.template:
+                from .chat.template import load_template
+
+                template = load_template(request.template)
+            system = request.system if request.system is not None else getattr(resolved, "system", None)
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": request.prompt}
+            ]
+            text = template.render(messages, add_generation_prompt=True)
+        tokens = list(request.context or ()) + tokenize_prompt(lease, text)
+        handle = lease.runner.submit(tokens, sampling_params(options, grammar=grammar))
+    except BaseException:
+        lease.release()
+        raise
+
+    def on_text(piece: str) -> list[GenerateResponse]:
+        return [GenerateResponse(model=name, created_at=now_iso(), response=piece)]
+
+    def on_done(result: SequenceResult, total: int) -> list[GenerateResponse]:
+        return [
+            GenerateResponse(
+                model=name,
+                created_at=now_iso(),
+                done=True,
+                done_reason=result.done_reason,
+                context=tuple(tokens) + result.tokens,
+                **_durations(result, total, lease.load_duration),
+            )
+        ]
+
+    return RunJob(lease, handle, on_text=on_text, on_done=on_done, started=started)
+
+
+def _grammar_for(format: Any) -> str | None:
+    if format is None or format == "":
+        return None
+    try:
+        from .chat import grammar
+    except ImportError:
+        raise InvalidRequest("structured outputs are not available in this build") from None
+    if format == "json":
+        return grammar.JSON_GBNF
+    if isinstance(format, Mapping):
+        return grammar.schema_to_gbnf(dict(format))
+    raise InvalidRequest(f"format must be 'json' or a JSON schema object, got {format!r}")
+
+
+async def open_chat(engine: Engine, request: ChatRequest) -> Job[ChatResponse]:
+    started = time.perf_counter()
+    resolved = await engine._resolve(request.model)
+    options = engine._options(resolved, request.options)
+    name = request.model
+    if not request.messages:
+        reason, load = await _load_or_unload(engine, resolved, options, request.keep_alive)
+        return DoneJob(
+            ChatResponse(
+                model=name,
+                created_at=now_iso(),
+                message=Message(role="assistant"),
+                done=True,
+                done_reason=reason,
+                load_duration=load,
+            )
+        )
+    grammar = _grammar_for(request.format)
+    lease, _alive = await engine._acquire(resolved, options, request.keep_alive)
+    try:
+        template = model_template(lease, resolved)
+        messages = [m.to_template_dict() for m in _with_model_messages(resolved, request.messages)]
+        text = template.render(messages, tools=None, add_generation_prompt=True)
+        tokens = tokenize_prompt(lease, text)
+        handle = lease.runner.submit(tokens, sampling_params(options, grammar=grammar))
+    except BaseException:
+        lease.release()
+        raise
+
+    def on_text(piece: str) -> list[ChatResponse]:
+        return [ChatResponse(model=name, created_at=now_iso(), message=Message(role="assistant", content=piece))]
+
+    def on_done(result: SequenceResult, total: int) -> list[ChatResponse]:
+        return [
+            ChatResponse(
+                model=name,
+                created_at=now_iso(),
+                message=Message(role="assistant", content=""),
+                done=True,
+                done_reason=result.done_reason,
+                **_durations(result, total, lease.load_duration),
+            )
+        ]
+
+    return RunJob(lease, handle, on_text=on_text, on_done=on_done, started=started)
+
+
+def _with_model_messages(resolved: Any, messages: Sequence[Message]) -> list[Message]:
+    """Prepend the model's own MESSAGE history and SYSTEM prompt, as Ollama does."""
+    prefix = [Message.from_any(m) for m in getattr(resolved, "messages", ()) or ()]
+    system = getattr(resolved, "system", None)
+    has_system = any(m.role == "system" for m in messages)
+    if system and not has_system and not any(m.role == "system" for m in prefix):
+        prefix.insert(0, Message(role="system", content=system))
+    return prefix + list(messages)
+
+
+def combine_generate(chunks: Sequence[GenerateResponse]) -> GenerateResponse:
+    if not chunks:
+        raise LocalLLMError("the model returned no response")
+    final = chunks[-1]
+    text = "".join(c.response for c in chunks)
+    thinking = "".join(c.thinking or "" for c in chunks) or None
+    return attrs.evolve(final, response=text, thinking=thinking)
+
+
+def combine_chat(chunks: Sequence[ChatResponse]) -> ChatResponse:
+    if not chunks:
+        raise LocalLLMError("the model returned no response")
+    final = chunks[-1]
+    content = "".join(c.message.content for c in chunks)
+    thinking = "".join(c.message.thinking or "" for c in chunks) or None
+    calls: list[ToolCall] = [call for c in chunks for call in (c.message.tool_calls or ())]
+    message = Message(role="assistant", content=content, thinking=thinking, tool_calls=tuple(calls) or None)
+    return attrs.evolve(final, message=message)

@@ -1,0 +1,350 @@
+"""Thin, owned wrappers over llama.cpp's C API (through llama_cpp's ctypes bindings).
+
+Every handle here has an explicit owner and a `close()` that frees it exactly
+once; nothing relies on garbage collection to release model memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import llama_cpp
+
+from ..errors import InvalidFormat, ModelLoadError
+
+__all__ = ["Batch", "LlamaContext", "LlamaModel", "SamplerChain", "ensure_backend"]
+
+logger = logging.getLogger("localllm.llama_cpp")
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+# ggml log levels -> Python logging levels. CONT (5) continues the previous line.
+_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_last_level = logging.DEBUG
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level: int, text: bytes | None, _user_data: Any) -> None:
+    global _last_level
+    if not text:
+        return
+    message = text.decode("utf-8", errors="replace").rstrip("\n")
+    python_level = _last_level if level == 5 else _LEVELS.get(level, logging.DEBUG)
+    _last_level = python_level
+    # llama.cpp is chatty at INFO while loading; keep that at DEBUG for Python users.
+    if python_level == logging.INFO:
+        python_level = logging.DEBUG
+    if message and logger.isEnabledFor(python_level):
+        logger.log(python_level, "%s", message)
+
+
+def ensure_backend() -> None:
+    """Initialise llama.cpp once per process and route its logs into `logging`."""
+    global _backend_ready
+    with _backend_lock:
+        if _backend_ready:
+            return
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+def default_threads() -> int:
+    """Physical cores are what matter for decoding; without that count use all CPUs."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class LlamaModel:
+    """A loaded model (weights and vocabulary)."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        n_gpu_layers: int = 0,
+        main_gpu: int = 0,
+        tensor_split: Sequence[float] | None = None,
+        use_mmap: bool = True,
+        use_mlock: bool = False,
+    ) -> None:
+        ensure_backend()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.main_gpu = main_gpu
+        params.use_mmap = use_mmap
+        params.use_mlock = use_mlock
+        self._tensor_split = None
+        if tensor_split:
+            # llama.cpp reads llama_max_devices() floats, whatever we pass.
+            size = max(len(tensor_split), int(llama_cpp.llama_max_devices()))
+            array = (ctypes.c_float * size)(*tensor_split)
+            self._tensor_split = array  # keep alive while loading
+            params.tensor_split = array
+        handle = llama_cpp.llama_model_load_from_file(path.encode(), params)
+        if not handle:
+            raise ModelLoadError(f"llama.cpp could not load {path}; see the localllm.llama_cpp log for why")
+        self.handle = handle
+        self.path = path
+        self.vocab = llama_cpp.llama_model_get_vocab(handle)
+        self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train: int = llama_cpp.llama_model_n_ctx_train(handle)
+        self.n_layer: int = llama_cpp.llama_model_n_layer(handle)
+        self.size: int = llama_cpp.llama_model_size(handle)
+        self.add_bos: bool = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.has_encoder: bool = bool(llama_cpp.llama_model_has_encoder(handle))
+        self._piece_buffer = ctypes.create_string_buffer(64)
+        self._closed = False
+
+    # -- vocabulary -------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        while True:
+            tokens = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, parse_special)
+            if n >= 0:
+                return list(tokens[:n])
+            capacity = -n  # llama.cpp says how many it needs
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes of one token (pieces may hold part of a UTF-8 character)."""
+        buffer = self._piece_buffer
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, special)
+        if n < 0:
+            buffer = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, special)
+        return buffer.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+        return b"".join(self.token_bytes(t, special=special) for t in tokens).decode("utf-8", errors="replace")
+
+    def token_text(self, token: int) -> str:
+        raw = llama_cpp.llama_vocab_get_text(self.vocab, token)
+        return raw.decode("utf-8", errors="replace") if raw else ""
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    @property
+    def bos_token(self) -> int:
+        return int(llama_cpp.llama_vocab_bos(self.vocab))
+
+    @property
+    def eos_token(self) -> int:
+        return int(llama_cpp.llama_vocab_eos(self.vocab))
+
+    def metadata(self, key: str) -> str | None:
+        buffer = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_model_meta_val_str(self.handle, key.encode(), buffer, len(buffer))
+        if n < 0:
+            return None
+        if n >= len(buffer):
+            buffer = ctypes.create_string_buffer(n + 1)
+            llama_cpp.llama_model_meta_val_str(self.handle, key.encode(), buffer, len(buffer))
+        return buffer.value.decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            llama_cpp.llama_model_free(self.handle)
+            self.handle = None
+
+
+class LlamaContext:
+    """A context over a model: the KV cache with `n_seq_max` independent sequences."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        *,
+        n_ctx: int,
+        n_batch: int,
+        n_seq_max: int,
+        n_threads: int,
+        embeddings: bool = False,
+        type_k: int | None = None,
+        type_v: int | None = None,
+        flash_attn: bool | None = None,
+    ) -> None:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_seq_max
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads
+        params.embeddings = embeddings
+        params.no_perf = True
+        # Each sequence gets its own n_ctx / n_seq_max cells, like llama-server's slots.
+        params.kv_unified = False
+        # Sliding-window layers keep only their window (llama.cpp's default keeps the full context).
+        params.swa_full = False
+        if type_k is not None:
+            params.type_k = type_k
+        if type_v is not None:
+            params.type_v = type_v
+        if flash_attn is not None:
+            params.flash_attn_type = (
+                llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
+        handle = llama_cpp.llama_init_from_model(model.handle, params)
+        if not handle:
+            raise ModelLoadError(
+                f"llama.cpp could not create a context of {n_ctx} tokens for {model.path}; "
+                "try a smaller num_ctx or fewer parallel slots"
+            )
+        self.handle = handle
+        self.model = model
+        self.n_ctx: int = llama_cpp.llama_n_ctx(handle)
+        self.n_ctx_seq: int = llama_cpp.llama_n_ctx_seq(handle)
+        self.n_batch: int = llama_cpp.llama_n_batch(handle)
+        self.memory = llama_cpp.llama_get_memory(handle)
+        self._closed = False
+
+    def decode(self, batch: Batch) -> int:
+        return int(llama_cpp.llama_decode(self.handle, batch.struct))
+
+    def encode(self, batch: Batch) -> int:
+        return int(llama_cpp.llama_encode(self.handle, batch.struct))
+
+    def seq_rm(self, seq_id: int, p0: int, p1: int = -1) -> bool:
+        return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        return int(llama_cpp.llama_memory_seq_pos_min(self.memory, seq_id))
+
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self.memory, True)
+
+    def embeddings_seq(self, seq_id: int, n_embd: int) -> list[float] | None:
+        pointer = llama_cpp.llama_get_embeddings_seq(self.handle, seq_id)
+        if not pointer:
+            return None
+        return list(pointer[:n_embd])
+
+    def embeddings_ith(self, i: int, n_embd: int) -> list[float] | None:
+        pointer = llama_cpp.llama_get_embeddings_ith(self.handle, i)
+        if not pointer:
+            return None
+        return list(pointer[:n_embd])
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            llama_cpp.llama_free(self.handle)
+            self.handle = None
+
+
+class Batch:
+    """A reusable llama_batch of up to `capacity` tokens."""
+
+    def __init__(self, capacity: int, n_seq_max: int = 1) -> None:
+        self.capacity = capacity
+        self.struct = llama_cpp.llama_batch_init(capacity, 0, n_seq_max)
+        self.n_tokens = 0
+        self._closed = False
+
+    def clear(self) -> None:
+        self.n_tokens = 0
+        self.struct.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq_id: int, logits: bool) -> int:
+        """Append a token; returns its index in the batch (where its logits will be)."""
+        i = self.n_tokens
+        if i >= self.capacity:
+            raise IndexError("batch is full")
+        s = self.struct
+        s.token[i] = token
+        s.pos[i] = pos
+        s.n_seq_id[i] = 1
+        s.seq_id[i][0] = seq_id
+        s.logits[i] = logits
+        self.n_tokens = i + 1
+        s.n_tokens = i + 1
+        return i
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            llama_cpp.llama_batch_free(self.struct)
+
+
+class SamplerChain:
+    """One sequence's sampler chain, built from Ollama's options."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        *,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        min_p: float,
+        typical_p: float,
+        repeat_last_n: int,
+        repeat_penalty: float,
+        presence_penalty: float,
+        frequency_penalty: float,
+        seed: int,
+        grammar: str | None = None,
+        n_ctx: int = 0,
+    ) -> None:
+        params = llama_cpp.llama_sampler_chain_default_params()
+        params.no_perf = True
+        chain = llama_cpp.llama_sampler_chain_init(params)
+        self.handle = chain
+        self._closed = False
+        try:
+            if grammar:
+                grammar_sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
+                if not grammar_sampler:
+                    raise InvalidFormat("the output grammar could not be parsed by llama.cpp")
+                llama_cpp.llama_sampler_chain_add(chain, grammar_sampler)
+            last_n = n_ctx if repeat_last_n == -1 else repeat_last_n
+            if last_n != 0 and (repeat_penalty != 1.0 or presence_penalty != 0.0 or frequency_penalty != 0.0):
+                llama_cpp.llama_sampler_chain_add(
+                    chain,
+                    llama_cpp.llama_sampler_init_penalties(
+                        model.n_vocab, last_n, repeat_penalty, frequency_penalty, presence_penalty
+                    ),
+                )
+            if temperature <= 0:
+                llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+            else:
+                if top_k > 0:
+                    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(top_k))
+                if typical_p < 1.0:
+                    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_typical(typical_p, 1))
+                if top_p < 1.0:
+                    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(top_p, 1))
+                if min_p > 0.0:
+                    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_min_p(min_p, 1))
+                llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(temperature))
+                dist_seed = llama_cpp.LLAMA_DEFAULT_SEED if seed < 0 else seed & 0xFFFFFFFF
+                llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(dist_seed))
+        except BaseException:
+            self.close()
+            raise
+
+    def accept(self, token: int) -> None:
+        llama_cpp.llama_sampler_accept(self.handle, token)
+
+    def sample(self, context: LlamaContext, index: int) -> int:
+        """Sample from the logits at batch position `index` (this also accepts the token)."""
+        return int(llama_cpp.llama_sampler_sample(self.handle, context.handle, index))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            llama_cpp.llama_sampler_free(self.handle)
+            self.handle = None

@@ -1,0 +1,409 @@
+"""The runner: one worker thread per loaded model, serving many sequences with continuous batching.
+
+Each step the worker admits waiting sequences into free slots, puts every
+active sequence's pending tokens (the next sampled token, or a chunk of its
+prompt) into one batch, decodes once, and samples each sequence that needs a
+token with its own sampler chain. Results go to the waiting coroutine through
+a `Mailbox`; the event loop never waits on llama.cpp.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from ..errors import ContextLengthExceeded, EngineClosed, InvalidFormat, LocalLLMError, RunnerError
+from .llama import Batch, LlamaContext, LlamaModel, SamplerChain, default_threads
+from .protocol import KV_CACHE_TYPES, LoadConfig, SamplingParams, SequenceHandle, SequenceResult
+from .text import StopMatcher, Utf8Stream
+
+__all__ = ["Runner"]
+
+logger = logging.getLogger("localllm.runner")
+
+@attrs.define
+class _Active:
+    handle: SequenceHandle
+    slot: _Slot
+    sampler: SamplerChain
+    prompt_pos: int  # next prompt token to evaluate
+    num_predict: int
+    utf8: Utf8Stream = attrs.field(factory=Utf8Stream)
+    stops: StopMatcher = attrs.field(factory=lambda: StopMatcher(()))
+    next_token: int | None = None
+    batch_index: int | None = None
+    generated: list[int] = attrs.field(factory=list)
+    prompt_evaluated: int = 0
+    started: float = attrs.field(factory=time.perf_counter)
+    first_token_at: float | None = None
+
+
+@attrs.define
+class _Slot:
+    seq_id: int
+    cached: list[int] = attrs.field(factory=list)  # tokens whose KV entries this sequence holds
+    active: _Active | None = None
+    last_used: float = 0.0
+
+
+class Runner:
+    """One loaded model and the thread that serves it. Create it in a worker thread (loading blocks)."""
+
+    def __init__(self, config: LoadConfig) -> None:
+        self.config = config
+        self.model = LlamaModel(
+            config.model_path,
+            n_gpu_layers=config.n_gpu_layers,
+            main_gpu=config.main_gpu,
+            tensor_split=config.tensor_split,
+            use_mmap=config.use_mmap,
+            use_mlock=config.use_mlock,
+        )
+        try:
+            self._adapters = self._load_adapters(config.adapters)
+            threads = config.num_thread or default_threads()
+            quantized_kv = config.kv_cache_type != "f16"
+            self.context = LlamaContext(
+                self.model,
+                n_ctx=config.num_ctx * config.num_parallel,
+                n_batch=config.num_batch,
+                n_seq_max=config.num_parallel,
+                n_threads=threads,
+                embeddings=config.embeddings,
+                type_k=KV_CACHE_TYPES[config.kv_cache_type],
+                type_v=KV_CACHE_TYPES[config.kv_cache_type],
+                # llama.cpp needs flash attention for a quantized V cache; otherwise it stays off, as in Ollama.
+                flash_attn=quantized_kv,
+            )
+        except BaseException:
+            self._free_adapters()
+            self.model.close()
+            raise
+        self._apply_adapters()
+        self.batch = Batch(max(self.context.n_batch, config.num_parallel), config.num_parallel)
+        self.slots = [_Slot(seq_id=i) for i in range(config.num_parallel)]
+        self._pending: deque[SequenceHandle] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"localllm-runner-{id(self):x}", daemon=True)
+        self._thread.start()
+
+    # -- LoRA adapters -------------------------------------------------------------
+
+    def _load_adapters(self, paths: Sequence[str]) -> list[Any]:
+        import llama_cpp
+
+        adapters = []
+        for path in paths:
+            handle = llama_cpp.llama_adapter_lora_init(self.model.handle, path.encode())
+            if not handle:
+                for loaded in adapters:
+                    llama_cpp.llama_adapter_lora_free(loaded)
+                raise RunnerError(f"llama.cpp could not load the LoRA adapter {path}")
+            adapters.append(handle)
+        return adapters
+
+    def _apply_adapters(self) -> None:
+        if not self._adapters:
+            return
+        import ctypes
+
+        import llama_cpp
+
+        handles = (llama_cpp.llama_adapter_lora_p_ctypes * len(self._adapters))(*self._adapters)
+        scales = (ctypes.c_float * len(self._adapters))(*([1.0] * len(self._adapters)))
+        llama_cpp.llama_set_adapters_lora(self.context.handle, handles, len(self._adapters), scales)
+
+    def _free_adapters(self) -> None:
+        import llama_cpp
+
+        for handle in getattr(self, "_adapters", []):
+            llama_cpp.llama_adapter_lora_free(handle)
+        self._adapters = []
+
+    # -- the coroutine side -------------------------------------------------------
+
+    @property
+    def n_ctx_seq(self) -> int:
+        """Tokens one sequence may hold: num_ctx (llama.cpp may round its cache up)."""
+        return min(self.config.num_ctx, self.context.n_ctx_seq)
+
+    @property
+    def active_count(self) -> int:
+        return sum(1 for slot in self.slots if slot.active is not None)
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._pending) or self.active_count > 0
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        return self.model.tokenize(text, add_special=add_special, parse_special=True)
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> SequenceHandle:
+        """Queue a sequence. Call from the event loop (the handle's mailbox binds to it)."""
+        if self._stopping:
+            raise EngineClosed("this model has been unloaded")
+        if not prompt:
+            raise LocalLLMError("the prompt is empty after tokenization")
+        if len(prompt) >= self.n_ctx_seq:
+            raise ContextLengthExceeded(
+                f"the prompt has {len(prompt)} tokens but the context holds {self.n_ctx_seq}; "
+                "raise num_ctx or shorten the prompt"
+            )
+        bad = [t for t in prompt if not 0 <= t < self.model.n_vocab]
+        if bad:
+            raise LocalLLMError(f"token ids {bad[:5]} are outside the vocabulary of {self.model.n_vocab}")
+        handle = SequenceHandle(self, prompt, params)
+        with self._cond:
+            self._pending.append(handle)
+            self._cond.notify()
+        return handle
+
+    def _withdraw(self, handle: SequenceHandle) -> None:
+        with self._cond:
+            try:
+                self._pending.remove(handle)
+            except ValueError:
+                return  # already admitted: the worker drops it at its next step
+        handle.finished = True
+
+    def close(self) -> None:
+        """Stop the worker, fail what is still queued, and free every llama.cpp handle."""
+        with self._cond:
+            if self._stopping and not self._thread.is_alive():
+                return
+            self._stopping = True
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+        closed = EngineClosed("the model was unloaded before this request finished")
+        for handle in self._pending:
+            handle.mailbox.put(closed)
+        self._pending.clear()
+        for slot in self.slots:
+            if slot.active is not None:
+                slot.active.handle.mailbox.put(closed)
+                slot.active.sampler.close()
+                slot.active = None
+        self.batch.close()
+        self.context.close()
+        self._free_adapters()
+        self.model.close()
+
+    # -- the worker thread --------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._pending and self.active_count == 0:
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    admitted = self._admit()
+                for active in admitted:
+                    self._prepare(active)
+                self._step()
+        except BaseException as exc:  # never let the thread die silently
+            logger.exception("runner thread failed")
+            error = RunnerError(f"the runner failed: {exc}")
+            for slot in self.slots:
+                if slot.active is not None:
+                    slot.active.handle.mailbox.put(error)
+                    slot.active = None
+            with self._cond:
+                self._stopping = True
+                for handle in self._pending:
+                    handle.mailbox.put(error)
+                self._pending.clear()
+
+    def _admit(self) -> list[_Active]:
+        """Move waiting sequences into free slots (called with the lock held)."""
+        admitted: list[_Active] = []
+        while self._pending:
+            free = [slot for slot in self.slots if slot.active is None]
+            if not free:
+                break
+            handle = self._pending.popleft()
+            # Prefer the slot that already holds the longest prefix of this prompt.
+            slot = max(free, key=lambda s: (_common_prefix(s.cached, handle.prompt), -s.last_used))
+            try:
+                sampler = self._make_sampler(handle.params)
+            except LocalLLMError as exc:
+                handle.mailbox.put(exc)
+                continue
+            num_predict = handle.params.num_predict
+            active = _Active(
+                handle=handle,
+                slot=slot,
+                sampler=sampler,
+                prompt_pos=0,
+                num_predict=num_predict if num_predict >= 0 else 1 << 62,
+                stops=StopMatcher(handle.params.stop),
+            )
+            slot.active = active
+            admitted.append(active)
+        return admitted
+
+    def _make_sampler(self, params: SamplingParams) -> SamplerChain:
+        try:
+            return SamplerChain(
+                self.model,
+                temperature=params.temperature,
+                top_k=params.top_k,
+                top_p=params.top_p,
+                min_p=params.min_p,
+                typical_p=params.typical_p,
+                repeat_last_n=params.repeat_last_n,
+                repeat_penalty=params.repeat_penalty,
+                presence_penalty=params.presence_penalty,
+                frequency_penalty=params.frequency_penalty,
+                seed=params.seed,
+                grammar=params.grammar,
+                n_ctx=self.n_ctx_seq,
+            )
+        except InvalidFormat:
+            raise
+        except Exception as exc:
+            raise RunnerError(f"could not build the sampler: {exc}") from None
+
+    def _prepare(self, active: _Active) -> None:
+        """Reuse the slot's cached prefix; drop the rest of its KV entries."""
+        slot, prompt = active.slot, active.handle.prompt
+        keep = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)  # always evaluate one token for logits
+        if keep > 0 and (self.context.seq_pos_min(slot.seq_id) > 0 or not self.context.seq_rm(slot.seq_id, keep)):
+            keep = 0  # a sliding-window cache may have dropped early positions: start over
+        if keep == 0:
+            self.context.seq_rm(slot.seq_id, 0)
+        del slot.cached[keep:]
+        active.prompt_pos = keep
+        if not active.handle.params.grammar:
+            # Penalties look back over the prompt too, as they do in llama-server.
+            window = active.handle.params.repeat_last_n
+            for token in prompt[-window:] if window > 0 else []:
+                active.sampler.accept(token)
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        actives = [slot.active for slot in self.slots if slot.active is not None]
+        if not actives:
+            return
+        batch = self.batch
+        batch.clear()
+        budget = batch.capacity
+        # Next tokens first: one each, so running sequences never wait on a long prompt.
+        for active in actives:
+            active.batch_index = None
+            if active.next_token is not None:
+                cached = active.slot.cached
+                active.batch_index = batch.add(active.next_token, len(cached), active.slot.seq_id, True)
+                cached.append(active.next_token)
+                active.next_token = None
+                budget -= 1
+        # Then prompt chunks, in admission order, as far as the batch has room.
+        for active in actives:
+            prompt = active.handle.prompt
+            if active.prompt_pos >= len(prompt) or budget <= 0:
+                continue
+            take = min(len(prompt) - active.prompt_pos, budget)
+            cached = active.slot.cached
+            end = active.prompt_pos + take
+            for i in range(active.prompt_pos, end):
+                index = batch.add(prompt[i], len(cached), active.slot.seq_id, i == len(prompt) - 1)
+                cached.append(prompt[i])
+            if end == len(prompt):
+                active.batch_index = index
+            active.prompt_evaluated += take
+            active.prompt_pos = end
+            budget -= take
+        if batch.n_tokens == 0:
+            return
+        status = self.context.decode(batch)
+        if status != 0:
+            self._fail_batch(actives, status)
+            return
+        now = time.perf_counter()
+        for active in actives:
+            if active.batch_index is not None:
+                self._sample(active, now)
+
+    def _sample(self, active: _Active, now: float) -> None:
+        if active.first_token_at is None:
+            active.first_token_at = now
+        token = active.sampler.sample(self.context, active.batch_index or 0)
+        handle = active.handle
+        if self.model.is_eog(token):
+            self._finish(active, "stop")
+            return
+        active.generated.append(token)
+        text, stopped = active.stops.feed(active.utf8.feed(self.model.token_bytes(token)))
+        if text:
+            handle.mailbox.put(text)
+        if stopped:
+            self._finish(active, "stop", flush=False)
+        elif len(active.generated) >= active.num_predict or len(active.slot.cached) + 1 >= self.n_ctx_seq:
+            self._finish(active, "length")
+        else:
+            active.next_token = token
+
+    def _finish(self, active: _Active, reason: str, *, flush: bool = True) -> None:
+        if flush:  # text held back as a possible stop sequence turned out not to be one
+            tail, stopped = active.stops.feed(active.utf8.flush())
+            if not stopped:
+                tail += active.stops.flush()
+            if tail:
+                active.handle.mailbox.put(tail)
+        end = time.perf_counter()
+        first = active.first_token_at or end
+        result = SequenceResult(
+            done_reason=reason,
+            prompt_eval_count=active.prompt_evaluated,
+            prompt_eval_duration=int((first - active.started) * 1e9),
+            eval_count=len(active.generated),
+            eval_duration=int((end - first) * 1e9),
+            tokens=tuple(active.generated),
+        )
+        self._release(active)
+        active.handle.finished = True
+        active.handle.mailbox.put(result)
+
+    def _release(self, active: _Active) -> None:
+        active.sampler.close()
+        active.slot.active = None
+        active.slot.last_used = time.monotonic()
+
+    def _drop_cancelled(self) -> None:
+        for slot in self.slots:
+            active = slot.active
+            if active is not None and active.handle.cancelled.is_set():
+                # What is cached stays a valid prefix for the next request.
+                self._release(active)
+                active.handle.finished = True
+
+    def _fail_batch(self, actives: list[_Active], status: int) -> None:
+        reason = "the context is full" if status == 1 else f"llama_decode returned {status}"
+        error = RunnerError(f"decoding failed: {reason}")
+        for active in actives:
+            self.context.seq_rm(active.slot.seq_id, 0)
+            active.slot.cached.clear()
+            self._release(active)
+            active.handle.finished = True
+            active.handle.mailbox.put(error)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

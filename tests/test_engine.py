@@ -1,0 +1,270 @@
+"""The engine core on the real SmolLM2 model: generation, sampling, batching, cancellation, errors."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+import localllm
+from localllm import Engine
+
+GREEDY = {"temperature": 0, "repeat_penalty": 1.0}
+
+
+async def collect(stream: localllm.ResponseStream) -> list:
+    return [chunk async for chunk in stream]
+
+
+async def test_raw_generate_matches_llama_cpp_python(smollm2_path: Path, home: Path) -> None:
+    from llama_cpp import Llama
+
+    prompt = "Once upon a time, in a land far away, there lived"
+    reference_model = Llama(str(smollm2_path), n_ctx=2048, n_threads=2, n_batch=512, verbose=False)
+    reference = reference_model.create_completion(prompt, max_tokens=32, temperature=0, repeat_penalty=1.0)
+    reference_tokens = reference_model.tokenize(reference["choices"][0]["text"].encode(), add_bos=False, special=True)
+    del reference_model
+
+    async with Engine(home) as engine:
+        reply = await engine.generate(
+            str(smollm2_path), prompt, raw=True, options={**GREEDY, "num_predict": 32, "num_ctx": 2048}
+        )
+    assert reply.done and reply.done_reason == "length"
+    assert reply.eval_count == 32 == reference["usage"]["completion_tokens"]
+    assert reply.response == reference["choices"][0]["text"]
+    assert reply.context is not None and list(reply.context[-32:])[: len(reference_tokens)] == reference_tokens[:32]
+
+
+async def test_same_seed_same_output_and_seeds_differ(smollm2_path: Path, home: Path) -> None:
+    options = {"temperature": 0.8, "num_predict": 32}
+    async with Engine(home) as engine:
+        model = str(smollm2_path)
+        first = await engine.generate(model, "Write a story about a cat.", options={**options, "seed": 42})
+        again = await engine.generate(model, "Write a story about a cat.", options={**options, "seed": 42})
+        other = await engine.generate(model, "Write a story about a cat.", options={**options, "seed": 7})
+    assert first.response == again.response
+    assert first.response != other.response
+
+
+async def test_stop_sequence_across_token_boundaries(smollm2_path: Path, home: Path) -> None:
+    model = str(smollm2_path)
+    async with Engine(home) as engine:
+        free = await engine.generate(
+            model, "List the planets of the solar system.", options={**GREEDY, "num_predict": 40}
+        )
+        chunks = [
+            c.response
+            for c in await collect(
+                engine.generate(model, "List the planets of the solar system.", options={**GREEDY, "num_predict": 40})
+            )
+        ]
+        # A stop string that starts inside one token and ends inside a later one.
+        boundary = len(chunks[0]) + len(chunks[1]) + len(chunks[2])
+        stop = free.response[boundary - 2 : boundary + 3]
+        stopped = await engine.generate(
+            model, "List the planets of the solar system.", options={**GREEDY, "num_predict": 40, "stop": [stop]}
+        )
+    assert len(stop) == 5
+    assert stopped.done_reason == "stop"
+    assert stopped.response == free.response[: free.response.find(stop)]
+    assert stop not in stopped.response
+
+
+async def test_num_predict_and_context_overflow(smollm2_path: Path, home: Path) -> None:
+    model = str(smollm2_path)
+    async with Engine(home, num_parallel=1) as engine:
+        short = await engine.generate(model, "Count to twenty:", options={**GREEDY, "num_predict": 5})
+        assert short.eval_count == 5 and short.done_reason == "length"
+
+        # The prompt fits but generation runs into the end of the context: `length`, no crash.
+        full = await engine.generate(model, "Tell me a very long story.", options={**GREEDY, "num_ctx": 48})
+        assert full.done_reason == "length"
+        assert full.prompt_eval_count + full.eval_count <= 48
+
+        # A prompt longer than the context is a clear error.
+        with pytest.raises(localllm.ContextLengthExceeded, match="num_ctx"):
+            await engine.generate(model, "word " * 200, options={"num_ctx": 64})
+
+        # The runner is still healthy afterwards.
+        after = await engine.generate(model, "Count to twenty:", options={**GREEDY, "num_predict": 5})
+        assert after.response == short.response
+
+
+async def test_four_concurrent_chats_interleave_and_agree_with_solo(smollm2_path: Path, home: Path) -> None:
+    model = str(smollm2_path)
+    questions = ["Why is the sky blue?", "What is a prime number?", "Name three fruits.", "How do birds fly?"]
+    options = {**GREEDY, "num_predict": 48}
+    async with Engine(home, num_parallel=4) as engine:
+        solo = []
+        for question in questions:
+            chunks = await collect(engine.chat(model, [{"role": "user", "content": question}], options=options))
+            solo.append([c.message.content for c in chunks if not c.done])
+
+        first_chunk_at: dict[int, float] = {}
+        done_at: dict[int, float] = {}
+        batched: dict[int, list[str]] = {}
+
+        async def run(i: int) -> None:
+            pieces = []
+            async for chunk in engine.chat(model, [{"role": "user", "content": questions[i]}], options=options):
+                first_chunk_at.setdefault(i, time.perf_counter())
+                if chunk.done:
+                    done_at[i] = time.perf_counter()
+                else:
+                    pieces.append(chunk.message.content)
+            batched[i] = pieces
+
+        async with anyio.create_task_group() as group:
+            for i in range(4):
+                group.start_soon(run, i)
+
+    assert max(first_chunk_at.values()) < min(done_at.values()), "every chat must start before any finishes"
+    agreement = []
+    for i in range(4):
+        same = 0
+        for a, b in zip(solo[i], batched[i]):
+            if a != b:
+                break
+            same += 1
+        agreement.append(same)
+    print(f"tokens agreeing with the solo run, per chat: {agreement}")
+    assert all(n >= 16 for n in agreement), agreement
+
+
+async def test_breaking_out_frees_the_slot(smollm2_path: Path, home: Path) -> None:
+    model = str(smollm2_path)
+    async with Engine(home, num_parallel=1) as engine:
+        received = 0
+        async for _chunk in engine.generate(model, "Tell me a long story.", options={"num_predict": 500}):
+            received += 1
+            if received == 3:
+                break
+        started = time.perf_counter()
+        follow_up = engine.generate(model, "Say hi.", options={**GREEDY, "num_predict": 3})
+        async for _chunk in follow_up:
+            first_chunk_after = time.perf_counter() - started
+            break
+        runner = next(iter(engine.scheduler.loaded.values())).runner
+        await anyio.sleep(0.2)  # one decode step is a few ms; give the worker time to notice
+        assert runner.active_count == 0
+        assert runner.pending_count == 0
+    # With one slot, the follow-up could only start once the abandoned sequence left it.
+    assert first_chunk_after < 2.0
+
+
+async def test_cancelling_the_task_frees_the_slot(smollm2_path: Path, home: Path) -> None:
+    model = str(smollm2_path)
+    async with Engine(home, num_parallel=1) as engine:
+        chunks = 0
+
+        async def consume() -> None:
+            nonlocal chunks
+            async for _chunk in engine.generate(model, "Tell me a long story.", options={"num_predict": 1000}):
+                chunks += 1
+
+        with anyio.move_on_after(0.5):
+            await consume()
+        assert chunks > 0
+        reply = await engine.generate(model, "Say hi.", options={**GREEDY, "num_predict": 3})
+        assert reply.done
+        runner = next(iter(engine.scheduler.loaded.values())).runner
+        assert runner.active_count == 0
+
+
+async def test_event_loop_never_stalls(smollm2_path: Path, home: Path) -> None:
+    model = str(smollm2_path)
+    gaps: list[float] = []
+    async with Engine(home) as engine:
+        await engine.generate(model, "", options=GREEDY)  # load first: loading is not what this measures
+        done = anyio.Event()
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while not done.is_set():
+                await anyio.sleep(0.005)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(ticker)
+            reply = await engine.generate(model, "Write an essay about rivers.", options={**GREEDY, "num_predict": 128})
+            done.set()
+    assert reply.eval_count == 128
+    assert len(gaps) > 20
+    assert max(gaps) < 0.050, f"event loop stalled for {max(gaps) * 1000:.1f} ms"
+
+
+async def test_follow_up_turn_reuses_the_prefix(smollm2_path: Path, home: Path) -> None:
+    model = str(smollm2_path)
+    async with Engine(home) as engine:
+        messages = [{"role": "user", "content": "My name is Ada. Remember it."}]
+        first = await engine.chat(model, messages, options={**GREEDY, "num_predict": 24})
+        messages += [
+            {"role": "assistant", "content": first.message.content},
+            {"role": "user", "content": "What is my name?"},
+        ]
+        second = await engine.chat(model, messages, options={**GREEDY, "num_predict": 24})
+        runner = next(iter(engine.scheduler.loaded.values())).runner
+        template = runner.model.metadata("tokenizer.chat_template")
+        assert template
+    conversation_tokens = first.prompt_eval_count + first.eval_count + 10
+    assert second.prompt_eval_count < conversation_tokens
+    assert second.prompt_eval_count < 20, second.prompt_eval_count
+
+
+async def test_generate_chunks_and_final_fields(smollm2_path: Path, home: Path) -> None:
+    async with Engine(home) as engine:
+        chunks = await collect(engine.generate(str(smollm2_path), "Hello", options={"num_predict": 8, "seed": 1}))
+    assert all(not c.done for c in chunks[:-1]) and chunks[-1].done
+    final = chunks[-1]
+    assert final.model == str(smollm2_path)
+    assert final.created_at.endswith("Z")
+    for field in ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration"):
+        assert isinstance(getattr(final, field), int)
+    assert final.total_duration >= final.eval_duration > 0
+    assert final.prompt_eval_count > 0 and final.eval_count == 8
+    assert final["done_reason"] == "length"
+
+
+async def test_missing_and_bad_files_and_bad_options(smollm2_path: Path, home: Path, tmp_path: Path) -> None:
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_text("this is not a model")
+    async with Engine(home) as engine:
+        with pytest.raises(localllm.ModelNotFound):
+            await engine.generate(str(tmp_path / "missing.gguf"), "hi")
+        with pytest.raises(localllm.InvalidModelFile):
+            await engine.generate(str(not_gguf), "hi")
+        with pytest.raises(localllm.InvalidOptions, match="temperature"):
+            await engine.generate(str(smollm2_path), "hi", options={"temperature": "hot"})
+        with pytest.warns(UserWarning, match="nonsense"):
+            reply = await engine.generate(str(smollm2_path), "hi", options={"nonsense": 1, "num_predict": 2})
+        assert reply.done
+        with pytest.raises(localllm.LocalLLMError):
+            await engine.chat(str(smollm2_path), [{"role": "wizard", "content": "hi"}])
+
+
+def test_engine_under_trio(smollm2_path: Path, home: Path) -> None:
+    import trio
+
+    async def main() -> tuple[str, list[str]]:
+        async with Engine(home) as engine:
+            reply = await engine.chat(
+                str(smollm2_path), [{"role": "user", "content": "Say hello."}], options={**GREEDY, "num_predict": 8}
+            )
+            pieces = []
+            async with trio.open_nursery() as nursery:
+
+                async def stream(i: int) -> None:
+                    async for chunk in engine.generate(str(smollm2_path), f"Count to {i}:", options={"num_predict": 4}):
+                        pieces.append(chunk.response)
+
+                for i in range(3):
+                    nursery.start_soon(stream, i + 2)
+            return reply.message.content, pieces
+
+    content, pieces = trio.run(main)
+    assert content
+    assert len(pieces) >= 3 * 4
