@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -10,6 +11,7 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import attrs
 
 from . import requests
@@ -18,7 +20,7 @@ from .options import Options, merge_options
 from .scheduler.keepalive import parse_keep_alive
 from .scheduler.scheduler import Lease, Scheduler
 from .stream import ResponseStream
-from .types import ChatResponse, GenerateResponse, Message
+from .types import ChatResponse, GenerateResponse, Message, ProcessModel
 
 __all__ = ["Engine"]
 
@@ -71,6 +73,21 @@ class EngineSettings:
         return cls(home_path, models_path, parallel, loaded, queue, alive, kv_type)
 
 
+def _describe(resolved: Any) -> dict[str, Any]:
+    return {"digest": getattr(resolved, "digest", None), "details": getattr(resolved, "details", None)}
+
+
+def _iso_or_none(timestamp: float | None) -> str | None:
+    import datetime as dt
+    import math
+
+    if timestamp is None:
+        return None
+    if math.isinf(timestamp):
+        return "0001-01-01T00:00:00Z" if timestamp < 0 else "2318-01-01T00:00:00Z"  # "forever", as Ollama shows it
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
 class Engine:
     """Runs local models in this process.
 
@@ -111,7 +128,7 @@ class Engine:
         self._factory = factory
         self._scheduler = Scheduler(
             loader=factory.load,
-            sizer=factory.estimate,
+            sizer=factory.size,
             memory_budget=factory.memory_budget,
             max_loaded=self.settings.max_loaded_models,
             max_queue=self.settings.max_queue,
@@ -227,11 +244,38 @@ class Engine:
     ) -> tuple[Lease, float]:
         alive = parse_keep_alive(keep_alive, self.settings.keep_alive)
         key = self._factory.config_for(resolved, options)
-        lease = await self.scheduler.acquire(key, name=resolved.name, keep_alive=alive)
+        lease = await self.scheduler.acquire(key, name=resolved.name, keep_alive=alive, describe=_describe(resolved))
         return lease, alive
 
     def _options(self, resolved: Any, options: Mapping[str, Any] | None) -> Options:
         return merge_options(resolved.params, options)
+
+    async def load(self, model: str, *, options: Mapping[str, Any] | None = None,
+                   keep_alive: float | str | None = None) -> None:
+        """Load a model now (as a generate with an empty prompt does)."""
+        await self.generate(model, "", options=options, keep_alive=keep_alive)
+
+    async def ps(self) -> list[ProcessModel]:
+        """The loaded models: name, size, size_vram, digest, details, expires_at, context_length, plan."""
+        running = []
+        for loaded in sorted(self.scheduler.loaded.values(), key=lambda m: m.loaded_at):
+            plan = loaded.info.get("plan")
+            running.append(
+                ProcessModel(
+                    name=loaded.name,
+                    model=loaded.name,
+                    size=loaded.size,
+                    size_vram=loaded.size_vram,
+                    digest=loaded.info.get("digest") or "",
+                    details=loaded.info.get("details"),
+                    expires_at=_iso_or_none(loaded.expires_wall),
+                    context_length=loaded.key.num_ctx,
+                    gpu_layers=plan.gpu_layers if plan is not None else 0,
+                    layers_per_device=dict(plan.layers_per_device) if plan is not None else {},
+                    active_requests=loaded.users,
+                )
+            )
+        return running
 
     async def unload(self, model: str) -> None:
         """Unload a model now (or as soon as its running requests finish)."""
@@ -239,8 +283,14 @@ class Engine:
         path = str(resolved.model_path)
         await self.scheduler.unload_where(lambda m: m.key.model_path == path)
 
-    def _on_progress(self, progress: Callable[[dict[str, Any]], Any] | None) -> Callable[[dict[str, Any]], None]:
-        return progress or (lambda _event: None)
+    @staticmethod
+    def _on_progress(progress: Callable[[dict[str, Any]], Any] | None) -> Callable[[dict[str, Any]], None]:
+        """Progress events come from a worker thread; deliver them to the callback in the event loop."""
+        if progress is None:
+            return lambda _event: None
+        if inspect.iscoroutinefunction(progress):
+            return lambda event: anyio.from_thread.run(progress, event)
+        return lambda event: anyio.from_thread.run_sync(progress, event)
 
     # -- the model registry ----------------------------------------------------------
 

@@ -90,7 +90,7 @@ def model_template(lease: Lease, resolved: Any) -> ChatTemplate:
             except ImportError:
                 template = JinjaTemplate(source, bos_token=bos, eos_token=eos)
         info["chat_template_object"] = template
-    return template  # type: ignore[no-any-return]
+    return template
 
 
 def tokenize_prompt(lease: Lease, text: str) -> list[int]:
@@ -155,7 +155,7 @@ class DoneJob(Job[T]):
         pass
 
 
-def _durations(result: SequenceResult, total: int, load: int) -> dict[str, int]:
+def _durations(result: SequenceResult, total: int, load: int) -> dict[str, Any]:
     return {
         "total_duration": total,
         "load_duration": load,

@@ -12,6 +12,7 @@ __all__ = [
     "ChatResponse",
     "GenerateResponse",
     "Message",
+    "ProcessModel",
     "ToolCall",
     "ToolCallFunction",
     "Usage",
@@ -180,6 +181,23 @@ class ChatResponse(_Subscriptable):
     prompt_eval_duration: int | None = None
     eval_count: int | None = None
     eval_duration: int | None = None
+
+
+@attrs.frozen
+class ProcessModel(_Subscriptable):
+    """A loaded model, as `ps()` reports it."""
+
+    name: str
+    model: str
+    size: int
+    size_vram: int
+    digest: str = ""
+    details: Any = None
+    expires_at: str | None = None
+    context_length: int = 0
+    gpu_layers: int = 0
+    layers_per_device: dict[int, int] = attrs.field(factory=dict)
+    active_requests: int = 0
 
 
 def as_dict(value: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -72,7 +73,7 @@ def test_smollm2_metadata_and_tensors(smollm2: GGUFInfo) -> None:
     # Tensors lie inside the file, one after the other.
     ordered = sorted(info.tensors, key=lambda t: t.offset)
     assert ordered[-1].offset + ordered[-1].n_bytes <= Path(info.path).stat().st_size
-    assert all(a.offset + a.n_bytes <= b.offset for a, b in zip(ordered, ordered[1:]))
+    assert all(a.offset + a.n_bytes <= b.offset for a, b in itertools.pairwise(ordered))
 
 
 def test_smollm2_layer_and_output_bytes(smollm2: GGUFInfo) -> None:

@@ -238,6 +238,22 @@ def test_validate_bytes_of_a_header_prefix(smollm2_path: Path) -> None:
         validate_bytes(head, name="smollm2", file_size=size - 1)
 
 
+def test_files_that_cannot_be_memory_mapped(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, smollm2_path: Path
+) -> None:
+    import localllm.gguf.validate as validate_module
+
+    def no_mmap(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("mmap not supported here")
+
+    monkeypatch.setattr(validate_module.mmap, "mmap", no_mmap)
+    monkeypatch.setattr(validate_module, "_FIRST_READ", 4096)  # the header needs several larger reads
+    validate_file(smollm2_path)
+    assert read_info(smollm2_path).block_count == 30
+    rejects(tmp_path, build(version=7), "unsupported GGUF version 7")
+    rejects(tmp_path, build(cut_data=10), "runs past the end of the file")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Files that fail: the header
 
@@ -376,7 +392,7 @@ def test_bad_tensor_shapes_and_types(tmp_path: Path) -> None:
 
 
 def test_bad_tensor_names(tmp_path: Path) -> None:
-    twice = default_tensors(6) + [Tensor("output_norm.weight", (8,))]
+    twice = [*default_tensors(6), Tensor("output_norm.weight", (8,))]
     rejects(tmp_path, build(tensors=twice), "tensor 'output_norm.weight' is described twice")
     long_name = "blk.0." + "x" * 58
     rejects(
@@ -394,6 +410,14 @@ def test_missing_tensors(tmp_path: Path) -> None:
         tmp_path, build(tensors=default_tensors(6)[1:]), "tensor 'token_embd.weight', which every 'llama' model needs"
     )
     rejects(tmp_path, build(tensors=[]), "holds no tensors")
+    lora = [Tensor("blk.0.attn_q.weight.lora_a", (8, 4)), Tensor("blk.0.attn_q.weight.lora_b", (4, 8))]
+    adapter = [kv_str("general.type", "adapter"), kv_str("adapter.type", "lora")]
+    no_vocab = {"tokenizer.ggml.tokens": None, "tokenizer.ggml.scores": None, "tokenizer.ggml.token_type": None}
+    no_vocab |= {"tokenizer.ggml.model": None, "tokenizer.ggml.bos_token_id": None, "tokenizer.ggml.eos_token_id": None}
+    validate_bytes(build(tensors=lora, extra=adapter, replace=no_vocab))
+    rejects(tmp_path, build(tensors=lora, replace=no_vocab), "tensor 'token_embd.weight'")
+    projector = {"general.architecture": kv_str("general.architecture", "clip"), **no_vocab}
+    validate_bytes(build(arch=None, tensors=[Tensor("v.blk.0.attn_q.weight", (8, 8))], replace=projector))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -787,17 +787,17 @@ class GoStruct:
         self.methods = methods or {}
 
 
-class GoMap(dict):  # type: ignore[type-arg]
+class GoMap(dict[str, Any]):
     """A Go map: fmt and encoding/json sort its keys; `string` is its String() method, if it has one."""
 
     string: Callable[[], str] | None = None
 
 
-class OrderedMap(dict):  # type: ignore[type-arg]
+class OrderedMap(dict[str, Any]):
     """A map that keeps insertion order when marshalled to JSON (Ollama's ordered maps)."""
 
 
-class GoList(list):  # type: ignore[type-arg]
+class GoList(list[Any]):
     """A Go slice with a String() method."""
 
     string: Callable[[], str] | None = None
@@ -814,7 +814,7 @@ def _stringer(value: Any) -> Callable[[], str] | None:
 def _go_float_digits(x: float) -> tuple[str, int]:
     """Shortest decimal digits of x and the decimal exponent of the first digit."""
     d = Decimal(repr(abs(x))).normalize()
-    sign, digits, exp = d.as_tuple()
+    _, digits, exp = d.as_tuple()
     assert isinstance(exp, int)
     ds = "".join(map(str, digits)) or "0"
     return ds, len(ds) + exp - 1
@@ -1084,8 +1084,18 @@ _MISSING: Any = object()
 
 
 class _State:
-    def __init__(self, src: _Source, defines: dict[str, ListNode], root: Any) -> None:
+    def __init__(
+        self,
+        src: _Source,
+        defines: dict[str, ListNode],
+        root: Any,
+        *,
+        max_output: int = MAX_OUTPUT_CHARS,
+        max_steps: int = MAX_STEPS,
+    ) -> None:
         self.src = src
+        self.max_output = max_output
+        self.max_steps = max_steps
         self.defines = defines
         self.vars: list[list[Any]] = [["$", root]]
         self.out: list[str] = []
@@ -1102,15 +1112,15 @@ class _State:
 
     def write(self, text: str) -> None:
         self.size += len(text)
-        if self.size > MAX_OUTPUT_CHARS:
-            raise self.error(f"output exceeds {MAX_OUTPUT_CHARS} characters")
+        if self.size > self.max_output:
+            raise self.error(f"output exceeds {self.max_output} characters")
         self.out.append(text)
 
     def step(self, node: Node) -> None:
         self.node = node
         self.steps += 1
-        if self.steps > MAX_STEPS:
-            raise self.error(f"execution exceeds {MAX_STEPS} steps")
+        if self.steps > self.max_steps:
+            raise self.error(f"execution exceeds {self.max_steps} steps")
 
     # variables ------------------------------------------------------------------------------------------------
 
@@ -1181,8 +1191,8 @@ class _State:
             elif isinstance(value, int) and not isinstance(value, bool):
                 if len(pipe.decl) > 1:
                     raise self.error(f"can't use {value} to iterate over more than one variable", node)
-                if value > MAX_STEPS:
-                    raise self.error(f"range over {value} exceeds {MAX_STEPS} steps", node)
+                if value > self.max_steps:
+                    raise self.error(f"range over {value} exceeds {self.max_steps} steps", node)
                 items = iter([(i, i) for i in range(max(value, 0))])
             else:
                 raise self.error(f"range can't iterate over {go_fmt(value)}", node)
@@ -2032,6 +2042,8 @@ class GoTemplate(ChatTemplate):
     """An Ollama (Go text/template) chat template, rendered as Ollama renders it."""
 
     source: str
+    max_output: int = attrs.field(default=MAX_OUTPUT_CHARS, kw_only=True)
+    max_steps: int = attrs.field(default=MAX_STEPS, kw_only=True)
     _src: _Source = attrs.field(init=False, repr=False)
     _root: ListNode = attrs.field(init=False, repr=False)
     _defines: dict[str, ListNode] = attrs.field(init=False, repr=False)
@@ -2096,7 +2108,7 @@ class GoTemplate(ChatTemplate):
 
     def execute(self, values: Mapping[str, Any], *, root: ListNode | None = None) -> str:
         """Run the template on a values map (already in template shape)."""
-        state = _State(self._src, self._defines, values)
+        state = _State(self._src, self._defines, values, max_output=self.max_output, max_steps=self.max_steps)
         try:
             state.walk(values, root if root is not None else self._root)
         except (_Break, _Continue):  # pragma: no cover - the parser only allows these inside range

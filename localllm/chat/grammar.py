@@ -450,7 +450,7 @@ class _Converter:
         return self.new_rule(hint, f'"\\"" char{count} "\\"" ws')
 
     def _bounds(self, schema: Mapping[str, Any], path: str) -> tuple[float | None, bool, float | None, bool]:
-        values = {}
+        values: dict[str, Any] = {}
         for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
             v = schema.get(key)
             if v is None:
@@ -463,6 +463,7 @@ class _Converter:
             values[key] = v
         lo: float | None = values.get("minimum")
         hi: float | None = values.get("maximum")
+        assert not isinstance(lo, bool) and not isinstance(hi, bool)
         lo_excl = hi_excl = False
         ex_lo, ex_hi = values.get("exclusiveMinimum"), values.get("exclusiveMaximum")
         if ex_lo is True:
@@ -492,7 +493,7 @@ class _Converter:
         return self.new_rule(hint, _integer_range(lo, hi))
 
     def visit_number(self, schema: Mapping[str, Any], path: str) -> str:
-        lo, lo_excl, hi, hi_excl = self._bounds(schema, path)
+        lo, lo_excl, hi, _ = self._bounds(schema, path)
         if lo is None and hi is None:
             return self.prim("number")
         if hi is None and lo == 0 and not lo_excl:
@@ -578,7 +579,8 @@ class _Converter:
             for key in names:
                 sub = props.get(key, additional if isinstance(additional, Mapping) else True)
                 value = self.visit(sub, f"{path}/properties/{key}", f"{hint}-{key}")
-                kv = self.new_rule(f"{hint}-{key}-kv", f'{_literal(json.dumps(key, ensure_ascii=False))} ws ":" ws {value}')
+                key_literal = _literal(json.dumps(key, ensure_ascii=False))
+                kv = self.new_rule(f"{hint}-{key}-kv", f'{key_literal} ws ":" ws {value}')
                 kvs.append((kv, key in required))
             extra_kv = None
             if additional is not False:
@@ -634,7 +636,9 @@ class _Converter:
         return self.new_rule(hint, f'"\\"" {expr(root, not root.end)} "\\"" ws')
 
 
-def _convert(schema: Any, *, strict: bool, prefix: str = "", rules: dict[str, str] | None = None) -> tuple[str, _Converter]:
+def _convert(
+    schema: Any, *, strict: bool, prefix: str = "", rules: dict[str, str] | None = None
+) -> tuple[str, _Converter]:
     rules = rules if rules is not None else {}
     conv = _Converter(schema, prefix=prefix, rules=rules, strict=strict)
     try:
@@ -651,7 +655,7 @@ def _render(root: str, rules: dict[str, str], primitives: set[str]) -> str:
     return head + "\n" + custom + rest
 
 
-def schema_to_gbnf(schema: Mapping[str, Any] | bool, *, strict: bool = True) -> str:
+def schema_to_gbnf(schema: Mapping[str, Any] | bool | str, *, strict: bool = True) -> str:
     """A GBNF grammar for JSON documents valid against `schema`.
 
     With `strict` (the default) anything the grammar cannot enforce raises `InvalidFormat`;
@@ -710,10 +714,8 @@ def tool_call_grammar(tools: Sequence[Any], *, strict: bool = False) -> str:
             raise InvalidFormat(f"tool {name!r} parameters: {exc}") from None
         primitives |= conv.primitives
         name_lit = _literal(json.dumps(name, ensure_ascii=False))
-        alts.append(
-            _new_name(rules, f"{prefix}call", f'"{{" ws "\\"name\\"" ws ":" ws {name_lit} ws "," ws '
-                      f'"\\"arguments\\"" ws ":" ws {expr} "}}" ws')  # fmt: skip
-        )
+        body = f'"{{" ws "\\"name\\"" ws ":" ws {name_lit} ws "," ws "\\"arguments\\"" ws ":" ws {expr} "}}" ws'
+        alts.append(_new_name(rules, f"{prefix}call", body))
     if not alts:
         raise InvalidFormat("tool_call_grammar needs at least one tool")
     return _render(" | ".join(alts), rules, primitives)

@@ -10,8 +10,9 @@ understands the formats open models use:
 * Llama 3.x: a bare JSON object `{"name": ..., "parameters": {...}}` at the start
   of the reply, or after `<|python_tag|>`
 * Mistral: `[TOOL_CALLS] [{...}, ...]` and `[TOOL_CALLS]name[ARGS]{...}`
-* DeepSeek: `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>name
-  ```json {...} ```<｜tool▁call▁end｜>...` (and the V3.1 `name<｜tool▁sep｜>{...}` form)
+* DeepSeek: `<|tool▁calls▁begin|><|tool▁call▁begin|>function<|tool▁sep|>name
+  ```json {...} ```<|tool▁call▁end|>...` (and the V3.1 `name<|tool▁sep|>{...}` form),
+  with the bars written as U+FF5C as DeepSeek's tokenizer spells them, or as ASCII
 * plain JSON objects or arrays of `{"name": ..., "arguments": ...}` at the start
 * a template-specific tag (`prefix`, from `GoTemplate.tool_call_prefix()`)
 
@@ -49,7 +50,7 @@ XML_CLOSE = "</function>"
 
 def _deepseek(word: str) -> tuple[str, str]:
     """A DeepSeek special token in its full-width spelling and the ASCII-bar spelling some templates use."""
-    return f"<｜{word}｜>", f"<|{word}|>"
+    return f"<\uff5c{word}\uff5c>", f"<|{word}|>"
 
 
 DS_CALLS_BEGIN = _deepseek("tool▁calls▁begin")
@@ -64,7 +65,9 @@ _OPENERS: tuple[str, ...] = (HERMES_OPEN, PYTHON_TAG, MISTRAL_OPEN, *DS_CALLS_BE
 # Markers that are themselves the start of a call (kept for the call's own parser).
 _CALL_STARTS: tuple[str, ...] = (XML_OPEN, *DS_CALL_BEGIN)
 # Text that may close a run of calls; swallowed between and after calls.
-_CLOSERS: tuple[str, ...] = (HERMES_CLOSE, "[/TOOL_CALLS]", "<|eom_id|>", "<|eot_id|>", "<|call|>", *DS_CALLS_END, *DS_EOS)
+_CLOSERS: tuple[str, ...] = (
+    HERMES_CLOSE, "[/TOOL_CALLS]", "<|eom_id|>", "<|eot_id|>", "<|call|>", *DS_CALLS_END, *DS_EOS
+)
 _SPACE = " \t\r\n"
 _MAX_NAME = 256
 
@@ -418,7 +421,7 @@ class ToolCallParser:
             head = self._buf[len(XML_OPEN) :]
             gt = head.find(">")
             name = head[:gt] if gt >= 0 else head
-            if gt >= 0 and name.strip() not in self._tools or "\n" in name or len(name) > _MAX_NAME:
+            if (gt >= 0 and name.strip() not in self._tools) or "\n" in name or len(name) > _MAX_NAME:
                 self._fail(out, len(XML_OPEN))
                 return True
             return False

@@ -12,12 +12,12 @@ hyperparameters llama.cpp asserts on). `inspect.read_info` reuses the structural
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import re
 import struct
-from collections.abc import Callable
-from typing import Any, NoReturn, Union
+from typing import Any, NoReturn
 
 import attrs
 import numpy as np
@@ -42,6 +42,7 @@ _INT64_MAX = (1 << 63) - 1
 _INT32_MAX = (1 << 31) - 1
 
 _HEADER_SIZE = 4 + 4 + 8 + 8
+_FIRST_READ = 8 << 20  # where a file cannot be memory-mapped, the prefix read first (then 4x larger)
 # The smallest encodings, used to bound counts by the bytes that are left.
 _MIN_KV_SIZE = 8 + 1 + 4 + 1  # key length, a 1-byte key, value type, a 1-byte value
 _MIN_TENSOR_INFO_SIZE = 8 + 1 + 4 + 8 + 4 + 8  # name length, 1-byte name, n_dims, one dim, type, offset
@@ -90,7 +91,7 @@ _SCALAR_STRUCTS = {
     T_INT64: struct.Struct("<q"),
     T_FLOAT64: struct.Struct("<d"),
 }
-_NUMPY_DTYPES = {
+_NUMPY_DTYPES: dict[int, np.dtype[Any]] = {
     T_UINT8: np.dtype("<u1"),
     T_INT8: np.dtype("<i1"),
     T_UINT16: np.dtype("<u2"),
@@ -183,7 +184,11 @@ class ParsedGGUF:
     tensors: tuple[RawTensor, ...]
 
 
-Buffer = Union[bytes, mmap.mmap]
+Buffer = bytes | mmap.mmap
+
+
+class _BeyondPrefix(InvalidModelFile):
+    """The header goes on past the part of the file that was handed to the parser."""
 
 
 class _Parser:
@@ -206,10 +211,9 @@ class _Parser:
         if n <= self.avail - self.pos:
             return
         if self.avail < self.size and n <= self.size - self.pos:
-            self.fail(
-                f"{what} (offset {self.pos}, {n} bytes) lies beyond the first {self.avail} bytes that were given "
-                f"for checking",
-                "Pass the whole header (or the whole file) to validate_bytes.",
+            raise _BeyondPrefix(
+                f"{self.name}: {what} (offset {self.pos}, {n} bytes) lies beyond the first {self.avail} bytes that "
+                f"were given for checking. Pass the whole header (or the whole file) to validate_bytes."
             )
         self.fail(f"{what} (offset {self.pos}, {n} bytes) runs past the end of the file (size {self.size})")
 
@@ -489,7 +493,7 @@ class _Parser:
                 )
             tensors.append(RawTensor(name, dims, ggml_type, absolute, n_bytes, n_elements, start))
         ordered = sorted(tensors, key=lambda t: t.offset)
-        for before, after in zip(ordered, ordered[1:]):
+        for before, after in itertools.pairwise(ordered):
             if after.offset < before.offset + before.n_bytes:
                 self.fail(
                     f"tensor '{after.name}' data (offset {after.offset}) overlaps tensor '{before.name}' "
@@ -536,15 +540,13 @@ def parse_file(path: str | os.PathLike[str]) -> ParsedGGUF:
 
 def _parse_by_reading(handle: Any, size: int, name: str) -> ParsedGGUF:
     """Fallback where a file cannot be memory-mapped: read a growing prefix until the header fits."""
-    want = min(size, 8 << 20)
+    want = min(size, _FIRST_READ)
     while True:
         handle.seek(0)
         data = handle.read(want)
         try:
             return _Parser(data, size, name).parse()
-        except InvalidModelFile:
-            if len(data) >= size:
-                raise
+        except _BeyondPrefix:
             want = min(size, want * 4)
 
 
@@ -643,6 +645,9 @@ def check_hparams(parsed: ParsedGGUF, arch: str) -> None:
 def check_tensors(parsed: ParsedGGUF, arch: str) -> None:
     if not parsed.tensors:
         _fail(parsed, "the file holds no tensors", HINT_CORRUPT)
+    kind = parsed.kv.get("general.type")
+    if kind is not None and kind.type == T_STRING and kind.value.lower() in (b"adapter", b"mmproj", b"projector"):
+        return  # LoRA adapters and projectors hold only the tensors they add to a model
     if arch in _ARCHS_WITH_TOKEN_EMBD and not any(t.name == "token_embd.weight" for t in parsed.tensors):
         _fail(parsed, f"tensor 'token_embd.weight', which every '{arch}' model needs, is missing", HINT_CORRUPT)
 
@@ -722,8 +727,9 @@ def check_tokenizer(parsed: ParsedGGUF) -> None:
                 if not _BYTE_TOKEN.match(canonical[index]):
                     _fail(parsed, f"byte token {index} is {_show(canonical[index])}, not of the form <0xNN>", hint)
 
-    if model == "llama" and b"<0x00>" in unique:
-        # A byte-fallback vocabulary: llama.cpp looks each byte up when text has no better token.
+    if model == "llama" and any(b"<0x%02X>" % c in unique for c in range(256)):
+        # A byte-fallback vocabulary: llama.cpp looks each byte up (as <0xNN>, else the raw byte) when text has
+        # no better token, and a failed lookup there aborts the process.
         missing = [c for c in range(256) if b"<0x%02X>" % c not in unique and bytes([c]) not in unique]
         if missing:
             _fail(
@@ -753,14 +759,11 @@ def check_general(parsed: ParsedGGUF) -> None:
             _fail(parsed, f"metadata key '{key}' must be a string, but is a {describe_type(entry)}", HINT_TOKENIZER)
 
 
-_CHECKS: tuple[Callable[[ParsedGGUF], None], ...] = (check_general, check_tokenizer)
-
-
 def check(parsed: ParsedGGUF) -> None:
     """The semantic checks on a structurally sound file."""
     arch = check_architecture(parsed)
-    for step in _CHECKS:
-        step(parsed)
+    check_general(parsed)
+    check_tokenizer(parsed)
     check_hparams(parsed, arch)
     check_tensors(parsed, arch)
 

@@ -694,6 +694,21 @@ class Registry:
         )
         return header + body
 
+    # ---- pull
+
+    def pull(
+        self,
+        name: str,
+        *,
+        progress: Progress | None = None,
+        insecure: bool = False,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """Download `name` from Hugging Face (`hf.co/owner/repo:quant`) or an OCI registry into the store."""
+        from .pull import pull as _pull
+
+        _pull(self.store, name, progress=progress or _quiet, insecure=insecure, cancel=cancel)
+
     # ---- copy / delete / prune
 
     def copy(self, source: str, destination: str) -> None:

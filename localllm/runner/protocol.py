@@ -30,9 +30,8 @@ class LoadConfig:
     num_batch: int = 512
     num_parallel: int = 4
     num_thread: int = 0
-    n_gpu_layers: int = 0
+    num_gpu: int = -1  # requested GPU layers (-1: as many as fit); the scheduler's plan decides the real count
     main_gpu: int = 0
-    tensor_split: tuple[float, ...] | None = None
     use_mmap: bool = True
     use_mlock: bool = False
     embeddings: bool = False

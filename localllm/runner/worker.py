@@ -55,13 +55,15 @@ class _Slot:
 class Runner:
     """One loaded model and the thread that serves it. Create it in a worker thread (loading blocks)."""
 
-    def __init__(self, config: LoadConfig) -> None:
+    def __init__(
+        self, config: LoadConfig, *, gpu_layers: int = 0, tensor_split: tuple[float, ...] | None = None
+    ) -> None:
         self.config = config
         self.model = LlamaModel(
             config.model_path,
-            n_gpu_layers=config.n_gpu_layers,
+            n_gpu_layers=gpu_layers,
             main_gpu=config.main_gpu,
-            tensor_split=config.tensor_split,
+            tensor_split=tensor_split,
             use_mmap=config.use_mmap,
             use_mlock=config.use_mlock,
         )
@@ -99,7 +101,7 @@ class Runner:
     def _load_adapters(self, paths: Sequence[str]) -> list[Any]:
         import llama_cpp
 
-        adapters = []
+        adapters: list[Any] = []
         for path in paths:
             handle = llama_cpp.llama_adapter_lora_init(self.model.handle, path.encode())
             if not handle:

@@ -1,50 +1,108 @@
-"""Turning a resolved model and its options into a runner: load configuration, sizing, loading."""
+"""Turning a resolved model and its options into a runner: load configuration, memory plan, loading."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
 from ..options import Options
 from ..runner.protocol import LoadConfig
+from .devices import DeviceInventory, InventorySource, resolve_inventory
+from .memory import LayerPlan, MemoryEstimate, estimate_memory, format_bytes, plan_layers
 
 __all__ = ["RunnerFactory"]
 
 logger = logging.getLogger("localllm.scheduler")
 
 
-class RunnerFactory:
-    """Knows how to build a `LoadConfig` from options, how big it will be, and how to load it."""
+@functools.lru_cache(maxsize=32)
+def _read_info(path: str, _mtime: float) -> Any:
+    from ..gguf import read_info
 
-    def __init__(self, settings: Any, *, devices: Any = None) -> None:
+    return read_info(path)
+
+
+def _info(path: str) -> Any:
+    import os
+
+    return _read_info(path, os.stat(path).st_mtime)
+
+
+class RunnerFactory:
+    """Builds a `LoadConfig` from options, plans its memory, and loads it (in a worker thread)."""
+
+    def __init__(self, settings: Any, *, devices: InventorySource | None = None) -> None:
         self.settings = settings
         self._devices = devices
+
+    def inventory(self) -> DeviceInventory:
+        return resolve_inventory(self._devices)
 
     def config_for(self, resolved: Any, options: Options, *, embeddings: bool = False) -> LoadConfig:
         return LoadConfig(
             model_path=str(resolved.model_path),
             num_ctx=options.num_ctx,
             num_batch=options.num_batch,
-            num_parallel=self.settings.num_parallel,
+            num_parallel=1 if embeddings else self.settings.num_parallel,
             num_thread=options.num_thread,
-            n_gpu_layers=0 if options.num_gpu < 0 else options.num_gpu,
+            num_gpu=options.num_gpu,
             main_gpu=options.main_gpu,
             use_mmap=options.use_mmap,
             use_mlock=options.use_mlock,
             embeddings=embeddings,
             kv_cache_type=self.settings.kv_cache_type,
-            adapters=tuple(str(p) for p in getattr(resolved, "adapters", ())),
+            adapters=tuple(str(p) for p in getattr(resolved, "adapters", ()) or ()),
         )
 
-    def estimate(self, config: LoadConfig) -> tuple[int, int]:
-        return 0, 0
+    def estimate(self, config: LoadConfig) -> MemoryEstimate:
+        return estimate_memory(
+            _info(config.model_path),
+            num_ctx=config.num_ctx,
+            num_parallel=config.num_parallel,
+            kv_cache_type=config.kv_cache_type,
+            num_batch=config.num_batch,
+            flash_attention=config.kv_cache_type != "f16",
+        )
+
+    def plan(self, config: LoadConfig, inventory: DeviceInventory | None = None) -> LayerPlan:
+        return plan_layers(
+            self.estimate(config),
+            inventory if inventory is not None else self.inventory(),
+            num_gpu=config.num_gpu,
+            main_gpu=config.main_gpu,
+        )
+
+    def size(self, config: LoadConfig) -> tuple[int, int]:
+        """(total, VRAM) bytes the config needs, planned as if the machine were empty.
+
+        Raises InsufficientMemory when it could never fit.
+        """
+        plan = self.plan(config, self.inventory().with_all_free())
+        return plan.total_bytes, plan.vram_bytes
 
     def memory_budget(self) -> int:
-        return 1 << 62
+        """Memory free right now, host and GPUs together."""
+        inventory = self.inventory()
+        return inventory.system.free + sum(gpu.free_memory for gpu in inventory.gpus)
 
     def load(self, config: LoadConfig) -> tuple[Any, int, int, dict[str, Any]]:
-        from ..runner.worker import Runner
+        plan = self.plan(config)
+        logger.info(
+            "loading %s: %d layers on GPU %s, %s in VRAM, %s in all",
+            config.model_path,
+            plan.gpu_layers,
+            plan.layers_per_device or "-",
+            format_bytes(plan.vram_bytes),
+            format_bytes(plan.total_bytes),
+        )
+        if config.embeddings:
+            from ..runner.embed import EmbeddingRunner
 
-        runner = Runner(config)
-        size = runner.model.size
-        return runner, size, 0, {"context_length": runner.n_ctx_seq}
+            runner: Any = EmbeddingRunner(config, gpu_layers=plan.gpu_layers, tensor_split=plan.tensor_split)
+        else:
+            from ..runner.worker import Runner
+
+            runner = Runner(config, gpu_layers=plan.gpu_layers, tensor_split=plan.tensor_split)
+        info = {"plan": plan, "context_length": config.num_ctx}
+        return runner, plan.total_bytes, plan.vram_bytes, info

@@ -120,7 +120,9 @@ class Scheduler:
 
     # -- events -----------------------------------------------------------------
 
-    async def acquire(self, key: Any, *, name: str, keep_alive: float) -> Lease:
+    async def acquire(
+        self, key: Any, *, name: str, keep_alive: float, describe: dict[str, Any] | None = None
+    ) -> Lease:
         """pending: get a lease on the runner for `key`, loading it if needed."""
         if self._closed:
             raise EngineClosed("the engine is closed")
@@ -129,11 +131,11 @@ class Scheduler:
             raise QueueFull(f"{queued} requests are already waiting (max_queue={self.max_queue}); retry later")
         self._waiting += 1
         try:
-            return await self._acquire(key, name=name, keep_alive=keep_alive)
+            return await self._acquire(key, name=name, keep_alive=keep_alive, describe=describe or {})
         finally:
             self._waiting -= 1
 
-    async def _acquire(self, key: Any, *, name: str, keep_alive: float) -> Lease:
+    async def _acquire(self, key: Any, *, name: str, keep_alive: float, describe: dict[str, Any]) -> Lease:
         while True:
             async with self._lock:
                 model = self.loaded.get(key)
@@ -143,6 +145,7 @@ class Scheduler:
                     started = time.perf_counter()
                     runner, size, size_vram, info = await anyio.to_thread.run_sync(self._loader, key)
                     self.load_count += 1
+                    info = {**describe, **info}
                     model = LoadedModel(key=key, name=name, runner=runner, size=size, size_vram=size_vram, info=info)
                     self.loaded[key] = model
                     logger.info("loaded %s (%d bytes, %d in VRAM)", name, size, size_vram)
