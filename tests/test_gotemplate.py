@@ -95,8 +95,7 @@ For each function call, return a json object with function name and arguments wi
 {{ end }}
 {{- if and (ne .Role "assistant") $last }}<|im_start|>assistant
 {{ end }}
-{{- end }}
-"""
+{{- end }}"""
 
 MISTRAL_TOOLS = """{{- range $index, $_ := .Messages }}
 {{- if eq .Role "user" }}
@@ -232,8 +231,8 @@ CONVERSATIONS = {
 
 
 def render(source: str, **values: Any) -> str:
-    """Execute template text on a plain values map."""
-    return GoTemplate(source).execute(values)
+    """Execute template text on a plain values map (with Ollama's empty `.Response`)."""
+    return GoTemplate(source).execute({"Response": "", **values})
 
 
 @pytest.mark.parametrize(("name", "conversation"), sorted(EXPECTED))

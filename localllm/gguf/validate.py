@@ -320,11 +320,11 @@ class _Parser:
             if not raw_key:
                 self.fail(f"metadata entry {index} at offset {start} has an empty key")
             if b"\0" in raw_key:
-                self.fail(f"the key of metadata entry {index} at offset {start} contains a NUL byte: {raw_key!r}")
+                self.fail(f"the key of metadata entry {index} at offset {start} contains a NUL byte: {_show(raw_key)}")
             try:
                 key = raw_key.decode("utf-8")
             except UnicodeDecodeError:
-                self.fail(f"the key of metadata entry {index} at offset {start} is not valid UTF-8: {raw_key!r}")
+                self.fail(f"the key of metadata entry {index} at offset {start} is not valid UTF-8: {_show(raw_key)}")
             if key in entries:
                 self.fail(f"metadata key '{key}' appears twice (entries at offsets {entries[key].offset} and {start})")
             vtype = self.u32(f"the value type of metadata key '{key}'")
@@ -430,14 +430,14 @@ class _Parser:
         if len(raw_name) > MAX_TENSOR_NAME:
             self.fail(
                 f"the name of tensor {index} (offset {start}) is {len(raw_name)} bytes long; llama.cpp allows at "
-                f"most {MAX_TENSOR_NAME}: {raw_name[:80]!r}"
+                f"most {MAX_TENSOR_NAME}: {_show(raw_name)}"
             )
         if b"\0" in raw_name:
-            self.fail(f"the name of tensor {index} (offset {start}) contains a NUL byte: {raw_name!r}")
+            self.fail(f"the name of tensor {index} (offset {start}) contains a NUL byte: {_show(raw_name)}")
         try:
             name = raw_name.decode("utf-8")
         except UnicodeDecodeError:
-            self.fail(f"the name of tensor {index} (offset {start}) is not valid UTF-8: {raw_name!r}")
+            self.fail(f"the name of tensor {index} (offset {start}) is not valid UTF-8: {_show(raw_name)}")
         n_dims = self.u32(f"the dimension count of tensor '{name}'")
         if not 1 <= n_dims <= MAX_DIMS:
             self.fail(f"tensor '{name}' (offset {start}) has {n_dims} dimensions; it must have 1 to {MAX_DIMS}")
