@@ -232,6 +232,36 @@ class Engine:
         )
         return ResponseStream(lambda: requests.open_chat(self, request), requests.combine_chat)
 
+    async def embed(
+        self,
+        model: str,
+        input: str | Sequence[str],
+        *,
+        truncate: bool = True,
+        dimensions: int | None = None,
+        options: Mapping[str, Any] | None = None,
+        keep_alive: float | str | None = None,
+    ) -> Any:
+        """Embed one text or several (packed into one batch); vectors are L2-normalised."""
+        from . import embeddings
+
+        return await embeddings.embed(
+            self, model, input, truncate=truncate, dimensions=dimensions, options=options, keep_alive=keep_alive
+        )
+
+    async def embeddings(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        options: Mapping[str, Any] | None = None,
+        keep_alive: float | str | None = None,
+    ) -> Any:
+        """The legacy single-prompt embedding call (field `embedding`, not normalised)."""
+        from . import embeddings
+
+        return await embeddings.embeddings(self, model, prompt, options=options, keep_alive=keep_alive)
+
     # -- internals used by requests.py ------------------------------------------------
 
     async def _resolve(self, model: str) -> Any:

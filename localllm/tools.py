@@ -81,6 +81,7 @@ def _parse_docstring(doc: str | None) -> _Doc:
     params: dict[str, str] = {}
     desc_lines: list[str] = []
     section: str | None = None
+    numpy_style = False
     current: str | None = None
     base_indent = 0
     i = 0
@@ -101,6 +102,7 @@ def _parse_docstring(doc: str | None) -> _Doc:
         header = _SECTION.match(stripped)
         if header and (stripped.endswith(":") or underline):
             section = header.group(1).lower()
+            numpy_style = bool(underline)
             current = None
             base_indent = -1
             i += 2 if underline else 1
@@ -108,19 +110,18 @@ def _parse_docstring(doc: str | None) -> _Doc:
         if section is None:
             desc_lines.append(line)
         elif section in _PARAM_SECTIONS:
-            if not stripped:
-                current = None if underline else current
-            else:
+            if stripped:
                 indent = len(line) - len(line.lstrip())
                 if base_indent < 0:
                     base_indent = indent
                 google = re.match(r"^\*{0,2}(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$", stripped)
-                numpy = re.match(r"^\*{0,2}(\w+)\s*:\s*([^\s].*)?$", stripped)
-                if indent <= base_indent and google:
+                numpy = re.match(r"^\*{0,2}(\w+)\s*(?::.*)?$", stripped)
+                if indent <= base_indent and numpy_style and numpy:
+                    current = numpy.group(1)  # "name : type"; the description follows, indented
+                    params[current] = ""
+                elif indent <= base_indent and google:
                     current = google.group(1)
                     params[current] = google.group(2).strip()
-                    if numpy and not google.group(2).strip():
-                        params[current] = ""
                 elif indent <= base_indent and re.match(r"^\w+$", stripped):
                     current = stripped
                     params[current] = ""

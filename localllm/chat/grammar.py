@@ -557,7 +557,8 @@ class _Converter:
     def visit_object(self, schema: Mapping[str, Any], path: str, hint: str) -> str:
         if "properties" not in schema and "additionalProperties" not in schema and not schema.get("required"):
             return self.prim("object")
-        props = schema.get("properties") or {}
+        props = schema.get("properties")
+        props = {} if props is None else props
         if not isinstance(props, Mapping):
             raise self.fail(path, "properties must be an object")
         required = schema.get("required") or []
