@@ -32,11 +32,13 @@ from .errors import (
 )
 from .options import Options
 from .stream import ResponseStream
-from .types import ChatResponse, GenerateResponse, Message, ToolCall, ToolCallFunction
+from .tools import AgentEvent, Tool, ToolRegistry, agent_loop, tool
+from .types import ChatResponse, GenerateResponse, Message, ProcessModel, ToolCall, ToolCallFunction
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AgentEvent",
     "CapabilityError",
     "ChatResponse",
     "ContextLengthExceeded",
@@ -57,12 +59,18 @@ __all__ = [
     "ModelNotFound",
     "ModelfileError",
     "Options",
+    "ProcessModel",
     "PullError",
     "QueueFull",
     "ResponseStream",
     "RunnerError",
     "TemplateError",
+    "Tool",
     "ToolCall",
     "ToolCallFunction",
+    "ToolError",
+    "ToolRegistry",
     "__version__",
+    "agent_loop",
+    "tool",
 ]

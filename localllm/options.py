@@ -15,7 +15,7 @@ import attrs
 
 from .errors import InvalidOptions
 
-__all__ = ["Options", "LOAD_OPTIONS", "OPTION_TYPES", "merge_options", "parse_option_value"]
+__all__ = ["LOAD_OPTIONS", "OPTION_TYPES", "Options", "merge_options", "parse_option_value"]
 
 # name -> (type, default). The defaults are Ollama's.
 _SPEC: dict[str, tuple[type, Any]] = {

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
 from .chat.template import ChatTemplate, JinjaTemplate, PlainTemplate
-from .errors import InvalidRequest, LocalLLMError
+from .errors import CapabilityError, LocalLLMError
 from .options import Options
 from .runner.protocol import SamplingParams, SequenceHandle, SequenceResult
 from .scheduler.keepalive import parse_keep_alive
@@ -187,12 +187,14 @@ async def open_generate(engine: Engine, request: GenerateRequest) -> Job[Generat
         return DoneJob(
             GenerateResponse(model=name, created_at=now_iso(), done=True, done_reason=reason, load_duration=load)
         )
-    grammar = _grammar_for(request.format)
     lease, _alive = await engine._acquire(resolved, options, request.keep_alive)
     try:
+        parser = None
         if request.raw:
-            text = request.prompt
+            text, grammar = request.prompt, _grammar_for(request.format)
         else:
+            from .chat.prompt import prepare_chat
+
             template = model_template(lease, resolved)
             if request.template:
                 from .chat.template import load_template
@@ -202,7 +204,16 @@ async def open_generate(engine: Engine, request: GenerateRequest) -> Job[Generat
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": request.prompt}
             ]
-            text = template.render(messages, add_generation_prompt=True)
+            if request.suffix:
+                render_suffix = getattr(template, "render_suffix", None)
+                if render_suffix is None or not getattr(template, "supports_suffix", False):
+                    raise CapabilityError("this model does not support insert (a prompt with a suffix)")
+                text, grammar = render_suffix(request.prompt, request.suffix), _grammar_for(request.format)
+            else:
+                prepared = prepare_chat(template, messages, think=request.think, format=request.format)
+                text, grammar = prepared.prompt, prepared.grammar
+                if prepared.thinking_tags:
+                    parser = prepared.parser()
         tokens = list(request.context or ()) + tokenize_prompt(lease, text)
         handle = lease.runner.submit(tokens, sampling_params(options, grammar=grammar))
     except BaseException:
@@ -210,38 +221,51 @@ async def open_generate(engine: Engine, request: GenerateRequest) -> Job[Generat
         raise
 
     def on_text(piece: str) -> list[GenerateResponse]:
-        return [GenerateResponse(model=name, created_at=now_iso(), response=piece)]
+        thinking = ""
+        if parser is not None:
+            thinking, piece, _calls = parser.feed(piece)
+        if not (piece or thinking):
+            return []
+        return [GenerateResponse(model=name, created_at=now_iso(), response=piece, thinking=thinking or None)]
 
     def on_done(result: SequenceResult, total: int) -> list[GenerateResponse]:
-        return [
-            GenerateResponse(
-                model=name,
-                created_at=now_iso(),
-                done=True,
-                done_reason=result.done_reason,
-                context=tuple(tokens) + result.tokens,
-                **_durations(result, total, lease.load_duration),
-            )
-        ]
+        chunks = []
+        if parser is not None:
+            thinking, content, _calls = parser.finish()
+            if thinking or content:
+                chunks.append(
+                    GenerateResponse(model=name, created_at=now_iso(), response=content, thinking=thinking or None)
+                )
+        final = GenerateResponse(
+            model=name,
+            created_at=now_iso(),
+            done=True,
+            done_reason=result.done_reason,
+            context=tuple(tokens) + result.tokens,
+            **_durations(result, total, lease.load_duration),
+        )
+        return [*chunks, final]
 
     return RunJob(lease, handle, on_text=on_text, on_done=on_done, started=started)
 
 
 def _grammar_for(format: Any) -> str | None:
-    if format is None or format == "":
-        return None
-    try:
-        from .chat import grammar
-    except ImportError:
-        raise InvalidRequest("structured outputs are not available in this build") from None
-    if format == "json":
-        return grammar.JSON_GBNF
-    if isinstance(format, Mapping):
-        return grammar.schema_to_gbnf(dict(format))
-    raise InvalidRequest(f"format must be 'json' or a JSON schema object, got {format!r}")
+    from .chat.grammar import format_to_grammar
+
+    return format_to_grammar(format)
+
+
+def _chat_chunk(name: str, thinking: str, content: str, calls: list[ToolCall]) -> ChatResponse:
+    message = Message(
+        role="assistant", content=content, thinking=thinking or None, tool_calls=tuple(calls) if calls else None
+    )
+    return ChatResponse(model=name, created_at=now_iso(), message=message)
 
 
 async def open_chat(engine: Engine, request: ChatRequest) -> Job[ChatResponse]:
+    from .chat.prompt import prepare_chat
+    from .tools import normalize_tools
+
     started = time.perf_counter()
     resolved = await engine._resolve(request.model)
     options = engine._options(resolved, request.options)
@@ -258,23 +282,32 @@ async def open_chat(engine: Engine, request: ChatRequest) -> Job[ChatResponse]:
                 load_duration=load,
             )
         )
-    grammar = _grammar_for(request.format)
+    tools = [t.to_dict() for t in normalize_tools(request.tools)] if request.tools else []
     lease, _alive = await engine._acquire(resolved, options, request.keep_alive)
     try:
         template = model_template(lease, resolved)
         messages = [m.to_template_dict() for m in _with_model_messages(resolved, request.messages)]
-        text = template.render(messages, tools=None, add_generation_prompt=True)
-        tokens = tokenize_prompt(lease, text)
-        handle = lease.runner.submit(tokens, sampling_params(options, grammar=grammar))
+        prepared = prepare_chat(
+            template, messages, tools=tools, tool_choice=request.tool_choice, think=request.think,
+            format=request.format,
+        )
+        tokens = tokenize_prompt(lease, prepared.prompt)
+        handle = lease.runner.submit(tokens, sampling_params(options, grammar=prepared.grammar))
     except BaseException:
         lease.release()
         raise
+    parser = prepared.parser()
 
     def on_text(piece: str) -> list[ChatResponse]:
-        return [ChatResponse(model=name, created_at=now_iso(), message=Message(role="assistant", content=piece))]
+        thinking, content, calls = parser.feed(piece)
+        if not (thinking or content or calls):
+            return []
+        return [_chat_chunk(name, thinking, content, calls)]
 
     def on_done(result: SequenceResult, total: int) -> list[ChatResponse]:
-        return [
+        thinking, content, calls = parser.finish()
+        chunks = [_chat_chunk(name, thinking, content, calls)] if thinking or content or calls else []
+        chunks.append(
             ChatResponse(
                 model=name,
                 created_at=now_iso(),
@@ -283,7 +316,8 @@ async def open_chat(engine: Engine, request: ChatRequest) -> Job[ChatResponse]:
                 done_reason=result.done_reason,
                 **_durations(result, total, lease.load_duration),
             )
-        ]
+        )
+        return chunks
 
     return RunJob(lease, handle, on_text=on_text, on_done=on_done, started=started)
 

@@ -220,9 +220,7 @@ def _schema_for(tp: Any, seen: frozenset[Any] = frozenset()) -> dict[str, Any]:
             hints = typing.get_type_hints(tp, include_extras=True)
             required = sorted(getattr(tp, "__required_keys__", set(hints)), key=list(hints).index)
             doc = _parse_docstring(tp.__doc__)
-            return _object_schema(
-                {k: (v, doc.params.get(k, "")) for k, v in hints.items()}, required, seen | {tp}
-            )
+            return _object_schema({k: (v, doc.params.get(k, "")) for k, v in hints.items()}, required, seen | {tp})
         if dataclasses.is_dataclass(tp):
             hints = typing.get_type_hints(tp, include_extras=True)
             doc = _parse_docstring(tp.__doc__)
@@ -352,6 +350,28 @@ def _matches(value: Any, tp: Any) -> bool:
 # Tool
 
 
+def _type_hints(target: Any, signature: inspect.Signature, fn_name: str) -> dict[str, Any]:
+    """The function's resolved annotations; names that cannot be resolved are reported per parameter."""
+    try:
+        return typing.get_type_hints(target, include_extras=True)
+    except Exception:
+        pass
+    namespace = {**vars(typing), **getattr(target, "__globals__", {})}
+    hints: dict[str, Any] = {}
+    for param in signature.parameters.values():
+        annotation = param.annotation
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, namespace)  # the function's own annotation text
+            except Exception:
+                raise ToolError(
+                    f"{fn_name}: cannot resolve the type {annotation!r} of parameter {param.name!r} "
+                    "(define it at module level)"
+                ) from None
+        hints[param.name] = annotation
+    return hints
+
+
 def _check_name(name: Any) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
         raise ToolError(
@@ -392,10 +412,7 @@ class Tool:
             signature = inspect.signature(fn)
         except (TypeError, ValueError) as exc:
             raise ToolError(f"cannot read the signature of {fn_name}: {exc}") from None
-        try:
-            hints = typing.get_type_hints(target, include_extras=True)
-        except Exception as exc:  # unresolvable forward references
-            raise ToolError(f"cannot resolve the type hints of {fn_name}: {exc}") from None
+        hints = _type_hints(target, signature, fn_name)
         doc = _parse_docstring(inspect.getdoc(fn) if not isinstance(fn, functools.partial) else target.__doc__)
         props: dict[str, Any] = {}
         required: list[str] = []
@@ -487,8 +504,8 @@ class Tool:
             return arguments
         target = self.function.func if isinstance(self.function, functools.partial) else self.function
         try:
-            hints = typing.get_type_hints(target, include_extras=True)
-        except Exception:
+            hints = _type_hints(target, signature, self.name)
+        except ToolError:
             hints = {}
         params = signature.parameters
         takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in params.values())
@@ -744,7 +761,8 @@ async def agent_loop(
     Each round is one `engine.chat` call. Tools marked `needs_approval` run only when `approve(call)`
     (a function or coroutine function) says yes; without an `approve` they are refused. Unknown tools,
     refusals, failures and timeouts become tool messages the model can read. Extra keyword arguments
-    (`think`, `format`, `keep_alive`) are passed to `engine.chat`.
+    (`think`, `format`, `keep_alive`, `tool_choice`) are passed to `engine.chat`; `tool_choice` only to
+    the first round, so a model made to call a tool first can still answer afterwards.
     """
     if max_rounds < 1:
         raise ToolError("max_rounds must be at least 1")
@@ -753,6 +771,8 @@ async def agent_loop(
     definitions = registry.to_dicts()
     for round_ in range(1, max_rounds + 1):
         kwargs = dict(chat_kwargs)
+        if round_ > 1:
+            kwargs.pop("tool_choice", None)  # a forced first call; afterwards the model may answer
         if options is not None:
             kwargs["options"] = options
         stream = engine.chat(model, list(history), tools=definitions, **kwargs)

@@ -49,7 +49,8 @@ def test_load_template_picks_the_kind() -> None:
 def test_go_and_jinja_chatml_render_alike() -> None:
     go = load_template(CHATML_GO).render(MESSAGES)
     jinja = load_template(CHATML_JINJA).render(MESSAGES, add_generation_prompt=True)
-    assert go == jinja == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    expected = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert go == jinja == expected
 
 
 def test_plain_template_joins_the_text() -> None:
@@ -75,3 +76,13 @@ def test_capabilities_are_reported() -> None:
     assert not load_template(CHATML_GO).supports_tools
     assert load_template("{{ range .Messages }}{{ end }}{{ if .Tools }}{{ .Tools }}{{ end }}").supports_tools
     assert load_template("{% if tools %}{{ tools | tojson }}{% endif %}").supports_tools
+
+
+def test_thinking_tags_and_tool_prefix_on_every_kind() -> None:
+    jinja = load_template("{% for m in messages %}<think>{{ m.thinking }}</think>{{ m.content }}{% endfor %}")
+    assert jinja.thinking_tags() == ("<think>", "</think>")
+    assert jinja.tool_call_prefix() is None
+    assert load_template(CHATML_GO).thinking_tags() is None
+    assert PlainTemplate().thinking_tags() is None
+    go_tools = load_template("{{ range .Messages }}{{ if .ToolCalls }}<tool_call>{{ end }}{{ end }}")
+    assert go_tools.tool_call_prefix() == "<tool_call>"

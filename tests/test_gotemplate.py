@@ -466,8 +466,10 @@ def test_range_forms() -> None:
     assert render("{{ range .L }}x{{ else }}empty{{ end }}", L=[]) == "empty"
     assert render("{{ range $k, $v := .M }}{{ $k }}{{ $v }}{{ end }}", M={"b": 2, "a": 1}) == "a1b2"
     assert render("{{ range 3 }}{{ . }}{{ end }}") == "012"
-    assert render("{{ range .L }}{{ if eq . 2 }}{{ continue }}{{ end }}{{ if eq . 4 }}{{ break }}{{ end }}{{ . }}{{ end }}",
-                  L=[1, 2, 3, 4, 5]) == "13"  # fmt: skip
+    skip_and_stop = (
+        "{{ range .L }}{{ if eq . 2 }}{{ continue }}{{ end }}{{ if eq . 4 }}{{ break }}{{ end }}{{ . }}{{ end }}"
+    )
+    assert render(skip_and_stop, L=[1, 2, 3, 4, 5]) == "13"
     assert render("{{ range .Missing }}x{{ else }}none{{ end }}") == "none"
 
 
@@ -476,17 +478,15 @@ def test_variables_scope_and_assignment() -> None:
     assert render(src) == "cb"
     assert render("{{ range $i, $m := .L }}{{ $.Top }}{{ $m }}{{ end }}", L=[1, 2], Top="t") == "t1t2"
     with pytest.raises(TemplateError, match="undefined variable"):
-        GoTemplate('{{ if true }}{{ $y := 1 }}{{ end }}{{ $y }}')
+        GoTemplate("{{ if true }}{{ $y := 1 }}{{ end }}{{ $y }}")
 
 
 def test_functions() -> None:
-    assert render('{{ eq .S "a" "b" }} {{ ne 1 2 }} {{ lt 1 2 }} {{ le 2 2 }} {{ gt "b" "a" }} {{ ge 1 2 }}', S="b") == (
-        "true true true true true false"
-    )
-    assert render("{{ and 1 0 2 }} {{ and 1 2 }} {{ or 0 \"\" }} {{ or 0 3 }} {{ not 0 }}") == "0 2  3 true"
-    assert render("{{ len .S }} {{ len .L }} {{ index .L 1 }} {{ index .M \"k\" }}", S="héllo", L=[1, 2], M={"k": 9}) == (
-        "6 2 2 9"
-    )
+    comparisons = '{{ eq .S "a" "b" }} {{ ne 1 2 }} {{ lt 1 2 }} {{ le 2 2 }} {{ gt "b" "a" }} {{ ge 1 2 }}'
+    assert render(comparisons, S="b") == "true true true true true false"
+    assert render('{{ and 1 0 2 }} {{ and 1 2 }} {{ or 0 "" }} {{ or 0 3 }} {{ not 0 }}') == "0 2  3 true"
+    lookups = '{{ len .S }} {{ len .L }} {{ index .L 1 }} {{ index .M "k" }}'
+    assert render(lookups, S="héllo", L=[1, 2], M={"k": 9}) == "6 2 2 9"
     assert render("{{ slice .L 1 }} {{ slice .S 1 3 }} {{ len (slice .L 0 1) }}", L=[1, 2, 3], S="abcd") == "[2 3] bc 1"
     assert render('{{ printf "%s=%d %q %v %5.2f|%-3s|" "a" 3 "q" .L 3.14159 "x" }}', L=[1, "b"]) == (
         'a=3 "q" [1 b]  3.14|x  |'
@@ -549,9 +549,8 @@ def test_execution_is_bounded() -> None:
     with pytest.raises(TemplateError, match="steps"):
         GoTemplate("{{ range 1000000000 }}{{ end }}", max_steps=10_000).execute({})
     with pytest.raises(TemplateError, match="steps"):
-        GoTemplate("{{ range 100 }}{{ range 100 }}{{ range 100 }}{{ end }}{{ end }}{{ end }}", max_steps=10_000).execute(
-            {}
-        )
+        nested = "{{ range 100 }}{{ range 100 }}{{ range 100 }}{{ end }}{{ end }}{{ end }}"
+        GoTemplate(nested, max_steps=10_000).execute({})
     with pytest.raises(TemplateError, match="output exceeds"):
         GoTemplate("{{ range 100 }}{{ range 100 }}xxxxxxxxxx{{ end }}{{ end }}", max_output=5_000).execute({})
     recursive = '{{ define "r" }}{{ template "r" . }}{{ end }}{{ template "r" . }}'

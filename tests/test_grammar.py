@@ -397,7 +397,8 @@ def test_format_to_grammar() -> None:
     assert format_to_grammar(None) is None
     assert format_to_grammar("") is None
     assert format_to_grammar("json") == JSON_GBNF
-    assert format_to_grammar({"type": "object", "properties": {}}) == schema_to_gbnf({"type": "object", "properties": {}})
+    empty_object = {"type": "object", "properties": {}}
+    assert format_to_grammar(empty_object) == schema_to_gbnf(empty_object)
     assert format_to_grammar('{"type": "integer"}') == schema_to_gbnf({"type": "integer"})
     with pytest.raises(InvalidFormat):
         format_to_grammar("yaml")

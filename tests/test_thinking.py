@@ -30,7 +30,7 @@ CASES: list[tuple[str, str, dict[str, object], str, str]] = [
     ("partial tag is text at the end", "Answer </thi", {}, "", "Answer </thi"),
     ("closing tag look-alike inside", "<think>a </thinking> b</think>c", {}, "a </thinking> b", "c"),
     ("starts inside", "reasoning</think>answer", {"starts_inside": True}, "reasoning", "answer"),
-    ("starts inside, leading newline", "\nreasoning\n</think>\n\nanswer", {"starts_inside": True}, "reasoning\n", "answer"),
+    ("inside, newline first", "\nreasoning\n</think>\n\nanswer", {"starts_inside": True}, "reasoning\n", "answer"),
     (
         "other tags",
         "[THINK]plan[/THINK]result",
@@ -100,3 +100,17 @@ QWEN3_JINJA = (
 )
 def test_thinking_tags(source: str, tags: tuple[str, str] | None) -> None:
     assert thinking_tags(source) == tags
+
+
+def test_random_chunkings_agree_with_whole_text() -> None:
+    import random
+
+    pieces = ["<think>", "</think>", "<th", "</th", "ink>", " ", "\n", "a", "b", "<", ">", "/"]
+    rng = random.Random(99)
+    for _ in range(2000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 10)))
+        inside = rng.random() < 0.3
+        whole = run([text], starts_inside=inside)
+        cuts = sorted(rng.sample(range(len(text) + 1), min(3, len(text) + 1)))
+        chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        assert run(chunks, starts_inside=inside) == whole, repr(text)

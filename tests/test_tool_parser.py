@@ -44,11 +44,18 @@ TOOLS = [
 Calls = list[tuple[str, dict[str, Any]]]
 
 
+def DS(word: str) -> str:
+    """A DeepSeek special token, with the full-width bars its tokenizer uses."""
+    return f"<\uff5c{word}\uff5c>"
+
+
 def simple(calls: list[ToolCall]) -> Calls:
     return [(c.function.name, c.function.arguments) for c in calls]
 
 
-def run_chunks(chunks: list[str], *, prefix: str | None = None, tools: list[dict[str, Any]] = TOOLS) -> tuple[str, Calls]:
+def run_chunks(
+    chunks: list[str], *, prefix: str | None = None, tools: list[dict[str, Any]] = TOOLS
+) -> tuple[str, Calls]:
     parser = ToolCallParser(tools, prefix=prefix)
     content: list[str] = []
     calls: list[ToolCall] = []
@@ -168,8 +175,15 @@ CASES: list[tuple[str, str, str, Calls]] = [
     ),
     (
         "deepseek r1",
-        "<think>Wait</think><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_temperature\n"
-        '```json\n{"city": "Tokyo"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>',
+        "<think>Wait</think>"
+        + DS("tool▁calls▁begin")
+        + DS("tool▁call▁begin")
+        + "function"
+        + DS("tool▁sep")
+        + 'get_temperature\n```json\n{"city": "Tokyo"}\n```'
+        + DS("tool▁call▁end")
+        + DS("tool▁calls▁end")
+        + DS("end▁of▁sentence"),
         "<think>Wait</think>",
         [("get_temperature", {"city": "Tokyo"})],
     ),
@@ -182,8 +196,18 @@ CASES: list[tuple[str, str, str, Calls]] = [
     ),
     (
         "deepseek v3.1",
-        '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>say_hello_world<｜tool▁sep｜>{}<｜tool▁call▁end｜>'
-        '<｜tool▁call▁begin｜>get_conditions<｜tool▁sep｜>{"location": "Nice"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
+        DS("tool▁calls▁begin")
+        + DS("tool▁call▁begin")
+        + "say_hello_world"
+        + DS("tool▁sep")
+        + "{}"
+        + DS("tool▁call▁end")
+        + DS("tool▁call▁begin")
+        + "get_conditions"
+        + DS("tool▁sep")
+        + '{"location": "Nice"}'
+        + DS("tool▁call▁end")
+        + DS("tool▁calls▁end"),
         "",
         [("say_hello_world", {}), ("get_conditions", {"location": "Nice"})],
     ),
@@ -318,7 +342,8 @@ def test_no_tools_means_no_calls() -> None:
 
 
 def test_python_literal_arguments_are_tolerated() -> None:
-    content, calls = parse_tool_calls("<tool_call>{'name': 'get_conditions', 'arguments': {'location': 'Rio'}}</tool_call>", TOOLS)
+    text = "<tool_call>{'name': 'get_conditions', 'arguments': {'location': 'Rio'}}</tool_call>"
+    content, calls = parse_tool_calls(text, TOOLS)
     assert content == ""
     assert simple(calls) == [("get_conditions", {"location": "Rio"})]
 
@@ -330,3 +355,40 @@ def test_tools_may_be_objects_with_to_dict() -> None:
 
     _, calls = parse_tool_calls('{"name": "ping", "arguments": {}}', [Def()])
     assert simple(calls) == [("ping", {})]
+
+
+def test_random_chunkings_agree_with_whole_text() -> None:
+    import random
+
+    pieces = [
+        "<tool_call>", "</tool_call>", "<tool", "{", "}", "[", "]", '"name"', ":", '"say_hello"', '"say_hello_world"',
+        '"nope"', ",", '"arguments"', "{}", '{"a": 1}', "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "say_hello", "_world",
+        "<function=", "say_hello>", "</function>", "<parameter=a>", "1", "</parameter>", " ", "\n", "text",
+        "<|python_tag|>", ";", DS("tool▁calls▁begin"), DS("tool▁call▁begin"), DS("tool▁sep"), DS("tool▁call▁end"),
+        "function", '"', "\\",
+    ]  # fmt: skip
+    rng = random.Random(1234)
+    for _ in range(1500):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+        whole = run_chunks([text])
+        if not whole[1]:
+            assert whole[0] == text, "text without calls must come back unchanged"
+        cuts = sorted(rng.sample(range(len(text) + 1), min(3, len(text) + 1)))
+        chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        assert run_chunks(chunks) == whole, repr(text)
+
+
+def test_chat_output_parser_splits_thinking_content_and_calls() -> None:
+    from localllm.chat.tools import ChatOutputParser
+
+    text = '<think>I should call it.</think>\nCalling. <tool_call>{"name": "say_hello", "arguments": {}}</tool_call>'
+    for i in range(len(text) + 1):
+        parser = ChatOutputParser(tools=TOOLS, thinking_tags=("<think>", "</think>"))
+        parts = [parser.feed(text[:i]), parser.feed(text[i:]), parser.finish()]
+        assert "".join(p[0] for p in parts) == "I should call it."
+        assert "".join(p[1] for p in parts) == "Calling. "
+        assert [c for p in parts for c in simple(p[2])] == [("say_hello", {})]
+    plain = ChatOutputParser()
+    assert plain.feed("<think>x</think>") == ("", "<think>x</think>", [])
+    inside = ChatOutputParser(thinking_tags=("<think>", "</think>"), starts_inside=True)
+    assert inside.feed("x</think>y") == ("x", "y", [])

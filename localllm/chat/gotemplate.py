@@ -1287,9 +1287,7 @@ class _State:
             raise self.error("nil is not a command", first)
         raise self.error(f"can't evaluate command {type(first).__name__}", first)  # pragma: no cover
 
-    def eval_fields(
-        self, dot: Any, receiver: Any, names: list[str], args: list[Node], final: Any, node: Node
-    ) -> Any:
+    def eval_fields(self, dot: Any, receiver: Any, names: list[str], args: list[Node], final: Any, node: Node) -> Any:
         for name in names[:-1]:
             receiver = self.field(receiver, name, node)
         has_args = len(args) > 1 or final is not _MISSING
@@ -1664,9 +1662,7 @@ def _cut_after_response(root: ListNode) -> ListNode:
 
 def _find_tool_calls_if(nodes: list[Node]) -> IfNode | None:
     def is_tool_calls(n: IfNode) -> bool:
-        return any(
-            isinstance(arg, FieldNode) and "ToolCalls" in arg.ident for cmd in n.pipe.cmds for arg in cmd.args
-        )
+        return any(isinstance(arg, FieldNode) and "ToolCalls" in arg.ident for cmd in n.pipe.cmds for arg in cmd.args)
 
     for node in nodes:
         if isinstance(node, IfNode):
@@ -1887,8 +1883,13 @@ def _tool_value(raw: Any) -> GoStruct:
 
     def function_json() -> str:
         f = function.fields
-        return '{"name":' + go_json(f["Name"]) + ',"description":' + go_json(f["Description"]) + ',"parameters":' + (
-            params_json() + "}"
+        return (
+            '{"name":'
+            + go_json(f["Name"])
+            + ',"description":'
+            + go_json(f["Description"])
+            + ',"parameters":'
+            + (params_json() + "}")
         )
 
     function.json = function_json
@@ -1979,10 +1980,15 @@ def _message_value(m: Mapping[str, Any], content: str) -> GoStruct:
             + (
                 "["
                 + ",".join(
-                    '{"ID":' + go_json(c.fields["ID"]) + ',"Function":{"Index":'
-                    + go_json(c.fields["Function"].fields["Index"]) + ',"Name":'
-                    + go_json(c.fields["Function"].fields["Name"]) + ',"Arguments":'
-                    + go_json(c.fields["Function"].fields["Arguments"]) + "}}"
+                    '{"ID":'
+                    + go_json(c.fields["ID"])
+                    + ',"Function":{"Index":'
+                    + go_json(c.fields["Function"].fields["Index"])
+                    + ',"Name":'
+                    + go_json(c.fields["Function"].fields["Name"])
+                    + ',"Arguments":'
+                    + go_json(c.fields["Function"].fields["Arguments"])
+                    + "}}"
                     for c in f["ToolCalls"]
                 )
                 + "]"

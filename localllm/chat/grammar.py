@@ -686,7 +686,7 @@ def format_to_grammar(fmt: Any) -> str | None:
         raise InvalidFormat(f'invalid format {fmt!r}: expected "json" or a JSON schema object')
     if isinstance(fmt, Mapping):
         return schema_to_gbnf(fmt)
-    raise InvalidFormat(f"invalid format of type {type(fmt).__name__}: expected \"json\" or a JSON schema object")
+    raise InvalidFormat(f'invalid format of type {type(fmt).__name__}: expected "json" or a JSON schema object')
 
 
 def tool_call_grammar(tools: Sequence[Any], *, strict: bool = False) -> str:

@@ -45,6 +45,19 @@ class ChatTemplate:
     def supports_system(self) -> bool:
         return True
 
+    def thinking_tags(self) -> tuple[str, str] | None:
+        """The (open, close) tags the model writes its thinking in, judged from the template; None if none."""
+        from .thinking import thinking_tags
+
+        return thinking_tags(self.source)
+
+    def tool_call_prefix(self) -> str | None:
+        """A template-specific tag that opens tool calls, for `ToolCallParser(prefix=...)`.
+
+        None means the parser's built-in formats are enough.
+        """
+        return None
+
 
 def _raise_exception(message: str) -> None:
     raise TemplateError(f"chat template raised: {message}")

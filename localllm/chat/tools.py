@@ -34,7 +34,7 @@ from typing import Any
 
 from ..types import ToolCall, ToolCallFunction
 
-__all__ = ["ToolCallParser", "new_call_id", "parse_tool_calls", "tool_names"]
+__all__ = ["ChatOutputParser", "ToolCallParser", "new_call_id", "parse_tool_calls", "tool_names"]
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 
@@ -66,7 +66,13 @@ _OPENERS: tuple[str, ...] = (HERMES_OPEN, PYTHON_TAG, MISTRAL_OPEN, *DS_CALLS_BE
 _CALL_STARTS: tuple[str, ...] = (XML_OPEN, *DS_CALL_BEGIN)
 # Text that may close a run of calls; swallowed between and after calls.
 _CLOSERS: tuple[str, ...] = (
-    HERMES_CLOSE, "[/TOOL_CALLS]", "<|eom_id|>", "<|eot_id|>", "<|call|>", *DS_CALLS_END, *DS_EOS
+    HERMES_CLOSE,
+    "[/TOOL_CALLS]",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|call|>",
+    *DS_CALLS_END,
+    *DS_EOS,
 )
 _SPACE = " \t\r\n"
 _MAX_NAME = 256
@@ -97,7 +103,10 @@ def tool_names(tools: Iterable[Any]) -> list[str]:
 
 
 def _scan_json(text: str) -> int | None:
-    """End index of the JSON object/array that starts text; None if incomplete, -1 if malformed."""
+    """End index of the JSON object/array that starts text; None if incomplete.
+
+    Malformed nesting (a bracket that closes nothing open) gives -(i + 1) for the offending index i.
+    """
     stack: list[str] = []
     in_string = escaped = False
     for i, c in enumerate(text):
@@ -115,11 +124,9 @@ def _scan_json(text: str) -> int | None:
             stack.append("}" if c == "{" else "]")
         elif c in "}]":
             if not stack or stack.pop() != c:
-                return -1
+                return -(i + 1)
             if not stack:
                 return i + 1
-        elif not stack:
-            return -1
     return None
 
 
@@ -406,7 +413,7 @@ class ToolCallParser:
             self._fail(out, len(self._buf))
             return True
         if end < 0:
-            self._fail(out, len(self._buf))
+            self._fail(out, -end)
             return True
         found = self._calls_from(_loads(self._buf[:end]))
         if found is None:
@@ -416,19 +423,19 @@ class ToolCallParser:
         return True
 
     def _xml_call(self, out: list[str], calls: list[ToolCall], final: bool) -> bool:
+        head = self._buf[len(XML_OPEN) :]
+        gt = head.find(">")
+        name = head[:gt] if gt >= 0 else head
+        if (gt >= 0 and name.strip() not in self._tools) or "\n" in name or len(name) > _MAX_NAME:
+            self._fail(out, len(XML_OPEN))
+            return True
         end = self._buf.find(XML_CLOSE)
         if end < 0 and not final:
-            head = self._buf[len(XML_OPEN) :]
-            gt = head.find(">")
-            name = head[:gt] if gt >= 0 else head
-            if (gt >= 0 and name.strip() not in self._tools) or "\n" in name or len(name) > _MAX_NAME:
-                self._fail(out, len(XML_OPEN))
-                return True
             return False
         consumed = end + len(XML_CLOSE) if end >= 0 else len(self._buf)
         found = self._parse_xml(self._buf[:consumed])
         if found is None:
-            self._fail(out, consumed if end >= 0 else len(self._buf))
+            self._fail(out, consumed)
         else:
             self._found(calls, [found], consumed)
         return True
@@ -518,14 +525,17 @@ class ToolCallParser:
                 self._fail(out, len(buf))
                 return True
             return False
-        end = _scan_json(body) if body[0] == "{" else -1
+        if body[0] != "{":
+            self._fail(out, start)
+            return True
+        end = _scan_json(body)
         if end is None:
             if final:
                 self._fail(out, len(buf))
                 return True
             return False
         if end < 0:
-            self._fail(out, start)
+            self._fail(out, start - end)
             return True
         arguments = _as_arguments(_loads(body[:end]))
         if arguments is None:
@@ -577,3 +587,41 @@ def parse_tool_calls(text: str, tools: Sequence[Any], *, prefix: str | None = No
     content, calls = parser.feed(text)
     more_content, more_calls = parser.finish()
     return content + more_content, calls + more_calls
+
+
+class ChatOutputParser:
+    """A chat reply's stream split three ways: `feed(text) -> (thinking, content, calls)`, then `finish()`.
+
+    Thinking is split off first (when `thinking_tags` are given), then the remaining content goes
+    through a `ToolCallParser` (when `tools` are given) — the order Ollama applies them in.
+    """
+
+    def __init__(
+        self,
+        *,
+        tools: Sequence[Any] | None = None,
+        tool_prefix: str | None = None,
+        thinking_tags: tuple[str, str] | None = None,
+        starts_inside: bool = False,
+    ) -> None:
+        from .thinking import ThinkingParser
+
+        self._thinking = (
+            ThinkingParser(thinking_tags[0], thinking_tags[1], starts_inside=starts_inside) if thinking_tags else None
+        )
+        self._tools = ToolCallParser(tools, prefix=tool_prefix) if tools else None
+
+    def feed(self, text: str) -> tuple[str, str, list[ToolCall]]:
+        thinking, content = self._thinking.feed(text) if self._thinking else ("", text)
+        if self._tools is None:
+            return thinking, content, []
+        content, calls = self._tools.feed(content)
+        return thinking, content, calls
+
+    def finish(self) -> tuple[str, str, list[ToolCall]]:
+        thinking, content = self._thinking.finish() if self._thinking else ("", "")
+        if self._tools is None:
+            return thinking, content, []
+        content, calls = self._tools.feed(content)
+        more, more_calls = self._tools.finish()
+        return thinking, content + more, calls + more_calls

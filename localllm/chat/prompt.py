@@ -1,0 +1,144 @@
+"""From a chat request to a prompt, a grammar and an output parser.
+
+This is where tools, thinking and structured outputs meet the template:
+
+- a template with native tool support gets the tools; one without gets them described in the
+  system prompt, and its output is constrained by a grammar so even a small model writes a
+  well-formed call (`{"name": ..., "arguments": {...}}`) or plain text;
+- `tool_choice="required"` (or a named function) forces a call with a grammar for any model;
+- `think` splits thinking from content with the template's tags, and is an error for models
+  whose template cannot think;
+- `format` ("json" or a JSON schema) constrains the whole reply.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from ..errors import CapabilityError, InvalidRequest
+from .gotemplate import GoTemplate
+from .grammar import format_to_grammar, tool_call_grammar
+from .template import ChatTemplate, JinjaTemplate
+from .thinking import prompt_opens_thinking
+from .tools import ChatOutputParser
+
+__all__ = ["PreparedChat", "prepare_chat"]
+
+TOOL_CHOICES = ("auto", "none", "required")
+
+# Text that is not a call: anything that does not open with "{" (after optional spaces).
+_TEXT_RULE = 'free-text ::= [ \\t\\n]* [^{ \\t\\n] [^\\x00]*'
+
+
+@attrs.frozen
+class PreparedChat:
+    prompt: str
+    grammar: str | None
+    tools: tuple[Mapping[str, Any], ...]
+    tool_prefix: str | None
+    thinking_tags: tuple[str, str] | None
+    starts_inside_thinking: bool
+
+    def parser(self) -> ChatOutputParser:
+        return ChatOutputParser(
+            tools=list(self.tools) or None,
+            tool_prefix=self.tool_prefix,
+            thinking_tags=self.thinking_tags,
+            starts_inside=self.starts_inside_thinking,
+        )
+
+
+def _describe_tools(tools: Sequence[Mapping[str, Any]]) -> str:
+    listing = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
+    return (
+        "You can call the following tools. To call one, reply with only a JSON object of the form "
+        '{"name": "<tool name>", "arguments": {<arguments>}} and nothing else. '
+        "Otherwise, answer normally.\n\nTools:\n" + listing
+    )
+
+
+def _with_tool_system(messages: list[dict[str, Any]], description: str) -> list[dict[str, Any]]:
+    if messages and messages[0].get("role") == "system":
+        first = dict(messages[0])
+        first["content"] = f"{first.get('content') or ''}\n\n{description}".strip()
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": description}, *messages]
+
+
+def _chosen_tools(tools: Sequence[Mapping[str, Any]], tool_choice: Any) -> tuple[str, list[Mapping[str, Any]]]:
+    """Normalise OpenAI-style tool_choice: ("auto" | "none" | "required", the tools a call may use)."""
+    if tool_choice is None:
+        return "auto", list(tools)
+    if isinstance(tool_choice, str):
+        if tool_choice not in TOOL_CHOICES:
+            choices = ", ".join(TOOL_CHOICES)
+            raise InvalidRequest(f"tool_choice must be one of {choices} or a function, got {tool_choice!r}")
+        return tool_choice, list(tools)
+    if isinstance(tool_choice, Mapping):
+        name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
+        chosen = [t for t in tools if (t.get("function") or t).get("name") == name]
+        if not chosen:
+            raise InvalidRequest(f"tool_choice names {name!r}, which is not among the request's tools")
+        return "required", chosen
+    raise InvalidRequest(f"tool_choice must be a string or a function object, got {tool_choice!r}")
+
+
+def _thinking(template: ChatTemplate, think: bool | str | None) -> tuple[tuple[str, str] | None, dict[str, Any]]:
+    if think is None or think is False:
+        return None, ({"enable_thinking": False} if think is False else {})
+    if isinstance(think, str) and think not in ("low", "medium", "high"):
+        raise InvalidRequest(f"think must be true, false, 'low', 'medium' or 'high', got {think!r}")
+    tags = template.thinking_tags()
+    if tags is None:
+        raise CapabilityError("this model does not support thinking; leave `think` unset")
+    extra: dict[str, Any] = {"enable_thinking": True}
+    if isinstance(think, str):
+        extra["reasoning_effort"] = think
+    return tags, extra
+
+
+def prepare_chat(
+    template: ChatTemplate,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    tools: Sequence[Mapping[str, Any]] = (),
+    tool_choice: Any = None,
+    think: bool | str | None = None,
+    format: Any = None,
+) -> PreparedChat:
+    """Render the prompt and decide the grammar and output parsing for one chat request."""
+    rendered: list[dict[str, Any]] = [dict(m) for m in messages]
+    choice, callable_tools = _chosen_tools(tools, tool_choice) if tools else ("none", [])
+    if choice == "none":
+        callable_tools = []
+    native = bool(callable_tools) and template.supports_tools
+    tags, extra = _thinking(template, think)
+    if isinstance(template, GoTemplate):
+        extra = {"think": think} if think is not None else {}
+    elif not isinstance(template, JinjaTemplate):
+        extra = {}
+
+    grammar = format_to_grammar(format)
+    if callable_tools and not native:
+        rendered = _with_tool_system(rendered, _describe_tools(callable_tools))
+    if callable_tools and grammar is None:
+        call = tool_call_grammar(callable_tools)
+        if choice == "required":
+            grammar = call
+        elif not native:
+            # A call, when the model starts one, is always well-formed; anything else is free text.
+            grammar = call.replace("root ::=", "call-root ::=", 1) + f"\nroot ::= call-root | free-text\n{_TEXT_RULE}\n"
+    prompt = template.render(rendered, tools=list(callable_tools) if native else None, add_generation_prompt=True,
+                             **extra)
+    return PreparedChat(
+        prompt=prompt,
+        grammar=grammar,
+        tools=tuple(callable_tools),
+        tool_prefix=template.tool_call_prefix() if native else None,
+        thinking_tags=tags,
+        starts_inside_thinking=bool(tags) and prompt_opens_thinking(prompt, tags[0]) if tags else False,
+    )

@@ -1,0 +1,254 @@
+"""embed and embeddings: texts -> vectors, through an embedding runner.
+
+`embed` follows Ollama's /api/embed: one text or a list of texts, every
+vector L2-normalised, `truncate` (default on) cutting inputs longer than the
+context, `dimensions` cutting vectors shorter (and normalising them again).
+`embeddings` is the legacy single-prompt call (/api/embeddings): one raw,
+unnormalised vector in the `embedding` field.
+
+Like newer Ollama, only embedding models embed: a model whose GGUF declares a
+pooling type, or whose architecture is a BERT-style encoder. Asking a text
+generation model raises CapabilityError, and so does asking an embedding
+model to generate (`ensure_can_generate`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import attrs
+import numpy as np
+
+from .errors import CapabilityError, ContextLengthExceeded, InvalidRequest
+from .scheduler.keepalive import parse_keep_alive
+from .types import _Subscriptable
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+__all__ = [
+    "EmbedResponse",
+    "EmbeddingsResponse",
+    "embed",
+    "embeddings",
+    "ensure_can_embed",
+    "ensure_can_generate",
+    "is_embedding_model",
+]
+
+# Tokenize in a worker thread beyond this much text, so the event loop never stalls on a big request.
+_INLINE_TOKENIZE_CHARS = 20_000
+
+
+@attrs.frozen
+class EmbedResponse(_Subscriptable):
+    """The answer of `embed` (Ollama's /api/embed): one L2-normalised vector per input, in order."""
+
+    model: str
+    embeddings: list[list[float]] = attrs.field(factory=list)
+    total_duration: int | None = None
+    load_duration: int | None = None
+    prompt_eval_count: int | None = None
+
+
+@attrs.frozen
+class EmbeddingsResponse(_Subscriptable):
+    """The answer of the legacy `embeddings` call (Ollama's /api/embeddings): one raw vector."""
+
+    embedding: list[float] = attrs.field(factory=list)
+
+
+# --------------------------------------------------------------------------- capabilities
+
+
+@functools.lru_cache(maxsize=64)
+def _kind(path: str, _mtime_ns: int, _size: int) -> tuple[bool, str]:
+    from .gguf import read_info
+    from .registry.registry import EMBEDDING_ARCHITECTURES
+
+    info = read_info(path)
+    arch = (info.architecture or "").lower()
+    return info.pooling_type is not None or arch in EMBEDDING_ARCHITECTURES, arch
+
+
+def _model_kind(model_path: str | os.PathLike[str]) -> tuple[bool, str]:
+    path = str(model_path)
+    st = os.stat(path)
+    return _kind(path, st.st_mtime_ns, st.st_size)
+
+
+def is_embedding_model(model_path: str | os.PathLike[str]) -> bool:
+    """Whether the GGUF at `model_path` is an embedding model (it has a pooling type or is a BERT-style encoder)."""
+    return _model_kind(model_path)[0]
+
+
+def ensure_can_generate(model_path: str | os.PathLike[str], name: str | None = None) -> None:
+    """Raise CapabilityError if the model at `model_path` only produces embeddings."""
+    embedding, arch = _model_kind(model_path)
+    if embedding:
+        shown = name or Path(model_path).name
+        raise CapabilityError(
+            f"'{shown}' is an embedding model ({arch}) and cannot generate text; use engine.embed() with it"
+        )
+
+
+def ensure_can_embed(model_path: str | os.PathLike[str], name: str | None = None) -> None:
+    """Raise CapabilityError if the model at `model_path` is not an embedding model."""
+    embedding, arch = _model_kind(model_path)
+    if not embedding:
+        shown = name or Path(model_path).name
+        raise CapabilityError(
+            f"'{shown}' does not support embeddings: it is a {arch or 'text'} generation model without a pooling "
+            "layer; use an embedding model (a BERT-family model such as all-MiniLM, or one with a pooling type)"
+        )
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def _inputs(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
+        texts = list(value)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InvalidRequest(f"input {i} must be a string, got {type(text).__name__}")
+        return texts
+    raise InvalidRequest(f"input must be a string or a list of strings, got {type(value).__name__}")
+
+
+def _dimensions(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequest(f"dimensions must be a positive integer, got {value!r}")
+    return value
+
+
+def _shorten(vector: list[float], dimensions: int | None) -> list[float]:
+    if dimensions is None or dimensions >= len(vector):
+        return vector
+    cut = np.asarray(vector[:dimensions], dtype=np.float64)
+    norm = float(np.linalg.norm(cut))
+    return (cut / norm).tolist() if norm > 0 else cut.tolist()
+
+
+def _tokenize_all(runner: Any, texts: list[str], truncate: bool) -> list[list[int]]:
+    limit: int = runner.n_ctx_seq
+    out: list[list[int]] = []
+    for i, text in enumerate(texts):
+        tokens: list[int] = runner.tokenize(text, add_special=True)
+        if not tokens:
+            raise InvalidRequest(f"input {i} is empty after tokenization")
+        if len(tokens) > limit:
+            if not truncate:
+                raise ContextLengthExceeded(
+                    f"input {i} has {len(tokens)} tokens but the model's context holds {limit}; "
+                    "shorten it, raise num_ctx (up to the model's trained length), or pass truncate=True"
+                )
+            tokens = runner.truncate(tokens, limit)
+        out.append(tokens)
+    return out
+
+
+async def _run(
+    engine: Engine,
+    model: str,
+    texts: list[str],
+    *,
+    truncate: bool,
+    normalize: bool,
+    options: Mapping[str, Any] | None,
+    keep_alive: float | str | None,
+) -> tuple[list[list[float]], int, int, str]:
+    """Embed `texts`; returns (vectors, load_duration, prompt_eval_count, model name)."""
+    resolved = await engine._resolve(model)
+    await anyio.to_thread.run_sync(ensure_can_embed, resolved.model_path, model)
+    opts = engine._options(resolved, options)
+    alive = parse_keep_alive(keep_alive, engine.settings.keep_alive)
+    if not texts and alive == 0:  # an empty request with keep_alive 0 unloads, as in Ollama
+        path = str(resolved.model_path)
+        await engine.scheduler.unload_where(lambda m: m.key.model_path == path)
+        return [], 0, 0, model
+    key = engine._factory.config_for(resolved, opts, embeddings=True)
+    describe = {"digest": getattr(resolved, "digest", None), "details": getattr(resolved, "details", None)}
+    lease = await engine.scheduler.acquire(key, name=resolved.name, keep_alive=alive, describe=describe)
+    try:
+        if not texts:  # an empty request just loads the model
+            return [], lease.load_duration, 0, model
+        runner = lease.runner
+        if sum(len(t) for t in texts) > _INLINE_TOKENIZE_CHARS:
+            tokens = await anyio.to_thread.run_sync(_tokenize_all, runner, texts, truncate)
+        else:
+            tokens = _tokenize_all(runner, texts, truncate)
+        handle = runner.submit_embed(tokens, normalize=normalize)
+        try:
+            result = await handle.result()
+        except BaseException:
+            handle.cancel()
+            raise
+        return result.embeddings, lease.load_duration, result.prompt_eval_count, model
+    finally:
+        lease.release()
+
+
+async def embed(
+    engine: Engine,
+    model: str,
+    input: str | Sequence[str],
+    *,
+    truncate: bool = True,
+    dimensions: int | None = None,
+    options: Mapping[str, Any] | None = None,
+    keep_alive: float | str | None = None,
+) -> EmbedResponse:
+    """Embed one text or several (packed into shared batches); every vector is L2-normalised.
+
+    `truncate=False` makes an input longer than the context raise
+    ContextLengthExceeded instead of being cut. `dimensions` keeps the first
+    that many components of each vector and normalises them again. An empty
+    input (or list) loads the model and returns no vectors.
+    """
+    started = time.perf_counter()
+    texts = _inputs(input)
+    dims = _dimensions(dimensions)
+    vectors, load, count, name = await _run(
+        engine, model, texts, truncate=bool(truncate), normalize=True, options=options, keep_alive=keep_alive
+    )
+    return EmbedResponse(
+        model=name,
+        embeddings=[_shorten(v, dims) for v in vectors],
+        total_duration=int((time.perf_counter() - started) * 1e9),
+        load_duration=load,
+        prompt_eval_count=count,
+    )
+
+
+async def embeddings(
+    engine: Engine,
+    model: str,
+    prompt: str = "",
+    *,
+    options: Mapping[str, Any] | None = None,
+    keep_alive: float | str | None = None,
+) -> EmbeddingsResponse:
+    """The legacy single-prompt call: the raw (unnormalised) vector of `prompt`, cut to the context if needed."""
+    if not isinstance(prompt, str):
+        raise InvalidRequest(f"prompt must be a string, got {type(prompt).__name__}")
+    vectors, _load, _count, _name = await _run(
+        engine,
+        model,
+        [prompt] if prompt else [],
+        truncate=True,
+        normalize=False,
+        options=options,
+        keep_alive=keep_alive,
+    )
+    return EmbeddingsResponse(embedding=vectors[0] if vectors else [])

@@ -1,0 +1,54 @@
+"""The ASGI application: Ollama's API and the OpenAI-compatible API over one Engine."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+
+from . import ollama_api, openai_api
+from .common import GiB, HTTPSettings, MiB
+
+__all__ = ["create_app"]
+
+DEFAULT_MAX_REQUEST_SIZE = 32 * MiB
+DEFAULT_MAX_BLOB_SIZE = 256 * GiB
+
+
+def create_app(
+    engine: Any = None,
+    *,
+    engine_factory: Callable[[], Any] | None = None,
+    max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
+    max_blob_size: int = DEFAULT_MAX_BLOB_SIZE,
+) -> Starlette:
+    """An ASGI app serving `engine` (already open), or an engine the app opens and closes itself.
+
+    With `engine_factory`, the app's lifespan calls it, enters the engine
+    (``async with``) at startup and closes it at shutdown; ``app.state.engine``
+    is the engine while the app runs. `max_request_size` limits the body of
+    JSON endpoints and `max_blob_size` that of blob uploads (413 beyond).
+    """
+    if (engine is None) == (engine_factory is None):
+        raise ValueError("pass either an engine (already open) or an engine_factory, not both or neither")
+    if max_request_size < 1 or max_blob_size < 1:
+        raise ValueError("max_request_size and max_blob_size must be positive")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if engine_factory is None:
+            yield
+            return
+        async with engine_factory() as opened:
+            app.state.engine = opened
+            try:
+                yield
+            finally:
+                app.state.engine = None
+
+    app = Starlette(routes=[*ollama_api.routes(), *openai_api.routes()], lifespan=lifespan)
+    app.state.engine = engine
+    app.state.settings = HTTPSettings(max_request_size=max_request_size, max_blob_size=max_blob_size)
+    return app

@@ -1,0 +1,446 @@
+"""Plumbing shared by the Ollama and OpenAI routes: errors and their statuses, request bodies, JSON, streaming.
+
+Every response that runs a model is an ASGI callable that watches for the
+client's ``http.disconnect`` while it works: when the client goes away, the
+work is cancelled and the engine's stream closed, which frees the sequence
+slot at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from pathlib import PurePath
+from typing import Any
+
+import anyio
+import attrs
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from .. import errors
+
+__all__ = [
+    "APIError",
+    "DisconnectAware",
+    "EventStream",
+    "HTTPSettings",
+    "dumps",
+    "read_body",
+    "read_json",
+    "status_for",
+]
+
+logger = logging.getLogger("localllm.http")
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@attrs.frozen
+class HTTPSettings:
+    """Limits of the HTTP shim."""
+
+    #: Largest accepted body of a JSON endpoint (prompts, messages, base64 images).
+    max_request_size: int = 32 * MiB
+    #: Largest accepted blob upload (a model file) on ``POST /api/blobs/<digest>``.
+    max_blob_size: int = 256 * GiB
+
+
+class APIError(Exception):
+    """An error answered with a given HTTP status (and, for OpenAI clients, a param and code)."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+# The one place where localllm's errors become HTTP statuses (Ollama's choices:
+# 400 bad input or a missing capability, 404 no such model, 503 queue full, 500 otherwise).
+_STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (errors.ModelNotFound, 404),
+    (errors.QueueFull, 503),
+    (errors.EngineClosed, 503),
+    (errors.InvalidModelName, 400),
+    (errors.InvalidModelFile, 400),
+    (errors.InvalidOptions, 400),
+    (errors.InvalidFormat, 400),
+    (errors.InvalidRequest, 400),
+    (errors.ModelfileError, 400),
+    (errors.TemplateError, 400),
+    (errors.CapabilityError, 400),
+    (errors.ContextLengthExceeded, 400),
+    (errors.ToolError, 400),
+)
+
+
+def status_for(exc: BaseException) -> int:
+    """The HTTP status an exception is answered with."""
+    if isinstance(exc, APIError):
+        return exc.status
+    for kind, status in _STATUS:
+        if isinstance(exc, kind):
+            return status
+    return 500
+
+
+def error_message(exc: BaseException) -> str:
+    if isinstance(exc, APIError):
+        return exc.message
+    if isinstance(exc, errors.LocalLLMError):
+        return str(exc) or type(exc).__name__
+    return f"internal error: {type(exc).__name__}: {exc}"
+
+
+def log_unexpected(exc: BaseException) -> None:
+    """Server-side errors get a traceback in the log; client errors do not."""
+    if status_for(exc) >= 500 and not isinstance(exc, (APIError, errors.QueueFull, errors.EngineClosed)):
+        logger.error("request failed", exc_info=exc)
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def _json_default(value: Any) -> Any:
+    if attrs.has(type(value)):
+        from ..types import as_dict
+
+        return as_dict(value)
+    tolist = getattr(value, "tolist", None)  # numpy arrays and scalars
+    if callable(tolist):
+        return tolist()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if isinstance(value, (_dt.datetime, _dt.date)):
+        return value.isoformat()
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON, as Ollama writes it."""
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_json_default, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(json.loads(json.dumps(value, default=_json_default))), separators=(",", ":"))
+
+
+class JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content).encode("utf-8")
+
+
+# --------------------------------------------------------------------------- request bodies
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, or 413 once it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise APIError(400, f"invalid Content-Length header {declared!r}") from None
+        if size > limit:
+            raise APIError(413, f"request body of {size} bytes is larger than the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise APIError(413, f"request body is larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object; 400 when it is missing or not JSON, 413 when too large."""
+    body = await read_body(request, limit)
+    if not body.strip():
+        raise APIError(400, "missing request body")
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise APIError(400, f"invalid JSON in request body: {exc}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {_json_type(data)}")
+    return data
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+class Fields:
+    """Typed access to the fields of a JSON request; a wrong type is a 400 naming the field."""
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self.data = data
+
+    def _bad(self, name: str, expected: str) -> APIError:
+        got = _json_type(self.data.get(name))
+        return APIError(400, f"invalid value for '{name}': expected {expected}, got {got}", param=name)
+
+    def has(self, name: str) -> bool:
+        return self.data.get(name) is not None
+
+    def text(self, name: str, default: Any = None) -> Any:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self._bad(name, "a string")
+        return value
+
+    def flag(self, name: str, default: Any = None) -> Any:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._bad(name, "true or false")
+        return value
+
+    def integer(self, name: str, default: Any = None) -> Any:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self._bad(name, "an integer")
+        return value
+
+    def number(self, name: str, default: Any = None) -> Any:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise self._bad(name, "a number")
+        return value
+
+    def mapping(self, name: str, default: Any = None) -> Any:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, dict):
+            raise self._bad(name, "an object")
+        return value
+
+    def array(self, name: str, default: Any = None) -> Any:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, list):
+            raise self._bad(name, "an array")
+        return value
+
+    def texts(self, name: str, default: Any = None) -> Any:
+        value = self.array(name)
+        if value is None:
+            return default
+        if not all(isinstance(item, str) for item in value):
+            raise self._bad(name, "an array of strings")
+        return value
+
+    def integers(self, name: str, default: Any = None) -> Any:
+        value = self.array(name)
+        if value is None:
+            return default
+        if not all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+            raise self._bad(name, "an array of integers")
+        return value
+
+    def duration(self, name: str, default: Any = None) -> Any:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise self._bad(name, "a duration string or a number of seconds")
+        return value
+
+    def think(self, name: str = "think") -> Any:
+        value = self.data.get(name)
+        if value is None or isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value in ("low", "medium", "high", "max"):
+            return value
+        raise APIError(400, f"invalid value for '{name}': expected true, false, 'low', 'medium', 'high' or 'max'")
+
+    def format(self, name: str = "format") -> Any:
+        value = self.data.get(name)
+        if value is None or value == "":
+            return None
+        if value == "json" or isinstance(value, dict):
+            return value
+        raise APIError(400, f"invalid value for '{name}': expected \"json\" or a JSON schema object", param=name)
+
+
+# --------------------------------------------------------------------------- disconnect-aware responses
+
+ErrorResponder = Callable[[BaseException], Response]
+
+
+async def _watch_disconnect(receive: Receive, scope: anyio.CancelScope, state: dict[str, bool]) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            state["disconnected"] = True
+            scope.cancel()
+            return
+
+
+class DisconnectAware(Response):
+    """Computes a response while watching for the client to go away (then the computation is cancelled)."""
+
+    def __init__(self, compute: Callable[[], Awaitable[Response]], on_error: ErrorResponder) -> None:
+        self.background = None
+        self._compute = compute
+        self._on_error = on_error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = {"disconnected": False}
+        response: Response | None = None
+        async with anyio.create_task_group() as group:
+            group.start_soon(_watch_disconnect, receive, group.cancel_scope, state)
+            try:
+                response = await self._compute()
+            except Exception as exc:
+                log_unexpected(exc)
+                response = self._on_error(exc)
+            group.cancel_scope.cancel()
+        if response is not None and not state["disconnected"]:
+            try:
+                await response(scope, _no_receive, send)
+            except OSError:
+                pass
+
+
+async def _no_receive() -> dict[str, Any]:
+    return {"type": "http.disconnect"}
+
+
+Put = Callable[[Any], Awaitable[None]]
+"""Sends one item down a stream (the first one also starts the response)."""
+
+
+class EventStream(Response):
+    """Streams what a producer puts (NDJSON lines or server-sent events) as it comes.
+
+    `produce(put)` runs while the client is connected. An error it raises
+    before its first item is answered with that error's own status; a later
+    one is written into the stream with `encode_error` and ends it. A client
+    that disconnects cancels the producer; producers close the engine's stream
+    in a ``finally`` (see `pump`), which frees the sequence slot.
+    """
+
+    def __init__(
+        self,
+        produce: Callable[[Put], Awaitable[None]],
+        *,
+        encode: Callable[[Any], bytes],
+        encode_error: Callable[[BaseException], bytes],
+        on_error: ErrorResponder,
+        media_type: str,
+        trailer: bytes = b"",
+    ) -> None:
+        self.background = None
+        self._produce = produce
+        self._encode = encode
+        self._encode_error = encode_error
+        self._on_error = on_error
+        self._media_type = media_type
+        self._trailer = trailer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = {"disconnected": False}
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(_watch_disconnect, receive, group.cancel_scope, state)
+                await self._run(scope, send)
+                group.cancel_scope.cancel()
+        except OSError:
+            pass  # the client went away while we were writing to it
+
+    async def _run(self, scope: Scope, send: Send) -> None:
+        started = False
+
+        async def start() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                headers = [
+                    (b"content-type", self._media_type.encode("latin-1")),
+                    (b"cache-control", b"no-cache"),
+                    (b"x-accel-buffering", b"no"),
+                ]
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+
+        async def put(item: Any) -> None:
+            await start()
+            await send({"type": "http.response.body", "body": self._encode(item), "more_body": True})
+
+        try:
+            await self._produce(put)
+        except Exception as exc:
+            log_unexpected(exc)
+            if not started:
+                await self._on_error(exc)(scope, _no_receive, send)
+            else:
+                await send({"type": "http.response.body", "body": self._encode_error(exc), "more_body": False})
+            return
+        await start()
+        await send({"type": "http.response.body", "body": self._trailer, "more_body": False})
+
+
+async def pump(stream: Any, put: Put, convert: Callable[[Any], Iterable[Any]]) -> Any:
+    """Put what `convert` makes of each chunk of an engine stream; close the stream however this ends.
+
+    Returns the last chunk (None if there was none).
+    """
+    iterator = stream.__aiter__()
+    last = None
+    try:
+        async for chunk in iterator:
+            last = chunk
+            for item in convert(chunk):
+                await put(item)
+    finally:
+        close = getattr(iterator, "aclose", None)
+        if close is not None:
+            with anyio.CancelScope(shield=True):
+                await close()
+    return last

@@ -1,0 +1,664 @@
+"""Ollama's REST API (``/api/...``) over an Engine: the same paths, request fields and response fields.
+
+Streaming endpoints write NDJSON (one JSON object a line) unless the request
+says ``"stream": false``. Errors are ``{"error": "..."}`` with Ollama's statuses;
+an error after the stream started is written as one last ``{"error": ...}`` line.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import math
+import os
+import re
+import secrets
+import tempfile
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from ..types import Message, as_dict
+from .common import (
+    JSON,
+    APIError,
+    DisconnectAware,
+    EventStream,
+    Fields,
+    HTTPSettings,
+    Put,
+    dumps,
+    error_message,
+    log_unexpected,
+    pump,
+    read_json,
+    status_for,
+)
+
+__all__ = ["ollama_error", "progress_events", "routes"]
+
+logger = logging.getLogger("localllm.http")
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+# --------------------------------------------------------------------------- errors and helpers
+
+
+def ollama_error(exc: BaseException) -> Response:
+    """``{"error": "..."}`` with the status the error maps to."""
+    return JSON({"error": error_message(exc)}, status_code=status_for(exc))
+
+
+def _error_line(exc: BaseException) -> bytes:
+    return (dumps({"error": error_message(exc)}) + "\n").encode("utf-8")
+
+
+def _line(item: Any) -> bytes:
+    return (dumps(item) + "\n").encode("utf-8")
+
+
+def ndjson(produce: Callable[[Put], Awaitable[None]]) -> EventStream:
+    return EventStream(
+        produce,
+        encode=_line,
+        encode_error=_error_line,
+        on_error=ollama_error,
+        media_type="application/x-ndjson",
+    )
+
+
+def deferred(compute: Callable[[], Awaitable[Response]]) -> DisconnectAware:
+    return DisconnectAware(compute, ollama_error)
+
+
+def endpoint(handler: Endpoint) -> Endpoint:
+    """Answer errors raised while reading and checking the request in Ollama's shape."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Exception as exc:
+            log_unexpected(exc)
+            return ollama_error(exc)
+
+    return wrapped
+
+
+def engine_of(request: Request) -> Any:
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None:
+        raise APIError(503, "the engine is not running")
+    return engine
+
+
+def settings_of(request: Request) -> HTTPSettings:
+    settings: HTTPSettings = request.app.state.settings
+    return settings
+
+
+async def read_request(request: Request) -> Fields:
+    return Fields(await read_json(request, settings_of(request).max_request_size))
+
+
+def model_field(fields: Fields, *names: str) -> str:
+    """The model a request names (``model``, or the older ``name``); 400 if none."""
+    for name in names or ("model", "name"):
+        value = fields.text(name)
+        if value:
+            return str(value)
+    raise APIError(400, "model is required", param="model")
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    """A message as Ollama writes it (tool calls without empty ids)."""
+    data: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.thinking:
+        data["thinking"] = message.thinking
+    if message.images:
+        data["images"] = list(message.images)
+    if message.tool_calls:
+        calls = []
+        for call in message.tool_calls:
+            entry: dict[str, Any] = {
+                "function": {
+                    "index": call.function.index,
+                    "name": call.function.name,
+                    "arguments": dict(call.function.arguments),
+                }
+            }
+            if call.id:
+                entry["id"] = call.id
+            calls.append(entry)
+        data["tool_calls"] = calls
+    if message.tool_name:
+        data["tool_name"] = message.tool_name
+    return data
+
+
+def generate_json(chunk: Any) -> dict[str, Any]:
+    data = as_dict(chunk)
+    data.setdefault("response", "")
+    return data
+
+
+def chat_json(chunk: Any) -> dict[str, Any]:
+    data = as_dict(chunk)
+    data["message"] = message_json(chunk.message)
+    return data
+
+
+def _floats(vector: Any) -> list[float]:
+    return [float(x) for x in vector]
+
+
+# --------------------------------------------------------------------------- progress (pull, create)
+
+Emit = Callable[[Mapping[str, Any]], None]
+
+
+async def progress_events(operation: Callable[[Emit], Awaitable[Any]], put: Put) -> None:
+    """Run `operation(emit)` and put every progress event it emits, in order, as it comes.
+
+    `emit` may be called from the event loop or from any thread.
+    """
+    send, receive = anyio.create_memory_object_stream[dict[str, Any]](math.inf)
+    loop_thread = threading.get_ident()
+    token = anyio.lowlevel.current_token()
+    failure: list[BaseException] = []
+
+    def deliver(item: dict[str, Any]) -> None:
+        try:
+            send.send_nowait(item)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+
+    def emit(event: Mapping[str, Any]) -> None:
+        item = dict(event)
+        if threading.get_ident() == loop_thread:
+            deliver(item)
+        else:
+            anyio.from_thread.run_sync(deliver, item, token=token)
+
+    async def work() -> None:
+        with send:
+            try:
+                await operation(emit)
+            except Exception as exc:
+                failure.append(exc)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(work)
+        with receive:
+            async for event in receive:
+                await put(event)
+    if failure:
+        raise failure[0]
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@endpoint
+async def generate(request: Request) -> Response:
+    fields = await read_request(request)
+    model = model_field(fields)
+    stream = fields.flag("stream", True)
+    prompt = fields.text("prompt", "")
+    kwargs: dict[str, Any] = {
+        "suffix": fields.text("suffix"),
+        "system": fields.text("system"),
+        "template": fields.text("template"),
+        "context": fields.integers("context"),
+        "raw": fields.flag("raw", False),
+        "format": fields.format(),
+        "images": fields.texts("images"),
+        "options": fields.mapping("options"),
+        "keep_alive": fields.duration("keep_alive"),
+        "think": fields.think(),
+    }
+    engine = engine_of(request)
+
+    if stream:
+
+        async def produce(put: Put) -> None:
+            await pump(engine.generate(model, prompt, **kwargs), put, lambda chunk: [generate_json(chunk)])
+
+        return ndjson(produce)
+
+    async def compute() -> Response:
+        return JSON(generate_json(await engine.generate(model, prompt, **kwargs)))
+
+    return deferred(compute)
+
+
+def chat_messages(fields: Fields) -> list[dict[str, Any]]:
+    messages = fields.array("messages", [])
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise APIError(400, f"invalid message at index {index}: expected an object with 'role' and 'content'")
+    return messages
+
+
+@endpoint
+async def chat(request: Request) -> Response:
+    fields = await read_request(request)
+    model = model_field(fields)
+    stream = fields.flag("stream", True)
+    messages = chat_messages(fields)
+    tools = fields.array("tools")
+    kwargs: dict[str, Any] = {
+        "tools": tools or None,
+        "format": fields.format(),
+        "options": fields.mapping("options"),
+        "keep_alive": fields.duration("keep_alive"),
+        "think": fields.think(),
+    }
+    if fields.has("tool_choice"):
+        kwargs["tool_choice"] = fields.data["tool_choice"]
+    engine = engine_of(request)
+
+    if stream:
+
+        async def produce(put: Put) -> None:
+            await pump(engine.chat(model, messages, **kwargs), put, lambda chunk: [chat_json(chunk)])
+
+        return ndjson(produce)
+
+    async def compute() -> Response:
+        return JSON(chat_json(await engine.chat(model, messages, **kwargs)))
+
+    return deferred(compute)
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+def _embed_input(fields: Fields) -> str | list[str]:
+    value = fields.data.get("input")
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    raise APIError(400, "invalid input type: 'input' must be a string or an array of strings", param="input")
+
+
+@endpoint
+async def embed(request: Request) -> Response:
+    fields = await read_request(request)
+    model = model_field(fields)
+    text = _embed_input(fields)
+    truncate = fields.flag("truncate", True)
+    dimensions = fields.integer("dimensions")
+    options = fields.mapping("options")
+    keep_alive = fields.duration("keep_alive")
+    engine = engine_of(request)
+
+    async def compute() -> Response:
+        result = await engine.embed(
+            model, text, truncate=truncate, dimensions=dimensions, options=options, keep_alive=keep_alive
+        )
+        body: dict[str, Any] = {"model": model, "embeddings": [_floats(v) for v in result.embeddings]}
+        for name in ("total_duration", "load_duration", "prompt_eval_count"):
+            value = getattr(result, name, None)
+            if value is not None:
+                body[name] = value
+        return JSON(body)
+
+    return deferred(compute)
+
+
+@endpoint
+async def embeddings(request: Request) -> Response:
+    """The older single-prompt endpoint: ``{"prompt": ...}`` -> ``{"embedding": [...]}``."""
+    fields = await read_request(request)
+    model = model_field(fields)
+    prompt = fields.text("prompt", "")
+    options = fields.mapping("options")
+    keep_alive = fields.duration("keep_alive")
+    engine = engine_of(request)
+
+    async def compute() -> Response:
+        if not prompt:
+            return JSON({"embedding": []})
+        legacy = getattr(engine, "embeddings", None)
+        if legacy is not None:  # not normalised, as Ollama's /api/embeddings
+            result = await legacy(model, prompt, options=options, keep_alive=keep_alive)
+            return JSON({"embedding": _floats(result.embedding)})
+        result = await engine.embed(model, [prompt], options=options, keep_alive=keep_alive)
+        return JSON({"embedding": _floats(result.embeddings[0])})
+
+    return deferred(compute)
+
+
+# --------------------------------------------------------------------------- the model store
+
+
+@endpoint
+async def tags(request: Request) -> Response:
+    models = await engine_of(request).list()
+    return JSON({"models": [as_dict(m) for m in models]})
+
+
+@endpoint
+async def show(request: Request) -> Response:
+    fields = await read_request(request)
+    model = model_field(fields)
+    verbose = fields.flag("verbose", False)
+    info = await engine_of(request).show(model, verbose=verbose)
+    data = as_dict(info)
+    if not data.get("messages"):
+        data.pop("messages", None)
+    for key in ("system", "license"):
+        if data.get(key) == "":
+            data.pop(key)
+    return JSON(data)
+
+
+@endpoint
+async def ps(request: Request) -> Response:
+    running = await engine_of(request).ps()
+    models = []
+    for item in running:
+        details = getattr(item, "details", None)
+        models.append(
+            {
+                "name": item.name,
+                "model": getattr(item, "model", item.name),
+                "size": item.size,
+                "digest": getattr(item, "digest", "") or "",
+                "details": as_dict(details) if details is not None else {},
+                "expires_at": getattr(item, "expires_at", None),
+                "size_vram": getattr(item, "size_vram", 0),
+                "context_length": getattr(item, "context_length", 0),
+            }
+        )
+    return JSON({"models": models})
+
+
+@endpoint
+async def copy(request: Request) -> Response:
+    fields = await read_request(request)
+    source = fields.text("source")
+    destination = fields.text("destination")
+    if not source or not destination:
+        raise APIError(400, "both 'source' and 'destination' are required")
+    await engine_of(request).copy(source, destination)
+    return Response(status_code=200)
+
+
+@endpoint
+async def delete(request: Request) -> Response:
+    fields = await read_request(request)
+    model = model_field(fields)
+    await engine_of(request).delete(model)
+    return Response(status_code=200)
+
+
+@endpoint
+async def pull(request: Request) -> Response:
+    fields = await read_request(request)
+    model = model_field(fields)
+    insecure = fields.flag("insecure", False)
+    stream = fields.flag("stream", True)
+    engine = engine_of(request)
+
+    async def operation(emit: Emit) -> None:
+        await engine.pull(model, progress=emit, insecure=insecure)
+
+    return _progress_response(operation, stream)
+
+
+@endpoint
+async def push(request: Request) -> Response:
+    raise APIError(501, "localllm cannot push models to a registry")
+
+
+def _progress_response(operation: Callable[[Emit], Awaitable[None]], stream: bool) -> Response:
+    if stream:
+
+        async def produce(put: Put) -> None:
+            await progress_events(operation, put)
+
+        return ndjson(produce)
+
+    async def compute() -> Response:
+        await operation(lambda _event: None)
+        return JSON({"status": "success"})
+
+    return deferred(compute)
+
+
+# --------------------------------------------------------------------------- blobs and create
+
+
+def _store(engine: Any) -> Any:
+    """The engine's blob store (uploads land there, under their digest)."""
+    return engine.registry.store
+
+
+_DIGEST = re.compile(r"sha256[:-]([0-9a-fA-F]{64})")
+
+
+def _digest_param(request: Request) -> str:
+    digest = str(request.path_params["digest"])
+    match = _DIGEST.fullmatch(digest)
+    if match is None:
+        raise APIError(400, f"invalid digest {digest!r}: expected 'sha256:' followed by 64 hex digits")
+    return "sha256:" + match.group(1).lower()
+
+
+@endpoint
+async def head_blob(request: Request) -> Response:
+    digest = _digest_param(request)
+    if not _store(engine_of(request)).has_blob(digest):
+        return JSON({"error": f"blob {digest!r} not found"}, status_code=404)
+    return Response(status_code=200)
+
+
+@endpoint
+async def upload_blob(request: Request) -> Response:
+    """Receive a file under its sha256 digest; 400 when the bytes do not match it, 413 when too large."""
+    digest = _digest_param(request)
+    store = _store(engine_of(request))
+    limit = settings_of(request).max_blob_size
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"blob of {declared} bytes is larger than the limit of {limit} bytes")
+    if store.has_blob(digest):
+        async for _chunk in request.stream():  # read what the client sends, keep nothing
+            pass
+        return Response(status_code=200)
+    folder = Path(store.blobs_dir)
+    await anyio.to_thread.run_sync(lambda: folder.mkdir(parents=True, exist_ok=True))
+    temp = folder / f".localllm-tmp-upload-{secrets.token_hex(8)}"
+    try:
+        actual = await _receive_file(request, temp, limit)
+        if actual != digest:
+            raise APIError(400, f"digest mismatch, expected {digest!r}, got {actual!r}")
+        final = Path(store.blob_path(digest))
+        await anyio.to_thread.run_sync(_install, temp, final)
+    finally:
+        await anyio.to_thread.run_sync(lambda: temp.unlink(missing_ok=True))
+    return Response(status_code=201)
+
+
+async def _receive_file(request: Request, path: Path, limit: int) -> str:
+    """Write the body to `path` while hashing it; return its digest."""
+    hasher = hashlib.sha256()
+    total = 0
+    pending: list[bytes] = []
+    pending_size = 0
+    handle = await anyio.to_thread.run_sync(lambda: open(path, "xb"))
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise APIError(413, f"blob is larger than the limit of {limit} bytes")
+            hasher.update(chunk)
+            pending.append(chunk)
+            pending_size += len(chunk)
+            if pending_size >= 4 << 20:
+                data, pending, pending_size = b"".join(pending), [], 0
+                await anyio.to_thread.run_sync(handle.write, data)
+        if pending:
+            await anyio.to_thread.run_sync(handle.write, b"".join(pending))
+
+        def finish() -> None:
+            handle.flush()
+            os.fsync(handle.fileno())
+
+        await anyio.to_thread.run_sync(finish)
+    finally:
+        await anyio.to_thread.run_sync(handle.close)
+    return "sha256:" + hasher.hexdigest()
+
+
+def _install(temp: Path, final: Path) -> None:
+    """Give a verified upload its real name; an existing copy of the same digest is kept."""
+    try:
+        os.link(temp, final)
+    except FileExistsError:
+        pass
+    except OSError:
+        os.replace(temp, final)
+
+
+def _blob_paths(store: Any, files: Mapping[str, Any], what: str) -> list[tuple[str, Path]]:
+    out = []
+    for name, digest in files.items():
+        if not isinstance(digest, str):
+            raise APIError(400, f"invalid value for '{what}': the digest of {name!r} must be a string")
+        try:
+            path = Path(store.blob_path(digest))
+        except Exception:
+            raise APIError(400, f"invalid digest {digest!r} for {name!r} in '{what}'") from None
+        if not path.is_file():
+            raise APIError(400, f"blob {digest} ({name}) was not uploaded; POST it to /api/blobs/{digest} first")
+        out.append((str(name), path))
+    return out
+
+
+def create_modelfile(fields: Fields, store: Any, workdir: Path) -> tuple[str | None, str | None]:
+    """Turn an ``/api/create`` request into what `Engine.create` takes: (from_, Modelfile text)."""
+    from ..registry.modelfile import Modelfile
+
+    files = fields.mapping("files", {})
+    adapters = fields.mapping("adapters", {})
+    base = fields.text("from")
+    legacy = fields.text("modelfile")
+    froms: list[str] = []
+    if files:
+        blobs = _blob_paths(store, files, "files")
+        ggufs = [(name, path) for name, path in blobs if name.lower().endswith(".gguf")]
+        if ggufs:
+            froms = [str(path) for _name, path in ggufs]
+        elif len(blobs) == 1:
+            froms = [str(blobs[0][1])]
+        else:
+            # A model in several files (safetensors and its JSON files): lay them out under their names.
+            folder = workdir / "files"
+            for name, path in blobs:
+                parts = PurePosixPath(name.replace("\\", "/")).parts
+                if not parts or parts[0] == "/" or ".." in parts:
+                    raise APIError(400, f"invalid file name {name!r} in 'files'")
+                target = folder.joinpath(*parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(path, target)
+            froms = [str(folder)]
+    adapter_paths = [str(path) for _name, path in _blob_paths(store, adapters, "adapters")] if adapters else []
+    license_value = fields.data.get("license")
+    if license_value is None:
+        licenses: list[str] = []
+    elif isinstance(license_value, str):
+        licenses = [license_value]
+    elif isinstance(license_value, list) and all(isinstance(item, str) for item in license_value):
+        licenses = list(license_value)
+    else:
+        raise APIError(400, "invalid value for 'license': expected a string or an array of strings")
+    messages = fields.array("messages", [])
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise APIError(400, "invalid value for 'messages': each message needs a 'role' and 'content'")
+    parameters = fields.mapping("parameters", {})
+    built = Modelfile.build(
+        from_=froms,
+        adapters=adapter_paths,
+        template=fields.text("template"),
+        system=fields.text("system"),
+        parameters=parameters,
+        licenses=licenses,
+        messages=[{"role": m["role"], "content": str(m.get("content") or "")} for m in messages],
+    )
+    text = built.format()
+    from_ = None
+    if not froms and base:
+        from_ = base
+    if legacy:
+        return from_, legacy.rstrip("\n") + "\n" + text
+    if not froms and not base:
+        raise APIError(400, "neither 'from' nor 'files' was given: nothing to create the model from")
+    return from_, text
+
+
+@endpoint
+async def create(request: Request) -> Response:
+    fields = await read_request(request)
+    model = model_field(fields)
+    stream = fields.flag("stream", True)
+    quantize = fields.text("quantize")
+    engine = engine_of(request)
+    store = _store(engine)
+
+    async def operation(emit: Emit) -> None:
+        with tempfile.TemporaryDirectory(prefix="localllm-create-") as folder:
+            from_, text = create_modelfile(fields, store, Path(folder))
+            await engine.create(model, from_=from_, modelfile=text, quantize=quantize, progress=emit)
+
+    return _progress_response(operation, stream)
+
+
+# --------------------------------------------------------------------------- misc
+
+
+async def root(request: Request) -> Response:
+    return PlainTextResponse("Ollama is running")
+
+
+async def version(request: Request) -> Response:
+    from .. import __version__
+
+    return JSON({"version": __version__})
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/", root, methods=["GET", "HEAD"]),
+        Route("/api/version", version, methods=["GET", "HEAD"]),
+        Route("/api/generate", generate, methods=["POST"]),
+        Route("/api/chat", chat, methods=["POST"]),
+        Route("/api/embed", embed, methods=["POST"]),
+        Route("/api/embeddings", embeddings, methods=["POST"]),
+        Route("/api/tags", tags, methods=["GET", "HEAD"]),
+        Route("/api/show", show, methods=["POST"]),
+        Route("/api/ps", ps, methods=["GET"]),
+        Route("/api/copy", copy, methods=["POST"]),
+        Route("/api/delete", delete, methods=["DELETE"]),
+        Route("/api/pull", pull, methods=["POST"]),
+        Route("/api/push", push, methods=["POST"]),
+        Route("/api/create", create, methods=["POST"]),
+        Route("/api/blobs/{digest}", head_blob, methods=["HEAD"]),
+        Route("/api/blobs/{digest}", upload_blob, methods=["POST"]),
+    ]

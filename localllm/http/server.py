@@ -1,0 +1,234 @@
+"""Serving the app with uvicorn: `serve` (async), `run` (blocking) and `ServerThread` (in the background)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import anyio
+import sniffio
+import uvicorn
+
+from .app import DEFAULT_MAX_BLOB_SIZE, DEFAULT_MAX_REQUEST_SIZE, create_app
+
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "ServerThread", "is_loopback", "run", "serve"]
+
+logger = logging.getLogger("localllm.http")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 11434
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` only accepts connections from this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_host(host: str, allow_remote: bool) -> None:
+    if is_loopback(host):
+        return
+    if not allow_remote:
+        raise ValueError(
+            f"refusing to listen on {host}: it would expose the models and the model store to other machines;"
+            " pass allow_remote=True (--allow-remote on the command line) if that is what you want"
+        )
+    logger.warning(
+        "listening on %s: anyone who can reach this address can run, create, pull and delete models"
+        " (there is no authentication)",
+        host,
+    )
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on (host, port); port 0 picks a free one."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+def _server(app: Any, log_level: str | None, access_log: bool) -> uvicorn.Server:
+    config = uvicorn.Config(
+        app,
+        lifespan="on",
+        log_level=log_level,
+        access_log=access_log,
+        timeout_graceful_shutdown=5,
+        log_config=None,
+    )
+    return uvicorn.Server(config)
+
+
+async def serve(
+    engine: Any = None,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    *,
+    engine_factory: Callable[[], Any] | None = None,
+    allow_remote: bool = False,
+    max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
+    max_blob_size: int = DEFAULT_MAX_BLOB_SIZE,
+    log_level: str | None = "info",
+    access_log: bool = False,
+    on_ready: Callable[[str, int], None] | None = None,
+) -> None:
+    """Serve Ollama's API and the OpenAI-compatible API until cancelled (or SIGINT/SIGTERM in the main thread).
+
+    Give an open `engine`, or an `engine_factory` whose engine the server
+    opens and closes. Only loopback addresses are allowed unless
+    `allow_remote` is set. `on_ready(host, port)` is called once it listens
+    (useful with ``port=0``, which picks a free port). Runs on asyncio
+    (uvicorn does not run under trio).
+    """
+    if sniffio.current_async_library() != "asyncio":
+        raise RuntimeError("the HTTP server runs on asyncio (uvicorn); start it with anyio.run(..., backend='asyncio')")
+    _check_host(host, allow_remote)
+    app = create_app(
+        engine, engine_factory=engine_factory, max_request_size=max_request_size, max_blob_size=max_blob_size
+    )
+    sock = bind_socket(host, port)
+    server = _server(app, log_level, access_log)
+    bound = sock.getsockname()[1]
+
+    async def announce() -> None:
+        while not server.started:
+            if server.should_exit:
+                return
+            await anyio.sleep(0.01)
+        logger.info("localllm is listening on http://%s:%d", host, bound)
+        if on_ready is not None:
+            on_ready(host, bound)
+
+    async def stop_when_cancelled() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            server.should_exit = True
+
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(announce)
+            group.start_soon(stop_when_cancelled)
+            # Cancelling serve() asks the server to stop; it then shuts down in order (closing the engine).
+            with anyio.CancelScope(shield=True):
+                await server.serve(sockets=[sock])
+            group.cancel_scope.cancel()
+    finally:
+        sock.close()
+    if not server.started:
+        raise RuntimeError("the HTTP server failed to start (see the log)")
+
+
+def run(
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    *,
+    engine_factory: Callable[[], Any] | None = None,
+    allow_remote: bool = False,
+    **kwargs: Any,
+) -> None:
+    """Serve until interrupted, with an engine made by `engine_factory` (default: ``localllm.Engine()``)."""
+    if engine_factory is None:
+        from ..engine import Engine
+
+        engine_factory = Engine
+
+    async def main() -> None:
+        await serve(host=host, port=port, engine_factory=engine_factory, allow_remote=allow_remote, **kwargs)
+
+    anyio.run(main, backend="asyncio")
+
+
+class ServerThread:
+    """The server in a background thread with its own event loop and engine, e.g. for tests or notebooks::
+
+        with ServerThread(lambda: localllm.Engine(home)) as server:
+            client = ollama.Client(host=server.url)
+
+    ``port=0`` (the default here) picks a free port; `url` tells which.
+    `engine` is the running engine (it belongs to the server's thread).
+    """
+
+    def __init__(
+        self,
+        engine_factory: Callable[[], Any],
+        host: str = DEFAULT_HOST,
+        port: int = 0,
+        *,
+        allow_remote: bool = False,
+        max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
+        max_blob_size: int = DEFAULT_MAX_BLOB_SIZE,
+        log_level: str | None = "warning",
+        startup_timeout: float = 60.0,
+    ) -> None:
+        _check_host(host, allow_remote)
+        self.host = host
+        self._factory = engine_factory
+        self._app = create_app(
+            engine_factory=engine_factory, max_request_size=max_request_size, max_blob_size=max_blob_size
+        )
+        self._sock = bind_socket(host, port)
+        self.port: int = self._sock.getsockname()[1]
+        self._server = _server(self._app, log_level, False)
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        self._timeout = startup_timeout
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def engine(self) -> Any:
+        return self._app.state.engine
+
+    def _main(self) -> None:
+        try:
+            anyio.run(self._server.serve, [self._sock], backend="asyncio")
+        except BaseException as exc:
+            self._failure = exc
+
+    def start(self) -> ServerThread:
+        self._thread = threading.Thread(target=self._main, name="localllm-http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + self._timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the HTTP server failed to start") from self._failure
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._sock.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
