@@ -92,7 +92,8 @@ class Engine:
     """Runs local models in this process.
 
     Use it as an async context manager; leaving the block unloads every model
-    and joins every worker thread::
+    and joins every worker thread (or call `await engine.aclose()` yourself, as
+    in a notebook)::
 
         async with localllm.Engine() as engine:
             async for chunk in engine.chat("smollm2", [{"role": "user", "content": "hi"}]):
@@ -114,52 +115,42 @@ class Engine:
         self.settings = EngineSettings.resolve(
             home, models, num_parallel, max_loaded_models, max_queue, keep_alive, kv_cache_type
         )
-        self._devices = devices
+        from .scheduler.loader import RunnerFactory
+
+        self._factory = RunnerFactory(self.settings, devices=devices)
         self._scheduler: Scheduler | None = None
-        self._task_group: anyio.abc.TaskGroup | None = None
+        self._closed = False
         self._registry: Any = None
 
     # -- lifecycle ---------------------------------------------------------------
 
     async def __aenter__(self) -> Engine:
-        from .scheduler.loader import RunnerFactory
-
-        factory = RunnerFactory(self.settings, devices=self._devices)
-        self._factory = factory
-        self._scheduler = Scheduler(
-            loader=factory.load,
-            sizer=factory.size,
-            memory_budget=factory.memory_budget,
-            max_loaded=self.settings.max_loaded_models,
-            max_queue=self.settings.max_queue,
-        )
-        self._task_group = anyio.create_task_group()
-        await self._task_group.__aenter__()
-        self._task_group.start_soon(self._scheduler.expire)
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None:
-        try:
-            await self.aclose()
-        finally:
-            task_group, self._task_group = self._task_group, None
-            if task_group is not None:
-                # Only the engine's own tasks end here; the block's exception, if any, propagates as it is.
-                task_group.cancel_scope.cancel()
-                await task_group.__aexit__(None, None, None)
-        return None
+    ) -> None:
+        await self.aclose()
 
     async def aclose(self) -> None:
-        """Unload every model and join every worker thread."""
+        """Unload every model and join every worker thread. The engine cannot be used afterwards."""
+        self._closed = True
         if self._scheduler is not None:
             await self._scheduler.close()
 
     @property
     def scheduler(self) -> Scheduler:
-        if self._scheduler is None or self._task_group is None:
-            raise EngineClosed("use the engine inside `async with localllm.Engine() as engine:`")
+        """The scheduler, created on first use (inside the event loop)."""
+        if self._closed:
+            raise EngineClosed("this engine is closed; open a new one")
+        if self._scheduler is None:
+            self._scheduler = Scheduler(
+                loader=self._factory.load,
+                sizer=self._factory.size,
+                memory_budget=self._factory.memory_budget,
+                max_loaded=self.settings.max_loaded_models,
+                max_queue=self.settings.max_queue,
+            )
         return self._scheduler
 
     @property

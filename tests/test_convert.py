@@ -39,8 +39,9 @@ def minilm_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
-def llama_logits(path: Path, token_ids: list[int]) -> tuple[np.ndarray, Any]:
-    """Logits of every position, computed by llama.cpp in full precision (F32 KV cache, no flash attention)."""
+def llama_logits(path: Path, prompts: list[dict[str, Any]]) -> list[tuple[np.ndarray, list[int]]]:
+    """Per prompt: the logits of every position, computed by llama.cpp in full precision (F32 KV cache,
+    no flash attention), and llama.cpp's own tokenization of the prompt's text."""
     import llama_cpp
 
     from localllm.runner.llama import Batch, LlamaContext, LlamaModel
@@ -48,18 +49,25 @@ def llama_logits(path: Path, token_ids: list[int]) -> tuple[np.ndarray, Any]:
     model = LlamaModel(str(path))
     context = LlamaContext(model, n_ctx=64, n_batch=64, n_seq_max=1, n_threads=2, type_k=0, type_v=0, flash_attn=False)
     batch = Batch(64, 1)
+    results = []
     try:
-        for pos, token in enumerate(token_ids):
-            batch.add(token, pos, 0, True)
-        assert context.decode(batch) == 0
-        rows = [
-            np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context.handle, i), shape=(model.n_vocab,)).copy()
-            for i in range(len(token_ids))
-        ]
-        return np.array(rows), model
+        for prompt in prompts:
+            context.clear()
+            batch.clear()
+            ids = prompt["token_ids"]
+            for pos, token in enumerate(ids):
+                batch.add(token, pos, 0, True)
+            assert context.decode(batch) == 0
+            rows = [
+                np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context.handle, i), shape=(model.n_vocab,)).copy()
+                for i in range(len(ids))
+            ]
+            results.append((np.array(rows), model.tokenize(prompt["prompt"], add_special=False)))
+        return results
     finally:
         batch.close()
         context.close()
+        model.close()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -68,13 +76,9 @@ def test_logits_match_transformers(tmp_path: Path, family: str, out_type: str) -
     reference = json.loads((TINY[family] / "reference.json").read_text())
     path = convert_hf_to_gguf(TINY[family], tmp_path / "tiny.gguf", out_type=out_type)
     worst = 0.0
-    for prompt in reference["prompts"]:
-        logits, model = llama_logits(path, prompt["token_ids"])
-        try:
-            # llama.cpp's tokenizer (vocabulary, merges, pre-tokenizer) splits the text exactly as Hugging Face's does
-            assert model.tokenize(prompt["prompt"], add_special=False) == prompt["token_ids"]
-        finally:
-            model.close()
+    for prompt, (logits, tokens) in zip(reference["prompts"], llama_logits(path, reference["prompts"]), strict=True):
+        # llama.cpp's tokenizer (vocabulary, merges, pre-tokenizer) splits the text exactly as Hugging Face's does
+        assert tokens == prompt["token_ids"]
         worst = max(worst, float(np.abs(logits - np.array(prompt["logits"])).max()))
     assert worst < TOLERANCE[out_type], f"{family} {out_type}: max |diff| {worst:.2e}"
 

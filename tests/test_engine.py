@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -124,7 +125,7 @@ async def test_four_concurrent_chats_interleave_and_agree_with_solo(smollm2_path
     agreement = []
     for i in range(4):
         same = 0
-        for a, b in zip(solo[i], batched[i]):
+        for a, b in zip(solo[i], batched[i], strict=False):
             if a != b:
                 break
             same += 1
@@ -268,3 +269,13 @@ def test_engine_under_trio(smollm2_path: Path, home: Path) -> None:
     content, pieces = trio.run(main)
     assert content
     assert len(pieces) >= 3 * 4
+
+
+async def test_engine_without_a_context_manager_as_in_a_notebook(smollm2_path: Path, home: Path) -> None:
+    engine = Engine(home)
+    reply = await engine.generate(str(smollm2_path), "Hi", options={"num_predict": 3})
+    assert reply.done
+    await engine.aclose()
+    assert not [t for t in threading.enumerate() if t.name.startswith("localllm-")]
+    with pytest.raises(localllm.EngineClosed):
+        await engine.generate(str(smollm2_path), "Hi")

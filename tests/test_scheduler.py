@@ -75,36 +75,32 @@ async def test_same_key_shares_a_runner_and_other_keys_load_another() -> None:
 async def test_keep_alive_zero_unloads_when_idle_and_latest_value_wins() -> None:
     loader = FakeLoader()
     scheduler = Scheduler(loader=loader)
-    async with anyio.create_task_group() as group:
-        group.start_soon(scheduler.expire)
-        first = await scheduler.acquire("a", name="a", keep_alive=60)
-        second = await scheduler.acquire("a", name="a", keep_alive=0)  # the latest request's value wins
-        first.release()
-        await anyio.sleep(0.05)
-        assert "a" in scheduler.loaded, "a runner is never unloaded while a request uses it"
-        second.release()
-        with anyio.fail_after(2):
-            while "a" in scheduler.loaded:
-                await anyio.sleep(0.01)
-        assert loader.runners["a"].closed
-        group.cancel_scope.cancel()
+    first = await scheduler.acquire("a", name="a", keep_alive=60)
+    second = await scheduler.acquire("a", name="a", keep_alive=0)  # the latest request's value wins
+    first.release()
+    await anyio.sleep(0.05)
+    assert "a" in scheduler.loaded, "a runner is never unloaded while a request uses it"
+    second.release()
+    with anyio.fail_after(2):
+        while not loader.runners["a"].closed:
+            await anyio.sleep(0.01)
+    assert "a" not in scheduler.loaded
+    await scheduler.close()
 
 
 async def test_keep_alive_timer_runs_only_while_idle() -> None:
     loader = FakeLoader()
     scheduler = Scheduler(loader=loader)
-    async with anyio.create_task_group() as group:
-        group.start_soon(scheduler.expire)
-        lease = await scheduler.acquire("a", name="a", keep_alive=0.2)
-        await anyio.sleep(0.4)  # busy longer than keep_alive: must stay loaded
-        assert "a" in scheduler.loaded
-        released_at = time.monotonic()
-        lease.release()
-        with anyio.fail_after(3):
-            while "a" in scheduler.loaded:
-                await anyio.sleep(0.01)
-        assert time.monotonic() - released_at >= 0.18
-        group.cancel_scope.cancel()
+    lease = await scheduler.acquire("a", name="a", keep_alive=0.2)
+    await anyio.sleep(0.4)  # busy longer than keep_alive: must stay loaded
+    assert "a" in scheduler.loaded
+    released_at = time.monotonic()
+    lease.release()
+    with anyio.fail_after(3):
+        while not loader.runners["a"].closed:
+            await anyio.sleep(0.01)
+    assert time.monotonic() - released_at >= 0.18
+    await scheduler.close()
 
 
 async def test_eviction_prefers_the_shortest_keep_alive_and_waits_for_busy_runners() -> None:
@@ -172,6 +168,14 @@ async def test_a_model_that_can_never_fit_fails_at_once() -> None:
     lease = await scheduler.acquire("small", name="small", keep_alive=60)
     lease.release()
     await scheduler.close()
+
+
+async def test_reaper_thread_is_joined_on_close() -> None:
+    scheduler = Scheduler(loader=FakeLoader())
+    (await scheduler.acquire("a", name="a", keep_alive=60)).release()
+    assert any(t.name == "localllm-reaper" for t in threading.enumerate())
+    await scheduler.close()
+    assert not any(t.name == "localllm-reaper" for t in threading.enumerate())
 
 
 async def test_close_unloads_everything_from_worker_threads() -> None:

@@ -116,6 +116,9 @@ class EmbeddingRunner:
             self.n_seq_max = min(ENCODER_MAX_SEQUENCES, limit) if self.encoder else max(1, config.num_parallel)
             # A whole input must fit in one batch: its pooled vector is computed in one pass.
             n_batch = max(config.num_batch, self.n_ctx_seq)
+            # llama.cpp splits a batch evenly over the sequence slots when it sizes its graph (and aborts
+            # the process if it cannot): keep the batch a multiple of the slot count.
+            n_batch = -(-n_batch // self.n_seq_max) * self.n_seq_max
             quantized_kv = config.kv_cache_type != "f16"
             self.context = LlamaContext(
                 self.model,

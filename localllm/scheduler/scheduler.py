@@ -8,21 +8,28 @@ Events, as in Ollama's server/sched.go:
   waiting for busy ones to finish.
 - *finished*: a request ends (`release`); the runner's keep_alive timer starts
   once no request is using it.
-- *expired*: an idle runner's timer ran out; the expiry task unloads it.
+- *expired*: an idle runner's timer ran out; the reaper unloads it.
 - *unloaded*: a runner was closed; anything waiting for room tries again.
 
-Runner loading and closing are blocking, so they run in worker threads.
+Runner loading and closing are blocking, so they run in worker threads. Expiry needs a timer
+that outlives any one request, so the scheduler owns one thread for it, the *reaper*: it sleeps
+until the next deadline, asks the event loop which runners are due (the loop owns all scheduler
+state), closes those, and tells the loop. Owning a thread instead of a task means the engine
+needs no task group spanning the caller's code, so it also works cell by cell in a notebook.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import attrs
 
 from ..errors import EngineClosed, InsufficientMemory, QueueFull
@@ -117,6 +124,7 @@ class Scheduler:
         self._lock = anyio.Lock()
         self._changed = anyio.Event()  # set (and replaced) whenever a runner is released or unloaded
         self._closed = False
+        self._reaper: _Reaper | None = None
 
     # -- events -----------------------------------------------------------------
 
@@ -126,6 +134,8 @@ class Scheduler:
         """pending: get a lease on the runner for `key`, loading it if needed."""
         if self._closed:
             raise EngineClosed("the engine is closed")
+        if self._reaper is None:
+            self._reaper = _Reaper(self, anyio.lowlevel.current_token())
         queued = self._waiting + sum(m.runner.pending_count for m in self.loaded.values())
         if queued >= self.max_queue:
             raise QueueFull(f"{queued} requests are already waiting (max_queue={self.max_queue}); retry later")
@@ -157,6 +167,7 @@ class Scheduler:
         model.users += 1
         model.keep_alive = keep_alive  # the latest request's value wins
         model.stamp_expiry()
+        self._schedule_expiry()
         return Lease(self, model, load_duration=load_duration)
 
     def _finished(self, lease: Lease, keep_alive: float | None) -> None:
@@ -197,21 +208,24 @@ class Scheduler:
                 budget = self._memory_budget()
         return True
 
-    async def expire(self) -> None:
-        """expired: unload idle runners whose keep_alive ran out. Runs until cancelled."""
-        while True:
-            now = time.monotonic()
+    def _take_expired(self) -> list[LoadedModel]:
+        """expired (in the event loop, called by the reaper): detach idle runners whose time is up."""
+        now = time.monotonic()
+        due = [
+            m
+            for m in self.loaded.values()
+            if m.users == 0 and not m.closing and m.expires_at is not None and m.expires_at <= now
+        ]
+        for model in due:
+            model.closing = True
+            del self.loaded[model.key]
+        self._schedule_expiry()
+        return due
+
+    def _schedule_expiry(self) -> None:
+        if self._reaper is not None:
             deadlines = [m.expires_at for m in self.loaded.values() if m.users == 0 and m.expires_at is not None]
-            due = [m for m in self.loaded.values() if m.users == 0 and m.expires_at is not None and m.expires_at <= now]
-            for model in due:
-                async with self._lock:
-                    if model.users == 0 and model.key in self.loaded and not model.closing:
-                        await self._unload(model)
-            if due:
-                continue
-            changed = self._changed
-            with anyio.move_on_after(max(0.0, min(deadlines) - now) if deadlines else math.inf):
-                await changed.wait()
+            self._reaper.set_deadline(min(deadlines) if deadlines else None)
 
     async def _unload(self, model: LoadedModel) -> None:
         """unloaded: close a runner (nobody is using it) and wake whoever waits for room."""
@@ -223,6 +237,7 @@ class Scheduler:
         self._notify()
 
     def _notify(self) -> None:
+        self._schedule_expiry()
         self._changed.set()
         self._changed = anyio.Event()
 
@@ -240,14 +255,70 @@ class Scheduler:
             else:
                 model.keep_alive = 0.0  # unload as soon as its last request finishes
                 count += 1
+        self._schedule_expiry()
         return count
 
     async def close(self) -> None:
-        """Unload everything and join every worker thread."""
+        """Unload everything and join every worker thread (the reaper's too)."""
         self._closed = True
         with anyio.CancelScope(shield=True):
+            if self._reaper is not None:
+                await anyio.to_thread.run_sync(self._reaper.stop)
             for model in list(self.loaded.values()):
                 await self._unload(model)
+
+
+class _Reaper:
+    """The thread that unloads runners when their keep_alive runs out."""
+
+    def __init__(self, scheduler: Scheduler, token: anyio.lowlevel.EventLoopToken) -> None:
+        self._scheduler = scheduler
+        self._token = token
+        self._cond = threading.Condition()
+        self._deadline: float | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="localllm-reaper", daemon=True)
+        self._thread.start()
+
+    def set_deadline(self, deadline: float | None) -> None:
+        with self._cond:
+            if deadline != self._deadline:
+                self._deadline = deadline
+                self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping:
+                    deadline = self._deadline
+                    wait = None if deadline is None else deadline - time.monotonic()
+                    if wait is not None and wait <= 0:
+                        break
+                    self._cond.wait(wait)
+                if self._stopping:
+                    return
+                self._deadline = None  # the loop sets the next one when it hands over what is due
+            try:
+                due = anyio.from_thread.run_sync(self._scheduler._take_expired, token=self._token)
+            except Exception:  # the event loop is gone: nothing left to serve
+                return
+            for model in due:
+                try:
+                    model.runner.close()
+                    logger.info("unloaded %s (keep_alive expired)", model.name)
+                except Exception:
+                    logger.exception("closing %s failed", model.name)
+            if due:
+                try:
+                    anyio.from_thread.run_sync(self._scheduler._notify, token=self._token)
+                except Exception:
+                    return
 
 
 def _gib(n: int) -> str:
