@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
-from .chat.template import ChatTemplate, JinjaTemplate, PlainTemplate
+from .chat.template import ChatTemplate, PlainTemplate, load_template
 from .errors import CapabilityError, LocalLLMError
 from .options import Options
 from .runner.protocol import SamplingParams, SequenceHandle, SequenceResult
@@ -80,15 +80,7 @@ def model_template(lease: Lease, resolved: Any) -> ChatTemplate:
         source = getattr(resolved, "template", None) or runner.model.metadata("tokenizer.chat_template")
         bos = runner.model.token_text(runner.model.bos_token) if runner.model.bos_token >= 0 else ""
         eos = runner.model.token_text(runner.model.eos_token) if runner.model.eos_token >= 0 else ""
-        if not source:
-            template = PlainTemplate()
-        else:
-            try:
-                from .chat.template import load_template
-
-                template = load_template(source, bos_token=bos, eos_token=eos)
-            except ImportError:
-                template = JinjaTemplate(source, bos_token=bos, eos_token=eos)
+        template = load_template(source, bos_token=bos, eos_token=eos) if source else PlainTemplate()
         info["chat_template_object"] = template
     return template
 
@@ -197,8 +189,6 @@ async def open_generate(engine: Engine, request: GenerateRequest) -> Job[Generat
 
             template = model_template(lease, resolved)
             if request.template:
-                from .chat.template import load_template
-
                 template = load_template(request.template)
             system = request.system if request.system is not None else getattr(resolved, "system", None)
             messages = ([{"role": "system", "content": system}] if system else []) + [

@@ -125,6 +125,8 @@ class Scheduler:
         self._changed = anyio.Event()  # set (and replaced) whenever a runner is released or unloaded
         self._closed = False
         self._reaper: _Reaper | None = None
+        self._token: anyio.lowlevel.EventLoopToken | None = None
+        self._loop_thread: int | None = None
 
     # -- events -----------------------------------------------------------------
 
@@ -135,7 +137,9 @@ class Scheduler:
         if self._closed:
             raise EngineClosed("the engine is closed")
         if self._reaper is None:
-            self._reaper = _Reaper(self, anyio.lowlevel.current_token())
+            self._token = anyio.lowlevel.current_token()
+            self._loop_thread = threading.get_ident()
+            self._reaper = _Reaper(self, self._token)
         queued = self._waiting + sum(m.runner.pending_count for m in self.loaded.values())
         if queued >= self.max_queue:
             raise QueueFull(f"{queued} requests are already waiting (max_queue={self.max_queue}); retry later")
@@ -172,6 +176,10 @@ class Scheduler:
 
     def _finished(self, lease: Lease, keep_alive: float | None) -> None:
         """finished: a request let go of its runner."""
+        if self._token is not None and threading.get_ident() != self._loop_thread:
+            # Released from another thread (a stream collected there): scheduler state lives in the loop.
+            self._token.backend_class.run_sync_soon(self._finished, (lease, keep_alive), self._token.native_token)
+            return
         model = lease.model
         model.users -= 1
         if keep_alive is not None:
