@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import anyio
 import attrs
 
 from .chat.template import ChatTemplate, PlainTemplate, load_template
@@ -85,7 +86,14 @@ def model_template(lease: Lease, resolved: Any) -> ChatTemplate:
     return template
 
 
-def tokenize_prompt(lease: Lease, text: str) -> list[int]:
+async def tokenize_prompt(lease: Lease, text: str) -> list[int]:
+    """Tokens of a rendered prompt; long prompts are tokenized off the event loop."""
+    if len(text) > 16_384:
+        return await anyio.to_thread.run_sync(_tokenize, lease, text)
+    return _tokenize(lease, text)
+
+
+def _tokenize(lease: Lease, text: str) -> list[int]:
     runner = lease.runner
     tokens: list[int] = runner.tokenize(text, add_special=True)
     bos = runner.model.bos_token
@@ -204,7 +212,7 @@ async def open_generate(engine: Engine, request: GenerateRequest) -> Job[Generat
                 text, grammar = prepared.prompt, prepared.grammar
                 if prepared.thinking_tags:
                     parser = prepared.parser()
-        tokens = list(request.context or ()) + tokenize_prompt(lease, text)
+        tokens = list(request.context or ()) + await tokenize_prompt(lease, text)
         handle = lease.runner.submit(tokens, sampling_params(options, grammar=grammar))
     except BaseException:
         lease.release()
@@ -281,7 +289,7 @@ async def open_chat(engine: Engine, request: ChatRequest) -> Job[ChatResponse]:
             template, messages, tools=tools, tool_choice=request.tool_choice, think=request.think,
             format=request.format,
         )
-        tokens = tokenize_prompt(lease, prepared.prompt)
+        tokens = await tokenize_prompt(lease, prepared.prompt)
         handle = lease.runner.submit(tokens, sampling_params(options, grammar=prepared.grammar))
     except BaseException:
         lease.release()
