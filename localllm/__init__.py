@@ -7,6 +7,7 @@
             print(chunk.message.content, end="")
 """
 
+from .embeddings import EmbeddingsResponse, EmbedResponse
 from .engine import Engine
 from .errors import (
     CapabilityError,
@@ -44,6 +45,8 @@ __all__ = [
     "ContextLengthExceeded",
     "ConversionError",
     "DigestMismatch",
+    "EmbedResponse",
+    "EmbeddingsResponse",
     "Engine",
     "EngineClosed",
     "GenerateResponse",

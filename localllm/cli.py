@@ -307,11 +307,13 @@ def _until(expires_at: Any) -> str:
 def cmd_ps(args: argparse.Namespace) -> int:
     client = running_server()
     if client is not None:
-        with client:
+        try:
             answer = client.get("/api/ps")
-            if answer.status_code != 200:
-                raise CLIError(_server_error(answer))
-            models = [_Obj(m) for m in answer.json().get("models", [])]
+        finally:
+            client.close()
+        if answer.status_code != 200:
+            raise CLIError(_server_error(answer))
+        models = [_Obj(m) for m in answer.json().get("models", [])]
     else:
         with open_engine() as (engine, portal):
             models = portal.call(engine.ps)
@@ -360,12 +362,14 @@ def cmd_cp(args: argparse.Namespace) -> int:
 def cmd_stop(args: argparse.Namespace) -> int:
     client = running_server()
     if client is not None:
-        with client:
+        try:
             answer = client.post("/api/generate", json={"model": args.model, "keep_alive": 0, "stream": False})
-            if answer.status_code == 404:
-                raise CLIError(f'couldn\'t find model "{args.model}" to stop')
-            if answer.status_code != 200:
-                raise CLIError(_server_error(answer))
+        finally:
+            client.close()
+        if answer.status_code == 404:
+            raise CLIError(f'couldn\'t find model "{args.model}" to stop')
+        if answer.status_code != 200:
+            raise CLIError(_server_error(answer))
         return 0
     from .errors import ModelNotFound
 
@@ -1055,7 +1059,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stdout.write("\n")
         return 130
-    except (CLIError, LocalLLMError, OSError) as exc:
+    except Exception as exc:
+        if os.environ.get("LOCALLLM_DEBUG") and not isinstance(exc, (CLIError, LocalLLMError)):
+            raise
         sys.stdout.flush()
         message = str(exc) or type(exc).__name__
         sys.stderr.write(f"Error: {message}\n")

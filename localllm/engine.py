@@ -290,7 +290,7 @@ class Engine:
                     digest=loaded.info.get("digest") or "",
                     details=loaded.info.get("details"),
                     expires_at=_iso_or_none(loaded.expires_wall),
-                    context_length=loaded.key.num_ctx,
+                    context_length=loaded.info.get("context_length", loaded.key.num_ctx),
                     gpu_layers=plan.gpu_layers if plan is not None else 0,
                     layers_per_device=dict(plan.layers_per_device) if plan is not None else {},
                     active_requests=loaded.users,

@@ -177,9 +177,17 @@ async def _load_or_unload(engine: Engine, resolved: Any, options: Options, keep_
     return "load", lease.load_duration
 
 
+async def _resolve_for_generation(engine: Engine, model: str) -> Any:
+    from .embeddings import ensure_can_generate
+
+    resolved = await engine._resolve(model)
+    await anyio.to_thread.run_sync(ensure_can_generate, resolved.model_path, model)
+    return resolved
+
+
 async def open_generate(engine: Engine, request: GenerateRequest) -> Job[GenerateResponse]:
     started = time.perf_counter()
-    resolved = await engine._resolve(request.model)
+    resolved = await _resolve_for_generation(engine, request.model)
     options = engine._options(resolved, request.options)
     name = request.model
     if not request.prompt and not request.context:
@@ -265,7 +273,7 @@ async def open_chat(engine: Engine, request: ChatRequest) -> Job[ChatResponse]:
     from .tools import normalize_tools
 
     started = time.perf_counter()
-    resolved = await engine._resolve(request.model)
+    resolved = await _resolve_for_generation(engine, request.model)
     options = engine._options(resolved, request.options)
     name = request.model
     if not request.messages:

@@ -97,7 +97,7 @@ def test_llama_metadata(tmp_path: Path) -> None:
     assert len(meta["tokenizer.ggml.merges"]) > 100
     assert meta["tokenizer.ggml.eos_token_id"] == 2
     assert meta["tokenizer.ggml.add_bos_token"] is False
-    assert "<|im_start|>" in info.chat_template  # carried over from the model folder
+    assert info.chat_template is not None and "<|im_start|>" in info.chat_template  # carried over from the model folder
     names = {t.name for t in info.tensors}
     assert "output.weight" not in names  # tied embeddings: llama.cpp reuses token_embd
     types = {t.name: t.type_name for t in info.tensors}
@@ -240,3 +240,79 @@ def test_peak_memory_stays_below_model_size(tmp_path: Path, minilm_dir: Path) ->
     assert peak - before < 0.9 * model_size, (
         f"grew by {(peak - before) / 1e6:.0f} MB for a {model_size / 1e6:.0f} MB model"
     )
+
+
+# --------------------------------------------------------------------------- other layouts
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    """A minimal safetensors writer: a JSON header of dtypes, shapes and offsets, then the raw bytes."""
+    names = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, array in tensors.items():
+        header[name] = {
+            "dtype": names[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        offset += array.nbytes
+    body = json.dumps(header).encode()
+    body += b" " * (-len(body) % 8)
+    with open(path, "wb") as f:
+        f.write(len(body).to_bytes(8, "little") + body)
+        for array in tensors.values():
+            f.write(np.ascontiguousarray(array).tobytes())
+
+
+def test_sharded_weights(tmp_path: Path) -> None:
+    from localllm.gguf.convert import _Weights
+
+    folder = copy_tiny(tmp_path)
+    weights = _Weights(folder)
+    names = weights.names()
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in shards.items():
+        write_safetensors(folder / file, {n: np.array(weights.load(n)) for n in part})
+    (folder / "model.safetensors").unlink()
+    index = {"weight_map": {n: file for file, part in shards.items() for n in part}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    reference = json.loads((folder / "reference.json").read_text())
+    path = convert_hf_to_gguf(folder, tmp_path / "sharded.gguf", out_type="f32")
+    (logits, _tokens), *_ = llama_logits(path, reference["prompts"][:1])
+    assert float(np.abs(logits - np.array(reference["prompts"][0]["logits"])).max()) < TOLERANCE["f32"]
+
+
+def test_bert_from_vocab_txt(tmp_path: Path, minilm_dir: Path) -> None:
+    """Without tokenizer.json, the WordPiece vocabulary comes from vocab.txt and tokenizer_config.json."""
+    folder = tmp_path / "minilm"
+    folder.mkdir()
+    for name in ("config.json", "vocab.txt", "tokenizer_config.json", "modules.json", "model.safetensors"):
+        (folder / name).symlink_to(minilm_dir / name)
+    (folder / "1_Pooling").symlink_to(minilm_dir / "1_Pooling")
+    from_txt = read_info(convert_hf_to_gguf(folder, tmp_path / "txt.gguf"))
+    from_json = read_info(convert_hf_to_gguf(minilm_dir, tmp_path / "json.gguf"))
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.unknown_token_id"):
+        assert from_txt.metadata[key] == from_json.metadata[key], key
+
+
+def test_llama3_rope_scaling(tmp_path: Path) -> None:
+    folder = copy_tiny(tmp_path)
+    scaling = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    edit_config(folder, rope_parameters=scaling)
+    path = convert_hf_to_gguf(folder, tmp_path / "scaled.gguf")
+    tensor = read_info(path).tensor("rope_freqs.weight")
+    assert tensor is not None and tensor.shape == (8,) and tensor.type_name == "F32"
+    llama_logits(path, [{"prompt": "hi", "token_ids": [5, 6, 7]}])  # llama.cpp loads and runs it
+
+    edit_config(folder, rope_parameters={**scaling, "rope_type": "yarn"})
+    with pytest.raises(ConversionError, match="yarn"):
+        convert_hf_to_gguf(folder, tmp_path / "yarn.gguf")

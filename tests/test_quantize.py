@@ -58,7 +58,7 @@ async def test_quantized_model_generates(tmp_path: Path, tiny_f16: Path, home: P
     async with localllm.Engine(home) as engine:
         response = await engine.generate(str(out), "Hello", options={"num_predict": 4, "temperature": 0})
     assert response.done
-    assert 1 <= response.eval_count <= 4
+    assert response.eval_count is not None and 1 <= response.eval_count <= 4
 
 
 def test_refuses_quantized_sources_and_bad_paths(tmp_path: Path, smollm2_path: Path) -> None:

@@ -460,12 +460,29 @@ def _bert_plan(folder: Path, config: Mapping[str, Any], weights: _Weights) -> _P
     if pooling is not None:
         hparams.append(("add_pooling_type", (pooling,)))
     special = _special_vocab(folder, len(vocab.tokens), merges=False)
+    _fill_bert_special_ids(folder, vocab, special.special_token_ids)
     # BERT ends inputs with [SEP], not an end-of-generation token: an EOS id would only confuse llama.cpp.
     special.special_token_ids.pop("eos", None)
     special.add_special_token.pop("eos", None)
     special.add_special_token["bos"] = True  # [CLS] first
     special.add_special_token["sep"] = True  # [SEP] last
     return _Plan("bert", hparams, vocab, special, tensors)
+
+
+def _fill_bert_special_ids(folder: Path, vocab: _Vocab, ids: dict[str, int]) -> None:
+    """Special token ids from tokenizer_config.json's token names, where tokenizer.json did not give them."""
+    config_path = folder / "tokenizer_config.json"
+    if not config_path.is_file():
+        return
+    config = _read_json(config_path, "the tokenizer settings")
+    control = {token: i for i, token in enumerate(vocab.tokens) if vocab.types[i] == _CONTROL}
+    for kind, key in (("bos", "cls_token"), ("unk", "unk_token"), ("sep", "sep_token"), ("pad", "pad_token")):
+        token = config.get(key)
+        if isinstance(token, str) and token in control:
+            ids.setdefault(kind, control[token])
+    mask = config.get("mask_token")
+    if isinstance(mask, str) and mask in control:
+        ids.setdefault("mask", control[mask])
 
 
 def _permuted(weights: _Weights, hf_name: str, n_head: int) -> Callable[[], np.ndarray]:

@@ -13,24 +13,31 @@ import datetime as _dt
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from pathlib import PurePath
 from typing import Any
 
 import anyio
 import attrs
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from .. import errors
 
 __all__ = [
+    "JSON",
     "APIError",
+    "ClientGone",
     "DisconnectAware",
     "EventStream",
+    "Fields",
     "HTTPSettings",
+    "Put",
     "dumps",
+    "error_message",
+    "log_unexpected",
+    "pump",
     "read_body",
     "read_json",
     "status_for",
@@ -50,6 +57,10 @@ class HTTPSettings:
     max_request_size: int = 32 * MiB
     #: Largest accepted blob upload (a model file) on ``POST /api/blobs/<digest>``.
     max_blob_size: int = 256 * GiB
+
+
+class ClientGone(Exception):
+    """The client closed the connection while we were writing to it."""
 
 
 class APIError(Exception):
@@ -101,8 +112,10 @@ def error_message(exc: BaseException) -> str:
 
 
 def log_unexpected(exc: BaseException) -> None:
-    """Server-side errors get a traceback in the log; client errors do not."""
-    if status_for(exc) >= 500 and not isinstance(exc, (APIError, errors.QueueFull, errors.EngineClosed)):
+    """Server-side errors get a traceback in the log; client errors (and clients leaving) do not."""
+    if isinstance(exc, (APIError, errors.QueueFull, errors.EngineClosed, ClientDisconnect, ClientGone)):
+        return
+    if status_for(exc) >= 500:
         logger.error("request failed", exc_info=exc)
 
 
@@ -387,12 +400,19 @@ class EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = {"disconnected": False}
+
+        async def checked_send(message: MutableMapping[str, Any]) -> None:
+            try:
+                await send(message)
+            except OSError as exc:
+                raise ClientGone from exc
+
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(_watch_disconnect, receive, group.cancel_scope, state)
-                await self._run(scope, send)
+                await self._run(scope, checked_send)
                 group.cancel_scope.cancel()
-        except OSError:
+        except ClientGone:
             pass  # the client went away while we were writing to it
 
     async def _run(self, scope: Scope, send: Send) -> None:
@@ -415,6 +435,8 @@ class EventStream(Response):
 
         try:
             await self._produce(put)
+        except ClientGone:
+            raise
         except Exception as exc:
             log_unexpected(exc)
             if not started:

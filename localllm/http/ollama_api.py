@@ -14,6 +14,7 @@ import math
 import os
 import re
 import secrets
+import shutil
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Mapping
@@ -623,9 +624,13 @@ async def create(request: Request) -> Response:
     store = _store(engine)
 
     async def operation(emit: Emit) -> None:
-        with tempfile.TemporaryDirectory(prefix="localllm-create-") as folder:
-            from_, text = create_modelfile(fields, store, Path(folder))
+        folder = await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="localllm-create-"))
+        try:
+            from_, text = await anyio.to_thread.run_sync(create_modelfile, fields, store, Path(folder))
             await engine.create(model, from_=from_, modelfile=text, quantize=quantize, progress=emit)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(lambda: shutil.rmtree(folder, ignore_errors=True))
 
     return _progress_response(operation, stream)
 

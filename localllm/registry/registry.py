@@ -258,6 +258,7 @@ class Registry:
         self.store = BlobStore(self.models_dir)
         #: Held while the store changes (create, copy, delete, prune).
         self.lock = threading.RLock()
+        self._validated: set[tuple[str, int, int]] = set()  # (path, size, mtime) of GGUF files already checked
 
     # ---- lookup
 
@@ -315,7 +316,11 @@ class Registry:
         if path.is_dir():
             raise InvalidModelFile(f"{path} is a folder; give the path of a .gguf file")
         path = path.resolve()
-        validate_file(path)
+        stat = path.stat()
+        signature = (str(path), stat.st_size, stat.st_mtime_ns)
+        if signature not in self._validated:  # validating a big file each request would cost ~20 ms
+            validate_file(path)
+            self._validated.add(signature)
         return ResolvedModel(name=str(path), model_path=path)
 
     def _read_json_blob(self, layer: Layer, what: str, display: str) -> Any:

@@ -104,5 +104,5 @@ class RunnerFactory:
             from ..runner.worker import Runner
 
             runner = Runner(config, gpu_layers=plan.gpu_layers, tensor_split=plan.tensor_split)
-        info = {"plan": plan, "context_length": config.num_ctx}
+        info = {"plan": plan, "context_length": runner.n_ctx_seq}
         return runner, plan.total_bytes, plan.vram_bytes, info

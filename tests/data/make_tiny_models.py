@@ -8,7 +8,8 @@
   safetensors, a byte-level BPE tokenizer with Qwen2's split expression.
 
 The weights are random (seeded): the tests check that llama.cpp, running the
-converted GGUF, computes the same logits as transformers does here. Run it
+converted GGUF, computes the same logits as transformers does here (and, for
+last-token pooling, the same final hidden state). Run it
 once, in an environment with torch, transformers and tokenizers:
 
     python tests/data/make_tiny_models.py
@@ -130,12 +131,15 @@ def build(kind: str, folder: Path) -> None:
     for prompt in PROMPTS:
         ids = fast(prompt, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0]
+            output = model(torch.tensor([ids]), output_hidden_states=True)
+        logits = output.logits[0]
+        last_hidden = output.hidden_states[-1][0, -1]  # after the final norm: what last-token pooling returns
         reference.append(
             {
                 "prompt": prompt,
                 "token_ids": ids,
                 "logits": [[round(float(x), 5) for x in row] for row in logits],
+                "last_hidden": [round(float(x), 6) for x in last_hidden],
             }
         )
     if folder.exists():
