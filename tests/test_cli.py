@@ -54,7 +54,8 @@ def cli(
 def model(env: dict[str, str], smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = tmp_path_factory.mktemp("modelfile")
     (folder / "Modelfile").write_text(
-        f"FROM {smollm2_path}\nPARAMETER temperature 0\nPARAMETER num_predict 12\nPARAMETER num_ctx 1024\n"
+        f"FROM {smollm2_path}\nPARAMETER temperature 0\nPARAMETER num_predict 12\n"
+        "PARAMETER num_ctx 1024\nPARAMETER num_thread 1\n"
         'SYSTEM """You are a helpful assistant."""\nLICENSE apache-2.0\n'
     )
     result = cli(env, "create", "smollm2", "-f", str(folder / "Modelfile"))

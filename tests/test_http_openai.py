@@ -35,7 +35,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Iter
     with ServerThread(lambda: localllm.Engine(home, num_parallel=2)) as running:
         with ollama.Client(host=running.url) as setup:
             digest = setup.create_blob(smollm2_path)
-            setup.create("smollm2", files={"model.gguf": digest}, parameters={"num_ctx": 2048})
+            setup.create("smollm2", files={"model.gguf": digest}, parameters={"num_ctx": 2048, "num_thread": 1})
         yield running
 
 
@@ -56,7 +56,7 @@ def minilm(server: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> st
     path = convert_hf_to_gguf(folder, tmp_path_factory.mktemp("minilm") / "minilm.gguf")
     with ollama.Client(host=server.url) as setup:
         digest = setup.create_blob(path)
-        setup.create("minilm", files={"minilm.gguf": digest})
+        setup.create("minilm", files={"minilm.gguf": digest}, parameters={"num_thread": 1})
     return "minilm"
 
 
@@ -83,11 +83,11 @@ def test_chat_completion_streamed_with_usage(client: openai.OpenAI) -> None:
         model="smollm2",
         messages=messages,
         temperature=0,
-        max_completion_tokens=8,  # type: ignore[arg-type]
+        max_completion_tokens=8,
     )
     stream = client.chat.completions.create(
         model="smollm2",
-        messages=messages,  # type: ignore[arg-type]
+        messages=messages,
         temperature=0,
         max_completion_tokens=8,
         stream=True,
@@ -143,7 +143,7 @@ def test_tool_calls(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
         model="smollm2",
         messages=[{"role": "user", "content": "What is the weather in Paris?"}],
-        tools=TOOLS,  # type: ignore[arg-type]
+        tools=TOOLS,
         tool_choice="required",
         temperature=0,
         max_tokens=64,
@@ -152,15 +152,15 @@ def test_tool_calls(client: openai.OpenAI) -> None:
     assert choice.finish_reason == "tool_calls"
     calls = choice.message.tool_calls or []
     assert calls and calls[0].type == "function" and calls[0].id
-    assert calls[0].function.name == "get_weather"  # type: ignore[union-attr]
-    assert isinstance(json.loads(calls[0].function.arguments), dict)  # type: ignore[union-attr]
+    assert calls[0].function.name == "get_weather"
+    assert isinstance(json.loads(calls[0].function.arguments), dict)
 
     # Streamed, the call comes as a delta and the stream finishes with "tool_calls".
     chunks = list(
         client.chat.completions.create(
             model="smollm2",
             messages=[{"role": "user", "content": "What is the weather in Paris?"}],
-            tools=TOOLS,  # type: ignore[arg-type]
+            tools=TOOLS,
             tool_choice="required",
             temperature=0,
             max_tokens=64,
@@ -184,13 +184,13 @@ def test_tool_calls(client: openai.OpenAI) -> None:
                     {
                         "id": call.id,
                         "type": "function",
-                        "function": {"name": "get_weather", "arguments": call.function.arguments},  # type: ignore[union-attr]
+                        "function": {"name": "get_weather", "arguments": call.function.arguments},
                     }
                 ],
             },
             {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 degrees"},
         ],
-        tools=TOOLS,  # type: ignore[arg-type]
+        tools=TOOLS,
         temperature=0,
         max_tokens=20,
     )
@@ -255,7 +255,7 @@ def test_errors(client: openai.OpenAI, server: ServerThread) -> None:
         client.chat.completions.create(
             model="smollm2",
             messages=[{"role": "user", "content": "hi"}],
-            temperature="hot",  # type: ignore[arg-type]
+            temperature="hot",
         )
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="smollm2", messages=[])

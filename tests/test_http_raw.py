@@ -34,7 +34,12 @@ def server(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Iter
     with ServerThread(factory, max_request_size=LIMIT, max_blob_size=BLOB_LIMIT) as running:
         created = httpx.post(
             f"{running.url}/api/create",
-            json={"model": "smollm2", "from": str(smollm2_path), "parameters": {"num_ctx": 2048}, "stream": False},
+            json={
+                "model": "smollm2",
+                "from": str(smollm2_path),
+                "parameters": {"num_ctx": 2048, "num_thread": 1},
+                "stream": False,
+            },
             timeout=120,
         )
         assert created.status_code == 200, created.text

@@ -167,8 +167,15 @@ def reasoning(fields: Fields) -> Any:
         effort = fields.text("reasoning_effort")
     if effort is None:
         return None
-    levels = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high", "max": "max"}
-    levels.update({"xhigh": "max"})
+    levels: dict[str, bool | str] = {
+        "none": False,
+        "minimal": "low",
+        "low": "low",
+        "medium": "medium",
+        "high": "high",
+        "xhigh": "max",
+        "max": "max",
+    }
     if effort not in levels:
         raise APIError(400, f"invalid reasoning effort {effort!r}", param="reasoning_effort")
     return levels[effort]
