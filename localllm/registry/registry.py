@@ -274,8 +274,7 @@ class Registry:
     @staticmethod
     def _not_found_message(text: str) -> str:
         return (
-            f"model '{text}' not found: pull it (engine.pull({text!r})) or create it"
-            f" (engine.create({text!r}, from_='path/to/model.gguf'))"
+            f"model '{text}' not found; pull it or create it from a GGUF file or a Modelfile first"
         )
 
     def resolve(self, model: str | os.PathLike[str]) -> ResolvedModel:
