@@ -46,6 +46,7 @@ class EngineSettings:
     max_queue: int
     keep_alive: float
     kv_cache_type: str
+    flash_attention: bool
 
     @classmethod
     def resolve(
@@ -57,6 +58,7 @@ class EngineSettings:
         max_queue: int | None,
         keep_alive: float | str | None,
         kv_cache_type: str | None,
+        flash_attention: bool | None = None,
     ) -> EngineSettings:
         home_path = Path(home or os.environ.get("LOCALLLM_HOME") or Path.home() / ".localllm").expanduser()
         models_path = Path(models or os.environ.get("LOCALLLM_MODELS") or home_path / "models").expanduser()
@@ -70,7 +72,9 @@ class EngineSettings:
         kv_type = (kv_cache_type or os.environ.get("LOCALLLM_KV_CACHE_TYPE") or "f16").lower()
         if kv_type not in ("f16", "q8_0", "q4_0"):
             raise InvalidRequest(f"kv_cache_type must be f16, q8_0 or q4_0, got {kv_type!r}")
-        return cls(home_path, models_path, parallel, loaded, queue, alive, kv_type)
+        if flash_attention is None:
+            flash_attention = os.environ.get("LOCALLLM_FLASH_ATTENTION", "").lower() in ("1", "true", "yes", "on")
+        return cls(home_path, models_path, parallel, loaded, queue, alive, kv_type, flash_attention)
 
 
 def _describe(resolved: Any) -> dict[str, Any]:
@@ -110,10 +114,11 @@ class Engine:
         max_queue: int | None = None,
         keep_alive: float | str | None = None,
         kv_cache_type: str | None = None,
+        flash_attention: bool | None = None,
         devices: Any = None,
     ) -> None:
         self.settings = EngineSettings.resolve(
-            home, models, num_parallel, max_loaded_models, max_queue, keep_alive, kv_cache_type
+            home, models, num_parallel, max_loaded_models, max_queue, keep_alive, kv_cache_type, flash_attention
         )
         from .scheduler.loader import RunnerFactory
 

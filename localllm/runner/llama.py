@@ -80,8 +80,12 @@ class LlamaModel:
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         params.main_gpu = main_gpu
-        params.use_mmap = use_mmap
-        params.use_mlock = use_mlock
+        params.load_mode = {
+            (True, False): llama_cpp.LLAMA_LOAD_MODE_MMAP,
+            (True, True): llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK,
+            (False, True): llama_cpp.LLAMA_LOAD_MODE_MLOCK,
+            (False, False): llama_cpp.LLAMA_LOAD_MODE_NONE,
+        }[(use_mmap, use_mlock)]
         self._tensor_split = None
         if tensor_split:
             # llama.cpp reads llama_max_devices() floats, whatever we pass.

@@ -37,6 +37,7 @@ class LoadConfig:
     embeddings: bool = False
     kv_cache_type: str = attrs.field(default="f16", validator=attrs.validators.in_(KV_CACHE_TYPES))
     adapters: tuple[str, ...] = ()
+    flash_attention: bool = False
 
 
 @attrs.frozen

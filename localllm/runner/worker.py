@@ -80,8 +80,9 @@ class Runner:
                 embeddings=config.embeddings,
                 type_k=KV_CACHE_TYPES[config.kv_cache_type],
                 type_v=KV_CACHE_TYPES[config.kv_cache_type],
-                # llama.cpp needs flash attention for a quantized V cache; otherwise it stays off, as in Ollama.
-                flash_attn=quantized_kv,
+                # Off by default, as in Ollama: with it, batched and solo runs of a sequence drift apart
+                # sooner. A quantized V cache requires it.
+                flash_attn=config.flash_attention or quantized_kv,
             )
         except BaseException:
             self._free_adapters()

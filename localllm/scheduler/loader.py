@@ -52,6 +52,7 @@ class RunnerFactory:
             use_mlock=options.use_mlock,
             embeddings=embeddings,
             kv_cache_type=self.settings.kv_cache_type,
+            flash_attention=self.settings.flash_attention,
             adapters=tuple(str(p) for p in getattr(resolved, "adapters", ()) or ()),
         )
 
@@ -62,7 +63,7 @@ class RunnerFactory:
             num_parallel=config.num_parallel,
             kv_cache_type=config.kv_cache_type,
             num_batch=config.num_batch,
-            flash_attention=config.kv_cache_type != "f16",
+            flash_attention=config.flash_attention or config.kv_cache_type != "f16",
         )
 
     def plan(self, config: LoadConfig, inventory: DeviceInventory | None = None) -> LayerPlan:
