@@ -18,6 +18,9 @@ async def test_create_chat_by_name_list_show_copy_delete(smollm2_path: Path, hom
         assert events[-1]["status"] == "success"
         reply = await engine.chat("smollm2", [{"role": "user", "content": "Hi!"}], options={"num_predict": 4})
         assert reply.done and reply.model == "smollm2"
+        (running,) = await engine.ps()
+        assert running.name == "smollm2:latest" and running.details.family == "llama"
+        assert len(running.digest) == 64
 
         names = [m.name for m in await engine.list()]
         assert names == ["smollm2:latest"]

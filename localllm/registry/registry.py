@@ -88,6 +88,7 @@ class ResolvedModel(_Subscriptable):
     adapters: tuple[Path, ...] = ()
     projector: Path | None = None
     license: str | None = None
+    details: Any = None  # ModelDetails for a stored model
 
 
 @attrs.frozen
@@ -383,6 +384,7 @@ class Registry:
             adapters=tuple(adapters),
             projector=projector,
             license="\n".join(licenses) if licenses else None,
+            details=self._details(self._config(manifest), manifest),
         )
 
     # ---- create
