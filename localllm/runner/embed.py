@@ -219,9 +219,7 @@ class EmbeddingRunner:
                     f"input {i} has {len(tokens)} tokens but the context holds {self.n_ctx_seq}; "
                     "shorten it or let it be truncated"
                 )
-            bad = [t for t in tokens if not 0 <= t < self.model.n_vocab]
-            if bad:
-                raise LocalLLMError(f"token ids {bad[:5]} are outside the vocabulary of {self.model.n_vocab}")
+            self.model.check_token_ids(tokens)
         handle = EmbedHandle(self, prepared, normalize)
         with self._cond:
             self._pending.append(handle)

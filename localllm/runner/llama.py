@@ -15,7 +15,7 @@ from typing import Any
 
 import llama_cpp
 
-from ..errors import InvalidFormat, ModelLoadError
+from ..errors import InvalidFormat, LocalLLMError, ModelLoadError
 
 __all__ = ["Batch", "LlamaContext", "LlamaModel", "SamplerChain", "ensure_backend"]
 
@@ -135,6 +135,12 @@ class LlamaModel:
     def token_text(self, token: int) -> str:
         raw = llama_cpp.llama_vocab_get_text(self.vocab, token)
         return raw.decode("utf-8", errors="replace") if raw else ""
+
+    def check_token_ids(self, tokens: Sequence[int]) -> None:
+        """Token ids outside the vocabulary would make llama.cpp abort: refuse them here."""
+        bad = [t for t in tokens if not 0 <= t < self.n_vocab]
+        if bad:
+            raise LocalLLMError(f"token ids {bad[:5]} are outside the vocabulary of {self.n_vocab}")
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))

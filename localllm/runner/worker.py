@@ -163,9 +163,7 @@ class Runner:
                 f"the prompt has {len(prompt)} tokens but the context holds {self.n_ctx_seq}; "
                 "raise num_ctx or shorten the prompt"
             )
-        bad = [t for t in prompt if not 0 <= t < self.model.n_vocab]
-        if bad:
-            raise LocalLLMError(f"token ids {bad[:5]} are outside the vocabulary of {self.model.n_vocab}")
+        self.model.check_token_ids(prompt)
         handle = SequenceHandle(self, prompt, params)
         with self._cond:
             self._pending.append(handle)
