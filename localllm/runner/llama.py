@@ -261,6 +261,12 @@ class Batch:
     def __init__(self, capacity: int, n_seq_max: int = 1) -> None:
         self.capacity = capacity
         self.struct = llama_cpp.llama_batch_init(capacity, 0, n_seq_max)
+        # The arrays, looked up once: each struct field access builds a new ctypes object.
+        self._token = self.struct.token
+        self._pos = self.struct.pos
+        self._n_seq_id = self.struct.n_seq_id
+        self._seq_id = self.struct.seq_id
+        self._logits = self.struct.logits
         self.n_tokens = 0
         self._closed = False
 
@@ -273,14 +279,13 @@ class Batch:
         i = self.n_tokens
         if i >= self.capacity:
             raise IndexError("batch is full")
-        s = self.struct
-        s.token[i] = token
-        s.pos[i] = pos
-        s.n_seq_id[i] = 1
-        s.seq_id[i][0] = seq_id
-        s.logits[i] = logits
+        self._token[i] = token
+        self._pos[i] = pos
+        self._n_seq_id[i] = 1
+        self._seq_id[i][0] = seq_id
+        self._logits[i] = logits
         self.n_tokens = i + 1
-        s.n_tokens = i + 1
+        self.struct.n_tokens = i + 1
         return i
 
     def close(self) -> None:
