@@ -172,14 +172,10 @@ async def _run(
     resolved = await engine._resolve(model)
     await anyio.to_thread.run_sync(ensure_can_embed, resolved.model_path, model)
     opts = engine._options(resolved, options)
-    alive = parse_keep_alive(keep_alive, engine.settings.keep_alive)
-    if not texts and alive == 0:  # an empty request with keep_alive 0 unloads, as in Ollama
-        path = str(resolved.model_path)
-        await engine.scheduler.unload_where(lambda m: m.key.model_path == path)
+    if not texts and parse_keep_alive(keep_alive, engine.settings.keep_alive) == 0:
+        await engine._unload_file(resolved.model_path)  # an empty request with keep_alive 0 unloads, as in Ollama
         return [], 0, 0, model
-    key = engine._factory.config_for(resolved, opts, embeddings=True)
-    describe = {"digest": getattr(resolved, "digest", None), "details": getattr(resolved, "details", None)}
-    lease = await engine.scheduler.acquire(key, name=resolved.name, keep_alive=alive, describe=describe)
+    lease = await engine._acquire(resolved, opts, keep_alive, embeddings=True)
     try:
         if not texts:  # an empty request just loads the model
             return [], lease.load_duration, 0, model

@@ -266,12 +266,16 @@ class Engine:
         return await anyio.to_thread.run_sync(self.registry.resolve, model)
 
     async def _acquire(
-        self, resolved: Any, options: Options, keep_alive: float | str | None
-    ) -> tuple[Lease, float]:
+        self, resolved: Any, options: Options, keep_alive: float | str | None, *, embeddings: bool = False
+    ) -> Lease:
         alive = parse_keep_alive(keep_alive, self.settings.keep_alive)
-        key = self._factory.config_for(resolved, options)
-        lease = await self.scheduler.acquire(key, name=resolved.name, keep_alive=alive, describe=_describe(resolved))
-        return lease, alive
+        key = self._factory.config_for(resolved, options, embeddings=embeddings)
+        return await self.scheduler.acquire(key, name=resolved.name, keep_alive=alive, describe=_describe(resolved))
+
+    async def _unload_file(self, model_path: Any) -> None:
+        """Unload every runner of one model file (once its requests finish)."""
+        path = str(model_path)
+        await self.scheduler.unload_where(lambda m: m.key.model_path == path)
 
     def _options(self, resolved: Any, options: Mapping[str, Any] | None) -> Options:
         return merge_options(resolved.params, options)
@@ -306,8 +310,7 @@ class Engine:
     async def unload(self, model: str) -> None:
         """Unload a model now (or as soon as its running requests finish)."""
         resolved = await self._resolve(model)
-        path = str(resolved.model_path)
-        await self.scheduler.unload_where(lambda m: m.key.model_path == path)
+        await self._unload_file(resolved.model_path)
 
     @staticmethod
     def _on_progress(progress: Callable[[dict[str, Any]], Any] | None) -> Callable[[dict[str, Any]], None]:

@@ -169,10 +169,9 @@ def _durations(result: SequenceResult, total: int, load: int) -> dict[str, Any]:
 async def _load_or_unload(engine: Engine, resolved: Any, options: Options, keep_alive: Any) -> tuple[str, int]:
     """An empty request loads the model (or, with keep_alive 0, unloads it), as in Ollama."""
     if parse_keep_alive(keep_alive, engine.settings.keep_alive) == 0:
-        path = str(resolved.model_path)
-        await engine.scheduler.unload_where(lambda m: m.key.model_path == path)
+        await engine._unload_file(resolved.model_path)
         return "unload", 0
-    lease, _alive = await engine._acquire(resolved, options, keep_alive)
+    lease = await engine._acquire(resolved, options, keep_alive)
     lease.release()
     return "load", lease.load_duration
 
@@ -195,7 +194,7 @@ async def open_generate(engine: Engine, request: GenerateRequest) -> Job[Generat
         return DoneJob(
             GenerateResponse(model=name, created_at=now_iso(), done=True, done_reason=reason, load_duration=load)
         )
-    lease, _alive = await engine._acquire(resolved, options, request.keep_alive)
+    lease = await engine._acquire(resolved, options, request.keep_alive)
     try:
         parser = None
         if request.raw:
@@ -289,7 +288,7 @@ async def open_chat(engine: Engine, request: ChatRequest) -> Job[ChatResponse]:
             )
         )
     tools = [t.to_dict() for t in normalize_tools(request.tools)] if request.tools else []
-    lease, _alive = await engine._acquire(resolved, options, request.keep_alive)
+    lease = await engine._acquire(resolved, options, request.keep_alive)
     try:
         template = model_template(lease, resolved)
         messages = [m.to_template_dict() for m in _with_model_messages(resolved, request.messages)]

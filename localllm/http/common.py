@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
+import functools
 import json
 import logging
 import math
@@ -117,6 +118,26 @@ def log_unexpected(exc: BaseException) -> None:
         return
     if status_for(exc) >= 500:
         logger.error("request failed", exc_info=exc)
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def error_boundary(to_response: Callable[[BaseException], Response]) -> Callable[[Endpoint], Endpoint]:
+    """A decorator answering errors raised while reading and checking a request with `to_response`."""
+
+    def decorate(handler: Endpoint) -> Endpoint:
+        @functools.wraps(handler)
+        async def wrapped(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:
+                log_unexpected(exc)
+                return to_response(exc)
+
+        return wrapped
+
+    return decorate
 
 
 # --------------------------------------------------------------------------- JSON

@@ -7,7 +7,6 @@ an error after the stream started is written as one last ``{"error": ...}`` line
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import math
@@ -38,8 +37,8 @@ from .common import (
     HTTPSettings,
     Put,
     dumps,
+    error_boundary,
     error_message,
-    log_unexpected,
     pump,
     read_json,
     status_for,
@@ -48,8 +47,6 @@ from .common import (
 __all__ = ["ollama_error", "progress_events", "routes"]
 
 logger = logging.getLogger("localllm.http")
-
-Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 # --------------------------------------------------------------------------- errors and helpers
@@ -82,18 +79,8 @@ def deferred(compute: Callable[[], Awaitable[Response]]) -> DisconnectAware:
     return DisconnectAware(compute, ollama_error)
 
 
-def endpoint(handler: Endpoint) -> Endpoint:
-    """Answer errors raised while reading and checking the request in Ollama's shape."""
-
-    @functools.wraps(handler)
-    async def wrapped(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except Exception as exc:
-            log_unexpected(exc)
-            return ollama_error(exc)
-
-    return wrapped
+#: Answers errors raised while reading and checking the request in Ollama's shape.
+endpoint = error_boundary(ollama_error)
 
 
 def engine_of(request: Request) -> Any:

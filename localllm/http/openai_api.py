@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
-import functools
 import json
 import secrets
 import struct
@@ -31,8 +30,8 @@ from .common import (
     Fields,
     Put,
     dumps,
+    error_boundary,
     error_message,
-    log_unexpected,
     pump,
     status_for,
 )
@@ -40,7 +39,6 @@ from .ollama_api import engine_of, read_request
 
 __all__ = ["openai_error", "routes"]
 
-Endpoint = Callable[[Request], Awaitable[Response]]
 
 FINGERPRINT = "fp_localllm"
 
@@ -83,16 +81,8 @@ def sse(produce: Callable[[Put], Awaitable[None]]) -> EventStream:
     )
 
 
-def endpoint(handler: Endpoint) -> Endpoint:
-    @functools.wraps(handler)
-    async def wrapped(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except Exception as exc:
-            log_unexpected(exc)
-            return openai_error(exc)
-
-    return wrapped
+#: Answers errors raised while reading and checking the request in OpenAI's shape.
+endpoint = error_boundary(openai_error)
 
 
 def _id(prefix: str) -> str:

@@ -98,14 +98,7 @@ class EmbeddingRunner:
         self, config: LoadConfig, *, gpu_layers: int = 0, tensor_split: tuple[float, ...] | None = None
     ) -> None:
         self.config = config
-        self.model = LlamaModel(
-            config.model_path,
-            n_gpu_layers=gpu_layers,
-            main_gpu=config.main_gpu,
-            tensor_split=tensor_split,
-            use_mmap=config.use_mmap,
-            use_mlock=config.use_mlock,
-        )
+        self.model = LlamaModel.for_config(config, gpu_layers=gpu_layers, tensor_split=tensor_split)
         try:
             self.architecture = self.model.metadata("general.architecture") or ""
             self.encoder = self.architecture in ENCODER_ARCHITECTURES

@@ -11,11 +11,14 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llama_cpp
 
 from ..errors import InvalidFormat, LocalLLMError, ModelLoadError
+
+if TYPE_CHECKING:
+    from .protocol import LoadConfig
 
 __all__ = ["Batch", "LlamaContext", "LlamaModel", "SamplerChain", "ensure_backend"]
 
@@ -107,6 +110,20 @@ class LlamaModel:
         self.has_encoder: bool = bool(llama_cpp.llama_model_has_encoder(handle))
         self._piece_buffer = ctypes.create_string_buffer(64)
         self._closed = False
+
+    @classmethod
+    def for_config(
+        cls, config: LoadConfig, *, gpu_layers: int = 0, tensor_split: Sequence[float] | None = None
+    ) -> LlamaModel:
+        """Load the model a runner's configuration names, with the layer plan the scheduler chose."""
+        return cls(
+            config.model_path,
+            n_gpu_layers=gpu_layers,
+            main_gpu=config.main_gpu,
+            tensor_split=tensor_split,
+            use_mmap=config.use_mmap,
+            use_mlock=config.use_mlock,
+        )
 
     # -- vocabulary -------------------------------------------------------------
 

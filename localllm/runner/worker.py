@@ -59,14 +59,7 @@ class Runner:
         self, config: LoadConfig, *, gpu_layers: int = 0, tensor_split: tuple[float, ...] | None = None
     ) -> None:
         self.config = config
-        self.model = LlamaModel(
-            config.model_path,
-            n_gpu_layers=gpu_layers,
-            main_gpu=config.main_gpu,
-            tensor_split=tensor_split,
-            use_mmap=config.use_mmap,
-            use_mlock=config.use_mlock,
-        )
+        self.model = LlamaModel.for_config(config, gpu_layers=gpu_layers, tensor_split=tensor_split)
         try:
             self._adapters = self._load_adapters(config.adapters)
             threads = config.num_thread or default_threads()
