@@ -37,6 +37,17 @@ def _env_int(name: str, default: int) -> int:
         raise LocalLLMError(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
+def _env_bool(name: str) -> bool | None:
+    value = os.environ.get(name, "").strip().lower()
+    if not value or value == "auto":
+        return None
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise LocalLLMError(f"environment variable {name} must be 1/0, true/false, on/off or auto, got {value!r}")
+
+
 @attrs.frozen
 class EngineSettings:
     home: Path
@@ -47,6 +58,7 @@ class EngineSettings:
     keep_alive: float
     kv_cache_type: str
     flash_attention: bool
+    repack: bool | None  # None: llama.cpp's weight repacking where this CPU and build run it safely
 
     @classmethod
     def resolve(
@@ -59,6 +71,7 @@ class EngineSettings:
         keep_alive: float | str | None,
         kv_cache_type: str | None,
         flash_attention: bool | None = None,
+        repack: bool | None = None,
     ) -> EngineSettings:
         home_path = Path(home or os.environ.get("LOCALLLM_HOME") or Path.home() / ".localllm").expanduser()
         models_path = Path(models or os.environ.get("LOCALLLM_MODELS") or home_path / "models").expanduser()
@@ -73,8 +86,10 @@ class EngineSettings:
         if kv_type not in ("f16", "q8_0", "q4_0"):
             raise InvalidRequest(f"kv_cache_type must be f16, q8_0 or q4_0, got {kv_type!r}")
         if flash_attention is None:
-            flash_attention = os.environ.get("LOCALLLM_FLASH_ATTENTION", "").lower() in ("1", "true", "yes", "on")
-        return cls(home_path, models_path, parallel, loaded, queue, alive, kv_type, flash_attention)
+            flash_attention = _env_bool("LOCALLLM_FLASH_ATTENTION") or False
+        if repack is None:
+            repack = _env_bool("LOCALLLM_REPACK")
+        return cls(home_path, models_path, parallel, loaded, queue, alive, kv_type, flash_attention, repack)
 
 
 def _describe(resolved: Any) -> dict[str, Any]:
@@ -115,10 +130,19 @@ class Engine:
         keep_alive: float | str | None = None,
         kv_cache_type: str | None = None,
         flash_attention: bool | None = None,
+        repack: bool | None = None,
         devices: Any = None,
     ) -> None:
         self.settings = EngineSettings.resolve(
-            home, models, num_parallel, max_loaded_models, max_queue, keep_alive, kv_cache_type, flash_attention
+            home,
+            models,
+            num_parallel,
+            max_loaded_models,
+            max_queue,
+            keep_alive,
+            kv_cache_type,
+            flash_attention,
+            repack,
         )
         from .scheduler.loader import RunnerFactory
 
@@ -288,7 +312,7 @@ class Engine:
     async def ps(self) -> list[ProcessModel]:
         """The loaded models: name, size, size_vram, digest, details, expires_at, context_length, plan."""
         running = []
-        for loaded in sorted(self.scheduler.loaded.values(), key=lambda m: m.loaded_at):
+        for loaded in await self.scheduler.running():
             plan = loaded.info.get("plan")
             running.append(
                 ProcessModel(

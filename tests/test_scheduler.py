@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import pytest
 
-from localllm import InsufficientMemory, QueueFull
+from localllm import EngineClosed, InsufficientMemory, QueueFull
 from localllm.scheduler.keepalive import parse_keep_alive
 from localllm.scheduler.scheduler import Scheduler
 
@@ -23,18 +23,24 @@ class FakeRunner:
         self.closed = False
         self.pending_count = 0
         self.busy = False
+        self.healthy = True
 
     def close(self) -> None:
         self.closed = True
 
 
 class FakeLoader:
-    def __init__(self, sizes: dict[Any, int] | None = None) -> None:
+    def __init__(self, sizes: dict[Any, int] | None = None, gates: dict[Any, threading.Event] | None = None) -> None:
         self.loads: list[Any] = []
         self.runners: dict[Any, FakeRunner] = {}
         self.sizes = sizes or {}
+        self.gates = gates or {}  # a key with a gate loads only once its event is set
+        self.started = threading.Event()
 
     def __call__(self, key: Any) -> tuple[FakeRunner, int, int, dict[str, Any]]:
+        self.started.set()
+        if key in self.gates:
+            self.gates[key].wait()
         self.loads.append(key)
         runner = FakeRunner(key)
         self.runners[key] = runner
@@ -192,3 +198,78 @@ async def test_close_unloads_everything_from_worker_threads() -> None:
     await scheduler.close()
     assert len(threads) == 2 and threading.current_thread().name not in threads
     assert not scheduler.loaded
+
+
+async def test_a_slow_load_never_blocks_requests_for_loaded_runners() -> None:
+    gate = threading.Event()
+    loader = FakeLoader(gates={"slow": gate})
+    scheduler = Scheduler(loader=loader, max_loaded=3)
+    (await scheduler.acquire("fast", name="fast", keep_alive=60)).release()
+    got: list[Any] = []
+    async with anyio.create_task_group() as group:
+        group.start_soon(lambda: _append(got, scheduler.acquire("slow", name="slow", keep_alive=60)))
+        await anyio.to_thread.run_sync(loader.started.wait)
+        with anyio.fail_after(1):  # "slow" is still loading, "fast" is served at once
+            lease = await scheduler.acquire("fast", name="fast", keep_alive=60)
+        assert not got
+        lease.release()
+        gate.set()
+    got[0].release()
+    await scheduler.close()
+
+
+async def test_requests_for_a_model_being_loaded_share_one_load() -> None:
+    gate = threading.Event()
+    loader = FakeLoader(gates={"a": gate})
+    scheduler = Scheduler(loader=loader)
+    got: list[Any] = []
+    async with anyio.create_task_group() as group:
+        for _ in range(3):
+            group.start_soon(lambda: _append(got, scheduler.acquire("a", name="a", keep_alive=60)))
+        await anyio.sleep(0.1)
+        gate.set()
+    assert loader.loads == ["a"] and len({lease.runner for lease in got}) == 1
+    for lease in got:
+        lease.release()
+    await scheduler.close()
+
+
+async def test_close_during_a_load_closes_the_runner_it_produced() -> None:
+    gate = threading.Event()
+    loader = FakeLoader(gates={"a": gate})
+    scheduler = Scheduler(loader=loader)
+    errors: list[BaseException] = []
+
+    async def want_a() -> None:
+        try:
+            await scheduler.acquire("a", name="a", keep_alive=60)
+        except EngineClosed as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(want_a)
+        await anyio.to_thread.run_sync(loader.started.wait)
+        threading.Timer(0.2, gate.set).start()
+        await scheduler.close()  # returns only once the load is over and its runner closed
+        assert loader.runners["a"].closed and not scheduler.loaded
+    assert errors, "the request whose model loaded after close must fail, not be served"
+
+
+async def test_a_failed_runner_is_dropped_and_the_next_request_loads_afresh() -> None:
+    loader = FakeLoader()
+    scheduler = Scheduler(loader=loader)
+    lease = await scheduler.acquire("a", name="a", keep_alive=-1)
+    lease.release()
+    first = loader.runners["a"]
+    first.healthy = False  # its worker thread died
+    assert await scheduler.running() == []
+    assert first.closed
+    lease = await scheduler.acquire("a", name="a", keep_alive=-1)
+    assert lease.runner is not first and loader.loads == ["a", "a"]
+    assert [m.runner for m in await scheduler.running()] == [lease.runner]
+    lease.release()
+    await scheduler.close()
+
+
+async def _append(into: list[Any], awaitable: Any) -> None:
+    into.append(await awaitable)

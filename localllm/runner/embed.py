@@ -148,6 +148,8 @@ class EmbeddingRunner:
         self._in_flight: list[EmbedHandle] = []
         self._cond = threading.Condition()
         self._stopping = False
+        self._closed = False
+        self.failure: str | None = None  # why the worker died, once it has
         self._thread = threading.Thread(target=self._run, name=f"localllm-embed-{id(self):x}", daemon=True)
         self._thread.start()
         logger.debug(
@@ -184,6 +186,11 @@ class EmbeddingRunner:
     def busy(self) -> bool:
         return bool(self._pending) or bool(self._in_flight)
 
+    @property
+    def healthy(self) -> bool:
+        """False once the worker thread has died: the scheduler replaces such a runner."""
+        return self.failure is None and self._thread.is_alive()
+
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         return self.model.tokenize(text, add_special=add_special, parse_special=True)
 
@@ -199,6 +206,8 @@ class EmbeddingRunner:
 
     def submit_embed(self, inputs: Sequence[Sequence[int]], *, normalize: bool = True) -> EmbedHandle:
         """Queue token sequences for embedding. Call from the event loop (the handle's mailbox binds to it)."""
+        if self.failure is not None:
+            raise RunnerError(f"the embedding runner failed: {self.failure}; retry to load it again")
         if self._stopping:
             raise EngineClosed("this model has been unloaded")
         prepared = [list(tokens) for tokens in inputs]
@@ -230,9 +239,9 @@ class EmbeddingRunner:
     def close(self) -> None:
         """Stop the worker, fail what is still queued, and free every llama.cpp handle."""
         with self._cond:
-            if self._stopping and not self._thread.is_alive() and self.model.handle is None:
+            if self._closed:
                 return
-            self._stopping = True
+            self._closed = self._stopping = True
             self._cond.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join()
@@ -262,7 +271,8 @@ class EmbeddingRunner:
                     self._step(placed)
         except BaseException as exc:  # never let the thread die silently
             logger.exception("embedding runner thread failed")
-            error = RunnerError(f"the embedding runner failed: {exc}")
+            self.failure = str(exc) or type(exc).__name__
+            error = RunnerError(f"the embedding runner failed: {self.failure}; retry to load it again")
             with self._cond:
                 self._stopping = True
                 for handle in list(self._pending) + self._in_flight:

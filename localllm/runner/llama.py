@@ -20,7 +20,7 @@ from ..errors import InvalidFormat, LocalLLMError, ModelLoadError
 if TYPE_CHECKING:
     from .protocol import LoadConfig
 
-__all__ = ["Batch", "LlamaContext", "LlamaModel", "SamplerChain", "ensure_backend"]
+__all__ = ["Batch", "LlamaContext", "LlamaModel", "SamplerChain", "ensure_backend", "repack_default", "repack_is_safe"]
 
 logger = logging.getLogger("localllm.llama_cpp")
 
@@ -58,6 +58,48 @@ def ensure_backend() -> None:
         _backend_ready = True
 
 
+def _cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags as Linux reports them; None where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return None
+
+
+def repack_is_safe(system_info: str, cpu_flags: frozenset[str] | None) -> bool:
+    """Whether llama.cpp's extra CPU buffer types can be used without risk to the process.
+
+    They hold weights in layouts for faster matmuls: the repacked ones (AVX2/AVX-512/NEON), and AMX
+    tiles when ggml was built with AMX kernels (a native build on an AMX CPU). The vendored ggml's
+    AMX matmul runs tile instructions on threads whose tile state it never configured, which traps
+    (SIGILL) and kills the host process. llama.cpp prefers AMX over repacking and can only turn both
+    off together, so both go where AMX could be picked: a build with AMX kernels on a CPU with AMX
+    (or one whose flags cannot be read).
+    """
+    build_has_amx = "AMX_INT8 = 1" in system_info
+    cpu_has_amx = cpu_flags is None or "amx_tile" in cpu_flags
+    return not (build_has_amx and cpu_has_amx)
+
+
+_repack_default: bool | None = None
+
+
+def repack_default() -> bool:
+    """`repack_is_safe` for this process's llama.cpp build and CPU (computed once)."""
+    global _repack_default
+    if _repack_default is None:
+        ensure_backend()
+        info = (llama_cpp.llama_print_system_info() or b"").decode("utf-8", errors="replace")
+        _repack_default = repack_is_safe(info, _cpu_flags())
+        if not _repack_default:
+            logger.info("weight repacking is off: this llama.cpp build would use AMX kernels on this CPU")
+    return _repack_default
+
+
 def default_threads() -> int:
     """Physical cores are what matter for decoding; without that count use all CPUs."""
     try:
@@ -78,10 +120,12 @@ class LlamaModel:
         tensor_split: Sequence[float] | None = None,
         use_mmap: bool = True,
         use_mlock: bool = False,
+        repack: bool | None = None,
     ) -> None:
         ensure_backend()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        params.use_extra_bufts = repack_default() if repack is None else repack
         params.main_gpu = main_gpu
         params.load_mode = {
             (True, False): llama_cpp.LLAMA_LOAD_MODE_MMAP,
@@ -123,6 +167,7 @@ class LlamaModel:
             tensor_split=tensor_split,
             use_mmap=config.use_mmap,
             use_mlock=config.use_mlock,
+            repack=config.repack,
         )
 
     # -- vocabulary -------------------------------------------------------------

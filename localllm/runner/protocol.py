@@ -38,6 +38,7 @@ class LoadConfig:
     kv_cache_type: str = attrs.field(default="f16", validator=attrs.validators.in_(KV_CACHE_TYPES))
     adapters: tuple[str, ...] = ()
     flash_attention: bool = False
+    repack: bool | None = None  # llama.cpp's extra CPU weight layouts; None: where known to be safe
 
 
 @attrs.frozen

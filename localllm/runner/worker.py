@@ -87,6 +87,8 @@ class Runner:
         self._pending: deque[SequenceHandle] = deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._closed = False
+        self.failure: str | None = None  # why the worker died, once it has
         self._thread = threading.Thread(target=self._run, name=f"localllm-runner-{id(self):x}", daemon=True)
         self._thread.start()
 
@@ -142,11 +144,18 @@ class Runner:
     def busy(self) -> bool:
         return bool(self._pending) or self.active_count > 0
 
+    @property
+    def healthy(self) -> bool:
+        """False once the worker thread has died: the scheduler replaces such a runner."""
+        return self.failure is None and self._thread.is_alive()
+
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         return self.model.tokenize(text, add_special=add_special, parse_special=True)
 
     def submit(self, prompt: list[int], params: SamplingParams) -> SequenceHandle:
         """Queue a sequence. Call from the event loop (the handle's mailbox binds to it)."""
+        if self.failure is not None:
+            raise RunnerError(f"the runner failed: {self.failure}; retry to load it again")
         if self._stopping:
             raise EngineClosed("this model has been unloaded")
         if not prompt:
@@ -174,9 +183,9 @@ class Runner:
     def close(self) -> None:
         """Stop the worker, fail what is still queued, and free every llama.cpp handle."""
         with self._cond:
-            if self._stopping and not self._thread.is_alive():
+            if self._closed:
                 return
-            self._stopping = True
+            self._closed = self._stopping = True
             self._cond.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join()
@@ -210,10 +219,13 @@ class Runner:
                 self._step()
         except BaseException as exc:  # never let the thread die silently
             logger.exception("runner thread failed")
-            error = RunnerError(f"the runner failed: {exc}")
+            self.failure = str(exc) or type(exc).__name__
+            error = RunnerError(f"the runner failed: {self.failure}; retry to load it again")
             for slot in self.slots:
                 if slot.active is not None:
                     slot.active.handle.mailbox.put(error)
+                    slot.active.handle.finished = True
+                    slot.active.sampler.close()
                     slot.active = None
             with self._cond:
                 self._stopping = True
@@ -323,6 +335,8 @@ class Runner:
         if batch.n_tokens == 0:
             return
         status = self.context.decode(batch)
+        if status < 0:  # llama.cpp's own error: the context cannot be trusted any more
+            raise RunnerError(f"llama_decode returned {status}")
         if status != 0:
             self._fail_batch(actives, status)
             return
@@ -385,7 +399,7 @@ class Runner:
                 active.handle.finished = True
 
     def _fail_batch(self, actives: list[_Active], status: int) -> None:
-        reason = "the context is full" if status == 1 else f"llama_decode returned {status}"
+        reason = "the context is full" if status == 1 else "decoding was aborted"
         error = RunnerError(f"decoding failed: {reason}")
         for active in actives:
             self.context.seq_rm(active.slot.seq_id, 0)

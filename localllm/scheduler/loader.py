@@ -53,6 +53,7 @@ class RunnerFactory:
             embeddings=embeddings,
             kv_cache_type=self.settings.kv_cache_type,
             flash_attention=self.settings.flash_attention,
+            repack=self.settings.repack,
             adapters=tuple(str(p) for p in getattr(resolved, "adapters", ()) or ()),
         )
 

@@ -46,6 +46,9 @@ class RunnerLike(Protocol):
     def busy(self) -> bool: ...
 
     @property
+    def healthy(self) -> bool: ...
+
+    @property
     def pending_count(self) -> int: ...
 
     def close(self) -> None: ...
@@ -75,6 +78,14 @@ class LoadedModel:
         else:
             self.expires_at = time.monotonic() + self.keep_alive
             self.expires_wall = time.time() + self.keep_alive
+
+
+@attrs.define(eq=False)
+class _Loading:
+    """A load in flight: what it reserved, and an event set when it is over (loaded or failed)."""
+
+    need: int
+    done: anyio.Event = attrs.field(factory=anyio.Event)
 
 
 @attrs.define(eq=False)
@@ -119,6 +130,7 @@ class Scheduler:
         self.max_loaded = max_loaded
         self.max_queue = max_queue
         self.loaded: dict[Any, LoadedModel] = {}
+        self._loading: dict[Any, _Loading] = {}
         self.load_count = 0
         self._waiting = 0
         self._lock = anyio.Lock()
@@ -151,21 +163,65 @@ class Scheduler:
 
     async def _acquire(self, key: Any, *, name: str, keep_alive: float, describe: dict[str, Any]) -> Lease:
         while True:
+            if self._closed:
+                raise EngineClosed("the engine is closed")
+            await self.forget_failed()
+            model = self.loaded.get(key)
+            if model is not None and not model.closing:
+                return self._lend(model, keep_alive, load_duration=0)
+            loading = self._loading.get(key)
+            if loading is not None:  # someone else is loading it: share their runner
+                await loading.done.wait()
+                continue
+            # Room decisions are made one at a time; the load itself runs outside the lock, so
+            # requests for runners already loaded never wait on it.
             async with self._lock:
-                model = self.loaded.get(key)
-                if model is not None and not model.closing:
-                    return self._lend(model, keep_alive, load_duration=0)
-                if await self._make_room(key):
-                    started = time.perf_counter()
-                    runner, size, size_vram, info = await anyio.to_thread.run_sync(self._loader, key)
-                    self.load_count += 1
-                    info = {**describe, **info}
-                    model = LoadedModel(key=key, name=name, runner=runner, size=size, size_vram=size_vram, info=info)
-                    self.loaded[key] = model
-                    logger.info("loaded %s (%d bytes, %d in VRAM)", name, size, size_vram)
-                    return self._lend(model, keep_alive, load_duration=int((time.perf_counter() - started) * 1e9))
+                if key in self.loaded or key in self._loading:
+                    continue
+                need = await self._make_room(key)
+                if need is not None:
+                    loading = self._loading[key] = _Loading(need)
                 changed = self._changed
-            await changed.wait()  # busy runners hold the room we need: wait for one to finish
+            if loading is None:
+                await changed.wait()  # busy runners hold the room we need: wait for one to finish
+                continue
+            return await self._load(key, loading, name=name, keep_alive=keep_alive, describe=describe)
+
+    async def _load(
+        self, key: Any, loading: _Loading, *, name: str, keep_alive: float, describe: dict[str, Any]
+    ) -> Lease:
+        """Load a runner for `key` in a worker thread, and record it unless the engine closed meanwhile."""
+        started = time.perf_counter()
+        try:
+            # Shielded: a cancelled caller must not leave a loaded runner that nobody records.
+            with anyio.CancelScope(shield=True):
+                runner, size, size_vram, info = await anyio.to_thread.run_sync(self._loader, key)
+                if self._closed:
+                    await anyio.to_thread.run_sync(runner.close)
+                    raise EngineClosed("the engine was closed while the model was loading")
+                self.load_count += 1
+                model = LoadedModel(
+                    key=key, name=name, runner=runner, size=size, size_vram=size_vram, info={**describe, **info}
+                )
+                self.loaded[key] = model
+                logger.info("loaded %s (%d bytes, %d in VRAM)", name, size, size_vram)
+                lease = self._lend(model, keep_alive, load_duration=int((time.perf_counter() - started) * 1e9))
+        finally:
+            del self._loading[key]
+            loading.done.set()
+            self._notify()
+        return lease
+
+    async def forget_failed(self) -> None:
+        """Unload runners whose worker died: their requests already failed, and the next one loads afresh."""
+        for model in [m for m in self.loaded.values() if not m.closing and not m.runner.healthy]:
+            logger.warning("dropping %s: its runner failed", model.name)
+            await self._unload(model)
+
+    async def running(self) -> list[LoadedModel]:
+        """The healthy loaded runners, oldest first."""
+        await self.forget_failed()
+        return sorted((m for m in self.loaded.values() if not m.closing), key=lambda m: m.loaded_at)
 
     def _lend(self, model: LoadedModel, keep_alive: float, *, load_duration: int) -> Lease:
         model.users += 1
@@ -187,12 +243,13 @@ class Scheduler:
         model.stamp_expiry()
         self._notify()
 
-    async def _make_room(self, key: Any) -> bool:
-        """Evict idle runners until `key` fits; False if it must wait for busy ones."""
+    async def _make_room(self, key: Any) -> int | None:
+        """Evict idle runners until `key` fits: the bytes it needs, or None if it must wait for busy ones."""
         need, budget = 0, None
+        reserved = sum(loading.need for loading in self._loading.values())  # loads in flight are not yet counted
         if self._sizer is not None and self._memory_budget is not None:
             need, _vram = await anyio.to_thread.run_sync(self._sizer, key)
-            budget = self._memory_budget()
+            budget = self._memory_budget() - reserved
             if need > budget + sum(m.size for m in self.loaded.values()):
                 raise InsufficientMemory(
                     f"the model needs {_gib(need)} but only {_gib(budget)} of memory is available "
@@ -200,7 +257,7 @@ class Scheduler:
                 )
 
         def fits() -> bool:
-            if len(self.loaded) >= self.max_loaded:
+            if len(self.loaded) + len(self._loading) >= self.max_loaded:
                 return False
             if budget is not None:
                 return need <= budget
@@ -209,12 +266,12 @@ class Scheduler:
         while not fits():
             idle = [m for m in self.loaded.values() if m.users == 0 and not m.closing]
             if not idle:
-                return False
+                return None
             victim = min(idle, key=lambda m: (m.keep_alive, m.loaded_at))
             await self._unload(victim)
             if budget is not None and self._memory_budget is not None:
-                budget = self._memory_budget()
-        return True
+                budget = self._memory_budget() - reserved
+        return need
 
     def _take_expired(self) -> list[LoadedModel]:
         """expired (in the event loop, called by the reaper): detach idle runners whose time is up."""
@@ -267,9 +324,15 @@ class Scheduler:
         return count
 
     async def close(self) -> None:
-        """Unload everything and join every worker thread (the reaper's too)."""
+        """Unload everything and join every worker thread (the reaper's too).
+
+        Loads in flight finish first and are closed straight away: nothing is left running.
+        """
         self._closed = True
+        self._notify()  # requests waiting for room see the engine closed
         with anyio.CancelScope(shield=True):
+            while self._loading:
+                await next(iter(self._loading.values())).done.wait()
             if self._reaper is not None:
                 await anyio.to_thread.run_sync(self._reaper.stop)
             for model in list(self.loaded.values()):
