@@ -200,11 +200,11 @@ async def open_generate(engine: Engine, request: GenerateRequest) -> Job[Generat
         if request.raw:
             text, grammar = request.prompt, _grammar_for(request.format)
         else:
-            from .chat.prompt import prepare_chat
+            from .chat.prompt import prepare_chat_in_thread
 
             template = model_template(lease, resolved)
             if request.template:
-                template = load_template(request.template)
+                template = await anyio.to_thread.run_sync(load_template, request.template)
             system = request.system if request.system is not None else getattr(resolved, "system", None)
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": request.prompt}
@@ -213,9 +213,10 @@ async def open_generate(engine: Engine, request: GenerateRequest) -> Job[Generat
                 render_suffix = getattr(template, "render_suffix", None)
                 if render_suffix is None or not getattr(template, "supports_suffix", False):
                     raise CapabilityError("this model does not support insert (a prompt with a suffix)")
-                text, grammar = render_suffix(request.prompt, request.suffix), _grammar_for(request.format)
+                text = await anyio.to_thread.run_sync(render_suffix, request.prompt, request.suffix)
+                grammar = _grammar_for(request.format)
             else:
-                prepared = prepare_chat(template, messages, think=request.think, format=request.format)
+                prepared = await prepare_chat_in_thread(template, messages, think=request.think, format=request.format)
                 text, grammar = prepared.prompt, prepared.grammar
                 if prepared.thinking_tags:
                     parser = prepared.parser()
@@ -268,7 +269,7 @@ def _chat_chunk(name: str, thinking: str, content: str, calls: list[ToolCall]) -
 
 
 async def open_chat(engine: Engine, request: ChatRequest) -> Job[ChatResponse]:
-    from .chat.prompt import prepare_chat
+    from .chat.prompt import prepare_chat_in_thread
     from .tools import normalize_tools
 
     started = time.perf_counter()
@@ -292,7 +293,7 @@ async def open_chat(engine: Engine, request: ChatRequest) -> Job[ChatResponse]:
     try:
         template = model_template(lease, resolved)
         messages = [m.to_template_dict() for m in _with_model_messages(resolved, request.messages)]
-        prepared = prepare_chat(
+        prepared = await prepare_chat_in_thread(
             template, messages, tools=tools, tool_choice=request.tool_choice, think=request.think,
             format=request.format,
         )

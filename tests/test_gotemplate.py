@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from localllm.chat import TemplateLimits
 from localllm.chat.gotemplate import GoTemplate, go_format_float, go_json
 from localllm.errors import TemplateError
 
@@ -547,12 +548,13 @@ def test_parse_errors_name_the_position(source: str, message: str) -> None:
 
 def test_execution_is_bounded() -> None:
     with pytest.raises(TemplateError, match="steps"):
-        GoTemplate("{{ range 1000000000 }}{{ end }}", max_steps=10_000).execute({})
+        GoTemplate("{{ range 1000000000 }}{{ end }}", limits=TemplateLimits(max_steps=10_000)).execute({})
     with pytest.raises(TemplateError, match="steps"):
         nested = "{{ range 100 }}{{ range 100 }}{{ range 100 }}{{ end }}{{ end }}{{ end }}"
-        GoTemplate(nested, max_steps=10_000).execute({})
-    with pytest.raises(TemplateError, match="output exceeds"):
-        GoTemplate("{{ range 100 }}{{ range 100 }}xxxxxxxxxx{{ end }}{{ end }}", max_output=5_000).execute({})
+        GoTemplate(nested, limits=TemplateLimits(max_steps=10_000)).execute({})
+    with pytest.raises(TemplateError, match="output limit"):
+        many = "{{ range 100 }}{{ range 100 }}xxxxxxxxxx{{ end }}{{ end }}"
+        GoTemplate(many, limits=TemplateLimits(max_output=5_000)).execute({})
     recursive = '{{ define "r" }}{{ template "r" . }}{{ end }}{{ template "r" . }}'
     with pytest.raises(TemplateError, match="depth"):
         GoTemplate(recursive).execute({})

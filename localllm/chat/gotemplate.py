@@ -19,8 +19,8 @@ the way Ollama's `template.Execute` does:
   model's answer begins.
 
 Templates are untrusted input: every failure is a `TemplateError` naming the
-line and column, execution is bounded in steps, output size and depth, and
-nothing reaches the host beyond the values passed in.
+line and column, execution runs under `TemplateLimits` (time, steps, output)
+and a depth limit, and nothing reaches the host beyond the values passed in.
 """
 
 from __future__ import annotations
@@ -31,18 +31,17 @@ import math
 import re
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from decimal import Decimal
 from typing import Any
 
 import attrs
 
 from ..errors import TemplateError
-from .template import ChatTemplate
+from .template import ChatTemplate, RenderBudget, TemplateLimits, current_budget, render_budget
 
 __all__ = ["GoTemplate", "GoTemplateError", "parse_go_template"]
 
-MAX_OUTPUT_CHARS = 16 * 1024 * 1024
-MAX_STEPS = 2_000_000
 MAX_TEMPLATE_DEPTH = 64
 MAX_PARSE_DEPTH = 200
 
@@ -296,16 +295,23 @@ def _parse_number(src: _Source, text: str, pos: int) -> int | float:
         if low.startswith("0x"):
             if "." in low or "p" in low:
                 return sign * float.fromhex(body)
-            return sign * int(body, 16)
-        if low.startswith("0b"):
-            return sign * int(body[2:], 2)
-        if low.startswith("0o"):
-            return sign * int(body[2:], 8)
-        if any(c in low for c in ".e"):
+            number = int(body, 16)
+        elif low.startswith("0b"):
+            number = int(body[2:], 2)
+        elif low.startswith("0o"):
+            number = int(body[2:], 8)
+        elif any(c in low for c in ".e"):
             return sign * float(body)
-        if len(body) > 1 and body.startswith("0"):
-            return sign * int(body, 8)
-        return sign * int(body)
+        elif len(body) > 1 and body.startswith("0"):
+            number = int(body, 8)
+        else:
+            number = int(body)
+        if number >= 1 << 64:  # Go keeps integers in 64 bits; a longer decimal constant is a float
+            as_float = float(body) if body.isdigit() else math.inf
+            if math.isinf(as_float):
+                raise ValueError(text)
+            return sign * as_float
+        return sign * number
     except ValueError:
         raise src.error(pos, f"bad number syntax: {text!r}") from None
 
@@ -1010,6 +1016,9 @@ def _go_sprintf(fmt: str, args: list[Any]) -> str:
         if prec == "*":
             prec = str(args[argi]) if argi < len(args) and isinstance(args[argi], int) else None
             argi += 1
+        for size in (width, prec):
+            if size:  # refused before formatting: a width alone can ask for gigabytes
+                current_budget().check_size(abs(int(size)))
         if argi >= len(args):
             out.append(f"%!{verb}(MISSING)")
             continue
@@ -1084,23 +1093,12 @@ _MISSING: Any = object()
 
 
 class _State:
-    def __init__(
-        self,
-        src: _Source,
-        defines: dict[str, ListNode],
-        root: Any,
-        *,
-        max_output: int = MAX_OUTPUT_CHARS,
-        max_steps: int = MAX_STEPS,
-    ) -> None:
+    def __init__(self, src: _Source, defines: dict[str, ListNode], root: Any, budget: RenderBudget) -> None:
         self.src = src
-        self.max_output = max_output
-        self.max_steps = max_steps
+        self.budget = budget
         self.defines = defines
         self.vars: list[list[Any]] = [["$", root]]
         self.out: list[str] = []
-        self.size = 0
-        self.steps = 0
         self.depth = 0
         self.node: Node | None = None
 
@@ -1111,16 +1109,18 @@ class _State:
         return self.src.error(at.pos, f"executing: {message}")
 
     def write(self, text: str) -> None:
-        self.size += len(text)
-        if self.size > self.max_output:
-            raise self.error(f"output exceeds {self.max_output} characters")
+        try:
+            self.budget.write(len(text))
+        except TemplateError as exc:
+            raise self.error(str(exc)) from None
         self.out.append(text)
 
     def step(self, node: Node) -> None:
         self.node = node
-        self.steps += 1
-        if self.steps > self.max_steps:
-            raise self.error(f"execution exceeds {self.max_steps} steps")
+        try:
+            self.budget.step()
+        except TemplateError as exc:
+            raise self.error(str(exc)) from None
 
     # variables ------------------------------------------------------------------------------------------------
 
@@ -1191,9 +1191,9 @@ class _State:
             elif isinstance(value, int) and not isinstance(value, bool):
                 if len(pipe.decl) > 1:
                     raise self.error(f"can't use {value} to iterate over more than one variable", node)
-                if value > self.max_steps:
-                    raise self.error(f"range over {value} exceeds {self.max_steps} steps", node)
-                items = iter([(i, i) for i in range(max(value, 0))])
+                if value > self.budget.limits.max_steps:
+                    raise self.error(str(self.budget.limits.exceeded("max_steps", f"ranges over {value:,}")), node)
+                items = ((i, i) for i in range(value))
             else:
                 raise self.error(f"range can't iterate over {go_fmt(value)}", node)
             ran = False
@@ -1378,8 +1378,8 @@ class _State:
                 want = str(lo) if hi == lo else f"at least {lo}" if hi is None else f"{lo} to {hi}"
                 raise self.error(f"wrong number of args for {name}: want {want} got {len(args)}", ident)
         try:
-            return fn(args)
-        except _FuncError as exc:
+            return self.budget.checked(fn(args))
+        except (_FuncError, TemplateError) as exc:
             raise self.error(f"error calling {name}: {exc}", ident) from None
 
 
@@ -2048,8 +2048,7 @@ class GoTemplate(ChatTemplate):
     """An Ollama (Go text/template) chat template, rendered as Ollama renders it."""
 
     source: str
-    max_output: int = attrs.field(default=MAX_OUTPUT_CHARS, kw_only=True)
-    max_steps: int = attrs.field(default=MAX_STEPS, kw_only=True)
+    limits: TemplateLimits | None = attrs.field(default=None, kw_only=True)  # None: `TemplateLimits()` per render
     _src: _Source = attrs.field(init=False, repr=False)
     _root: ListNode = attrs.field(init=False, repr=False)
     _defines: dict[str, ListNode] = attrs.field(init=False, repr=False)
@@ -2113,15 +2112,22 @@ class GoTemplate(ChatTemplate):
     # rendering ------------------------------------------------------------------------------------------------
 
     def execute(self, values: Mapping[str, Any], *, root: ListNode | None = None) -> str:
-        """Run the template on a values map (already in template shape)."""
-        state = _State(self._src, self._defines, values, max_output=self.max_output, max_steps=self.max_steps)
-        try:
-            state.walk(values, root if root is not None else self._root)
-        except (_Break, _Continue):  # pragma: no cover - the parser only allows these inside range
-            raise state.error("break or continue outside range") from None
-        except RecursionError:
-            raise state.error("template nested too deeply") from None
-        return "".join(state.out)
+        """Run the template on a values map (already in template shape), under the template's limits.
+
+        Within a render (legacy templates run once per turn) every run spends the render's one budget.
+        """
+        with self._budget() as budget:
+            state = _State(self._src, self._defines, values, budget)
+            try:
+                state.walk(values, root if root is not None else self._root)
+            except (_Break, _Continue):  # pragma: no cover - the parser only allows these inside range
+                raise state.error("break or continue outside range") from None
+            except RecursionError:
+                raise state.error("template nested too deeply") from None
+            return "".join(state.out)
+
+    def _budget(self) -> AbstractContextManager[RenderBudget]:
+        return render_budget(self.limits if self.limits is not None else TemplateLimits())
 
     def render(
         self,
@@ -2136,16 +2142,17 @@ class GoTemplate(ChatTemplate):
         msgs = [m if isinstance(m, Mapping) else m.to_template_dict() for m in messages]
         system, collated = collate(msgs)
         thinking = _think_values(think)
-        if self.uses_messages:
-            values: dict[str, Any] = {
-                "System": system,
-                "Messages": GoList(_message_value(m, content) for m, content in collated),
-                "Tools": _tools_value(list(tools) if tools is not None else None),
-                "Response": "",
-                **thinking,
-            }
-            return self.execute(values)
-        return self._render_legacy(collated, thinking)
+        with self._budget():
+            if self.uses_messages:
+                values: dict[str, Any] = {
+                    "System": system,
+                    "Messages": GoList(_message_value(m, content) for m, content in collated),
+                    "Tools": _tools_value(list(tools) if tools is not None else None),
+                    "Response": "",
+                    **thinking,
+                }
+                return self.execute(values)
+            return self._render_legacy(collated, thinking)
 
     def _render_legacy(self, collated: list[tuple[Mapping[str, Any], str]], thinking: dict[str, Any]) -> str:
         out: list[str] = []

@@ -13,10 +13,12 @@ This is where tools, thinking and structured outputs meet the template:
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import anyio
 import attrs
 
 from ..errors import CapabilityError, InvalidRequest
@@ -26,7 +28,7 @@ from .template import ChatTemplate, JinjaTemplate
 from .thinking import prompt_opens_thinking
 from .tools import ChatOutputParser
 
-__all__ = ["PreparedChat", "prepare_chat"]
+__all__ = ["PreparedChat", "prepare_chat", "prepare_chat_in_thread"]
 
 TOOL_CHOICES = ("auto", "none", "required")
 
@@ -142,3 +144,22 @@ def prepare_chat(
         thinking_tags=tags,
         starts_inside_thinking=bool(tags) and prompt_opens_thinking(prompt, tags[0]) if tags else False,
     )
+
+
+async def prepare_chat_in_thread(
+    template: ChatTemplate,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    tools: Sequence[Mapping[str, Any]] = (),
+    tool_choice: Any = None,
+    think: bool | str | None = None,
+    format: Any = None,
+) -> PreparedChat:
+    """`prepare_chat` in a worker thread: a template is untrusted code, and its render must never stall the event loop.
+
+    The render stops itself at its `TemplateLimits`; cancelling waits for that, since a thread cannot be killed.
+    """
+    prepare = functools.partial(
+        prepare_chat, template, messages, tools=tools, tool_choice=tool_choice, think=think, format=format
+    )
+    return await anyio.to_thread.run_sync(prepare)
