@@ -99,9 +99,9 @@ async def localllm_figures(path: Path) -> dict[str, float]:
 
 
 def reference_figures(path: Path) -> tuple[float, list[list[float]]]:
-    from llama_cpp import Llama
+    from localllm.runner.llama import reference_llama
 
-    llm = Llama(str(path), embedding=True, n_ctx=512, n_batch=512, n_threads=THREADS, verbose=False)
+    llm = reference_llama(str(path), embedding=True, n_ctx=512, n_batch=512, n_threads=THREADS, verbose=False)
     try:
         llm.embed(SENTENCES[:4])
         times = []

@@ -70,9 +70,9 @@ def reference_stream(llm, prompt: str, start: float) -> tuple[float, float, int]
 
 
 def bench_reference(path: Path, flash_attention: bool) -> dict[str, float]:
-    from llama_cpp import Llama
+    from localllm.runner.llama import reference_llama
 
-    llm = Llama(
+    llm = reference_llama(
         str(path), n_ctx=NUM_CTX, n_threads=THREADS, n_threads_batch=THREADS, n_batch=512,
         flash_attn=flash_attention, verbose=False,
     )

@@ -20,10 +20,10 @@ async def collect(stream: localllm.ResponseStream) -> list:
 
 
 async def test_raw_generate_matches_llama_cpp_python(smollm2_path: Path, home: Path) -> None:
-    from llama_cpp import Llama
+    from localllm.runner.llama import reference_llama
 
     prompt = "Once upon a time, in a land far away, there lived"
-    reference_model = Llama(str(smollm2_path), n_ctx=2048, n_threads=2, n_batch=512, verbose=False)
+    reference_model = reference_llama(str(smollm2_path), n_ctx=2048, n_threads=2, n_batch=512, verbose=False)
     reference = reference_model.create_completion(prompt, max_tokens=32, temperature=0, repeat_penalty=1.0)
     reference_tokens = reference_model.tokenize(reference["choices"][0]["text"].encode(), add_bos=False, special=True)
     del reference_model

@@ -20,7 +20,16 @@ from ..errors import InvalidFormat, LocalLLMError, ModelLoadError
 if TYPE_CHECKING:
     from .protocol import LoadConfig
 
-__all__ = ["Batch", "LlamaContext", "LlamaModel", "SamplerChain", "ensure_backend", "repack_default", "repack_is_safe"]
+__all__ = [
+    "Batch",
+    "LlamaContext",
+    "LlamaModel",
+    "SamplerChain",
+    "ensure_backend",
+    "reference_llama",
+    "repack_default",
+    "repack_is_safe",
+]
 
 logger = logging.getLogger("localllm.llama_cpp")
 
@@ -98,6 +107,28 @@ def repack_default() -> bool:
         if not _repack_default:
             logger.info("weight repacking is off: this llama.cpp build would use AMX kernels on this CPU")
     return _repack_default
+
+
+def reference_llama(path: str, **kwargs: Any) -> Any:
+    """llama-cpp-python's high-level `Llama`, with weights in the layouts `repack_default` picks.
+
+    `Llama` always asks for llama.cpp's extra weight layouts, AMX included; the tests and benchmarks
+    compare against it through this, so a reference run cannot kill the process either.
+    """
+    from llama_cpp import llama_cpp as low_level
+
+    default_params = low_level.llama_model_default_params
+
+    def params() -> Any:
+        value = default_params()
+        value.use_extra_bufts = repack_default()
+        return value
+
+    low_level.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(path, **kwargs)
+    finally:
+        low_level.llama_model_default_params = default_params
 
 
 def default_threads() -> int:
