@@ -41,8 +41,18 @@ def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def tiny_gguf(*, seed: int = 0, rows: int = 32, chat_template: str | None = None, file_type: int = 15) -> bytes:
-    """A small but valid llama GGUF: metadata, a vocabulary and two tensors (3 KiB + 64 bytes a row)."""
+def tiny_gguf(
+    *,
+    seed: int = 0,
+    rows: int = 32,
+    chat_template: str | None = None,
+    file_type: int = 15,
+    tokens: Sequence[str] | None = None,
+) -> bytes:
+    """A small llama GGUF: metadata, a vocabulary and two tensors (3 KiB + 64 bytes a row).
+
+    It is valid unless `tokens` (the vocabulary, 32 tokens "t<i>" by default) makes it not.
+    """
     import gguf
     import numpy as np
 
@@ -58,7 +68,7 @@ def tiny_gguf(*, seed: int = 0, rows: int = 32, chat_template: str | None = None
         writer.add_head_count(2)
         writer.add_file_type(file_type)
         writer.add_tokenizer_model("gpt2")
-        writer.add_token_list([f"t{i}" for i in range(32)])
+        writer.add_token_list(list(tokens) if tokens is not None else [f"t{i}" for i in range(32)])
         if chat_template is not None:
             writer.add_chat_template(chat_template)
         writer.add_tensor("token_embd.weight", rng.standard_normal((rows, 16)).astype(np.float32))

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import pytest
 
 from localllm.errors import InvalidModelFile
 from localllm.gguf import is_gguf, read_info, validate_bytes, validate_file
-from localllm.gguf.validate import parse_file
+from localllm.gguf.validate import open_gguf
 
 # ---------------------------------------------------------------------------------------------------------------
 # A tiny GGUF writer that can also write what GGUFWriter refuses to (wrong counts, types, offsets, ...).
@@ -211,6 +212,8 @@ def test_gguf_writer_models_pass(tmp_path: Path) -> None:
             writer.add_token_merges(["a b"])
         writer.add_bos_token_id(1)
         writer.add_eos_token_id(2)
+        if model == "bert":
+            writer.add_sep_token_id(3)
         writer.add_chat_template("{{ messages }}")
         writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 32), dtype=np.float32))
         writer.add_tensor("blk.0.attn_norm.weight", np.ones(32, dtype=np.float32))
@@ -324,6 +327,59 @@ def test_huge_array_lengths(tmp_path: Path) -> None:
     rejects(tmp_path, build(extra=[numbers]), "claims 1048576 uint64 elements (8388608 bytes)")
     strings = kv("general.x", ARR, struct.pack("<IQ", STR, 1 << 29))
     rejects(tmp_path, build(extra=[strings]), f"claims {1 << 29} strings")
+
+
+def test_declared_counts_beyond_the_file_are_refused_before_allocating(tmp_path: Path) -> None:
+    """A count is compared with the bytes left in the file before anything is allocated for it."""
+    for array, message in [
+        (struct.pack("<IQ", STR, 1 << 29), f"claims {1 << 29} strings"),  # needs 8 bytes each
+        (struct.pack("<IQ", U64, 1 << 27), "claims 134217728 uint64 elements"),
+        (struct.pack("<IQ", U8, 1 << 30), "claims 1073741824 uint8 elements"),
+    ]:
+        path = write(tmp_path, build(extra=[kv("general.x", ARR, array)]))
+        tracemalloc.start()
+        try:
+            with pytest.raises(InvalidModelFile, match=message):
+                validate_file(path)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1 << 20, (message, peak)
+    head = build(n_kv=1 << 40)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidModelFile, match="metadata entries"):
+            validate_bytes(head)
+        assert tracemalloc.get_traced_memory()[1] < 1 << 20
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_is_bounded_by_the_metadata_present(tmp_path: Path) -> None:
+    """Two million empty tokens take 16 MB of zero lengths: left as a hole, the file is sparse. llama.cpp names
+    them [EMPTY_<id>]; the validator checks them without holding a name, a list entry or a hash for each."""
+    n_tokens = 2_000_000
+    lengths = struct.pack("<IQ", STR, n_tokens)
+    vocabulary = {
+        "tokenizer.ggml.tokens": kv("tokenizer.ggml.tokens", ARR, lengths + bytes(8 * n_tokens)),
+        "tokenizer.ggml.scores": None,
+        "tokenizer.ggml.token_type": None,
+    }
+    data = build(replace=vocabulary)
+    hole = data.index(lengths) + len(lengths)
+    path = tmp_path / "sparse.gguf"
+    with open(path, "wb") as out:
+        out.write(data[:hole])
+        out.seek(hole + 8 * n_tokens)
+        out.write(data[hole + 8 * n_tokens :])
+    del data
+    tracemalloc.start()
+    try:
+        validate_file(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak  # the file holds 16 MB of metadata; the tokens as a list of bytes took 200 MB
 
 
 def test_bad_keys(tmp_path: Path) -> None:
@@ -466,8 +522,13 @@ def test_duplicate_tokens(tmp_path: Path) -> None:
     )
     # llama.cpp reads token strings up to the first NUL, so these collide too.
     rejects(tmp_path, build(tokens=["<unk>", "<s>", "</s>", "a", "b", b"a\0zz"]), "token 'a' twice (ids 3 and 5)")
-    rejects(tmp_path, build(tokens=["<unk>", "<s>", "</s>", "a", "", "[EMPTY_4]"]), "'[EMPTY_4]' twice")
+    rejects(tmp_path, build(tokens=["<unk>", "<s>", "</s>", "a", "", "[EMPTY_4]"]), "'[EMPTY_4]' twice (ids 4 and 5)")
+    spelled = build(tokens=["<unk>", "<s>", "</s>", "[EMPTY_5]", "b", "\0x"])
+    rejects(tmp_path, spelled, "'[EMPTY_5]' twice (ids 3 and 5)")
     validate_bytes(build(tokens=["<unk>", "<s>", "</s>", "a", "", ""]))  # empty ones get distinct names
+    validate_bytes(build(tokens=["<unk>", "<s>", "</s>", "[EMPTY_3]", "[EMPTY_05]", ""]))  # no empty token 3 or 05
+    many = [f"t{i}" for i in range(5000)]
+    rejects(tmp_path, build(tokens=[*many, "t4321"], tensors=default_tensors(5001)), "'t4321' twice (ids 4321 and")
 
 
 def test_special_token_ids(tmp_path: Path) -> None:
@@ -488,6 +549,53 @@ def test_special_token_ids(tmp_path: Path) -> None:
     validate_bytes(
         build(extra=[kv_u32("tokenizer.ggml.unknown_token_id", 0), kv_u32("tokenizer.ggml.eot_token_id", 5)])
     )
+
+
+def test_tokens_the_tokenizer_adds_must_exist(tmp_path: Path) -> None:
+    """llama.cpp asserts that the BOS/EOS/SEP token it adds to a prompt exists: an id the file names, else the
+    tokenizer's default id, which must then lie inside the vocabulary."""
+    no_ids: dict[str, bytes | None] = {"tokenizer.ggml.bos_token_id": None, "tokenizer.ggml.eos_token_id": None}
+
+    def one_token(*extra: bytes) -> bytes:
+        return build(tokens=["a"], tensors=default_tensors(1), replace=no_ids, extra=list(extra))
+
+    rejects(
+        tmp_path,
+        one_token(),
+        "the 'llama' tokenizer adds a BOS token to every prompt, but tokenizer.ggml.bos_token_id is missing",
+        "default id is 1, outside the vocabulary of 1 tokens",
+    )
+    validate_bytes(one_token(kv_u32("tokenizer.ggml.bos_token_id", 0)))
+    validate_bytes(one_token(kv("tokenizer.ggml.add_bos_token", BOOL, b"\0")))
+    as_int = kv_u32("tokenizer.ggml.add_bos_token", 1)
+    rejects(tmp_path, one_token(as_int), "'tokenizer.ggml.add_bos_token' must be a bool")
+    t5_bos = kv("tokenizer.ggml.add_bos_token", BOOL, b"\1")
+    rejects(
+        tmp_path,
+        build(tokenizer_model="t5", replace=no_ids, extra=[t5_bos]),
+        "the 't5' tokenizer adds a BOS token",
+        "its default id is none",
+    )
+    validate_bytes(build(tokenizer_model="t5", replace=no_ids))  # it adds EOS, default id 1
+    gpt2_eos = kv("tokenizer.ggml.add_eos_token", BOOL, b"\1")
+    rejects(
+        tmp_path,
+        build(tokenizer_model="gpt2", replace=no_ids, extra=[gpt2_eos]),
+        "the 'gpt2' tokenizer adds a EOS token",
+        "its default id is 11, outside the vocabulary of 6 tokens",
+    )
+    bert = build(arch="bert", tokenizer_model="bert")
+    rejects(tmp_path, bert, "the 'bert' tokenizer adds a SEP token", "tokenizer.ggml.seperator_token_id is missing")
+    validate_bytes(build(arch="bert", tokenizer_model="bert", extra=[kv_u32("tokenizer.ggml.seperator_token_id", 2)]))
+
+
+def test_types_llama_cpp_asserts(tmp_path: Path) -> None:
+    """llama.cpp reads these keys of a LoRA adapter with getters that abort on any other type."""
+    rejects(tmp_path, build(extra=[kv_str("adapter.lora.alpha", "8")]), "'adapter.lora.alpha' must be a float32")
+    rejects(tmp_path, build(extra=[kv_u32("adapter.type", 1)]), "'adapter.type' must be a string, but is a uint32")
+    rejects(tmp_path, build(extra=[kv_u32("general.type", 1)]), "'general.type' must be a string")
+    alpha = kv("adapter.lora.alpha", F32, struct.pack("<f", 8.0))
+    validate_bytes(build(extra=[alpha, kv_str("adapter.type", "lora"), kv_str("general.type", "model")]))
 
 
 def test_mismatched_tokenizer_arrays(tmp_path: Path) -> None:
@@ -575,8 +683,8 @@ class FlipOutcome:
 
 @pytest.fixture(scope="module")
 def smollm2_layout(smollm2_path: Path) -> dict[str, int]:
-    parsed = parse_file(smollm2_path)
-    last = max(parsed.tensors, key=lambda t: t.offset)
+    with open_gguf(smollm2_path) as parsed:
+        last = max(parsed.tensors, key=lambda t: t.offset)
     return {
         "size": parsed.file_size,
         "data_offset": parsed.data_offset,

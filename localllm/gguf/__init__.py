@@ -1,7 +1,7 @@
 """Reading and validating GGUF files before llama.cpp ever sees them."""
 
 from localllm.gguf.inspect import GGUFInfo, TensorInfo, file_type_name, human_number, read_info
-from localllm.gguf.validate import is_gguf, validate_bytes, validate_file
+from localllm.gguf.validate import is_gguf, validate_bytes, validate_file, validate_once
 
 __all__ = [
     "GGUFInfo",
@@ -12,4 +12,5 @@ __all__ = [
     "read_info",
     "validate_bytes",
     "validate_file",
+    "validate_once",
 ]

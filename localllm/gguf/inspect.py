@@ -10,7 +10,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from localllm.gguf.validate import KV, T_ARRAY, T_BOOL, T_FLOAT32, T_STRING, ParsedGGUF, parse_file
+from localllm.gguf.validate import KV, T_ARRAY, T_BOOL, T_FLOAT32, T_STRING, ParsedGGUF, open_gguf
 
 __all__ = ["GGUFInfo", "TensorInfo", "file_type_name", "human_number", "read_info"]
 
@@ -260,4 +260,5 @@ def read_info(path: str | os.PathLike[str]) -> GGUFInfo:
 
     Meant for files `validate_file` has accepted; a malformed file raises `InvalidModelFile`.
     """
-    return info_from_parsed(parse_file(path))
+    with open_gguf(path) as parsed:
+        return info_from_parsed(parsed)

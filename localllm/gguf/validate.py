@@ -8,15 +8,27 @@ with a message that names what is wrong, where, and what to do about it.
 
 `validate_file` runs the structural parse and then the semantic checks (architecture, tokenizer, a few
 hyperparameters llama.cpp asserts on). `inspect.read_info` reuses the structural parse only.
+
+Memory stays proportional to the metadata actually present, never to a declared count: string arrays (the
+vocabulary, merges) are not copied out of the mapped file but read in place while it is open (`open_gguf`),
+and duplicate tokens are found from one 8-byte hash per token.
+
+`validate_once` remembers each verdict for one version of a file (device, inode, size, mtime), so a model
+resolved for every request is read once.
 """
 
 from __future__ import annotations
 
+import array
+import contextlib
 import itertools
 import mmap
 import os
 import re
 import struct
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import attrs
@@ -25,7 +37,15 @@ from gguf.constants import GGML_QUANT_SIZES, MODEL_ARCH_NAMES, MODEL_TENSOR, MOD
 
 from localllm.errors import InvalidModelFile
 
-__all__ = ["GGUF_MAGIC", "is_gguf", "validate_bytes", "validate_file"]
+__all__ = [
+    "GGUF_MAGIC",
+    "StringArray",
+    "is_gguf",
+    "open_gguf",
+    "validate_bytes",
+    "validate_file",
+    "validate_once",
+]
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -140,6 +160,12 @@ _ARCHS_WITH_TOKEN_EMBD: frozenset[str] = frozenset(
 # token_type values (llama.cpp's llama_token_type).
 TOKEN_TYPE_BYTE = 6
 _BYTE_TOKEN = re.compile(rb"<0x[0-9A-Fa-f]{2}>\Z")
+_UPPER_BYTE_TOKEN = re.compile(rb"<0x[0-9A-F]{2}>\Z")  # the spelling llama.cpp's byte fallback looks up
+_EMPTY_NAME = re.compile(rb"\[EMPTY_(0|[1-9][0-9]*)\]\Z")  # llama.cpp's name for empty token i
+# Hashes repeated in a vocabulary are confirmed against the tokens themselves this many at a time. hash() of
+# bytes is keyed per process (SipHash), so in practice every repeated hash is a real duplicate and one pass
+# finds it.
+_SUSPECTS_PER_PASS = 1024
 _SPECIAL_ID_KEY = re.compile(r"tokenizer\.ggml\.\w+_token_id\Z")
 
 
@@ -147,12 +173,49 @@ _SPECIAL_ID_KEY = re.compile(r"tokenizer\.ggml\.\w+_token_id\Z")
 # Parsed structure (shared with inspect.py)
 
 
+Buffer = bytes | mmap.mmap
+
+
+class StringArray:
+    """A GGUF array of strings, read where the file holds it (a vocabulary can declare millions).
+
+    The parser has checked every length before making one. Over a mapped file it can be read only while
+    `open_gguf` keeps the file open.
+    """
+
+    __slots__ = ("_buf", "_count", "_start")
+
+    def __init__(self, buf: Buffer, start: int, count: int) -> None:
+        self._buf = buf
+        self._start = start  # where the length of the first string is
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[bytes]:
+        buf = self._buf
+        pos = self._start
+        unpack = _U64.unpack_from
+        for _ in itertools.repeat(None, self._count):
+            (length,) = unpack(buf, pos)
+            start = pos + 8
+            pos = start + length
+            yield buf[start:pos]
+
+    def __getitem__(self, index: int) -> bytes:
+        """The string at `index`, found by walking the array (meant for messages, not for loops)."""
+        if not 0 <= index < self._count:
+            raise IndexError(index)
+        return next(itertools.islice(self, index, None))
+
+
 @attrs.frozen
 class KV:
     """One metadata entry as parsed.
 
     `value` is an int, float, bool or bytes for scalars; for arrays it is a numpy array of numbers (bools as
-    uint8) or a list of bytes (strings).
+    uint8) or a `StringArray`.
     """
 
     key: str
@@ -182,9 +245,6 @@ class ParsedGGUF:
     data_offset: int  # absolute start of the tensor data section
     kv: dict[str, KV]
     tensors: tuple[RawTensor, ...]
-
-
-Buffer = bytes | mmap.mmap
 
 
 class _BeyondPrefix(InvalidModelFile):
@@ -382,32 +442,34 @@ class _Parser:
         self.pos += n_bytes
         return values
 
-    def string_array(self, key: str, count: int) -> list[bytes]:
-        # The hot loop of the parser (vocabularies have up to a few hundred thousand entries): locals only.
+    def string_array(self, key: str, count: int) -> StringArray:
+        # The hot loop of the parser (vocabularies have up to a few hundred thousand entries, a crafted file
+        # millions): locals only, few temporaries, and nothing kept per string: the strings stay in the buffer.
         buf = self.buf
-        pos = self.pos
-        avail = self.avail
+        start = pos = self.pos
+        last_length_at = self.avail - 8
         unpack = _U64.unpack_from
-        out: list[bytes] = [b""] * count
         for i in range(count):
-            if avail - pos < 8:
+            if pos > last_length_at:
                 self.pos = pos
                 self.need(8, f"the length of element {i} of metadata key '{key}'")
             (length,) = unpack(buf, pos)
-            pos += 8
-            if length > avail - pos:
-                self.pos = pos - 8
-                if length > MAX_STRING_LENGTH or length > self.size - pos:
-                    self.fail(
-                        f"element {i} of metadata key '{key}' (offset {pos - 8}) claims a length of {length} bytes, "
-                        f"but only {self.size - pos} bytes of the file (size {self.size}) are left"
-                    )
-                self.pos = pos
-                self.need(length, f"element {i} of metadata key '{key}'")
-            out[i] = bytes(buf[pos : pos + length])
-            pos += length
+            pos += 8 + length
+            if pos > self.avail or length > MAX_STRING_LENGTH:
+                self.string_too_long(key, i, pos - length, length)
         self.pos = pos
-        return out
+        return StringArray(buf, start, count)
+
+    def string_too_long(self, key: str, index: int, pos: int, length: int) -> None:
+        """Fail for element `index` of a string array, whose `length` bytes start at `pos`, or ask for more."""
+        self.pos = pos - 8
+        what = f"element {index} of metadata key '{key}' (offset {pos - 8}) claims a length of {length} bytes"
+        if length > MAX_STRING_LENGTH:
+            self.fail(f"{what} (the limit is {MAX_STRING_LENGTH})")
+        if length > self.size - pos:
+            self.fail(f"{what}, but only {self.size - pos} bytes of the file (size {self.size}) are left")
+        self.pos = pos
+        self.need(length, f"element {index} of metadata key '{key}'")
 
     def alignment(self, kv: dict[str, KV]) -> int:
         entry = kv.get("general.alignment")
@@ -516,26 +578,32 @@ def display_name(path: str | os.PathLike[str]) -> str:
     return os.fspath(path)
 
 
-def parse_file(path: str | os.PathLike[str]) -> ParsedGGUF:
-    """Parse the header, metadata and tensor descriptions of a GGUF file (structural checks only)."""
+@contextlib.contextmanager
+def open_gguf(path: str | os.PathLike[str]) -> Iterator[ParsedGGUF]:
+    """Parse the header, metadata and tensor descriptions of a GGUF file (structural checks only).
+
+    The file stays mapped while the block runs: its string arrays are read from there, not copied.
+    """
     name = display_name(path)
+    with contextlib.ExitStack() as stack:
+        try:
+            handle = stack.enter_context(open(path, "rb"))
+            parsed = _parse_open_file(handle, name, stack)
+        except OSError as exc:
+            raise InvalidModelFile(f"{name}: cannot read the file: {exc.strerror or exc}") from exc
+        yield parsed
+
+
+def _parse_open_file(handle: Any, name: str, stack: contextlib.ExitStack) -> ParsedGGUF:
+    size = os.fstat(handle.fileno()).st_size
+    if size < _HEADER_SIZE:
+        return _Parser(handle.read(), size, name).parse()
     try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size < _HEADER_SIZE:
-                return _Parser(handle.read(), size, name).parse()
-            try:
-                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-            except (OSError, ValueError):
-                return _parse_by_reading(handle, size, name)
-            try:
-                return _Parser(mapped, size, name).parse()
-            finally:
-                mapped.close()
-    except InvalidModelFile:
-        raise
-    except OSError as exc:
-        raise InvalidModelFile(f"{name}: cannot read the file: {exc.strerror or exc}") from exc
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return _parse_by_reading(handle, size, name)
+    stack.callback(mapped.close)
+    return _Parser(mapped, size, name).parse()
 
 
 def _parse_by_reading(handle: Any, size: int, name: str) -> ParsedGGUF:
@@ -652,15 +720,9 @@ def check_tensors(parsed: ParsedGGUF, arch: str) -> None:
         _fail(parsed, f"tensor 'token_embd.weight', which every '{arch}' model needs, is missing", HINT_CORRUPT)
 
 
-def _canonical_tokens(tokens: list[bytes]) -> list[bytes]:
-    """Token strings as llama.cpp sees them: cut at the first NUL, and empty ones renamed."""
-    if all(tokens) and not any(b"\0" in t for t in tokens):
-        return tokens
-    out: list[bytes] = []
-    for index, token in enumerate(tokens):
-        token = token.split(b"\0", 1)[0]
-        out.append(token or b"[EMPTY_%d]" % index)
-    return out
+def _cut_at_nul(token: bytes) -> bytes:
+    """A token string as llama.cpp reads it: a C string, ending at the first NUL."""
+    return token[: token.index(0)] if 0 in token else token  # (an int: no bytes needle to convert)
 
 
 def _show(token: bytes) -> str:
@@ -668,11 +730,133 @@ def _show(token: bytes) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+@attrs.frozen
+class _ByteTokens:
+    """Which bytes a vocabulary can spell on their own: as <0xNN> (upper-case hex) or as the raw byte."""
+
+    hex: frozenset[int]
+    raw: frozenset[int]
+
+
+def _scan_vocabulary(parsed: ParsedGGUF, tokens: StringArray, byte_typed: bytes | None) -> _ByteTokens:
+    """One pass over the vocabulary: the form of byte tokens, the byte tokens there are, and uniqueness.
+
+    `byte_typed[i]` is 1 where token i has the byte type and must read <0xNN>. llama.cpp keys its vocabulary by
+    token string, naming an empty token i "[EMPTY_i]"; a string that appears twice trips its assert that every
+    id has its own key. Uniqueness is checked on one 64-bit hash per non-empty token (8 bytes, however long the
+    token) and one byte per empty one, never on a set of the tokens themselves.
+    """
+    hashes = array.array("q")
+    empty = bytearray(len(tokens))
+    hex_bytes: set[int] = set()
+    raw_bytes: set[int] = set()
+    names_like_empty = False
+    for index, token in enumerate(tokens):
+        if 0 in token:  # (_cut_at_nul, inlined: this loop runs once per token)
+            token = token[: token.index(0)]
+        if not token:
+            empty[index] = 1  # "[EMPTY_<index>]": unlike any other empty one
+            if byte_typed is not None and byte_typed[index]:
+                _fail(parsed, f"byte token {index} is empty, not of the form <0xNN>", HINT_TOKENIZER)
+            continue
+        hashes.append(hash(token))
+        if len(token) == 1:
+            raw_bytes.add(token[0])
+        elif len(token) == 6 and _UPPER_BYTE_TOKEN.match(token):
+            hex_bytes.add(int(token[3:5], 16))
+        elif token.startswith(b"[EMPTY_"):
+            names_like_empty = True
+        if byte_typed is not None and byte_typed[index] and not _BYTE_TOKEN.match(token):
+            _fail(parsed, f"byte token {index} is {_show(token)}, not of the form <0xNN>", HINT_TOKENIZER)
+
+    sorted_hashes = np.frombuffer(hashes, dtype=np.int64)
+    sorted_hashes.sort()
+    repeated = np.unique(sorted_hashes[1:][sorted_hashes[1:] == sorted_hashes[:-1]])
+    del sorted_hashes
+    for batch in range(0, len(repeated), _SUSPECTS_PER_PASS):
+        _find_duplicate(parsed, tokens, frozenset(repeated[batch : batch + _SUSPECTS_PER_PASS].tolist()))
+    if names_like_empty:
+        _find_spelled_empty_name(parsed, tokens, empty)
+    return _ByteTokens(frozenset(hex_bytes), frozenset(raw_bytes))
+
+
+def _find_duplicate(parsed: ParsedGGUF, tokens: StringArray, suspects: frozenset[int]) -> None:
+    """Fail on the first token that repeats an earlier one, among the tokens whose hash is a suspect."""
+    first: dict[bytes, int] = {}
+    for index, token in enumerate(tokens):
+        token = _cut_at_nul(token)
+        if token and hash(token) in suspects:
+            seen = first.setdefault(token, index)
+            if seen != index:
+                _fail(
+                    parsed,
+                    f"the vocabulary has the token {_show(token)} twice (ids {seen} and {index})",
+                    HINT_TOKENIZER,
+                )
+
+
+def _find_spelled_empty_name(parsed: ParsedGGUF, tokens: StringArray, empty: bytearray) -> None:
+    """Fail on a token spelled "[EMPTY_i]" where token i is empty: llama.cpp gives both that name."""
+    for index, token in enumerate(tokens):
+        match = _EMPTY_NAME.match(_cut_at_nul(token))
+        if match is not None and int(match[1]) < len(empty) and empty[int(match[1])]:
+            ids = sorted((index, int(match[1])))
+            _fail(
+                parsed,
+                f"the vocabulary has the token {_show(match[0])} twice (ids {ids[0]} and {ids[1]})",
+                HINT_TOKENIZER,
+            )
+
+
+@attrs.frozen
+class _AddedToken:
+    """A special token llama.cpp's tokenizer puts into every prompt (llama-vocab.cpp's defaults)."""
+
+    name: str  # "bos", "eos", "sep"
+    id_key: str
+    default_id: int | None  # the id llama.cpp falls back to when the file names none
+    added: bool  # whether it is added when tokenizer.ggml.add_<name>_token does not say
+    always: bool = False  # added whatever that flag says
+
+
+_BOS, _EOS, _SEP = "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.seperator_token_id"
+_ADDED_TOKENS: dict[str, tuple[_AddedToken, ...]] = {
+    "llama": (_AddedToken("bos", _BOS, 1, added=True), _AddedToken("eos", _EOS, 2, added=False)),
+    "t5": (_AddedToken("bos", _BOS, None, added=False), _AddedToken("eos", _EOS, 1, added=True)),
+    "gpt2": (_AddedToken("bos", _BOS, 11, added=False), _AddedToken("eos", _EOS, 11, added=False)),
+    "bert": (
+        _AddedToken("bos", _BOS, 101, added=True, always=True),
+        _AddedToken("sep", _SEP, 102, added=True, always=True),
+    ),
+}
+
+
+def check_added_tokens(parsed: ParsedGGUF, model: str | None, n_vocab: int) -> None:
+    """A token the tokenizer adds to every prompt must exist: llama.cpp asserts it does when it tokenizes."""
+    for token in _ADDED_TOKENS.get(model or "", ()):
+        if token.id_key in parsed.kv:  # range-checked with the other special token ids
+            continue
+        if token.default_id is not None and token.default_id < n_vocab:
+            continue
+        flag_key = f"tokenizer.ggml.add_{token.name}_token"
+        flag = parsed.kv.get(flag_key)
+        if flag is not None and flag.type != T_BOOL:
+            _fail(parsed, f"metadata key '{flag_key}' must be a bool, but is a {describe_type(flag)}", HINT_TOKENIZER)
+        if token.always or (flag.value if flag is not None else token.added):
+            default = "none" if token.default_id is None else f"{token.default_id}, outside the vocabulary"
+            _fail(
+                parsed,
+                f"the '{model}' tokenizer adds a {token.name.upper()} token to every prompt, but {token.id_key} is "
+                f"missing and its default id is {default} of {n_vocab} tokens",
+                HINT_TOKENIZER,
+            )
+
+
 def check_tokenizer(parsed: ParsedGGUF) -> None:
     hint = HINT_TOKENIZER
     model_raw = _string_value(parsed, "tokenizer.ggml.model", hint)
     model = model_raw.decode("utf-8", "replace") if model_raw is not None else None
-    tokens: list[bytes] | None = _array_value(parsed, "tokenizer.ggml.tokens", T_STRING, hint)
+    tokens: StringArray | None = _array_value(parsed, "tokenizer.ggml.tokens", T_STRING, hint)
     if tokens is None:
         if model is not None and model not in ("none", "no_vocab"):
             _fail(
@@ -697,40 +881,30 @@ def check_tokenizer(parsed: ParsedGGUF) -> None:
         )
     _array_value(parsed, "tokenizer.ggml.merges", T_STRING, hint)
 
-    canonical = _canonical_tokens(tokens)
-    unique = set(canonical)
-    if len(unique) != n_vocab:
-        first: dict[bytes, int] = {}
-        for index, token in enumerate(canonical):
-            if token in first:
-                _fail(
-                    parsed, f"the vocabulary has the token {_show(token)} twice (ids {first[token]} and {index})", hint
-                )
-            first[token] = index
+    byte_typed: bytes | None = None
+    if token_types is not None:
+        is_byte = token_types == TOKEN_TYPE_BYTE
+        if model == "bert" and is_byte.any():
+            index = int(np.argmax(is_byte))
+            _fail(
+                parsed,
+                f"token {index} ({_show(_cut_at_nul(tokens[index]))}) has the byte type, which a 'bert' "
+                f"(WordPiece) vocabulary cannot have",
+                hint,
+            )
+        if model in ("llama", "t5"):
+            byte_typed = is_byte.tobytes()
+    byte_tokens = _scan_vocabulary(parsed, tokens, byte_typed)
 
     for key in sorted(k for k in parsed.kv if _SPECIAL_ID_KEY.match(k)):
         value = _int_value(parsed, key, hint)
         if value is not None and not 0 <= value < n_vocab:
             _fail(parsed, f"{key} is {value}, outside the vocabulary of {n_vocab} tokens", hint)
 
-    if token_types is not None:
-        byte_ids = np.flatnonzero(token_types == TOKEN_TYPE_BYTE)
-        if model == "bert" and len(byte_ids):
-            _fail(
-                parsed,
-                f"token {int(byte_ids[0])} ({_show(canonical[int(byte_ids[0])])}) has the byte type, which a "
-                f"'bert' (WordPiece) vocabulary cannot have",
-                hint,
-            )
-        if model in ("llama", "t5"):
-            for index in byte_ids.tolist():
-                if not _BYTE_TOKEN.match(canonical[index]):
-                    _fail(parsed, f"byte token {index} is {_show(canonical[index])}, not of the form <0xNN>", hint)
-
-    if model == "llama" and any(b"<0x%02X>" % c in unique for c in range(256)):
+    if model == "llama" and byte_tokens.hex:
         # A byte-fallback vocabulary: llama.cpp looks each byte up (as <0xNN>, else the raw byte) when text has
         # no better token, and a failed lookup there aborts the process.
-        missing = [c for c in range(256) if b"<0x%02X>" % c not in unique and bytes([c]) not in unique]
+        missing = [c for c in range(256) if c not in byte_tokens.hex and c not in byte_tokens.raw]
         if missing:
             _fail(
                 parsed,
@@ -738,6 +912,7 @@ def check_tokenizer(parsed: ParsedGGUF) -> None:
                 f"({len(missing)} of 256 byte tokens are missing)",
                 hint,
             )
+    check_added_tokens(parsed, model, n_vocab)
 
     charsmap = parsed.kv.get("tokenizer.ggml.precompiled_charsmap")
     if charsmap is not None:
@@ -752,8 +927,20 @@ def check_tokenizer(parsed: ParsedGGUF) -> None:
             _fail(parsed, "tokenizer.ggml.precompiled_charsmap is shorter than the size it declares", hint)
 
 
+# Keys llama.cpp reads with a typed getter that asserts the type (loading a LoRA adapter reads these).
+_ASSERTED_TYPES = {"general.type": T_STRING, "adapter.type": T_STRING, "adapter.lora.alpha": T_FLOAT32}
+
+
 def check_general(parsed: ParsedGGUF) -> None:
     _int_value(parsed, "general.file_type")
+    for key, value_type in _ASSERTED_TYPES.items():
+        entry = parsed.kv.get(key)
+        if entry is not None and entry.type != value_type:
+            _fail(
+                parsed,
+                f"metadata key '{key}' must be a {VALUE_TYPE_NAMES[value_type]}, but is a {describe_type(entry)}",
+                HINT_HPARAMS,
+            )
     for key, entry in parsed.kv.items():
         if (key == "tokenizer.chat_template" or key.startswith("tokenizer.chat_template.")) and entry.type != T_STRING:
             _fail(parsed, f"metadata key '{key}' must be a string, but is a {describe_type(entry)}", HINT_TOKENIZER)
@@ -780,13 +967,67 @@ def validate_file(path: str | os.PathLike[str]) -> None:
     """
     name = display_name(path)
     try:
-        check(parse_file(path))
+        with open_gguf(path) as parsed:
+            check(parsed)
     except InvalidModelFile:
         raise
     except Exception as exc:  # a bug here must not let a file through, nor escape as another type
         raise InvalidModelFile(
             f"{name}: the file could not be checked ({type(exc).__name__}: {exc}). {HINT_CORRUPT}"
         ) from exc
+
+
+# One version of a file: a blob replaced or rewritten in place gets a new one. For a blob in the store this is
+# its digest, plus the evidence that the file under that name has not changed since it was checked.
+_FileVersion = tuple[int, int, int, int]  # device, inode, size, modification time (ns)
+
+_VERDICTS_KEPT = 4096
+# A file modified this recently could change again within one tick of the filesystem's clock (coarse: up to 2 s
+# on FAT) without its version changing, so its verdict is not kept yet.
+_SETTLED_NS = 2_000_000_000
+_verdicts: dict[_FileVersion, str | None] = {}  # None: valid; else why not, without the file's name
+_verdicts_lock = threading.Lock()
+
+
+def _file_version(path: str | os.PathLike[str]) -> _FileVersion | None:
+    """The version of the file at `path`, or None if it cannot be stat'ed."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def validate_once(path: str | os.PathLike[str]) -> None:
+    """`validate_file`, remembered for the life of the process: each version of a file is read once.
+
+    Resolving a model for every request then costs a stat. A failure is remembered too, and raised again naming
+    `path`. A file that changed while it was read, or shortly before, is read again next time.
+    """
+    name = display_name(path)
+    before = _file_version(path)
+    if before is not None:
+        with _verdicts_lock:
+            known, reason = before in _verdicts, _verdicts.get(before)
+        if known and reason is None:
+            return
+        if known:
+            raise InvalidModelFile(f"{name}: {reason}")
+    try:
+        validate_file(path)
+    except InvalidModelFile as exc:
+        _remember(path, before, str(exc).removeprefix(f"{name}: "))
+        raise
+    _remember(path, before, None)
+
+
+def _remember(path: str | os.PathLike[str], version: _FileVersion | None, verdict: str | None) -> None:
+    if version is None or _file_version(path) != version or time.time_ns() - version[3] < _SETTLED_NS:
+        return
+    with _verdicts_lock:
+        _verdicts[version] = verdict
+        if len(_verdicts) > _VERDICTS_KEPT:
+            del _verdicts[next(iter(_verdicts))]  # the oldest
 
 
 def validate_bytes(

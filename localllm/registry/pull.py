@@ -34,7 +34,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -44,7 +44,17 @@ import httpx
 
 from ..errors import DigestMismatch, InvalidModelFile, LocalLLMError, ModelNotFound, PullError
 from .names import ModelName
-from .store import MEDIA_CONFIG, MEDIA_MANIFEST, MEDIA_MODEL, BlobStore, Layer, Manifest, go_json, normalize_digest
+from .store import (
+    GGUF_MEDIA_TYPES,
+    MEDIA_CONFIG,
+    MEDIA_MANIFEST,
+    MEDIA_MODEL,
+    BlobStore,
+    Layer,
+    Manifest,
+    go_json,
+    normalize_digest,
+)
 
 __all__ = ["HF_HOSTS", "PullSettings", "gguf_quant", "pull", "select_gguf"]
 
@@ -176,9 +186,10 @@ def pull(
     ``{"status": "success"}``.
 
     Raises ModelNotFound when the registry has no such model, DigestMismatch when
-    a blob's bytes do not hash to its digest, InvalidModelFile when a Hugging Face
-    file is not a usable GGUF, and PullError for every other failure (including
-    cancellation through `cancel`).
+    a blob's bytes do not hash to its digest, InvalidModelFile when a model file,
+    adapter or projector is not a GGUF llama.cpp can load safely (then no manifest
+    is written), and PullError for every other failure (including cancellation
+    through `cancel`).
     """
     model = ModelName.parse(name)
     settings = settings or PullSettings()
@@ -320,9 +331,32 @@ def _pull_oci(
                     mismatch = mismatch or exc
             if mismatch is not None:
                 raise mismatch
+    _check_gguf_layers(store, model, manifest.layers, fetched)
     emit({"status": "writing manifest"})
     store.write_manifest(model, manifest)
     emit({"status": "success"})
+
+
+def _check_gguf_layers(store: BlobStore, model: ModelName, layers: Iterable[Layer], fetched: Collection[str]) -> None:
+    """Refuse a model whose GGUF files llama.cpp could not load safely, before any manifest names them.
+
+    A refused blob this pull downloaded is removed again, unless a model in the store already uses it.
+    """
+    from ..gguf import validate_once
+
+    for layer in layers:
+        what = GGUF_MEDIA_TYPES.get(layer.media_type)
+        if what is None:
+            continue
+        try:
+            validate_once(store.blob_path(layer.digest))
+        except InvalidModelFile as exc:
+            if layer.digest in fetched:
+                store.remove_blobs([layer.digest])
+            raise InvalidModelFile(
+                f"cannot pull '{model.display}': its {what} is not a GGUF file llama.cpp can load safely, so nothing"
+                f" was saved under that name. {exc}"
+            ) from None
 
 
 def _fetch_manifest(registry: _Registry, model: ModelName) -> bytes:
@@ -913,7 +947,8 @@ def _pull_hf(
         digest = "sha256:" + str(sibling.lfs.sha256).lower()
         size = int(sibling.lfs.size)
         with _holding(store, [digest], cancel, model.display):
-            if store.has_blob(digest):
+            fetched = not store.has_blob(digest)
+            if not fetched:
                 emit({"status": f"pulling {_short(digest)}", "digest": digest, "total": size, "completed": size})
             else:
                 _download_hf_lfs(store, repo, filename, revision, endpoint, digest, size, model, emit, cancel, settings)
@@ -922,8 +957,12 @@ def _pull_hf(
     else:
         digest = _hf_download_small(store, repo, filename, revision, endpoint, model, emit)
         emit({"status": "verifying sha256 digest"})
+        fetched = True
 
-    _write_hf_manifest(store, model, digest, emit)
+    size = store.blob_path(digest).stat().st_size
+    model_layer = Layer(media_type=MEDIA_MODEL, digest=digest, size=size)
+    _check_gguf_layers(store, model, [model_layer], [digest] if fetched else [])
+    _write_hf_manifest(store, model, model_layer, emit)
 
 
 def _download_hf_lfs(
@@ -991,21 +1030,16 @@ def _hf_download_small(
     return digest
 
 
-def _write_hf_manifest(store: BlobStore, model: ModelName, digest: str, emit: Progress) -> None:
-    from ..gguf import read_info, validate_file
+def _write_hf_manifest(store: BlobStore, model: ModelName, model_layer: Layer, emit: Progress) -> None:
+    from ..gguf import read_info
 
-    blob = store.blob_path(digest)
-    try:
-        validate_file(blob)
-        info = read_info(blob)
-    except InvalidModelFile as exc:
-        raise InvalidModelFile(f"'{model.display}' is not a usable GGUF model: {exc}") from None
-    config = _hf_config(info.architecture, info.parameter_size, info.file_type, digest)
+    info = read_info(store.blob_path(model_layer.digest))
+    config = _hf_config(info.architecture, info.parameter_size, info.file_type, model_layer.digest)
     config_data = go_json(config)
     config_digest = store.add_bytes(config_data)
     manifest = Manifest(
         config=Layer(media_type=MEDIA_CONFIG, digest=config_digest, size=len(config_data)),
-        layers=(Layer(media_type=MEDIA_MODEL, digest=digest, size=blob.stat().st_size),),
+        layers=(model_layer,),
     )
     emit({"status": "writing manifest"})
     store.write_manifest(model, manifest)

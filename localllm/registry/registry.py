@@ -33,6 +33,7 @@ from ..types import _Subscriptable
 from . import modelfile as _mf
 from .names import ModelName
 from .store import (
+    GGUF_MEDIA_TYPES,
     MEDIA_ADAPTER,
     MEDIA_CONFIG,
     MEDIA_LICENSE,
@@ -259,7 +260,6 @@ class Registry:
         self.store = BlobStore(self.models_dir)
         #: Held while the store changes (create, copy, delete, prune).
         self.lock = threading.RLock()
-        self._validated: set[tuple[str, int, int]] = set()  # (path, size, mtime) of GGUF files already checked
 
     # ---- lookup
 
@@ -308,7 +308,7 @@ class Registry:
         raise ModelNotFound(self._not_found_message(model))
 
     def _resolve_path(self, path: Path) -> ResolvedModel:
-        from ..gguf import validate_file
+        from ..gguf import validate_once
 
         path = path.expanduser()
         if not path.exists():
@@ -316,11 +316,7 @@ class Registry:
         if path.is_dir():
             raise InvalidModelFile(f"{path} is a folder; give the path of a .gguf file")
         path = path.resolve()
-        stat = path.stat()
-        signature = (str(path), stat.st_size, stat.st_mtime_ns)
-        if signature not in self._validated:  # validating a big file each request would cost ~20 ms
-            validate_file(path)
-            self._validated.add(signature)
+        validate_once(path)
         return ResolvedModel(name=str(path), model_path=path)
 
     def _read_json_blob(self, layer: Layer, what: str, display: str) -> Any:
@@ -345,6 +341,7 @@ class Registry:
                 f"the model file of '{display}' ({model_layer.digest}) is missing from {self.store.blobs_dir};"
                 " pull or create the model again"
             )
+        _check_stored_file(model_path, GGUF_MEDIA_TYPES[MEDIA_MODEL], display)
         params: dict[str, Any] = {}
         template = system = None
         messages: tuple[dict[str, Any], ...] = ()
@@ -371,8 +368,10 @@ class Registry:
                 licenses.append(self._read_text_blob(layer))
             elif media == MEDIA_ADAPTER:
                 adapters.append(self.store.blob_path(layer.digest))
+                _check_stored_file(adapters[-1], GGUF_MEDIA_TYPES[media], display)
             elif media == MEDIA_PROJECTOR and projector is None:
                 projector = self.store.blob_path(layer.digest)
+                _check_stored_file(projector, GGUF_MEDIA_TYPES[media], display)
         return ResolvedModel(
             name=display,
             model_path=model_path,
@@ -549,7 +548,7 @@ class Registry:
         quantize: str | None,
         scratch: list[Path],
     ) -> None:
-        from ..gguf import read_info, validate_file
+        from ..gguf import read_info, validate_once
 
         target = self.store.resolve_name(target)
         source = self._source(froms[0], base_dir, from_line)
@@ -559,7 +558,7 @@ class Registry:
         if source.path is not None:
             model_path = self._convert(source.path, emit, scratch) if source.hf_dir else source.path
             emit({"status": "parsing GGUF"})
-            validate_file(model_path)
+            validate_once(model_path)
             info = read_info(model_path)
             kind = _gguf_kind(info)
             if kind != "model":
@@ -580,6 +579,8 @@ class Registry:
             for layer in base.layers:
                 if not self.store.has_blob(layer.digest):
                     raise InvalidModelFile(f"model '{parent}' is missing its blob {layer.digest}; pull it again")
+                if layer.media_type in GGUF_MEDIA_TYPES:
+                    _check_stored_file(self.store.blob_path(layer.digest), GGUF_MEDIA_TYPES[layer.media_type], parent)
                 self.store.touch_blob(layer.digest)
                 layers.append(attrs.evolve(layer, from_=parent))
                 emit({"status": f"using existing layer {layer.digest}"})
@@ -606,7 +607,7 @@ class Registry:
             extra_source = self._source(extra, base_dir, 0)
             if extra_source.path is None:
                 raise ModelfileError(f"FROM {extra}: only the first FROM may name a model; later ones must be files")
-            validate_file(extra_source.path)
+            validate_once(extra_source.path)
             kind = _gguf_kind(read_info(extra_source.path))
             if kind == "model":
                 raise ModelfileError(f"FROM {extra}: a Modelfile can hold one model; this file is a second model")
@@ -620,7 +621,13 @@ class Registry:
                 path = _expand(value, base_dir)
                 if not path.is_file():
                     raise ModelNotFound(f"ADAPTER {value}: no such file")
-                validate_file(path)
+                try:
+                    validate_once(path)
+                except InvalidModelFile as exc:
+                    raise InvalidModelFile(f"ADAPTER {value}: {exc}") from None
+                kind = _gguf_kind(read_info(path))
+                if kind != "adapter":
+                    raise InvalidModelFile(f"ADAPTER {value}: {path} is a {kind} GGUF, not a LoRA adapter")
                 new_adapters.append(self._import_file(path, MEDIA_ADAPTER, emit))
             layers = [layer for layer in layers if layer.media_type != MEDIA_ADAPTER] + new_adapters
 
@@ -837,6 +844,19 @@ def _is_file(text: str) -> bool:
         return bool(text.strip()) and Path(text).expanduser().is_file()
     except (OSError, ValueError):
         return False
+
+
+def _check_stored_file(path: Path, what: str, display: str) -> None:
+    """Refuse a stored model whose GGUF file llama.cpp could not load safely (a shared store can change)."""
+    from ..gguf import validate_once
+
+    try:
+        validate_once(path)
+    except InvalidModelFile as exc:
+        raise InvalidModelFile(
+            f"model '{display}' cannot be used: its {what} is not a usable GGUF file. {exc} "
+            f"Delete the model and pull or create it again."
+        ) from None
 
 
 def _gguf_kind(info: GGUFInfo) -> str:

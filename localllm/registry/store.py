@@ -33,6 +33,7 @@ from ..errors import DigestMismatch, LocalLLMError, ModelNotFound
 from .names import ModelName
 
 __all__ = [
+    "GGUF_MEDIA_TYPES",
     "MEDIA_ADAPTER",
     "MEDIA_CONFIG",
     "MEDIA_LICENSE",
@@ -62,6 +63,8 @@ MEDIA_MESSAGES = "application/vnd.ollama.image.messages"
 MEDIA_LICENSE = "application/vnd.ollama.image.license"
 MEDIA_ADAPTER = "application/vnd.ollama.image.adapter"
 MEDIA_PROJECTOR = "application/vnd.ollama.image.projector"
+#: The layers that are GGUF files llama.cpp loads, and what each one is.
+GGUF_MEDIA_TYPES = {MEDIA_MODEL: "model file", MEDIA_ADAPTER: "LoRA adapter", MEDIA_PROJECTOR: "projector"}
 
 _DIGEST_RE = re.compile(r"sha256[:-]([0-9a-fA-F]{64})")
 _BLOB_NAME_RE = re.compile(r"sha256-[0-9a-f]{64}")
