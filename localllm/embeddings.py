@@ -9,41 +9,28 @@ unnormalised vector in the `embedding` field.
 Like newer Ollama, only embedding models embed: a model whose GGUF declares a
 pooling type, or whose architecture is a BERT-style encoder. Asking a text
 generation model raises CapabilityError, and so does asking an embedding
-model to generate (`ensure_can_generate`).
+model to generate.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 import time
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import attrs
 import numpy as np
 
-from .errors import CapabilityError, ContextLengthExceeded, InvalidRequest
-from .scheduler.keepalive import parse_keep_alive
+from .errors import ContextLengthExceeded, InvalidRequest
+from .options import OptionValues
+from .runner.protocol import EmbedRunner
+from .service import off_loop_if_long
 from .types import _Subscriptable
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from .service import ModelService
 
-__all__ = [
-    "EmbedResponse",
-    "EmbeddingsResponse",
-    "embed",
-    "embeddings",
-    "ensure_can_embed",
-    "ensure_can_generate",
-    "is_embedding_model",
-]
-
-# Tokenize in a worker thread beyond this much text, so the event loop never stalls on a big request.
-_INLINE_TOKENIZE_CHARS = 20_000
+__all__ = ["EmbedResponse", "EmbeddingsResponse", "embed", "embeddings"]
 
 
 @attrs.frozen
@@ -62,51 +49,6 @@ class EmbeddingsResponse(_Subscriptable):
     """The answer of the legacy `embeddings` call (Ollama's /api/embeddings): one raw vector."""
 
     embedding: list[float] = attrs.field(factory=list)
-
-
-# --------------------------------------------------------------------------- capabilities
-
-
-@functools.lru_cache(maxsize=64)
-def _kind(path: str, _mtime_ns: int, _size: int) -> tuple[bool, str]:
-    from .gguf import read_info
-    from .registry.registry import EMBEDDING_ARCHITECTURES
-
-    info = read_info(path)
-    arch = (info.architecture or "").lower()
-    return info.pooling_type is not None or arch in EMBEDDING_ARCHITECTURES, arch
-
-
-def _model_kind(model_path: str | os.PathLike[str]) -> tuple[bool, str]:
-    path = str(model_path)
-    st = os.stat(path)
-    return _kind(path, st.st_mtime_ns, st.st_size)
-
-
-def is_embedding_model(model_path: str | os.PathLike[str]) -> bool:
-    """Whether the GGUF at `model_path` is an embedding model (it has a pooling type or is a BERT-style encoder)."""
-    return _model_kind(model_path)[0]
-
-
-def ensure_can_generate(model_path: str | os.PathLike[str], name: str | None = None) -> None:
-    """Raise CapabilityError if the model at `model_path` only produces embeddings."""
-    embedding, arch = _model_kind(model_path)
-    if embedding:
-        shown = name or Path(model_path).name
-        raise CapabilityError(
-            f"'{shown}' is an embedding model ({arch}) and cannot generate text; use engine.embed() with it"
-        )
-
-
-def ensure_can_embed(model_path: str | os.PathLike[str], name: str | None = None) -> None:
-    """Raise CapabilityError if the model at `model_path` is not an embedding model."""
-    embedding, arch = _model_kind(model_path)
-    if not embedding:
-        shown = name or Path(model_path).name
-        raise CapabilityError(
-            f"'{shown}' does not support embeddings: it is a {arch or 'text'} generation model without a pooling "
-            "layer; use an embedding model (a BERT-family model such as all-MiniLM, or one with a pooling type)"
-        )
 
 
 # --------------------------------------------------------------------------- requests
@@ -140,11 +82,11 @@ def _shorten(vector: list[float], dimensions: int | None) -> list[float]:
     return (cut / norm).tolist() if norm > 0 else cut.tolist()
 
 
-def _tokenize_all(runner: Any, texts: list[str], truncate: bool) -> list[list[int]]:
-    limit: int = runner.n_ctx_seq
+def _tokenize_all(runner: EmbedRunner, texts: list[str], truncate: bool) -> list[list[int]]:
+    limit = runner.n_ctx_seq
     out: list[list[int]] = []
     for i, text in enumerate(texts):
-        tokens: list[int] = runner.tokenize(text, add_special=True)
+        tokens = runner.tokenize(text, add_special=True)
         if not tokens:
             raise InvalidRequest(f"input {i} is empty after tokenization")
         if len(tokens) > limit:
@@ -159,31 +101,25 @@ def _tokenize_all(runner: Any, texts: list[str], truncate: bool) -> list[list[in
 
 
 async def _run(
-    engine: Engine,
+    service: ModelService,
     model: str,
     texts: list[str],
     *,
     truncate: bool,
     normalize: bool,
-    options: Mapping[str, Any] | None,
+    options: OptionValues | None,
     keep_alive: float | str | None,
 ) -> tuple[list[list[float]], int, int, str]:
     """Embed `texts`; returns (vectors, load_duration, prompt_eval_count, model name)."""
-    resolved = await engine._resolve(model)
-    await anyio.to_thread.run_sync(ensure_can_embed, resolved.model_path, model)
-    opts = engine._options(resolved, options)
-    if not texts and parse_keep_alive(keep_alive, engine.settings.keep_alive) == 0:
-        await engine._unload_file(resolved.model_path)  # an empty request with keep_alive 0 unloads, as in Ollama
-        return [], 0, 0, model
-    lease = await engine._acquire(resolved, opts, keep_alive, embeddings=True)
+    resolved = await service.resolve(model, "embed")
+    opts = service.options(resolved, options)
+    if not texts:  # an empty request loads the model (or, with keep_alive 0, unloads it), as in Ollama
+        _reason, load = await service.load_or_unload(resolved, opts, keep_alive, "embed")
+        return [], load, 0, model
+    lease = await service.lease_embed(resolved, opts, keep_alive)
     try:
-        if not texts:  # an empty request just loads the model
-            return [], lease.load_duration, 0, model
         runner = lease.runner
-        if sum(len(t) for t in texts) > _INLINE_TOKENIZE_CHARS:
-            tokens = await anyio.to_thread.run_sync(_tokenize_all, runner, texts, truncate)
-        else:
-            tokens = _tokenize_all(runner, texts, truncate)
+        tokens = await off_loop_if_long(sum(len(t) for t in texts), lambda: _tokenize_all(runner, texts, truncate))
         handle = runner.submit_embed(tokens, normalize=normalize)
         try:
             result = await handle.result()
@@ -196,13 +132,13 @@ async def _run(
 
 
 async def embed(
-    engine: Engine,
+    service: ModelService,
     model: str,
     input: str | Sequence[str],
     *,
     truncate: bool = True,
     dimensions: int | None = None,
-    options: Mapping[str, Any] | None = None,
+    options: OptionValues | None = None,
     keep_alive: float | str | None = None,
 ) -> EmbedResponse:
     """Embed one text or several (packed into shared batches); every vector is L2-normalised.
@@ -216,7 +152,7 @@ async def embed(
     texts = _inputs(input)
     dims = _dimensions(dimensions)
     vectors, load, count, name = await _run(
-        engine, model, texts, truncate=bool(truncate), normalize=True, options=options, keep_alive=keep_alive
+        service, model, texts, truncate=bool(truncate), normalize=True, options=options, keep_alive=keep_alive
     )
     return EmbedResponse(
         model=name,
@@ -228,18 +164,18 @@ async def embed(
 
 
 async def embeddings(
-    engine: Engine,
+    service: ModelService,
     model: str,
     prompt: str = "",
     *,
-    options: Mapping[str, Any] | None = None,
+    options: OptionValues | None = None,
     keep_alive: float | str | None = None,
 ) -> EmbeddingsResponse:
     """The legacy single-prompt call: the raw (unnormalised) vector of `prompt`, cut to the context if needed."""
     if not isinstance(prompt, str):
         raise InvalidRequest(f"prompt must be a string, got {type(prompt).__name__}")
     vectors, _load, _count, _name = await _run(
-        engine,
+        service,
         model,
         [prompt] if prompt else [],
         truncate=True,

@@ -6,94 +6,28 @@ import inspect
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.from_thread
-import attrs
 
 from . import requests
-from .errors import EngineClosed, InvalidRequest, LocalLLMError
-from .options import Options, merge_options
-from .scheduler.keepalive import parse_keep_alive
-from .scheduler.scheduler import Lease, Scheduler
+from .errors import InvalidRequest, LocalLLMError
+from .options import OptionValues, check_options
+from .service import ModelService
+from .settings import EngineSettings
 from .stream import ResponseStream
 from .types import ChatResponse, GenerateResponse, Message, ProcessModel
+
+if TYPE_CHECKING:
+    from .registry.registry import Registry
+    from .runner.protocol import ModelRunner
+    from .scheduler.scheduler import Scheduler
 
 __all__ = ["Engine"]
 
 logger = logging.getLogger("localllm")
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if not value:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise LocalLLMError(f"environment variable {name} must be an integer, got {value!r}") from None
-
-
-def _env_bool(name: str) -> bool | None:
-    value = os.environ.get(name, "").strip().lower()
-    if not value or value == "auto":
-        return None
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise LocalLLMError(f"environment variable {name} must be 1/0, true/false, on/off or auto, got {value!r}")
-
-
-@attrs.frozen
-class EngineSettings:
-    home: Path
-    models: Path
-    num_parallel: int
-    max_loaded_models: int
-    max_queue: int
-    keep_alive: float
-    kv_cache_type: str
-    flash_attention: bool
-    repack: bool | None  # None: llama.cpp's weight repacking where this CPU and build run it safely
-
-    @classmethod
-    def resolve(
-        cls,
-        home: str | os.PathLike[str] | None,
-        models: str | os.PathLike[str] | None,
-        num_parallel: int | None,
-        max_loaded_models: int | None,
-        max_queue: int | None,
-        keep_alive: float | str | None,
-        kv_cache_type: str | None,
-        flash_attention: bool | None = None,
-        repack: bool | None = None,
-    ) -> EngineSettings:
-        home_path = Path(home or os.environ.get("LOCALLLM_HOME") or Path.home() / ".localllm").expanduser()
-        models_path = Path(models or os.environ.get("LOCALLLM_MODELS") or home_path / "models").expanduser()
-        parallel = num_parallel if num_parallel is not None else _env_int("LOCALLLM_NUM_PARALLEL", 4)
-        loaded = max_loaded_models if max_loaded_models is not None else _env_int("LOCALLLM_MAX_LOADED_MODELS", 3)
-        queue = max_queue if max_queue is not None else _env_int("LOCALLLM_MAX_QUEUE", 512)
-        for name, value in (("num_parallel", parallel), ("max_loaded_models", loaded), ("max_queue", queue)):
-            if value < 1:
-                raise InvalidRequest(f"{name} must be at least 1, got {value}")
-        alive = parse_keep_alive(keep_alive if keep_alive is not None else os.environ.get("LOCALLLM_KEEP_ALIVE"), 300.0)
-        kv_type = (kv_cache_type or os.environ.get("LOCALLLM_KV_CACHE_TYPE") or "f16").lower()
-        if kv_type not in ("f16", "q8_0", "q4_0"):
-            raise InvalidRequest(f"kv_cache_type must be f16, q8_0 or q4_0, got {kv_type!r}")
-        if flash_attention is None:
-            flash_attention = _env_bool("LOCALLLM_FLASH_ATTENTION") or False
-        if repack is None:
-            repack = _env_bool("LOCALLLM_REPACK")
-        return cls(home_path, models_path, parallel, loaded, queue, alive, kv_type, flash_attention, repack)
-
-
-def _describe(resolved: Any) -> dict[str, Any]:
-    return {"digest": getattr(resolved, "digest", None), "details": getattr(resolved, "details", None)}
 
 
 def _iso_or_none(timestamp: float | None) -> str | None:
@@ -133,7 +67,7 @@ class Engine:
         repack: bool | None = None,
         devices: Any = None,
     ) -> None:
-        self.settings = EngineSettings.resolve(
+        settings = EngineSettings.resolve(
             home,
             models,
             num_parallel,
@@ -144,12 +78,7 @@ class Engine:
             flash_attention,
             repack,
         )
-        from .scheduler.loader import RunnerFactory
-
-        self._factory = RunnerFactory(self.settings, devices=devices)
-        self._scheduler: Scheduler | None = None
-        self._closed = False
-        self._registry: Any = None
+        self._service = ModelService(settings, devices=devices)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -163,32 +92,20 @@ class Engine:
 
     async def aclose(self) -> None:
         """Unload every model and join every worker thread. The engine cannot be used afterwards."""
-        self._closed = True
-        if self._scheduler is not None:
-            await self._scheduler.close()
+        await self._service.close()
 
     @property
-    def scheduler(self) -> Scheduler:
+    def settings(self) -> EngineSettings:
+        return self._service.settings
+
+    @property
+    def scheduler(self) -> Scheduler[ModelRunner]:
         """The scheduler, created on first use (inside the event loop)."""
-        if self._closed:
-            raise EngineClosed("this engine is closed; open a new one")
-        if self._scheduler is None:
-            self._scheduler = Scheduler(
-                loader=self._factory.load,
-                sizer=self._factory.size,
-                memory_budget=self._factory.memory_budget,
-                max_loaded=self.settings.max_loaded_models,
-                max_queue=self.settings.max_queue,
-            )
-        return self._scheduler
+        return self._service.scheduler
 
     @property
-    def registry(self) -> Any:
-        if self._registry is None:
-            from .registry.registry import Registry
-
-            self._registry = Registry(self.settings.models)
-        return self._registry
+    def registry(self) -> Registry:
+        return self._service.registry
 
     # -- generation ----------------------------------------------------------------
 
@@ -204,7 +121,7 @@ class Engine:
         raw: bool = False,
         format: str | Mapping[str, Any] | None = None,
         images: Sequence[Any] | None = None,
-        options: Mapping[str, Any] | None = None,
+        options: OptionValues | None = None,
         keep_alive: float | str | None = None,
         think: bool | str | None = None,
     ) -> ResponseStream[GenerateResponse]:
@@ -221,11 +138,11 @@ class Engine:
             raw=raw,
             format=format,
             images=tuple(images) if images else None,
-            options=dict(options) if options else None,
+            options=check_options(options) or None,
             keep_alive=keep_alive,
             think=think,
         )
-        return ResponseStream(lambda: requests.open_generate(self, request), requests.combine_generate)
+        return ResponseStream(lambda: requests.open_generate(self._service, request), requests.combine_generate)
 
     def chat(
         self,
@@ -234,7 +151,7 @@ class Engine:
         *,
         tools: Sequence[Any] | None = None,
         format: str | Mapping[str, Any] | None = None,
-        options: Mapping[str, Any] | None = None,
+        options: OptionValues | None = None,
         keep_alive: float | str | None = None,
         think: bool | str | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
@@ -245,12 +162,12 @@ class Engine:
             messages=tuple(Message.from_any(m) for m in messages),
             tools=tuple(tools) if tools else None,
             format=format,
-            options=dict(options) if options else None,
+            options=check_options(options) or None,
             keep_alive=keep_alive,
             think=think,
             tool_choice=tool_choice,
         )
-        return ResponseStream(lambda: requests.open_chat(self, request), requests.combine_chat)
+        return ResponseStream(lambda: requests.open_chat(self._service, request), requests.combine_chat)
 
     async def embed(
         self,
@@ -259,14 +176,20 @@ class Engine:
         *,
         truncate: bool = True,
         dimensions: int | None = None,
-        options: Mapping[str, Any] | None = None,
+        options: OptionValues | None = None,
         keep_alive: float | str | None = None,
     ) -> Any:
         """Embed one text or several (packed into one batch); vectors are L2-normalised."""
         from . import embeddings
 
         return await embeddings.embed(
-            self, model, input, truncate=truncate, dimensions=dimensions, options=options, keep_alive=keep_alive
+            self._service,
+            model,
+            input,
+            truncate=truncate,
+            dimensions=dimensions,
+            options=options,
+            keep_alive=keep_alive,
         )
 
     async def embeddings(
@@ -274,37 +197,15 @@ class Engine:
         model: str,
         prompt: str,
         *,
-        options: Mapping[str, Any] | None = None,
+        options: OptionValues | None = None,
         keep_alive: float | str | None = None,
     ) -> Any:
         """The legacy single-prompt embedding call (field `embedding`, not normalised)."""
         from . import embeddings
 
-        return await embeddings.embeddings(self, model, prompt, options=options, keep_alive=keep_alive)
+        return await embeddings.embeddings(self._service, model, prompt, options=options, keep_alive=keep_alive)
 
-    # -- internals used by requests.py ------------------------------------------------
-
-    async def _resolve(self, model: str) -> Any:
-        if not isinstance(model, str) or not model:
-            raise InvalidRequest("model must be a non-empty string: a model name or a path to a GGUF file")
-        return await anyio.to_thread.run_sync(self.registry.resolve, model)
-
-    async def _acquire(
-        self, resolved: Any, options: Options, keep_alive: float | str | None, *, embeddings: bool = False
-    ) -> Lease:
-        alive = parse_keep_alive(keep_alive, self.settings.keep_alive)
-        key = self._factory.config_for(resolved, options, embeddings=embeddings)
-        return await self.scheduler.acquire(key, name=resolved.name, keep_alive=alive, describe=_describe(resolved))
-
-    async def _unload_file(self, model_path: Any) -> None:
-        """Unload every runner of one model file (once its requests finish)."""
-        path = str(model_path)
-        await self.scheduler.unload_where(lambda m: m.key.model_path == path)
-
-    def _options(self, resolved: Any, options: Mapping[str, Any] | None) -> Options:
-        return merge_options(resolved.params, options)
-
-    async def load(self, model: str, *, options: Mapping[str, Any] | None = None,
+    async def load(self, model: str, *, options: OptionValues | None = None,
                    keep_alive: float | str | None = None) -> None:
         """Load a model now (as a generate with an empty prompt does)."""
         await self.generate(model, "", options=options, keep_alive=keep_alive)
@@ -312,29 +213,31 @@ class Engine:
     async def ps(self) -> list[ProcessModel]:
         """The loaded models: name, size, size_vram, digest, details, expires_at, context_length, plan."""
         running = []
-        for loaded in await self.scheduler.running():
-            plan = loaded.info.get("plan")
+        for entry in await self._service.running():
+            record, plan = entry.record, entry.record.loaded.plan
             running.append(
                 ProcessModel(
-                    name=loaded.name,
-                    model=loaded.name,
-                    size=loaded.size,
-                    size_vram=loaded.size_vram,
-                    digest=loaded.info.get("digest") or "",
-                    details=loaded.info.get("details"),
-                    expires_at=_iso_or_none(loaded.expires_wall),
-                    context_length=loaded.info.get("context_length", loaded.key.num_ctx),
+                    name=record.name,
+                    model=record.name,
+                    size=record.size,
+                    size_vram=record.size_vram,
+                    digest=(entry.model.digest if entry.model else None) or "",
+                    details=entry.model.details if entry.model else None,
+                    expires_at=_iso_or_none(record.expires_wall),
+                    context_length=record.loaded.context_length,
                     gpu_layers=plan.gpu_layers if plan is not None else 0,
                     layers_per_device=dict(plan.layers_per_device) if plan is not None else {},
-                    active_requests=loaded.users,
+                    active_requests=record.users,
                 )
             )
         return running
 
     async def unload(self, model: str) -> None:
         """Unload a model now (or as soon as its running requests finish)."""
-        resolved = await self._resolve(model)
-        await self._unload_file(resolved.model_path)
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("model must be a non-empty string: a model name or a path to a GGUF file")
+        resolved = await anyio.to_thread.run_sync(self.registry.resolve, model)
+        await self._service.unload(resolved)
 
     @staticmethod
     def _on_progress(progress: Callable[[dict[str, Any]], Any] | None) -> Callable[[dict[str, Any]], None]:
@@ -398,7 +301,7 @@ class Engine:
 
     async def delete(self, model: str) -> None:
         """Delete a model (unloading it first) and the blobs nothing else uses."""
-        if self._scheduler is not None:
+        if self._service.started:
             try:
                 await self.unload(model)
             except LocalLLMError:

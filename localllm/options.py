@@ -8,50 +8,75 @@ naming the key.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 import attrs
 
 from .errors import InvalidOptions
 
-__all__ = ["LOAD_OPTIONS", "OPTION_TYPES", "Options", "merge_options", "parse_option_value"]
+__all__ = ["LOAD_OPTIONS", "OPTION_TYPES", "OptionValues", "Options", "merge_options", "parse_option_value"]
 
-# name -> (type, default). The defaults are Ollama's.
-_SPEC: dict[str, tuple[type, Any]] = {
-    # load time
-    "num_ctx": (int, 4096),
-    "num_batch": (int, 512),
-    "num_gpu": (int, -1),
-    "main_gpu": (int, 0),
-    "num_thread": (int, 0),
-    "use_mmap": (bool, True),
-    "use_mlock": (bool, False),
-    "numa": (bool, False),
-    "low_vram": (bool, False),
-    # sampling / prediction
-    "num_keep": (int, 4),
-    "seed": (int, -1),
-    "num_predict": (int, -1),
-    "top_k": (int, 40),
-    "top_p": (float, 0.9),
-    "min_p": (float, 0.0),
-    "typical_p": (float, 1.0),
-    "repeat_last_n": (int, 64),
-    "temperature": (float, 0.8),
-    "repeat_penalty": (float, 1.1),
-    "presence_penalty": (float, 0.0),
-    "frequency_penalty": (float, 0.0),
-    "penalize_newline": (bool, True),
-    "stop": (list, ()),
+
+def _option(default: object, *, load: bool = False, valid: Callable[[Any], bool] | None = None) -> Any:
+    """One option's specification: its default (Ollama's), whether a change needs another runner
+    (`load`), and which values are in range (`valid`). The field's annotation is its type."""
+    return attrs.field(default=default, metadata={"load": load, "valid": valid})
+
+
+@attrs.frozen
+class Options:
+    """A complete, validated set of options (every field has a value): the one specification of options."""
+
+    # Load time: a runner is loaded with these, so a different value needs another runner.
+    num_ctx: int = _option(4096, load=True, valid=lambda v: v >= 1)
+    num_batch: int = _option(512, load=True, valid=lambda v: v >= 1)
+    num_gpu: int = _option(-1, load=True)
+    main_gpu: int = _option(0, load=True)
+    num_thread: int = _option(0, load=True, valid=lambda v: v >= 0)
+    use_mmap: bool = _option(True, load=True)
+    use_mlock: bool = _option(False, load=True)
+    numa: bool = _option(False)  # accepted as Ollama does; llama.cpp's NUMA mode is process-wide
+    low_vram: bool = _option(False)  # accepted as Ollama does; no effect
+    # Per request: prediction and sampling.
+    num_keep: int = _option(4)
+    seed: int = _option(-1)
+    num_predict: int = _option(-1)
+    top_k: int = _option(40)
+    top_p: float = _option(0.9, valid=lambda v: 0 <= v <= 1)
+    min_p: float = _option(0.0, valid=lambda v: 0 <= v <= 1)
+    typical_p: float = _option(1.0, valid=lambda v: 0 < v <= 1)
+    repeat_last_n: int = _option(64, valid=lambda v: v >= -1)
+    temperature: float = _option(0.8, valid=lambda v: v >= 0)
+    repeat_penalty: float = _option(1.1)
+    presence_penalty: float = _option(0.0)
+    frequency_penalty: float = _option(0.0)
+    penalize_newline: bool = _option(True)
+    stop: tuple[str, ...] = attrs.field(default=(), converter=tuple, metadata={"load": False, "valid": None})
+
+    @classmethod
+    def from_mapping(cls, values: OptionValues | None) -> Options:
+        return merge_options(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = attrs.asdict(self)
+        data["stop"] = list(self.stop)
+        return data
+
+
+attrs.resolve_types(Options)
+_FIELDS: dict[str, attrs.Attribute[Any]] = {field.name: field for field in attrs.fields(Options)}
+
+#: Each option's type (`list` for stop sequences, given as a string or a list of strings).
+OPTION_TYPES: dict[str, type] = {
+    name: list if name == "stop" else cast(type, field.type) for name, field in _FIELDS.items()
 }
 
-OPTION_TYPES: dict[str, type] = {name: kind for name, (kind, _) in _SPEC.items()}
-
 #: Options that change how a model is loaded: a different value needs another runner.
-LOAD_OPTIONS: frozenset[str] = frozenset(
-    {"num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap", "use_mlock", "numa", "low_vram"}
-)
+LOAD_OPTIONS: frozenset[str] = frozenset(name for name, field in _FIELDS.items() if field.metadata["load"])
+
+OptionValues = Mapping[str, Any] | Options
+"""What the API takes as options: a (partial) mapping of Ollama's option names, or a complete `Options`."""
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -97,66 +122,17 @@ def parse_option_value(name: str, text: str) -> Any:
 
 
 def _validate(name: str, value: Any) -> None:
-    problems = {
-        "num_ctx": value if name == "num_ctx" and value < 1 else None,
-        "num_batch": value if name == "num_batch" and value < 1 else None,
-        "temperature": value if name == "temperature" and value < 0 else None,
-        "top_p": value if name == "top_p" and not 0 <= value <= 1 else None,
-        "min_p": value if name == "min_p" and not 0 <= value <= 1 else None,
-        "typical_p": value if name == "typical_p" and not 0 < value <= 1 else None,
-        "num_thread": value if name == "num_thread" and value < 0 else None,
-        "repeat_last_n": value if name == "repeat_last_n" and value < -1 else None,
-    }
-    if problems.get(name) is not None:
+    valid = _FIELDS[name].metadata["valid"]
+    if valid is not None and not valid(value):
         raise InvalidOptions(f"option {name!r} has an out-of-range value {value!r}")
 
 
-@attrs.frozen
-class Options:
-    """A complete, validated set of options (every field has a value)."""
-
-    num_ctx: int = _SPEC["num_ctx"][1]
-    num_batch: int = _SPEC["num_batch"][1]
-    num_gpu: int = _SPEC["num_gpu"][1]
-    main_gpu: int = _SPEC["main_gpu"][1]
-    num_thread: int = _SPEC["num_thread"][1]
-    use_mmap: bool = _SPEC["use_mmap"][1]
-    use_mlock: bool = _SPEC["use_mlock"][1]
-    numa: bool = _SPEC["numa"][1]
-    low_vram: bool = _SPEC["low_vram"][1]
-    num_keep: int = _SPEC["num_keep"][1]
-    seed: int = _SPEC["seed"][1]
-    num_predict: int = _SPEC["num_predict"][1]
-    top_k: int = _SPEC["top_k"][1]
-    top_p: float = _SPEC["top_p"][1]
-    min_p: float = _SPEC["min_p"][1]
-    typical_p: float = _SPEC["typical_p"][1]
-    repeat_last_n: int = _SPEC["repeat_last_n"][1]
-    temperature: float = _SPEC["temperature"][1]
-    repeat_penalty: float = _SPEC["repeat_penalty"][1]
-    presence_penalty: float = _SPEC["presence_penalty"][1]
-    frequency_penalty: float = _SPEC["frequency_penalty"][1]
-    penalize_newline: bool = _SPEC["penalize_newline"][1]
-    stop: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None) -> Options:
-        return merge_options(values)
-
-    def load_key(self) -> tuple[tuple[str, Any], ...]:
-        """The load-time options, as a hashable key: equal keys share a runner."""
-        return tuple(sorted((name, getattr(self, name)) for name in LOAD_OPTIONS))
-
-    def to_dict(self) -> dict[str, Any]:
-        data = attrs.asdict(self)
-        data["stop"] = list(self.stop)
-        return data
-
-
-def check_options(values: Mapping[str, Any] | None, *, source: str = "request") -> dict[str, Any]:
-    """Validate a partial option mapping: coerce types, warn on unknown keys."""
+def check_options(values: OptionValues | None, *, source: str = "request") -> dict[str, Any]:
+    """Validate a partial option mapping (or take a complete `Options`): coerce types, warn on unknown keys."""
     if values is None:
         return {}
+    if isinstance(values, Options):
+        return {field.name: getattr(values, field.name) for field in attrs.fields(Options)}
     if not isinstance(values, Mapping):
         raise InvalidOptions(f"options must be a mapping of option names to values, got {type(values).__name__}")
     checked: dict[str, Any] = {}
@@ -172,7 +148,7 @@ def check_options(values: Mapping[str, Any] | None, *, source: str = "request") 
     return checked
 
 
-def merge_options(*layers: Mapping[str, Any] | None) -> Options:
+def merge_options(*layers: OptionValues | None) -> Options:
     """Merge option layers, later ones winning, over Ollama's defaults."""
     merged: dict[str, Any] = {}
     for layer in layers:

@@ -9,17 +9,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import attrs
 
-from .chat.template import ChatTemplate, PlainTemplate, load_template
+from .chat.template import load_template
 from .errors import CapabilityError, LocalLLMError
-from .options import Options
-from .runner.protocol import SamplingParams, SequenceHandle, SequenceResult
-from .scheduler.keepalive import parse_keep_alive
+from .runner.protocol import SamplingParams, SequenceHandle, SequenceResult, TextRunner
 from .scheduler.scheduler import Lease
+from .service import off_loop_if_long
 from .stream import Job
 from .types import ChatResponse, GenerateResponse, Message, ToolCall, now_iso
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from .registry.registry import ResolvedModel
+    from .service import ModelService
 
 __all__ = ["ChatRequest", "GenerateRequest", "combine_chat", "combine_generate", "open_chat", "open_generate"]
 
@@ -54,61 +54,12 @@ class ChatRequest:
     tool_choice: Any = None
 
 
-def sampling_params(options: Options, *, grammar: str | None = None) -> SamplingParams:
-    return SamplingParams(
-        temperature=options.temperature,
-        top_k=options.top_k,
-        top_p=options.top_p,
-        min_p=options.min_p,
-        typical_p=options.typical_p,
-        repeat_last_n=options.repeat_last_n,
-        repeat_penalty=options.repeat_penalty,
-        presence_penalty=options.presence_penalty,
-        frequency_penalty=options.frequency_penalty,
-        seed=options.seed,
-        num_predict=options.num_predict,
-        stop=options.stop,
-        grammar=grammar,
-    )
-
-
-def model_template(lease: Lease, resolved: Any) -> ChatTemplate:
-    """The model's chat template, built once per loaded runner."""
-    info = lease.model.info
-    template = info.get("chat_template_object")
-    if template is None:
-        runner = lease.runner
-        source = getattr(resolved, "template", None) or runner.model.metadata("tokenizer.chat_template")
-        bos = runner.model.token_text(runner.model.bos_token) if runner.model.bos_token >= 0 else ""
-        eos = runner.model.token_text(runner.model.eos_token) if runner.model.eos_token >= 0 else ""
-        template = load_template(source, bos_token=bos, eos_token=eos) if source else PlainTemplate()
-        info["chat_template_object"] = template
-    return template
-
-
-async def tokenize_prompt(lease: Lease, text: str) -> list[int]:
-    """Tokens of a rendered prompt; long prompts are tokenized off the event loop."""
-    if len(text) > 16_384:
-        return await anyio.to_thread.run_sync(_tokenize, lease, text)
-    return _tokenize(lease, text)
-
-
-def _tokenize(lease: Lease, text: str) -> list[int]:
-    runner = lease.runner
-    tokens: list[int] = runner.tokenize(text, add_special=True)
-    bos = runner.model.bos_token
-    # A template that writes the BOS token itself plus llama.cpp's own BOS would double it.
-    if len(tokens) >= 2 and tokens[0] == bos and tokens[1] == bos:
-        tokens = tokens[1:]
-    return tokens
-
-
 class RunJob(Job[T]):
     """A submitted sequence: turns its text and result into chunks, and owns its lease."""
 
     def __init__(
         self,
-        lease: Lease,
+        lease: Lease[TextRunner],
         handle: SequenceHandle,
         *,
         on_text: Callable[[str], list[T]],
@@ -166,35 +117,18 @@ def _durations(result: SequenceResult, total: int, load: int) -> dict[str, Any]:
     }
 
 
-async def _load_or_unload(engine: Engine, resolved: Any, options: Options, keep_alive: Any) -> tuple[str, int]:
-    """An empty request loads the model (or, with keep_alive 0, unloads it), as in Ollama."""
-    if parse_keep_alive(keep_alive, engine.settings.keep_alive) == 0:
-        await engine._unload_file(resolved.model_path)
-        return "unload", 0
-    lease = await engine._acquire(resolved, options, keep_alive)
-    lease.release()
-    return "load", lease.load_duration
-
-
-async def _resolve_for_generation(engine: Engine, model: str) -> Any:
-    from .embeddings import ensure_can_generate
-
-    resolved = await engine._resolve(model)
-    await anyio.to_thread.run_sync(ensure_can_generate, resolved.model_path, model)
-    return resolved
-
-
-async def open_generate(engine: Engine, request: GenerateRequest) -> Job[GenerateResponse]:
+async def open_generate(service: ModelService, request: GenerateRequest) -> Job[GenerateResponse]:
     started = time.perf_counter()
-    resolved = await _resolve_for_generation(engine, request.model)
-    options = engine._options(resolved, request.options)
+    resolved = await service.resolve(request.model, "generate")
+    options = service.options(resolved, request.options)
     name = request.model
     if not request.prompt and not request.context:
-        reason, load = await _load_or_unload(engine, resolved, options, request.keep_alive)
+        reason, load = await service.load_or_unload(resolved, options, request.keep_alive, "generate")
         return DoneJob(
             GenerateResponse(model=name, created_at=now_iso(), done=True, done_reason=reason, load_duration=load)
         )
-    lease = await engine._acquire(resolved, options, request.keep_alive)
+    lease = await service.lease_text(resolved, options, request.keep_alive)
+    runner = lease.runner
     try:
         parser = None
         if request.raw:
@@ -202,10 +136,10 @@ async def open_generate(engine: Engine, request: GenerateRequest) -> Job[Generat
         else:
             from .chat.prompt import prepare_chat_in_thread
 
-            template = model_template(lease, resolved)
+            template = await service.template(resolved, runner)
             if request.template:
                 template = await anyio.to_thread.run_sync(load_template, request.template)
-            system = request.system if request.system is not None else getattr(resolved, "system", None)
+            system = request.system if request.system is not None else resolved.system
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": request.prompt}
             ]
@@ -220,8 +154,8 @@ async def open_generate(engine: Engine, request: GenerateRequest) -> Job[Generat
                 text, grammar = prepared.prompt, prepared.grammar
                 if prepared.thinking_tags:
                     parser = prepared.parser()
-        tokens = list(request.context or ()) + await tokenize_prompt(lease, text)
-        handle = lease.runner.submit(tokens, sampling_params(options, grammar=grammar))
+        tokens = list(request.context or ()) + await off_loop_if_long(len(text), lambda: runner.tokenize(text))
+        handle = runner.submit(tokens, SamplingParams(options, grammar))
     except BaseException:
         lease.release()
         raise
@@ -268,16 +202,16 @@ def _chat_chunk(name: str, thinking: str, content: str, calls: list[ToolCall]) -
     return ChatResponse(model=name, created_at=now_iso(), message=message)
 
 
-async def open_chat(engine: Engine, request: ChatRequest) -> Job[ChatResponse]:
+async def open_chat(service: ModelService, request: ChatRequest) -> Job[ChatResponse]:
     from .chat.prompt import prepare_chat_in_thread
     from .tools import normalize_tools
 
     started = time.perf_counter()
-    resolved = await _resolve_for_generation(engine, request.model)
-    options = engine._options(resolved, request.options)
+    resolved = await service.resolve(request.model, "generate")
+    options = service.options(resolved, request.options)
     name = request.model
     if not request.messages:
-        reason, load = await _load_or_unload(engine, resolved, options, request.keep_alive)
+        reason, load = await service.load_or_unload(resolved, options, request.keep_alive, "generate")
         return DoneJob(
             ChatResponse(
                 model=name,
@@ -289,16 +223,18 @@ async def open_chat(engine: Engine, request: ChatRequest) -> Job[ChatResponse]:
             )
         )
     tools = [t.to_dict() for t in normalize_tools(request.tools)] if request.tools else []
-    lease = await engine._acquire(resolved, options, request.keep_alive)
+    lease = await service.lease_text(resolved, options, request.keep_alive)
+    runner = lease.runner
     try:
-        template = model_template(lease, resolved)
+        template = await service.template(resolved, runner)
         messages = [m.to_template_dict() for m in _with_model_messages(resolved, request.messages)]
         prepared = await prepare_chat_in_thread(
             template, messages, tools=tools, tool_choice=request.tool_choice, think=request.think,
             format=request.format,
         )
-        tokens = await tokenize_prompt(lease, prepared.prompt)
-        handle = lease.runner.submit(tokens, sampling_params(options, grammar=prepared.grammar))
+        prompt = prepared.prompt
+        tokens = await off_loop_if_long(len(prompt), lambda: runner.tokenize(prompt))
+        handle = runner.submit(tokens, SamplingParams(options, prepared.grammar))
     except BaseException:
         lease.release()
         raise
@@ -328,10 +264,10 @@ async def open_chat(engine: Engine, request: ChatRequest) -> Job[ChatResponse]:
     return RunJob(lease, handle, on_text=on_text, on_done=on_done, started=started)
 
 
-def _with_model_messages(resolved: Any, messages: Sequence[Message]) -> list[Message]:
+def _with_model_messages(resolved: ResolvedModel, messages: Sequence[Message]) -> list[Message]:
     """Prepend the model's own MESSAGE history and SYSTEM prompt, as Ollama does."""
-    prefix = [Message.from_any(m) for m in getattr(resolved, "messages", ()) or ()]
-    system = getattr(resolved, "system", None)
+    prefix = [Message.from_any(m) for m in resolved.messages]
+    system = resolved.system
     has_system = any(m.role == "system" for m in messages)
     if system and not has_system and not any(m.role == "system" for m in prefix):
         prefix.insert(0, Message(role="system", content=system))

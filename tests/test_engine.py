@@ -147,7 +147,7 @@ async def test_breaking_out_frees_the_slot(smollm2_path: Path, home: Path) -> No
         async for _chunk in follow_up:
             first_chunk_after = time.perf_counter() - started
             break
-        runner = next(iter(engine.scheduler.loaded.values())).runner
+        runner = (await engine.scheduler.running())[0].runner
         await anyio.sleep(0.2)  # one decode step is a few ms; give the worker time to notice
         assert runner.active_count == 0
         assert runner.pending_count == 0
@@ -170,7 +170,7 @@ async def test_cancelling_the_task_frees_the_slot(smollm2_path: Path, home: Path
         assert chunks > 0
         reply = await engine.generate(model, "Say hi.", options={**GREEDY, "num_predict": 3})
         assert reply.done
-        runner = next(iter(engine.scheduler.loaded.values())).runner
+        runner = (await engine.scheduler.running())[0].runner
         assert runner.active_count == 0
 
 
@@ -208,7 +208,7 @@ async def test_follow_up_turn_reuses_the_prefix(smollm2_path: Path, home: Path) 
             {"role": "user", "content": "What is my name?"},
         ]
         second = await engine.chat(model, messages, options={**GREEDY, "num_predict": 24})
-        runner = next(iter(engine.scheduler.loaded.values())).runner
+        runner = (await engine.scheduler.running())[0].runner
         template = runner.model.metadata("tokenizer.chat_template")
         assert template
     conversation_tokens = first.prompt_eval_count + first.eval_count + 10

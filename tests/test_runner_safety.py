@@ -12,6 +12,7 @@ import pytest
 
 from localllm import Engine, EngineClosed, RunnerError
 from localllm.runner.llama import repack_default, repack_is_safe
+from localllm.scheduler.loader import RunnerFactory
 
 GREEDY = {"temperature": 0, "repeat_penalty": 1.0}
 AMX_BUILD = "CPU : SSE3 = 1 | AVX512 = 1 | AVX512_VNNI = 1 | AMX_INT8 = 1 | REPACK = 1 |"
@@ -95,17 +96,19 @@ async def test_a_runner_whose_thread_fails_is_replaced(smollm2_path: Path, home:
         assert fresh.runner is not broken and fresh.runner.healthy
 
 
-async def test_closing_during_a_slow_load_leaves_no_runner_behind(smollm2_path: Path, home: Path) -> None:
+async def test_closing_during_a_slow_load_leaves_no_runner_behind(
+    smollm2_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     engine = Engine(home)
     loading = threading.Event()
-    real_load = engine._factory.load
+    real_load = RunnerFactory.load
 
-    def slow_load(config: Any) -> Any:  # a fake loader: the real one, after a pause
+    def slow_load(factory: RunnerFactory, config: Any) -> Any:  # a fake loader: the real one, after a pause
         loading.set()
         threading.Event().wait(0.5)
-        return real_load(config)
+        return real_load(factory, config)
 
-    engine._factory.load = slow_load  # type: ignore[method-assign]
+    monkeypatch.setattr(RunnerFactory, "load", slow_load)
     errors: list[BaseException] = []
 
     async def ask() -> None:

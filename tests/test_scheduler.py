@@ -12,7 +12,7 @@ import pytest
 
 from localllm import EngineClosed, InsufficientMemory, QueueFull
 from localllm.scheduler.keepalive import parse_keep_alive
-from localllm.scheduler.scheduler import Scheduler
+from localllm.scheduler.scheduler import Loaded, Scheduler
 
 
 class FakeRunner:
@@ -37,14 +37,14 @@ class FakeLoader:
         self.gates = gates or {}  # a key with a gate loads only once its event is set
         self.started = threading.Event()
 
-    def __call__(self, key: Any) -> tuple[FakeRunner, int, int, dict[str, Any]]:
+    def __call__(self, key: Any) -> Loaded[FakeRunner]:
         self.started.set()
         if key in self.gates:
             self.gates[key].wait()
         self.loads.append(key)
         runner = FakeRunner(key)
         self.runners[key] = runner
-        return runner, self.sizes.get(key, 1), 0, {}
+        return Loaded(runner, self.sizes.get(key, 1))
 
     def size(self, key: Any) -> tuple[int, int]:
         return self.sizes.get(key, 1), 0
@@ -192,7 +192,7 @@ async def test_close_unloads_everything_from_worker_threads() -> None:
             threads.append(threading.current_thread().name)
             super().close()
 
-    scheduler = Scheduler(loader=lambda key: (ThreadRecordingRunner(key), 1, 0, {}))
+    scheduler = Scheduler(loader=lambda key: Loaded(ThreadRecordingRunner(key), 1))
     for key in ("a", "b"):
         (await scheduler.acquire(key, name=key, keep_alive=-1)).release()
     await scheduler.close()

@@ -25,18 +25,14 @@ import llama_cpp
 import numpy as np
 
 from ..errors import CapabilityError, ContextLengthExceeded, EngineClosed, LocalLLMError, RunnerError
+from ..gguf.architectures import ENCODER_ARCHITECTURES
 from .llama import Batch, LlamaContext, LlamaModel, default_threads
 from .mailbox import Mailbox
 from .protocol import KV_CACHE_TYPES, LoadConfig
 
-__all__ = ["ENCODER_ARCHITECTURES", "EmbedHandle", "EmbedResult", "EmbeddingRunner"]
+__all__ = ["EmbedHandle", "EmbedResult", "EmbeddingRunner"]
 
 logger = logging.getLogger("localllm.runner")
-
-#: Bidirectional encoders: no KV cache, the whole input is seen at once.
-ENCODER_ARCHITECTURES = frozenset(
-    {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert", "neo-bert", "t5encoder"}
-)
 
 #: Sequences packed into one batch for encoders (they cost no KV cache, so many fit).
 ENCODER_MAX_SEQUENCES = 64

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import llama_cpp
 
 from ..errors import InvalidFormat, LocalLLMError, ModelLoadError
+from ..options import Options
 
 if TYPE_CHECKING:
     from .protocol import LoadConfig
@@ -390,23 +391,7 @@ class Batch:
 class SamplerChain:
     """One sequence's sampler chain, built from Ollama's options."""
 
-    def __init__(
-        self,
-        model: LlamaModel,
-        *,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        min_p: float,
-        typical_p: float,
-        repeat_last_n: int,
-        repeat_penalty: float,
-        presence_penalty: float,
-        frequency_penalty: float,
-        seed: int,
-        grammar: str | None = None,
-        n_ctx: int = 0,
-    ) -> None:
+    def __init__(self, model: LlamaModel, options: Options, *, grammar: str | None = None, n_ctx: int = 0) -> None:
         params = llama_cpp.llama_sampler_chain_default_params()
         params.no_perf = True
         chain = llama_cpp.llama_sampler_chain_init(params)
@@ -418,27 +403,32 @@ class SamplerChain:
                 if not grammar_sampler:
                     raise InvalidFormat("the output grammar could not be parsed by llama.cpp")
                 llama_cpp.llama_sampler_chain_add(chain, grammar_sampler)
-            last_n = n_ctx if repeat_last_n == -1 else repeat_last_n
-            if last_n != 0 and (repeat_penalty != 1.0 or presence_penalty != 0.0 or frequency_penalty != 0.0):
+            last_n = n_ctx if options.repeat_last_n == -1 else options.repeat_last_n
+            penalized = (options.repeat_penalty, options.presence_penalty, options.frequency_penalty) != (1.0, 0.0, 0.0)
+            if last_n != 0 and penalized:
                 llama_cpp.llama_sampler_chain_add(
                     chain,
                     llama_cpp.llama_sampler_init_penalties(
-                        model.n_vocab, last_n, repeat_penalty, frequency_penalty, presence_penalty
+                        model.n_vocab,
+                        last_n,
+                        options.repeat_penalty,
+                        options.frequency_penalty,
+                        options.presence_penalty,
                     ),
                 )
-            if temperature <= 0:
+            if options.temperature <= 0:
                 llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
             else:
-                if top_k > 0:
-                    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(top_k))
-                if typical_p < 1.0:
-                    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_typical(typical_p, 1))
-                if top_p < 1.0:
-                    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(top_p, 1))
-                if min_p > 0.0:
-                    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_min_p(min_p, 1))
-                llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(temperature))
-                dist_seed = llama_cpp.LLAMA_DEFAULT_SEED if seed < 0 else seed & 0xFFFFFFFF
+                if options.top_k > 0:
+                    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(options.top_k))
+                if options.typical_p < 1.0:
+                    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_typical(options.typical_p, 1))
+                if options.top_p < 1.0:
+                    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(options.top_p, 1))
+                if options.min_p > 0.0:
+                    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_min_p(options.min_p, 1))
+                llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(options.temperature))
+                dist_seed = llama_cpp.LLAMA_DEFAULT_SEED if options.seed < 0 else options.seed & 0xFFFFFFFF
                 llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(dist_seed))
         except BaseException:
             self.close()

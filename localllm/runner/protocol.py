@@ -6,17 +6,28 @@ This module does not import llama_cpp, so the engine can be imported without it.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
 from ..errors import LocalLLMError
+from ..options import Options
 from .mailbox import Mailbox
 
 if TYPE_CHECKING:
-    from .worker import Runner
+    from .embed import EmbedHandle
 
-__all__ = ["KV_CACHE_TYPES", "LoadConfig", "SamplingParams", "SequenceHandle", "SequenceResult"]
+__all__ = [
+    "KV_CACHE_TYPES",
+    "EmbedRunner",
+    "LoadConfig",
+    "ModelRunner",
+    "SamplingParams",
+    "SequenceHandle",
+    "SequenceResult",
+    "TextRunner",
+]
 
 KV_CACHE_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # ggml type ids
 
@@ -43,18 +54,9 @@ class LoadConfig:
 
 @attrs.frozen
 class SamplingParams:
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.9
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    repeat_last_n: int = 64
-    repeat_penalty: float = 1.1
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int = -1
-    num_predict: int = -1
-    stop: tuple[str, ...] = ()
+    """How one sequence is sampled: the request's options, and a grammar its output must follow."""
+
+    options: Options = attrs.field(factory=Options)
     grammar: str | None = None
 
 
@@ -70,10 +72,14 @@ class SequenceResult:
     tokens: tuple[int, ...] = ()
 
 
+class _Withdraw(Protocol):
+    def _withdraw(self, handle: SequenceHandle) -> None: ...
+
+
 class SequenceHandle:
     """The coroutine's side of one sequence: events in, cancellation out."""
 
-    def __init__(self, runner: Runner, prompt: list[int], params: SamplingParams) -> None:
+    def __init__(self, runner: _Withdraw, prompt: list[int], params: SamplingParams) -> None:
         self.runner = runner
         self.prompt = prompt
         self.params = params
@@ -89,3 +95,51 @@ class SequenceHandle:
             self.runner._withdraw(self)
 
 
+
+
+class _Runner(Protocol):
+    """What every runner offers the scheduler and the request pipelines."""
+
+    @property
+    def busy(self) -> bool: ...
+
+    @property
+    def healthy(self) -> bool: ...
+
+    @property
+    def pending_count(self) -> int: ...
+
+    @property
+    def n_ctx_seq(self) -> int:
+        """Tokens one sequence may hold."""
+        ...
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]: ...
+
+    def close(self) -> None: ...
+
+
+class TextRunner(_Runner, Protocol):
+    """A runner that generates text: sequences in, text and a result out."""
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> SequenceHandle: ...
+
+    def special_token_text(self) -> tuple[str, str]:
+        """The text of the BOS and EOS tokens ("" where the model has none), for chat templates."""
+        ...
+
+    def chat_template(self) -> str | None:
+        """The chat template the model file carries, if any."""
+        ...
+
+
+class EmbedRunner(_Runner, Protocol):
+    """A runner that embeds: token sequences in, one vector each out."""
+
+    def truncate(self, tokens: list[int], limit: int | None = None) -> list[int]: ...
+
+    def submit_embed(self, inputs: Sequence[Sequence[int]], *, normalize: bool = True) -> EmbedHandle: ...
+
+
+ModelRunner = TextRunner | EmbedRunner
+"""Any runner the scheduler may hold."""

@@ -150,7 +150,21 @@ class Runner:
         return self.failure is None and self._thread.is_alive()
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        return self.model.tokenize(text, add_special=add_special, parse_special=True)
+        tokens = self.model.tokenize(text, add_special=add_special, parse_special=True)
+        # A template that writes the BOS token itself plus llama.cpp's own BOS would double it.
+        if add_special and len(tokens) >= 2 and tokens[0] == tokens[1] == self.model.bos_token:
+            del tokens[0]
+        return tokens
+
+    def special_token_text(self) -> tuple[str, str]:
+        """The text of the BOS and EOS tokens ("" where the model has none), for chat templates."""
+        model = self.model
+        bos, eos = model.bos_token, model.eos_token
+        return (model.token_text(bos) if bos >= 0 else "", model.token_text(eos) if eos >= 0 else "")
+
+    def chat_template(self) -> str | None:
+        """The chat template the model file carries, if any."""
+        return self.model.metadata("tokenizer.chat_template")
 
     def submit(self, prompt: list[int], params: SamplingParams) -> SequenceHandle:
         """Queue a sequence. Call from the event loop (the handle's mailbox binds to it)."""
@@ -248,14 +262,14 @@ class Runner:
             except LocalLLMError as exc:
                 handle.mailbox.put(exc)
                 continue
-            num_predict = handle.params.num_predict
+            num_predict = handle.params.options.num_predict
             active = _Active(
                 handle=handle,
                 slot=slot,
                 sampler=sampler,
                 prompt_pos=0,
                 num_predict=num_predict if num_predict >= 0 else 1 << 62,
-                stops=StopMatcher(handle.params.stop),
+                stops=StopMatcher(handle.params.options.stop),
             )
             slot.active = active
             admitted.append(active)
@@ -263,21 +277,7 @@ class Runner:
 
     def _make_sampler(self, params: SamplingParams) -> SamplerChain:
         try:
-            return SamplerChain(
-                self.model,
-                temperature=params.temperature,
-                top_k=params.top_k,
-                top_p=params.top_p,
-                min_p=params.min_p,
-                typical_p=params.typical_p,
-                repeat_last_n=params.repeat_last_n,
-                repeat_penalty=params.repeat_penalty,
-                presence_penalty=params.presence_penalty,
-                frequency_penalty=params.frequency_penalty,
-                seed=params.seed,
-                grammar=params.grammar,
-                n_ctx=self.n_ctx_seq,
-            )
+            return SamplerChain(self.model, params.options, grammar=params.grammar, n_ctx=self.n_ctx_seq)
         except InvalidFormat:
             raise
         except Exception as exc:
@@ -295,7 +295,7 @@ class Runner:
         active.prompt_pos = keep
         if not active.handle.params.grammar:
             # Penalties look back over the prompt too, as they do in llama-server.
-            window = active.handle.params.repeat_last_n
+            window = active.handle.params.options.repeat_last_n
             for token in prompt[-window:] if window > 0 else []:
                 active.sampler.accept(token)
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..options import Options
-from ..runner.protocol import LoadConfig
+from ..runner.protocol import LoadConfig, ModelRunner
 from .devices import DeviceInventory, InventorySource, resolve_inventory
 from .memory import LayerPlan, MemoryEstimate, estimate_memory, format_bytes, plan_layers
+from .scheduler import Loaded
+
+if TYPE_CHECKING:
+    from ..settings import EngineSettings
 
 __all__ = ["RunnerFactory"]
 
@@ -32,16 +36,18 @@ def _info(path: str) -> Any:
 class RunnerFactory:
     """Builds a `LoadConfig` from options, plans its memory, and loads it (in a worker thread)."""
 
-    def __init__(self, settings: Any, *, devices: InventorySource | None = None) -> None:
+    def __init__(self, settings: EngineSettings, *, devices: InventorySource | None = None) -> None:
         self.settings = settings
         self._devices = devices
 
     def inventory(self) -> DeviceInventory:
         return resolve_inventory(self._devices)
 
-    def config_for(self, resolved: Any, options: Options, *, embeddings: bool = False) -> LoadConfig:
+    def config_for(
+        self, model_path: str, adapters: tuple[str, ...], options: Options, *, embeddings: bool = False
+    ) -> LoadConfig:
         return LoadConfig(
-            model_path=str(resolved.model_path),
+            model_path=model_path,
             num_ctx=options.num_ctx,
             num_batch=options.num_batch,
             num_parallel=1 if embeddings else self.settings.num_parallel,
@@ -54,7 +60,7 @@ class RunnerFactory:
             kv_cache_type=self.settings.kv_cache_type,
             flash_attention=self.settings.flash_attention,
             repack=self.settings.repack,
-            adapters=tuple(str(p) for p in getattr(resolved, "adapters", ()) or ()),
+            adapters=adapters,
         )
 
     def estimate(self, config: LoadConfig) -> MemoryEstimate:
@@ -88,7 +94,7 @@ class RunnerFactory:
         inventory = self.inventory()
         return inventory.system.free + sum(gpu.free_memory for gpu in inventory.gpus)
 
-    def load(self, config: LoadConfig) -> tuple[Any, int, int, dict[str, Any]]:
+    def load(self, config: LoadConfig) -> Loaded[ModelRunner]:
         plan = self.plan(config)
         logger.info(
             "loading %s: %d layers on GPU %s, %s in VRAM, %s in all",
@@ -98,13 +104,13 @@ class RunnerFactory:
             format_bytes(plan.vram_bytes),
             format_bytes(plan.total_bytes),
         )
+        runner: ModelRunner
         if config.embeddings:
             from ..runner.embed import EmbeddingRunner
 
-            runner: Any = EmbeddingRunner(config, gpu_layers=plan.gpu_layers, tensor_split=plan.tensor_split)
+            runner = EmbeddingRunner(config, gpu_layers=plan.gpu_layers, tensor_split=plan.tensor_split)
         else:
             from ..runner.worker import Runner
 
             runner = Runner(config, gpu_layers=plan.gpu_layers, tensor_split=plan.tensor_split)
-        info = {"plan": plan, "context_length": runner.n_ctx_seq}
-        return runner, plan.total_bytes, plan.vram_bytes, info
+        return Loaded(runner, plan.total_bytes, plan.vram_bytes, context_length=runner.n_ctx_seq, plan=plan)

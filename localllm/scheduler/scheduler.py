@@ -24,8 +24,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Hashable
+from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -33,14 +33,15 @@ import anyio.lowlevel
 import attrs
 
 from ..errors import EngineClosed, InsufficientMemory, QueueFull
+from .memory import LayerPlan
 
-__all__ = ["Lease", "LoadedModel", "RunnerLike", "Scheduler"]
+__all__ = ["Lease", "Loaded", "LoadedModel", "Loader", "RunnerLike", "Scheduler", "Sizer"]
 
 logger = logging.getLogger("localllm.scheduler")
 
 
 class RunnerLike(Protocol):
-    """What the scheduler needs of a runner (the real one, or a fake in unit tests)."""
+    """What the scheduler needs of a runner (a thread runner, an embedding runner, or a fake in unit tests)."""
 
     @property
     def busy(self) -> bool: ...
@@ -54,22 +55,45 @@ class RunnerLike(Protocol):
     def close(self) -> None: ...
 
 
-@attrs.define(eq=False)
-class LoadedModel:
-    """The scheduler's record of one loaded runner."""
+R = TypeVar("R", bound=RunnerLike)
 
-    key: Any
-    name: str
-    runner: Any
+
+@attrs.frozen
+class Loaded(Generic[R]):
+    """What a loader returns: the runner, what it occupies, and how it was placed."""
+
+    runner: R
     size: int = 0
     size_vram: int = 0
-    info: dict[str, Any] = attrs.field(factory=dict)
+    context_length: int = 0
+    plan: LayerPlan | None = None
+
+
+@attrs.define(eq=False)
+class LoadedModel(Generic[R]):
+    """The scheduler's record of one loaded runner."""
+
+    key: Hashable
+    name: str
+    loaded: Loaded[R]
     keep_alive: float = 300.0
     users: int = 0
     expires_at: float | None = None  # monotonic deadline while idle
     expires_wall: float | None = None  # the same moment as a wall-clock timestamp
     loaded_at: float = attrs.field(factory=time.time)
     closing: bool = False
+
+    @property
+    def runner(self) -> R:
+        return self.loaded.runner
+
+    @property
+    def size(self) -> int:
+        return self.loaded.size
+
+    @property
+    def size_vram(self) -> int:
+        return self.loaded.size_vram
 
     def stamp_expiry(self) -> None:
         if self.users > 0 or math.isinf(self.keep_alive):
@@ -89,16 +113,16 @@ class _Loading:
 
 
 @attrs.define(eq=False)
-class Lease:
+class Lease(Generic[R]):
     """A request's hold on a runner; release it exactly once."""
 
-    scheduler: Scheduler
-    model: LoadedModel
+    scheduler: Scheduler[R]
+    model: LoadedModel[R]
     load_duration: int = 0
     released: bool = False
 
     @property
-    def runner(self) -> Any:
+    def runner(self) -> R:
         return self.model.runner
 
     def release(self, keep_alive: float | None = None) -> None:
@@ -107,18 +131,18 @@ class Lease:
             self.scheduler._finished(self, keep_alive)
 
 
-Loader = Callable[[Any], tuple[Any, int, int, dict[str, Any]]]
-"""Loads a runner for a key (blocking): returns (runner, size bytes, VRAM bytes, info)."""
+Loader = Callable[[Any], Loaded[R]]
+"""Loads a runner for a key (blocking)."""
 
 Sizer = Callable[[Any], tuple[int, int]]
 """Estimates (total bytes, VRAM bytes) a key would need once loaded (blocking)."""
 
 
-class Scheduler:
+class Scheduler(Generic[R]):
     def __init__(
         self,
         *,
-        loader: Loader,
+        loader: Loader[R],
         max_loaded: int = 3,
         max_queue: int = 512,
         memory_budget: Callable[[], int] | None = None,
@@ -129,8 +153,8 @@ class Scheduler:
         self._memory_budget = memory_budget
         self.max_loaded = max_loaded
         self.max_queue = max_queue
-        self.loaded: dict[Any, LoadedModel] = {}
-        self._loading: dict[Any, _Loading] = {}
+        self.loaded: dict[Hashable, LoadedModel[R]] = {}
+        self._loading: dict[Hashable, _Loading] = {}
         self.load_count = 0
         self._waiting = 0
         self._lock = anyio.Lock()
@@ -142,9 +166,7 @@ class Scheduler:
 
     # -- events -----------------------------------------------------------------
 
-    async def acquire(
-        self, key: Any, *, name: str, keep_alive: float, describe: dict[str, Any] | None = None
-    ) -> Lease:
+    async def acquire(self, key: Hashable, *, name: str, keep_alive: float) -> Lease[R]:
         """pending: get a lease on the runner for `key`, loading it if needed."""
         if self._closed:
             raise EngineClosed("the engine is closed")
@@ -157,11 +179,11 @@ class Scheduler:
             raise QueueFull(f"{queued} requests are already waiting (max_queue={self.max_queue}); retry later")
         self._waiting += 1
         try:
-            return await self._acquire(key, name=name, keep_alive=keep_alive, describe=describe or {})
+            return await self._acquire(key, name=name, keep_alive=keep_alive)
         finally:
             self._waiting -= 1
 
-    async def _acquire(self, key: Any, *, name: str, keep_alive: float, describe: dict[str, Any]) -> Lease:
+    async def _acquire(self, key: Hashable, *, name: str, keep_alive: float) -> Lease[R]:
         while True:
             if self._closed:
                 raise EngineClosed("the engine is closed")
@@ -185,26 +207,22 @@ class Scheduler:
             if loading is None:
                 await changed.wait()  # busy runners hold the room we need: wait for one to finish
                 continue
-            return await self._load(key, loading, name=name, keep_alive=keep_alive, describe=describe)
+            return await self._load(key, loading, name=name, keep_alive=keep_alive)
 
-    async def _load(
-        self, key: Any, loading: _Loading, *, name: str, keep_alive: float, describe: dict[str, Any]
-    ) -> Lease:
+    async def _load(self, key: Hashable, loading: _Loading, *, name: str, keep_alive: float) -> Lease[R]:
         """Load a runner for `key` in a worker thread, and record it unless the engine closed meanwhile."""
         started = time.perf_counter()
         try:
             # Shielded: a cancelled caller must not leave a loaded runner that nobody records.
             with anyio.CancelScope(shield=True):
-                runner, size, size_vram, info = await anyio.to_thread.run_sync(self._loader, key)
+                loaded = await anyio.to_thread.run_sync(self._loader, key)
                 if self._closed:
-                    await anyio.to_thread.run_sync(runner.close)
+                    await anyio.to_thread.run_sync(loaded.runner.close)
                     raise EngineClosed("the engine was closed while the model was loading")
                 self.load_count += 1
-                model = LoadedModel(
-                    key=key, name=name, runner=runner, size=size, size_vram=size_vram, info={**describe, **info}
-                )
+                model = LoadedModel(key=key, name=name, loaded=loaded)
                 self.loaded[key] = model
-                logger.info("loaded %s (%d bytes, %d in VRAM)", name, size, size_vram)
+                logger.info("loaded %s (%d bytes, %d in VRAM)", name, loaded.size, loaded.size_vram)
                 lease = self._lend(model, keep_alive, load_duration=int((time.perf_counter() - started) * 1e9))
         finally:
             del self._loading[key]
@@ -218,19 +236,19 @@ class Scheduler:
             logger.warning("dropping %s: its runner failed", model.name)
             await self._unload(model)
 
-    async def running(self) -> list[LoadedModel]:
+    async def running(self) -> list[LoadedModel[R]]:
         """The healthy loaded runners, oldest first."""
         await self.forget_failed()
         return sorted((m for m in self.loaded.values() if not m.closing), key=lambda m: m.loaded_at)
 
-    def _lend(self, model: LoadedModel, keep_alive: float, *, load_duration: int) -> Lease:
+    def _lend(self, model: LoadedModel[R], keep_alive: float, *, load_duration: int) -> Lease[R]:
         model.users += 1
         model.keep_alive = keep_alive  # the latest request's value wins
         model.stamp_expiry()
         self._schedule_expiry()
         return Lease(self, model, load_duration=load_duration)
 
-    def _finished(self, lease: Lease, keep_alive: float | None) -> None:
+    def _finished(self, lease: Lease[R], keep_alive: float | None) -> None:
         """finished: a request let go of its runner."""
         if self._token is not None and threading.get_ident() != self._loop_thread:
             # Released from another thread (a stream collected there): scheduler state lives in the loop.
@@ -243,7 +261,7 @@ class Scheduler:
         model.stamp_expiry()
         self._notify()
 
-    async def _make_room(self, key: Any) -> int | None:
+    async def _make_room(self, key: Hashable) -> int | None:
         """Evict idle runners until `key` fits: the bytes it needs, or None if it must wait for busy ones."""
         need, budget = 0, None
         reserved = sum(loading.need for loading in self._loading.values())  # loads in flight are not yet counted
@@ -273,7 +291,7 @@ class Scheduler:
                 budget = self._memory_budget() - reserved
         return need
 
-    def _take_expired(self) -> list[LoadedModel]:
+    def _take_expired(self) -> list[LoadedModel[R]]:
         """expired (in the event loop, called by the reaper): detach idle runners whose time is up."""
         now = time.monotonic()
         due = [
@@ -292,7 +310,7 @@ class Scheduler:
             deadlines = [m.expires_at for m in self.loaded.values() if m.users == 0 and m.expires_at is not None]
             self._reaper.set_deadline(min(deadlines) if deadlines else None)
 
-    async def _unload(self, model: LoadedModel) -> None:
+    async def _unload(self, model: LoadedModel[R]) -> None:
         """unloaded: close a runner (nobody is using it) and wake whoever waits for room."""
         model.closing = True
         self.loaded.pop(model.key, None)
@@ -308,7 +326,7 @@ class Scheduler:
 
     # -- requests from the engine --------------------------------------------------
 
-    async def unload_where(self, predicate: Callable[[LoadedModel], bool]) -> int:
+    async def unload_where(self, predicate: Callable[[LoadedModel[R]], bool]) -> int:
         """Unload matching runners once they are idle (their users finish first)."""
         count = 0
         for model in [m for m in self.loaded.values() if predicate(m)]:
@@ -342,7 +360,7 @@ class Scheduler:
 class _Reaper:
     """The thread that unloads runners when their keep_alive runs out."""
 
-    def __init__(self, scheduler: Scheduler, token: anyio.lowlevel.EventLoopToken) -> None:
+    def __init__(self, scheduler: Scheduler[Any], token: anyio.lowlevel.EventLoopToken) -> None:
         self._scheduler = scheduler
         self._token = token
         self._cond = threading.Condition()

@@ -1,0 +1,191 @@
+"""The model service: what every request does before it runs.
+
+A request names a model; the service resolves the name in the registry, checks the model can do what
+is asked (generate or embed), merges the options (defaults < model parameters < request), and leases
+the runner for that model and those load options from the scheduler — or, for an empty request,
+just loads or unloads it, as Ollama does. The request pipelines (`requests.py`, `embeddings.py`) talk
+only to this service; the `Engine` owns one and delegates to it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Literal, TypeVar, cast
+
+import anyio
+import attrs
+
+from .chat.template import ChatTemplate, PlainTemplate, load_template
+from .errors import CapabilityError, EngineClosed, InvalidRequest
+from .options import Options, OptionValues, merge_options
+from .runner.protocol import EmbedRunner, LoadConfig, ModelRunner, TextRunner
+from .scheduler.keepalive import parse_keep_alive
+from .scheduler.loader import RunnerFactory
+from .scheduler.scheduler import Lease, LoadedModel, Scheduler
+from .settings import EngineSettings
+
+if TYPE_CHECKING:
+    from .registry.registry import Registry, ResolvedModel
+    from .scheduler.devices import InventorySource
+
+__all__ = ["INLINE_WORK_CHARS", "ModelService", "Purpose", "off_loop_if_long"]
+
+Purpose = Literal["generate", "embed"]
+
+#: Text longer than this is tokenized in a worker thread, so the event loop never waits on it.
+INLINE_WORK_CHARS = 16_384
+
+T = TypeVar("T")
+
+
+async def off_loop_if_long(size: int, work: Callable[[], T]) -> T:
+    """Run `work` inline when its input is small, else in a worker thread."""
+    if size > INLINE_WORK_CHARS:
+        return await anyio.to_thread.run_sync(work)
+    return work()
+
+
+@attrs.frozen
+class Running:
+    """A loaded runner as `ps()` shows it: the scheduler's record and the model it was loaded for."""
+
+    record: LoadedModel[ModelRunner]
+    model: ResolvedModel | None
+
+
+class ModelService:
+    """Resolve, check, merge options, and lease runners: the one path from a request to a runner."""
+
+    def __init__(self, settings: EngineSettings, *, devices: InventorySource | None = None) -> None:
+        self.settings = settings
+        self.factory = RunnerFactory(settings, devices=devices)
+        self._registry: Registry | None = None
+        self._scheduler: Scheduler[ModelRunner] | None = None
+        self._models: dict[Hashable, ResolvedModel] = {}  # the model each runner was loaded for
+        self.closed = False
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            from .registry.registry import Registry
+
+            self._registry = Registry(self.settings.models)
+        return self._registry
+
+    @property
+    def scheduler(self) -> Scheduler[ModelRunner]:
+        """The scheduler, created on first use (inside the event loop)."""
+        if self.closed:
+            raise EngineClosed("this engine is closed; open a new one")
+        if self._scheduler is None:
+            self._scheduler = Scheduler(
+                loader=self.factory.load,
+                sizer=self.factory.size,
+                memory_budget=self.factory.memory_budget,
+                max_loaded=self.settings.max_loaded_models,
+                max_queue=self.settings.max_queue,
+            )
+        return self._scheduler
+
+    @property
+    def started(self) -> bool:
+        """Whether a scheduler exists (anything may be loaded)."""
+        return self._scheduler is not None
+
+    async def close(self) -> None:
+        self.closed = True
+        if self._scheduler is not None:
+            await self._scheduler.close()
+
+    # -- the steps of a request ---------------------------------------------------
+
+    async def resolve(self, model: str, purpose: Purpose) -> ResolvedModel:
+        """The model by that name (or GGUF path), checked to be able to do `purpose`."""
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("model must be a non-empty string: a model name or a path to a GGUF file")
+        return await anyio.to_thread.run_sync(self._resolve_and_check, model, purpose)
+
+    def _resolve_and_check(self, model: str, purpose: Purpose) -> ResolvedModel:
+        from .gguf.architectures import describe_kind
+
+        resolved = self.registry.resolve(model)
+        embedding, arch = describe_kind(str(resolved.model_path))
+        if purpose == "generate" and embedding:
+            raise CapabilityError(
+                f"'{model}' is an embedding model ({arch}) and cannot generate text; use engine.embed() with it"
+            )
+        if purpose == "embed" and not embedding:
+            raise CapabilityError(
+                f"'{model}' does not support embeddings: it is a {arch or 'text'} generation model without a "
+                "pooling layer; use an embedding model (a BERT-family model such as all-MiniLM, or one with a "
+                "pooling type)"
+            )
+        return resolved
+
+    def options(self, resolved: ResolvedModel, request: OptionValues | None) -> Options:
+        return merge_options(resolved.params, request)
+
+    def keep_alive(self, value: float | str | None) -> float:
+        return parse_keep_alive(value, self.settings.keep_alive)
+
+    def config(self, resolved: ResolvedModel, options: Options, purpose: Purpose) -> LoadConfig:
+        adapters = tuple(str(path) for path in resolved.adapters)
+        return self.factory.config_for(str(resolved.model_path), adapters, options, embeddings=purpose == "embed")
+
+    async def lease_text(
+        self, resolved: ResolvedModel, options: Options, keep_alive: float | str | None
+    ) -> Lease[TextRunner]:
+        lease = await self._lease(resolved, options, keep_alive, "generate")
+        return cast("Lease[TextRunner]", lease)  # a generation config always loads a text runner
+
+    async def lease_embed(
+        self, resolved: ResolvedModel, options: Options, keep_alive: float | str | None
+    ) -> Lease[EmbedRunner]:
+        lease = await self._lease(resolved, options, keep_alive, "embed")
+        return cast("Lease[EmbedRunner]", lease)  # an embedding config always loads an embedding runner
+
+    async def _lease(
+        self, resolved: ResolvedModel, options: Options, keep_alive: float | str | None, purpose: Purpose
+    ) -> Lease[ModelRunner]:
+        key = self.config(resolved, options, purpose)
+        lease = await self.scheduler.acquire(key, name=resolved.name, keep_alive=self.keep_alive(keep_alive))
+        self._models.setdefault(key, resolved)
+        return lease
+
+    async def unload(self, resolved: ResolvedModel) -> None:
+        """Unload every runner of the model's file (each once its requests finish)."""
+        path = str(resolved.model_path)
+        await self.scheduler.unload_where(lambda m: cast(LoadConfig, m.key).model_path == path)
+
+    async def load_or_unload(
+        self, resolved: ResolvedModel, options: Options, keep_alive: float | str | None, purpose: Purpose
+    ) -> tuple[Literal["load", "unload"], int]:
+        """An empty request: with keep_alive 0 it unloads the model, else it loads it. (reason, load ns)"""
+        if self.keep_alive(keep_alive) == 0:
+            await self.unload(resolved)
+            return "unload", 0
+        lease = await self._lease(resolved, options, keep_alive, purpose)
+        lease.release()
+        return "load", lease.load_duration
+
+    async def template(self, resolved: ResolvedModel, runner: TextRunner) -> ChatTemplate:
+        """The model's chat template: its own (Modelfile TEMPLATE), else the one its GGUF carries."""
+        source = resolved.template or runner.chat_template()
+        if not source:
+            return PlainTemplate()
+        bos, eos = runner.special_token_text()
+        return await anyio.to_thread.run_sync(_compiled_template, source, bos, eos)
+
+    async def running(self) -> list[Running]:
+        records = await self.scheduler.running()
+        live = {m.key for m in records}
+        for key in [k for k in self._models if k not in live]:
+            del self._models[key]
+        return [Running(m, self._models.get(m.key)) for m in records]
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_template(source: str, bos: str, eos: str) -> ChatTemplate:
+    """Templates are compiled once per (source, special tokens): a model's, never a runner's."""
+    return load_template(source, bos_token=bos, eos_token=eos)
