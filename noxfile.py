@@ -61,9 +61,11 @@ def floors(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff and mypy."""
+    """ruff (lint and format) and mypy."""
     install(session, "lint,http", models=False)
-    session.run("ruff", "check", "localllm", "tests", "benchmarks", "examples", "noxfile.py")
+    paths = ["localllm", "tests", "benchmarks", "examples", "noxfile.py"]
+    session.run("ruff", "check", *paths)
+    session.run("ruff", "format", "--check", *paths)
     session.run("mypy")
 
 

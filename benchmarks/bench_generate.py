@@ -73,8 +73,13 @@ def bench_reference(path: Path, flash_attention: bool) -> dict[str, float]:
     from localllm.runner.llama import reference_llama
 
     llm = reference_llama(
-        str(path), n_ctx=NUM_CTX, n_threads=THREADS, n_threads_batch=THREADS, n_batch=512,
-        flash_attn=flash_attention, verbose=False,
+        str(path),
+        n_ctx=NUM_CTX,
+        n_threads=THREADS,
+        n_threads_batch=THREADS,
+        n_batch=512,
+        flash_attn=flash_attention,
+        verbose=False,
     )
     reference_stream(llm, PROMPTS[0], time.perf_counter())  # warm-up
     single = []
@@ -106,8 +111,13 @@ def bench_reference(path: Path, flash_attention: bool) -> dict[str, float]:
 async def localllm_stream(engine: localllm.Engine, model: str, prompt: str, start: float) -> tuple[float, float, int]:
     first = last = None
     count = 0
-    options = {"temperature": 0, "repeat_penalty": 1.0, "num_predict": NEW_TOKENS, "num_ctx": NUM_CTX,
-               "num_thread": THREADS}
+    options = {
+        "temperature": 0,
+        "repeat_penalty": 1.0,
+        "num_predict": NEW_TOKENS,
+        "num_ctx": NUM_CTX,
+        "num_thread": THREADS,
+    }
     async for chunk in engine.generate(model, prompt, raw=True, options=options):
         if chunk.done:
             break
@@ -152,8 +162,10 @@ def run_localllm(path: Path, flash_attention: bool) -> dict[str, float]:
 def main() -> None:
     path = model_path()
     cores = os.cpu_count()
-    print(f"machine: {cores} CPUs (affinity {len(os.sched_getaffinity(0))}); model {path.name}; "
-          f"greedy, {THREADS} threads, {NEW_TOKENS} new tokens, num_ctx {NUM_CTX}, median of {ROUNDS} rounds")
+    print(
+        f"machine: {cores} CPUs (affinity {len(os.sched_getaffinity(0))}); model {path.name}; "
+        f"greedy, {THREADS} threads, {NEW_TOKENS} new tokens, num_ctx {NUM_CTX}, median of {ROUNDS} rounds"
+    )
     for flash_attention in (False, True):
         # Each side runs in its own process, so neither's threads or memory affect the other.
         spawn = multiprocessing.get_context("spawn")
@@ -170,6 +182,7 @@ def main() -> None:
         print(f"{'metric':34} {'localllm':>10} {'llama-cpp-python':>17} {'ratio':>7}  target")
         for label, key, ratio, target in rows:
             print(f"{label:34} {ours[key]:10.3f} {reference[key]:17.3f} {ratio:7.2f}  {target}")
+
 
 if __name__ == "__main__":
     main()

@@ -56,7 +56,9 @@ async def measure(path: str, repack: bool) -> dict[str, float]:
 def run_child(path: Path, repack: bool) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, __file__, "--child", str(path), "1" if repack else "0"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -66,9 +68,19 @@ def spread(values: list[float]) -> str:
 
 
 def main() -> None:
-    flags = sorted({f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-                    for f in line.split(":")[1].split() if f.startswith(("avx", "amx"))}) if os.path.exists(
-        "/proc/cpuinfo") else []
+    flags = (
+        sorted(
+            {
+                f
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("flags")
+                for f in line.split(":")[1].split()
+                if f.startswith(("avx", "amx"))
+            }
+        )
+        if os.path.exists("/proc/cpuinfo")
+        else []
+    )
     print(f"machine: {os.cpu_count()} CPUs; flags: {' '.join(flags)}")
     print(f"one stream, greedy, {THREADS} threads, 400-token prompt, {NEW_TOKENS} new tokens, {ROUNDS} rounds")
     for name, path in model_paths().items():
@@ -81,8 +93,10 @@ def main() -> None:
             on = [r[figure] for r in runs[True]]
             off = [r[figure] for r in runs[False]]
             ratios = [a / b for a, b in zip(on, off, strict=True)]
-            print(f"  {figure:38} {spread(on):>24} {spread(off):>24} "
-                  f"{min(ratios):6.2f} {statistics.median(ratios):6.2f} {max(ratios):6.2f}")
+            print(
+                f"  {figure:38} {spread(on):>24} {spread(off):>24} "
+                f"{min(ratios):6.2f} {statistics.median(ratios):6.2f} {max(ratios):6.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Chat with the bundled SmolLM2 model, offline, streaming the answer to the terminal.
 
-    python examples/quickstart.py "What is the capital of France?"
+python examples/quickstart.py "What is the capital of France?"
 """
 
 from __future__ import annotations

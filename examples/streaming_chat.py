@@ -1,6 +1,6 @@
 """A multi-turn chat in the terminal, streamed; each turn re-evaluates only the new text.
 
-    python examples/streaming_chat.py
+python examples/streaming_chat.py
 """
 
 from __future__ import annotations

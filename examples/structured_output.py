@@ -1,6 +1,6 @@
 """Structured outputs: a JSON schema constrains sampling, so the reply always parses and validates.
 
-    python examples/structured_output.py
+python examples/structured_output.py
 """
 
 from __future__ import annotations

@@ -1,20 +1,22 @@
 """localllm: Ollama's engine as a Python library.
 
-    import localllm
+import localllm
 
-    async with localllm.Engine() as engine:
-        async for chunk in engine.chat("smollm2", [{"role": "user", "content": "hi"}]):
-            print(chunk.message.content, end="")
+async with localllm.Engine() as engine:
+    async for chunk in engine.chat("smollm2", [{"role": "user", "content": "hi"}]):
+        print(chunk.message.content, end="")
 """
 
 from .embeddings import EmbeddingsResponse, EmbedResponse
 from .engine import Engine
 from .errors import (
+    BlobTooLarge,
     CapabilityError,
     ContextLengthExceeded,
     ConversionError,
     DigestMismatch,
     EngineClosed,
+    InputError,
     InsufficientMemory,
     InvalidFormat,
     InvalidModelFile,
@@ -25,11 +27,14 @@ from .errors import (
     ModelfileError,
     ModelLoadError,
     ModelNotFound,
+    NotFoundError,
     PullError,
     QueueFull,
+    ResourceError,
     RunnerError,
     TemplateError,
     ToolError,
+    UnavailableError,
 )
 from .options import Options
 from .stream import ResponseStream
@@ -40,6 +45,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AgentEvent",
+    "BlobTooLarge",
     "CapabilityError",
     "ChatResponse",
     "ContextLengthExceeded",
@@ -50,6 +56,7 @@ __all__ = [
     "Engine",
     "EngineClosed",
     "GenerateResponse",
+    "InputError",
     "InsufficientMemory",
     "InvalidFormat",
     "InvalidModelFile",
@@ -61,10 +68,12 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFound",
     "ModelfileError",
+    "NotFoundError",
     "Options",
     "ProcessModel",
     "PullError",
     "QueueFull",
+    "ResourceError",
     "ResponseStream",
     "RunnerError",
     "TemplateError",
@@ -73,6 +82,7 @@ __all__ = [
     "ToolCallFunction",
     "ToolError",
     "ToolRegistry",
+    "UnavailableError",
     "__version__",
     "agent_loop",
     "tool",

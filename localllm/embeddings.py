@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 import numpy as np
@@ -54,7 +54,7 @@ class EmbeddingsResponse(_Subscriptable):
 # --------------------------------------------------------------------------- requests
 
 
-def _inputs(value: Any) -> list[str]:
+def _inputs(value: object) -> list[str]:
     if isinstance(value, str):
         return [value] if value else []
     if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
@@ -66,7 +66,7 @@ def _inputs(value: Any) -> list[str]:
     raise InvalidRequest(f"input must be a string or a list of strings, got {type(value).__name__}")
 
 
-def _dimensions(value: Any) -> int | None:
+def _dimensions(value: object) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +22,9 @@ from .stream import ResponseStream
 from .types import ChatResponse, GenerateResponse, Message, ProcessModel
 
 if TYPE_CHECKING:
-    from .registry.registry import Registry
-    from .runner.protocol import ModelRunner
+    from .embeddings import EmbeddingsResponse, EmbedResponse
+    from .registry.registry import ModelEntry, Registry, ShowResponse
+    from .runner.protocol import LoadConfig, ModelRunner
     from .scheduler.scheduler import Scheduler
 
 __all__ = ["Engine"]
@@ -99,7 +101,7 @@ class Engine:
         return self._service.settings
 
     @property
-    def scheduler(self) -> Scheduler[ModelRunner]:
+    def scheduler(self) -> Scheduler[LoadConfig, ModelRunner]:
         """The scheduler, created on first use (inside the event loop)."""
         return self._service.scheduler
 
@@ -178,7 +180,7 @@ class Engine:
         dimensions: int | None = None,
         options: OptionValues | None = None,
         keep_alive: float | str | None = None,
-    ) -> Any:
+    ) -> EmbedResponse:
         """Embed one text or several (packed into one batch); vectors are L2-normalised."""
         from . import embeddings
 
@@ -199,14 +201,15 @@ class Engine:
         *,
         options: OptionValues | None = None,
         keep_alive: float | str | None = None,
-    ) -> Any:
+    ) -> EmbeddingsResponse:
         """The legacy single-prompt embedding call (field `embedding`, not normalised)."""
         from . import embeddings
 
         return await embeddings.embeddings(self._service, model, prompt, options=options, keep_alive=keep_alive)
 
-    async def load(self, model: str, *, options: OptionValues | None = None,
-                   keep_alive: float | str | None = None) -> None:
+    async def load(
+        self, model: str, *, options: OptionValues | None = None, keep_alive: float | str | None = None
+    ) -> None:
         """Load a model now (as a generate with an empty prompt does)."""
         await self.generate(model, "", options=options, keep_alive=keep_alive)
 
@@ -288,11 +291,11 @@ class Engine:
                 await anyio.to_thread.run_sync(finished.wait)
             raise
 
-    async def list(self) -> Any:
+    async def list(self) -> list[ModelEntry]:
         """The models in the store, newest first."""
         return await anyio.to_thread.run_sync(self.registry.list)
 
-    async def show(self, model: str, *, verbose: bool = False) -> Any:
+    async def show(self, model: str, *, verbose: bool = False) -> ShowResponse:
         """Details of a model: modelfile, parameters, template, details, model_info, capabilities."""
         return await anyio.to_thread.run_sync(lambda: self.registry.show(model, verbose=verbose))
 
@@ -307,3 +310,37 @@ class Engine:
             except LocalLLMError:
                 pass
         await anyio.to_thread.run_sync(self.registry.delete, model)
+
+    # -- blobs
+
+    def blob_path(self, digest: str) -> Path:
+        """Where the store keeps the blob `digest` (which may not exist yet): for Modelfiles naming uploads."""
+        return self.registry.store.blob_path(digest)
+
+    async def has_blob(self, digest: str) -> bool:
+        """Whether the store holds the blob `digest` (``sha256:<64 hex>``)."""
+        return await anyio.to_thread.run_sync(self.registry.store.has_blob, digest)
+
+    async def add_blob(self, digest: str, chunks: AsyncIterable[bytes], *, max_size: int | None = None) -> None:
+        """Store the bytes `chunks` yield as the blob `digest`, once they hash to it.
+
+        They are written under a temporary name and renamed into place only
+        then. Raises DigestMismatch when they hash to another digest and
+        BlobTooLarge past `max_size` bytes; nothing is left behind either way.
+        """
+        store = self.registry.store
+        blob = await anyio.to_thread.run_sync(lambda: store.blob_writer(expected=digest, max_size=max_size))
+        try:
+            batch: list[bytes] = []
+            batched = 0
+            async for chunk in chunks:
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= 4 << 20:  # one thread hop per few MiB, not per network read
+                    await anyio.to_thread.run_sync(blob.write, b"".join(batch))
+                    batch, batched = [], 0
+            await anyio.to_thread.run_sync(blob.write, b"".join(batch))
+            await anyio.to_thread.run_sync(blob.commit)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(blob.discard)

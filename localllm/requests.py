@@ -11,7 +11,7 @@ import attrs
 
 from .chat.template import load_template
 from .errors import CapabilityError, LocalLLMError
-from .runner.protocol import SamplingParams, SequenceHandle, SequenceResult, TextRunner
+from .runner.protocol import LoadConfig, SamplingParams, SequenceHandle, SequenceResult, TextRunner
 from .scheduler.scheduler import Lease
 from .service import off_loop_if_long
 from .stream import Job
@@ -59,7 +59,7 @@ class RunJob(Job[T]):
 
     def __init__(
         self,
-        lease: Lease[TextRunner],
+        lease: Lease[LoadConfig, TextRunner],
         handle: SequenceHandle,
         *,
         on_text: Callable[[str], list[T]],
@@ -144,10 +144,9 @@ async def open_generate(service: ModelService, request: GenerateRequest) -> Job[
                 {"role": "user", "content": request.prompt}
             ]
             if request.suffix:
-                render_suffix = getattr(template, "render_suffix", None)
-                if render_suffix is None or not getattr(template, "supports_suffix", False):
+                if not template.supports_suffix:
                     raise CapabilityError("this model does not support insert (a prompt with a suffix)")
-                text = await anyio.to_thread.run_sync(render_suffix, request.prompt, request.suffix)
+                text = await anyio.to_thread.run_sync(template.render_suffix, request.prompt, request.suffix)
                 grammar = _grammar_for(request.format)
             else:
                 prepared = await prepare_chat_in_thread(template, messages, think=request.think, format=request.format)
@@ -229,7 +228,11 @@ async def open_chat(service: ModelService, request: ChatRequest) -> Job[ChatResp
         template = await service.template(resolved, runner)
         messages = [m.to_template_dict() for m in _with_model_messages(resolved, request.messages)]
         prepared = await prepare_chat_in_thread(
-            template, messages, tools=tools, tool_choice=request.tool_choice, think=request.think,
+            template,
+            messages,
+            tools=tools,
+            tool_choice=request.tool_choice,
+            think=request.think,
             format=request.format,
         )
         prompt = prepared.prompt

@@ -10,7 +10,8 @@ only to this service; the `Engine` owns one and delegates to it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar, cast
 
 import anyio
@@ -50,7 +51,7 @@ async def off_loop_if_long(size: int, work: Callable[[], T]) -> T:
 class Running:
     """A loaded runner as `ps()` shows it: the scheduler's record and the model it was loaded for."""
 
-    record: LoadedModel[ModelRunner]
+    record: LoadedModel[LoadConfig, ModelRunner]
     model: ResolvedModel | None
 
 
@@ -61,8 +62,8 @@ class ModelService:
         self.settings = settings
         self.factory = RunnerFactory(settings, devices=devices)
         self._registry: Registry | None = None
-        self._scheduler: Scheduler[ModelRunner] | None = None
-        self._models: dict[Hashable, ResolvedModel] = {}  # the model each runner was loaded for
+        self._scheduler: Scheduler[LoadConfig, ModelRunner] | None = None
+        self._models: dict[LoadConfig, ResolvedModel] = {}  # the model each runner was loaded for
         self.closed = False
 
     @property
@@ -70,11 +71,11 @@ class ModelService:
         if self._registry is None:
             from .registry.registry import Registry
 
-            self._registry = Registry(self.settings.models)
+            self._registry = Registry(self.settings.models, quantizer=_quantize)
         return self._registry
 
     @property
-    def scheduler(self) -> Scheduler[ModelRunner]:
+    def scheduler(self) -> Scheduler[LoadConfig, ModelRunner]:
         """The scheduler, created on first use (inside the event loop)."""
         if self.closed:
             raise EngineClosed("this engine is closed; open a new one")
@@ -135,19 +136,19 @@ class ModelService:
 
     async def lease_text(
         self, resolved: ResolvedModel, options: Options, keep_alive: float | str | None
-    ) -> Lease[TextRunner]:
+    ) -> Lease[LoadConfig, TextRunner]:
         lease = await self._lease(resolved, options, keep_alive, "generate")
-        return cast("Lease[TextRunner]", lease)  # a generation config always loads a text runner
+        return cast("Lease[LoadConfig, TextRunner]", lease)  # a generation config always loads a text runner
 
     async def lease_embed(
         self, resolved: ResolvedModel, options: Options, keep_alive: float | str | None
-    ) -> Lease[EmbedRunner]:
+    ) -> Lease[LoadConfig, EmbedRunner]:
         lease = await self._lease(resolved, options, keep_alive, "embed")
-        return cast("Lease[EmbedRunner]", lease)  # an embedding config always loads an embedding runner
+        return cast("Lease[LoadConfig, EmbedRunner]", lease)  # an embedding config always loads an embedding runner
 
     async def _lease(
         self, resolved: ResolvedModel, options: Options, keep_alive: float | str | None, purpose: Purpose
-    ) -> Lease[ModelRunner]:
+    ) -> Lease[LoadConfig, ModelRunner]:
         key = self.config(resolved, options, purpose)
         lease = await self.scheduler.acquire(key, name=resolved.name, keep_alive=self.keep_alive(keep_alive))
         self._models.setdefault(key, resolved)
@@ -156,7 +157,7 @@ class ModelService:
     async def unload(self, resolved: ResolvedModel) -> None:
         """Unload every runner of the model's file (each once its requests finish)."""
         path = str(resolved.model_path)
-        await self.scheduler.unload_where(lambda m: cast(LoadConfig, m.key).model_path == path)
+        await self.scheduler.unload_where(lambda m: m.key.model_path == path)
 
     async def load_or_unload(
         self, resolved: ResolvedModel, options: Options, keep_alive: float | str | None, purpose: Purpose
@@ -183,6 +184,13 @@ class ModelService:
         for key in [k for k in self._models if k not in live]:
             del self._models[key]
         return [Running(m, self._models.get(m.key)) for m in records]
+
+
+def _quantize(src: Path, dst: Path, *, ftype_name: str, progress: Callable[[dict[str, object]], None]) -> Path:
+    """Quantizing runs llama.cpp, which only the runner calls: imported when first needed."""
+    from .runner.quantize import quantize_gguf
+
+    return quantize_gguf(src, dst, ftype_name=ftype_name, progress=progress)
 
 
 @functools.lru_cache(maxsize=64)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from .errors import InvalidRequest
 
@@ -88,7 +88,7 @@ class ResponseStream(Generic[T]):
     def __aiter__(self) -> ChunkStream[T]:
         return self._start()
 
-    def __await__(self) -> Generator[Any, None, T]:
+    def __await__(self) -> Generator[object, None, T]:
         return self._collect().__await__()
 
     async def _collect(self) -> T:

@@ -203,11 +203,7 @@ class ProcessModel(_Subscriptable):
 def as_dict(value: Any) -> Any:
     """A JSON-ready dict of a response or message, dropping fields that are None."""
     if attrs.has(type(value)):
-        return {
-            k: as_dict(v)
-            for k, v in attrs.asdict(value, recurse=False).items()
-            if v is not None
-        }
+        return {k: as_dict(v) for k, v in attrs.asdict(value, recurse=False).items() if v is not None}
     if isinstance(value, (list, tuple)):
         return [as_dict(v) for v in value]
     if isinstance(value, dict):

@@ -1,15 +1,29 @@
-"""Shared fixtures: the real model files the tests run on.
+"""Shared fixtures: the real model files the tests run on, and the event loops async tests run under.
 
-A missing model package fails the test run loudly: a skip would hide a broken install.
+A missing model package fails the test run loudly: a skip would hide a broken install. Every async
+test runs twice, under asyncio and under trio (anyio's pytest plugin), as the library promises both.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: object) -> None:
+    """Mark every async test for anyio's plugin, which then runs it under each `anyio_backend`."""
+    if inspect.iscoroutinefunction(obj) and collector.istestfunction(obj, name):  # type: ignore[attr-defined]
+        pytest.mark.anyio(obj)
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 def _package_dir(package: str, install_hint: str) -> Path:

@@ -107,7 +107,9 @@ async def test_json_schema_output_parses_and_validates(smollm2_path: Path, home:
             options={"temperature": 0, "num_predict": 300},
         )
         anything = await engine.generate(
-            str(smollm2_path), "Give me a JSON object about cats.", format="json",
+            str(smollm2_path),
+            "Give me a JSON object about cats.",
+            format="json",
             options={"temperature": 0, "num_predict": 120},
         )
     assert reply.done_reason == "stop"  # strings are bounded, so the object always closes in time

@@ -55,9 +55,7 @@ async def test_modelfile_parameters_and_system_apply_with_request_winning(
         assert default.eval_count == 7  # the model's num_predict
         again = await engine.chat("pirate", [{"role": "user", "content": "Who are you?"}])
         assert again.message.content == default.message.content  # the model's temperature 0
-        longer = await engine.chat(
-            "pirate", [{"role": "user", "content": "Who are you?"}], options={"num_predict": 12}
-        )
+        longer = await engine.chat("pirate", [{"role": "user", "content": "Who are you?"}], options={"num_predict": 12})
         assert longer.eval_count == 12  # the request wins
         with_system = await engine.chat(
             "pirate",

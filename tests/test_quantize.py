@@ -71,7 +71,7 @@ async def test_quantized_minilm_still_embeds(tmp_path: Path, minilm_dir: Path, h
 
 
 def test_create_converts_and_quantizes(tmp_path: Path) -> None:
-    registry = Registry(tmp_path / "models")
+    registry = Registry(tmp_path / "models", quantizer=quantize_gguf)
     events: list[dict[str, Any]] = []
     registry.create("tiny", from_=DATA / "tiny_llama", quantize="q8_0", progress=events.append)
     statuses = [e["status"] for e in events]
@@ -103,7 +103,7 @@ def test_modelfile_from_relative_folder(tmp_path: Path) -> None:
 
     shutil.copytree(DATA / "tiny_qwen2", tmp_path / "hf-model")
     (tmp_path / "Modelfile").write_text("FROM ./hf-model\nSYSTEM Be brief.\n")
-    registry = Registry(tmp_path / "models")
+    registry = Registry(tmp_path / "models", quantizer=quantize_gguf)
     registry.create("qwen-tiny", modelfile=tmp_path / "Modelfile")
     shown = registry.show("qwen-tiny")
     assert shown.details.family == "qwen2"

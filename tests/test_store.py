@@ -7,11 +7,13 @@ import json
 import os
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from localllm.errors import DigestMismatch, LocalLLMError, ModelNotFound
+from localllm import Engine
+from localllm.errors import BlobTooLarge, DigestMismatch, LocalLLMError, ModelNotFound
 from localllm.registry import store as store_module
 from localllm.registry.names import ModelName
 from localllm.registry.store import (
@@ -205,9 +207,68 @@ def test_commit_partial_mismatch_deletes_and_raises(store: BlobStore) -> None:
     digest = sha(b"what the registry promised")
     store.blobs_dir.mkdir(parents=True)
     store.partial_path(digest).write_bytes(b"something else")
-    with pytest.raises(DigestMismatch):
+    with pytest.raises(DigestMismatch) as caught:
         store.commit_partial(digest)
+    assert (caught.value.expected, caught.value.actual) == (digest, sha(b"something else"))
     assert real_files(store.blobs_dir) == []
+
+
+# ---------------------------------------------------------------- writing blobs from chunks
+
+
+def test_blob_writer_hashes_then_renames(store: BlobStore) -> None:
+    digest = sha(b"one two three")
+    with store.blob_writer(expected=digest) as out:
+        for chunk in (b"one ", b"two ", b"three"):
+            out.write(chunk)
+        assert not store.has_blob(digest)  # only a temporary file so far
+        assert out.commit() == digest
+    assert store.blob_path(digest).read_bytes() == b"one two three"
+    assert real_files(store.blobs_dir) == [digest.replace(":", "-")]
+
+
+def test_blob_writer_refuses_other_bytes_and_leaves_nothing(store: BlobStore) -> None:
+    expected = sha(b"promised")
+    with pytest.raises(DigestMismatch) as caught, store.blob_writer(expected=expected) as out:
+        out.write(b"delivered")
+        out.commit()
+    assert (caught.value.expected, caught.value.actual) == (expected, sha(b"delivered"))
+    assert real_files(store.blobs_dir) == []
+
+
+def test_blob_writer_stops_at_max_size(store: BlobStore) -> None:
+    with pytest.raises(BlobTooLarge) as caught, store.blob_writer(max_size=4) as out:
+        out.write(b"1234")
+        out.write(b"5")
+    assert caught.value.limit == 4
+    assert real_files(store.blobs_dir) == []
+
+
+def test_blob_writer_left_without_commit_leaves_nothing(store: BlobStore) -> None:
+    with store.blob_writer() as out:
+        out.write(b"half a blob")
+    assert real_files(store.blobs_dir) == []
+
+
+async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+async def test_engine_adds_blobs_from_chunks(home: Path) -> None:
+    data = b"GGUF" + os.urandom(5000)
+    digest = sha(data)
+    async with Engine(home) as engine:
+        assert not await engine.has_blob(digest)
+        await engine.add_blob(digest, _chunks(data[:100], data[100:]), max_size=len(data))
+        assert await engine.has_blob(digest)
+        with pytest.raises(DigestMismatch):
+            await engine.add_blob(sha(b"other"), _chunks(data))
+        with pytest.raises(BlobTooLarge):
+            await engine.add_blob(digest, _chunks(data), max_size=len(data) - 1)
+        blobs = engine.registry.store.blobs_dir
+    assert real_files(blobs) == [digest.replace(":", "-")]
+    assert (blobs / digest.replace(":", "-")).read_bytes() == data
 
 
 # ---------------------------------------------------------------- manifests

@@ -241,8 +241,7 @@ def test_jinja_metering_keeps_the_language_working() -> None:
         "{% filter upper %}|done{% endfilter %}"
     )
     assert jinja(source) == (
-        "1.2.3|ac|[[1][[2]]][[3]]|<b>xy</b>|   ab|1,234,567|003.1|a, b|user|1024|ababab|"
-        '{"k": [1]}|DONE'
+        '1.2.3|ac|[[1][[2]]][[3]]|<b>xy</b>|   ab|1,234,567|003.1|a, b|user|1024|ababab|{"k": [1]}|DONE'
     )
 
 
@@ -299,7 +298,7 @@ def test_go_legacy_turns_share_one_budget() -> None:
 
 
 def test_go_memory_errors_never_escape(monkeypatch: pytest.MonkeyPatch) -> None:
-    from localllm.chat import gotemplate
+    from localllm.chat.gotemplate import funcs as gotemplate
 
     def out_of_memory(args: list[Any]) -> str:
         raise MemoryError
@@ -374,9 +373,7 @@ def test_limits_default_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
         ("LOCALLLM_TEMPLATE_MAX_OUTPUT", "8MiB"),
     ],
 )
-def test_bad_environment_values_are_invalid_options(
-    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
-) -> None:
+def test_bad_environment_values_are_invalid_options(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
     monkeypatch.setenv(variable, value)
     with pytest.raises(InvalidOptions, match=f"{variable} must be a positive .*got '{value}'"):
         TemplateLimits()

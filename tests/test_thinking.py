@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from localllm.chat.thinking import ThinkingParser, prompt_opens_thinking, thinking_tags
+from localllm.chat.template import thinking_tags
+from localllm.chat.thinking import ThinkingParser, prompt_opens_thinking
 
 
 def run(chunks: list[str], **kwargs: object) -> tuple[str, str]:

@@ -25,14 +25,6 @@ from localllm.tools import (
 )
 from localllm.types import ChatResponse, Message, ToolCall, ToolCallFunction
 
-pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 # -- schemas from functions ------------------------------------------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
 """Chat templates, tool-call and thinking parsers, structured-output grammars."""
 
-from .template import TemplateLimits
+from .limits import TemplateLimits
 
 __all__ = ["TemplateLimits"]

@@ -22,9 +22,8 @@ import anyio
 import attrs
 
 from ..errors import CapabilityError, InvalidRequest
-from .gotemplate import GoTemplate
+from .base import ChatTemplate, Think
 from .grammar import format_to_grammar, tool_call_grammar
-from .template import ChatTemplate, JinjaTemplate
 from .thinking import prompt_opens_thinking
 from .tools import ChatOutputParser
 
@@ -33,7 +32,7 @@ __all__ = ["PreparedChat", "prepare_chat", "prepare_chat_in_thread"]
 TOOL_CHOICES = ("auto", "none", "required")
 
 # Text that is not a call: anything that does not open with "{" (after optional spaces).
-_TEXT_RULE = 'free-text ::= [ \\t\\n]* [^{ \\t\\n] [^\\x00]*'
+_TEXT_RULE = "free-text ::= [ \\t\\n]* [^{ \\t\\n] [^\\x00]*"
 
 
 @attrs.frozen
@@ -89,18 +88,16 @@ def _chosen_tools(tools: Sequence[Mapping[str, Any]], tool_choice: Any) -> tuple
     raise InvalidRequest(f"tool_choice must be a string or a function object, got {tool_choice!r}")
 
 
-def _thinking(template: ChatTemplate, think: bool | str | None) -> tuple[tuple[str, str] | None, dict[str, Any]]:
+def _thinking_tags(template: ChatTemplate, think: Think) -> tuple[str, str] | None:
+    """The tags to split thinking off with: None unless `think` asks for thinking, which the template must support."""
     if think is None or think is False:
-        return None, ({"enable_thinking": False} if think is False else {})
+        return None
     if isinstance(think, str) and think not in ("low", "medium", "high"):
         raise InvalidRequest(f"think must be true, false, 'low', 'medium' or 'high', got {think!r}")
     tags = template.thinking_tags()
     if tags is None:
         raise CapabilityError("this model does not support thinking; leave `think` unset")
-    extra: dict[str, Any] = {"enable_thinking": True}
-    if isinstance(think, str):
-        extra["reasoning_effort"] = think
-    return tags, extra
+    return tags
 
 
 def prepare_chat(
@@ -109,7 +106,7 @@ def prepare_chat(
     *,
     tools: Sequence[Mapping[str, Any]] = (),
     tool_choice: Any = None,
-    think: bool | str | None = None,
+    think: Think = None,
     format: Any = None,
 ) -> PreparedChat:
     """Render the prompt and decide the grammar and output parsing for one chat request."""
@@ -118,11 +115,7 @@ def prepare_chat(
     if choice == "none":
         callable_tools = []
     native = bool(callable_tools) and template.supports_tools
-    tags, extra = _thinking(template, think)
-    if isinstance(template, GoTemplate):
-        extra = {"think": think} if think is not None else {}
-    elif not isinstance(template, JinjaTemplate):
-        extra = {}
+    tags = _thinking_tags(template, think)
 
     grammar = format_to_grammar(format)
     if callable_tools and not native:
@@ -134,8 +127,9 @@ def prepare_chat(
         elif not native:
             # A call, when the model starts one, is always well-formed; anything else is free text.
             grammar = call.replace("root ::=", "call-root ::=", 1) + f"\nroot ::= call-root | free-text\n{_TEXT_RULE}\n"
-    prompt = template.render(rendered, tools=list(callable_tools) if native else None, add_generation_prompt=True,
-                             **extra)
+    prompt = template.render(
+        rendered, tools=list(callable_tools) if native else None, add_generation_prompt=True, think=think
+    )
     return PreparedChat(
         prompt=prompt,
         grammar=grammar,
@@ -152,7 +146,7 @@ async def prepare_chat_in_thread(
     *,
     tools: Sequence[Mapping[str, Any]] = (),
     tool_choice: Any = None,
-    think: bool | str | None = None,
+    think: Think = None,
     format: Any = None,
 ) -> PreparedChat:
     """`prepare_chat` in a worker thread: a template is untrusted code, and its render must never stall the event loop.

@@ -5,15 +5,15 @@ Reasoning models wrap their chain of thought in tags (`<think>...</think>`).
 right after either tag is dropped; output that does not open with the tag is
 all content; a tag split across chunks is held back until it is complete.
 When the prompt itself opens the thinking block (the template ends with
-`<think>`), start the parser with `starts_inside=True`.
+`<think>`), start the parser with `starts_inside=True`. Which tags a model
+uses is judged from its template (`ChatTemplate.thinking_tags`).
 """
 
 from __future__ import annotations
 
 import enum
-import re
 
-__all__ = ["KNOWN_THINKING_TAGS", "ThinkingParser", "prompt_opens_thinking", "thinking_tags"]
+__all__ = ["KNOWN_THINKING_TAGS", "ThinkingParser", "known_thinking_tags", "prompt_opens_thinking"]
 
 # (open, close) pairs that reasoning models use, most common first.
 KNOWN_THINKING_TAGS: tuple[tuple[str, str], ...] = (
@@ -25,9 +25,6 @@ KNOWN_THINKING_TAGS: tuple[tuple[str, str], ...] = (
     ("<|START_THINKING|>", "<|END_THINKING|>"),
     ("<|begin_of_thought|>", "<|end_of_thought|>"),
 )
-
-_JINJA_THINKING_HINTS = re.compile(r"enable_thinking|reasoning_content|\.thinking\b|\[['\"]thinking['\"]\]")
-_GO_THINKING_VARS = {"thinking", "think", "isthinkset", "thinklevel"}
 
 
 class _State(enum.Enum):
@@ -144,35 +141,6 @@ def prompt_opens_thinking(prompt: str, open_tag: str) -> bool:
     return bool(open_tag) and prompt.rstrip().endswith(open_tag)
 
 
-def thinking_tags(template_source: str | None) -> tuple[str, str] | None:
-    """The (open, close) thinking tags a chat template supports, or None if it shows no sign of thinking.
-
-    Go templates use Ollama's inference (the text around `.Thinking` inside `range .Messages`), falling
-    back to a known tag pair when the template uses `.Thinking`/`.Think`/`.IsThinkSet`. Jinja templates
-    are recognised by a known tag pair in the text, or by `enable_thinking`/`reasoning_content`
-    (then `<think>`/`</think>`).
-    """
-    if not template_source:
-        return None
-    from ..errors import TemplateError
-    from .template import is_go_template
-
-    known = next(((o, c) for o, c in KNOWN_THINKING_TAGS if o in template_source and c in template_source), None)
-    if is_go_template(template_source):
-        from .gotemplate import GoTemplate
-
-        try:
-            tmpl = GoTemplate(template_source)
-        except TemplateError:
-            return None
-        inferred = tmpl.thinking_tags()
-        if inferred is not None:
-            return inferred
-        if known is not None and _GO_THINKING_VARS & set(tmpl.vars()):
-            return known
-        return None
-    if known is not None:
-        return known
-    if _JINJA_THINKING_HINTS.search(template_source):
-        return KNOWN_THINKING_TAGS[0]
-    return None
+def known_thinking_tags(text: str) -> tuple[str, str] | None:
+    """The first known (open, close) pair whose tags both appear in `text`, or None."""
+    return next(((o, c) for o, c in KNOWN_THINKING_TAGS if o in text and c in text), None)

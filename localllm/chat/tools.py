@@ -14,7 +14,7 @@ understands the formats open models use:
   ```json {...} ```<|tool▁call▁end|>...` (and the V3.1 `name<|tool▁sep|>{...}` form),
   with the bars written as U+FF5C as DeepSeek's tokenizer spells them, or as ASCII
 * plain JSON objects or arrays of `{"name": ..., "arguments": ...}` at the start
-* a template-specific tag (`prefix`, from `GoTemplate.tool_call_prefix()`)
+* a template-specific tag (`prefix`, from `ChatTemplate.tool_call_prefix()`)
 
 A call is only a call when its name is one of the request's tools and its
 arguments are an object; anything else is passed through as content, exactly as
@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..types import ToolCall, ToolCallFunction
+from .thinking import ThinkingParser
 
 __all__ = ["ChatOutputParser", "ToolCallParser", "new_call_id", "parse_tool_calls", "tool_names"]
 
@@ -199,7 +200,7 @@ class ToolCallParser:
     """Streaming tool-call parser: `feed(text) -> (content, calls)`, then `finish() -> (content, calls)`.
 
     `tools` are the request's tool definitions; `prefix` is the template's tool-call tag
-    (`GoTemplate.tool_call_prefix()`), added to the built-in markers.
+    (`ChatTemplate.tool_call_prefix()`), added to the built-in markers.
     """
 
     def __init__(self, tools: Sequence[Any], *, prefix: str | None = None) -> None:
@@ -604,8 +605,6 @@ class ChatOutputParser:
         thinking_tags: tuple[str, str] | None = None,
         starts_inside: bool = False,
     ) -> None:
-        from .thinking import ThinkingParser
-
         self._thinking = (
             ThinkingParser(thinking_tags[0], thinking_tags[1], starts_inside=starts_inside) if thinking_tags else None
         )

@@ -10,61 +10,16 @@ from typing import Any
 import attrs
 import numpy as np
 
+from localllm.gguf.filetypes import file_type_name
 from localllm.gguf.validate import KV, T_ARRAY, T_BOOL, T_FLOAT32, T_STRING, ParsedGGUF, open_gguf
 
 __all__ = ["GGUFInfo", "TensorInfo", "file_type_name", "human_number", "read_info"]
-
-# Ollama's names for llama.cpp's llama_ftype values (general.file_type); gaps are retired types.
-_FILE_TYPE_NAMES: dict[int, str] = {
-    0: "F32",
-    1: "F16",
-    2: "Q4_0",
-    3: "Q4_1",
-    7: "Q8_0",
-    8: "Q5_0",
-    9: "Q5_1",
-    10: "Q2_K",
-    11: "Q3_K_S",
-    12: "Q3_K_M",
-    13: "Q3_K_L",
-    14: "Q4_K_S",
-    15: "Q4_K_M",
-    16: "Q5_K_S",
-    17: "Q5_K_M",
-    18: "Q6_K",
-    19: "IQ2_XXS",
-    20: "IQ2_XS",
-    21: "Q2_K_S",
-    22: "IQ3_XS",
-    23: "IQ3_XXS",
-    24: "IQ1_S",
-    25: "IQ4_NL",
-    26: "IQ3_S",
-    27: "IQ3_M",
-    28: "IQ2_S",
-    29: "IQ2_M",
-    30: "IQ4_XS",
-    31: "IQ1_M",
-    32: "BF16",
-    36: "TQ1_0",
-    37: "TQ2_0",
-    38: "MXFP4_MOE",
-    39: "NVFP4",
-    40: "Q1_0",
-}
 
 # Float arrays up to this length get their float32 values shown at float32 precision (1e-05, not
 # 9.999999747378752e-06), as scalars do; longer ones (token scores) are converted as they are, for speed.
 _PRETTY_FLOAT_ARRAY_MAX = 1024
 
 _LAYER = re.compile(r"blk\.(\d+)\.")
-
-
-def file_type_name(value: int | None) -> str:
-    """Ollama's name for a `general.file_type` value ("Q4_K_M", "F16", ...), or "unknown"."""
-    if value is None:
-        return "unknown"
-    return _FILE_TYPE_NAMES.get(value, "unknown")
 
 
 def human_number(n: int) -> str:

@@ -75,22 +75,13 @@ class APIError(Exception):
         self.code = code
 
 
-# The one place where localllm's errors become HTTP statuses (Ollama's choices:
-# 400 bad input or a missing capability, 404 no such model, 503 queue full, 500 otherwise).
+# The one place where localllm's errors become HTTP statuses, by category (Ollama's choices), first match wins:
+# 400 what the caller gave, 404 no such model, 503 turned away before any work (retry), 500 the rest.
 _STATUS: tuple[tuple[type[BaseException], int], ...] = (
-    (errors.ModelNotFound, 404),
-    (errors.QueueFull, 503),
-    (errors.EngineClosed, 503),
-    (errors.InvalidModelName, 400),
-    (errors.InvalidModelFile, 400),
-    (errors.InvalidOptions, 400),
-    (errors.InvalidFormat, 400),
-    (errors.InvalidRequest, 400),
-    (errors.ModelfileError, 400),
-    (errors.TemplateError, 400),
-    (errors.CapabilityError, 400),
-    (errors.ContextLengthExceeded, 400),
-    (errors.ToolError, 400),
+    (errors.BlobTooLarge, 413),
+    (errors.InputError, 400),
+    (errors.NotFoundError, 404),
+    (errors.UnavailableError, 503),
 )
 
 
@@ -114,7 +105,7 @@ def error_message(exc: BaseException) -> str:
 
 def log_unexpected(exc: BaseException) -> None:
     """Server-side errors get a traceback in the log; client errors (and clients leaving) do not."""
-    if isinstance(exc, (APIError, errors.QueueFull, errors.EngineClosed, ClientDisconnect, ClientGone)):
+    if isinstance(exc, (APIError, errors.UnavailableError, ClientDisconnect, ClientGone)):
         return
     if status_for(exc) >= 500:
         logger.error("request failed", exc_info=exc)

@@ -7,26 +7,24 @@ an error after the stream started is written as one last ``{"error": ...}`` line
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import logging
 import math
 import os
 import re
-import secrets
 import shutil
 import tempfile
-import threading
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import anyio
-import anyio.from_thread
-import anyio.lowlevel
+import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from ..errors import DigestMismatch
 from ..types import Message, as_dict
 from .common import (
     JSON,
@@ -158,25 +156,14 @@ Emit = Callable[[Mapping[str, Any]], None]
 async def progress_events(operation: Callable[[Emit], Awaitable[Any]], put: Put) -> None:
     """Run `operation(emit)` and put every progress event it emits, in order, as it comes.
 
-    `emit` may be called from the event loop or from any thread.
+    `emit` is called in the event loop: the Engine delivers its progress callbacks there.
     """
     send, receive = anyio.create_memory_object_stream[dict[str, Any]](math.inf)
-    loop_thread = threading.get_ident()
-    token = anyio.lowlevel.current_token()
     failure: list[BaseException] = []
 
-    def deliver(item: dict[str, Any]) -> None:
-        try:
-            send.send_nowait(item)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass
-
     def emit(event: Mapping[str, Any]) -> None:
-        item = dict(event)
-        if threading.get_ident() == loop_thread:
-            deliver(item)
-        else:
-            anyio.from_thread.run_sync(deliver, item, token=token)
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):  # the client left
+            send.send_nowait(dict(event))
 
     async def work() -> None:
         with send:
@@ -432,11 +419,6 @@ def _progress_response(operation: Callable[[Emit], Awaitable[None]], stream: boo
 # --------------------------------------------------------------------------- blobs and create
 
 
-def _store(engine: Any) -> Any:
-    """The engine's blob store (uploads land there, under their digest)."""
-    return engine.registry.store
-
-
 _DIGEST = re.compile(r"sha256[:-]([0-9a-fA-F]{64})")
 
 
@@ -451,7 +433,7 @@ def _digest_param(request: Request) -> str:
 @endpoint
 async def head_blob(request: Request) -> Response:
     digest = _digest_param(request)
-    if not _store(engine_of(request)).has_blob(digest):
+    if not await engine_of(request).has_blob(digest):
         return JSON({"error": f"blob {digest!r} not found"}, status_code=404)
     return Response(status_code=200)
 
@@ -460,77 +442,29 @@ async def head_blob(request: Request) -> Response:
 async def upload_blob(request: Request) -> Response:
     """Receive a file under its sha256 digest; 400 when the bytes do not match it, 413 when too large."""
     digest = _digest_param(request)
-    store = _store(engine_of(request))
+    engine = engine_of(request)
     limit = settings_of(request).max_blob_size
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"blob of {declared} bytes is larger than the limit of {limit} bytes")
-    if store.has_blob(digest):
+    if await engine.has_blob(digest):
         async for _chunk in request.stream():  # read what the client sends, keep nothing
             pass
         return Response(status_code=200)
-    folder = Path(store.blobs_dir)
-    await anyio.to_thread.run_sync(lambda: folder.mkdir(parents=True, exist_ok=True))
-    temp = folder / f".localllm-tmp-upload-{secrets.token_hex(8)}"
     try:
-        actual = await _receive_file(request, temp, limit)
-        if actual != digest:
-            raise APIError(400, f"digest mismatch, expected {digest!r}, got {actual!r}")
-        final = Path(store.blob_path(digest))
-        await anyio.to_thread.run_sync(_install, temp, final)
-    finally:
-        await anyio.to_thread.run_sync(lambda: temp.unlink(missing_ok=True))
+        await engine.add_blob(digest, request.stream(), max_size=limit)
+    except DigestMismatch as exc:  # the client sent the wrong bytes: its mistake, unlike a download's
+        raise APIError(400, f"digest mismatch, expected {exc.expected!r}, got {exc.actual!r}") from None
     return Response(status_code=201)
 
 
-async def _receive_file(request: Request, path: Path, limit: int) -> str:
-    """Write the body to `path` while hashing it; return its digest."""
-    hasher = hashlib.sha256()
-    total = 0
-    pending: list[bytes] = []
-    pending_size = 0
-    handle = await anyio.to_thread.run_sync(lambda: open(path, "xb"))
-    try:
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
-                raise APIError(413, f"blob is larger than the limit of {limit} bytes")
-            hasher.update(chunk)
-            pending.append(chunk)
-            pending_size += len(chunk)
-            if pending_size >= 4 << 20:
-                data, pending, pending_size = b"".join(pending), [], 0
-                await anyio.to_thread.run_sync(handle.write, data)
-        if pending:
-            await anyio.to_thread.run_sync(handle.write, b"".join(pending))
-
-        def finish() -> None:
-            handle.flush()
-            os.fsync(handle.fileno())
-
-        await anyio.to_thread.run_sync(finish)
-    finally:
-        await anyio.to_thread.run_sync(handle.close)
-    return "sha256:" + hasher.hexdigest()
-
-
-def _install(temp: Path, final: Path) -> None:
-    """Give a verified upload its real name; an existing copy of the same digest is kept."""
-    try:
-        os.link(temp, final)
-    except FileExistsError:
-        pass
-    except OSError:
-        os.replace(temp, final)
-
-
-def _blob_paths(store: Any, files: Mapping[str, Any], what: str) -> list[tuple[str, Path]]:
+def _blob_paths(blob_path: Callable[[str], Path], files: Mapping[str, Any], what: str) -> list[tuple[str, Path]]:
     out = []
     for name, digest in files.items():
         if not isinstance(digest, str):
             raise APIError(400, f"invalid value for '{what}': the digest of {name!r} must be a string")
         try:
-            path = Path(store.blob_path(digest))
+            path = blob_path(digest)
         except Exception:
             raise APIError(400, f"invalid digest {digest!r} for {name!r} in '{what}'") from None
         if not path.is_file():
@@ -539,7 +473,7 @@ def _blob_paths(store: Any, files: Mapping[str, Any], what: str) -> list[tuple[s
     return out
 
 
-def create_modelfile(fields: Fields, store: Any, workdir: Path) -> tuple[str | None, str | None]:
+def create_modelfile(fields: Fields, blob_path: Callable[[str], Path], workdir: Path) -> tuple[str | None, str | None]:
     """Turn an ``/api/create`` request into what `Engine.create` takes: (from_, Modelfile text)."""
     from ..registry.modelfile import Modelfile
 
@@ -549,7 +483,7 @@ def create_modelfile(fields: Fields, store: Any, workdir: Path) -> tuple[str | N
     legacy = fields.text("modelfile")
     froms: list[str] = []
     if files:
-        blobs = _blob_paths(store, files, "files")
+        blobs = _blob_paths(blob_path, files, "files")
         ggufs = [(name, path) for name, path in blobs if name.lower().endswith(".gguf")]
         if ggufs:
             froms = [str(path) for _name, path in ggufs]
@@ -566,7 +500,7 @@ def create_modelfile(fields: Fields, store: Any, workdir: Path) -> tuple[str | N
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.symlink(path, target)
             froms = [str(folder)]
-    adapter_paths = [str(path) for _name, path in _blob_paths(store, adapters, "adapters")] if adapters else []
+    adapter_paths = [str(path) for _name, path in _blob_paths(blob_path, adapters, "adapters")] if adapters else []
     license_value = fields.data.get("license")
     if license_value is None:
         licenses: list[str] = []
@@ -608,12 +542,11 @@ async def create(request: Request) -> Response:
     stream = fields.flag("stream", True)
     quantize = fields.text("quantize")
     engine = engine_of(request)
-    store = _store(engine)
 
     async def operation(emit: Emit) -> None:
         folder = await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="localllm-create-"))
         try:
-            from_, text = await anyio.to_thread.run_sync(create_modelfile, fields, store, Path(folder))
+            from_, text = await anyio.to_thread.run_sync(create_modelfile, fields, engine.blob_path, Path(folder))
             await engine.create(model, from_=from_, modelfile=text, quantize=quantize, progress=emit)
         finally:
             with anyio.CancelScope(shield=True):

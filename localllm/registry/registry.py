@@ -15,11 +15,12 @@ import os
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
 from ..errors import (
+    CapabilityError,
     InvalidModelFile,
     InvalidModelName,
     InvalidOptions,
@@ -28,6 +29,7 @@ from ..errors import (
     ModelfileError,
     ModelNotFound,
 )
+from ..gojson import go_quote
 from ..options import OPTION_TYPES, check_options
 from ..types import _Subscriptable
 from . import modelfile as _mf
@@ -70,6 +72,12 @@ Progress = Callable[[dict[str, Any]], None]
 EMBEDDING_ARCHITECTURES = frozenset(
     {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert", "neo-bert", "t5encoder"}
 )
+
+
+class Quantizer(Protocol):
+    """Quantizes a GGUF file (the runner's llama.cpp does it; the registry only asks)."""
+
+    def __call__(self, src: Path, dst: Path, *, ftype_name: str, progress: Progress) -> Path: ...
 
 
 # --------------------------------------------------------------------------- data types
@@ -139,32 +147,11 @@ def _iso(mtime: float) -> str:
     return _dt.datetime.fromtimestamp(mtime).astimezone().isoformat()
 
 
-def _go_quote(text: str) -> str:
-    """A string as Go's %#v prints it."""
-    escapes = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}
-    out = ['"']
-    for char in text:
-        if char in ('"', "\\"):
-            out.append("\\" + char)
-        elif char in escapes:
-            out.append(escapes[char])
-        elif char.isprintable():
-            out.append(char)
-        elif ord(char) < 0x80:
-            out.append(f"\\x{ord(char):02x}")
-        elif ord(char) <= 0xFFFF:
-            out.append(f"\\u{ord(char):04x}")
-        else:
-            out.append(f"\\U{ord(char):08x}")
-    out.append('"')
-    return "".join(out)
-
-
 def _go_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return _go_quote(value)
+        return go_quote(value)  # as Go's %#v prints a string
     if isinstance(value, float):
         if value.is_integer() and abs(value) < 1e21:
             return str(int(value))
@@ -255,8 +242,9 @@ class _Source:
 class Registry:
     """Models stored under `models_dir` in Ollama's layout (an Ollama ``models`` folder works as is)."""
 
-    def __init__(self, models_dir: Path) -> None:
+    def __init__(self, models_dir: Path, *, quantizer: Quantizer | None = None) -> None:
         self.models_dir = Path(models_dir).expanduser()
+        self._quantizer = quantizer
         self.store = BlobStore(self.models_dir)
         #: Held while the store changes (create, copy, delete, prune).
         self.lock = threading.RLock()
@@ -270,13 +258,12 @@ class Registry:
         try:
             return stored, self.store.read_manifest(stored)
         except ModelNotFound:
-            raise ModelNotFound(self._not_found_message(model if isinstance(model, str) else name.display)) from None
+            shown = model if isinstance(model, str) else name.display
+            raise ModelNotFound(self._not_found_message(shown), model=shown) from None
 
     @staticmethod
     def _not_found_message(text: str) -> str:
-        return (
-            f"model '{text}' not found; pull it or create it from a GGUF file or a Modelfile first"
-        )
+        return f"model '{text}' not found; pull it or create it from a GGUF file or a Modelfile first"
 
     def resolve(self, model: str | os.PathLike[str]) -> ResolvedModel:
         """A model name (matched case-insensitively) or a path to a GGUF file -> what it takes to run it.
@@ -302,17 +289,17 @@ class Registry:
             return self._resolve_path(path)
         if name is None:
             if _looks_like_path(model):
-                raise ModelNotFound(f"no such model file: {model}")
+                raise ModelNotFound(f"no such model file: {model}", model=model)
             assert name_error is not None
             raise name_error
-        raise ModelNotFound(self._not_found_message(model))
+        raise ModelNotFound(self._not_found_message(model), model=model)
 
     def _resolve_path(self, path: Path) -> ResolvedModel:
         from ..gguf import validate_once
 
         path = path.expanduser()
         if not path.exists():
-            raise ModelNotFound(f"no such model file: {path}")
+            raise ModelNotFound(f"no such model file: {path}", model=str(path))
         if path.is_dir():
             raise InvalidModelFile(f"{path} is a folder; give the path of a .gguf file")
         path = path.resolve()
@@ -411,7 +398,7 @@ class Registry:
         """
         emit: Progress = progress or (lambda _event: None)
         if quantize is not None:
-            from ..runner.quantize import quantization_type
+            from ..gguf.filetypes import quantization_type
 
             quantize = quantization_type(quantize)
         target = ModelName.parse(name)
@@ -448,18 +435,19 @@ class Registry:
         if isinstance(value, os.PathLike):
             path = Path(value).expanduser()
             if not path.exists():
-                raise ModelNotFound(f"{where}no such model file: {path}")
+                raise ModelNotFound(f"{where}no such model file: {path}", model=str(path))
         else:
             path = _expand(value, base_dir)
             if not path.exists():
                 try:
                     name = ModelName.parse(value)
                 except InvalidModelName:
-                    raise ModelNotFound(f"{where}FROM {value}: no such file") from None
+                    raise ModelNotFound(f"{where}FROM {value}: no such file", model=value) from None
                 stored = self.store.resolve_name(name)
                 if not self.store.has_manifest(stored):
                     raise ModelNotFound(
-                        f"{where}FROM {value}: no such file, and no model named '{name.display}' (pull it first)"
+                        f"{where}FROM {value}: no such file, and no model named '{name.display}' (pull it first)",
+                        model=value,
                     )
                 return _Source(name=stored)
         if path.is_dir():
@@ -525,17 +513,21 @@ class Registry:
         return convert_hf_to_gguf(folder, out, out_type="f16", progress=emit)
 
     def _quantize(self, path: Path, info: GGUFInfo, quantize: str, emit: Progress, scratch: list[Path]) -> Path:
-        from ..runner.quantize import quantize_gguf
+        from ..gguf.filetypes import UNQUANTIZED_TYPES
 
         if info.file_type == quantize:
             return path
-        if info.file_type not in ("F32", "F16", "BF16"):
+        if info.file_type not in UNQUANTIZED_TYPES:
             raise InvalidRequest(
                 f"quantization is only supported for F32, F16 and BF16 models; this model is {info.file_type}"
             )
+        if self._quantizer is None:
+            raise CapabilityError(
+                "this registry was opened without a quantizer; create quantized models through an Engine"
+            )
         out = self._scratch_path()
         scratch.append(out)
-        return quantize_gguf(path, out, ftype_name=quantize, progress=emit)
+        return self._quantizer(path, out, ftype_name=quantize, progress=emit)
 
     def _create_from(
         self,

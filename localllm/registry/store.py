@@ -29,7 +29,8 @@ from typing import Any
 
 import attrs
 
-from ..errors import DigestMismatch, LocalLLMError, ModelNotFound
+from .. import gojson
+from ..errors import BlobTooLarge, DigestMismatch, InvalidRequest, LocalLLMError, ModelNotFound
 from .names import ModelName
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "MEDIA_SYSTEM",
     "MEDIA_TEMPLATE",
     "BlobStore",
+    "BlobWriter",
     "Layer",
     "Manifest",
     "go_json",
@@ -84,15 +86,14 @@ def normalize_digest(digest: str) -> str:
 
 
 def go_json(value: Any) -> bytes:
-    """Encode like Go's encoding/json Encoder: compact, HTML-escaped, with a trailing newline."""
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    text = (
-        text.replace("<", "\\u003c")
-        .replace(">", "\\u003e")
-        .replace("&", "\\u0026")
-        .replace("\u2028", "\\u2028")
-        .replace("\u2029", "\\u2029")
-    )
+    """Encode like Go's json.Encoder: Go's JSON with a trailing newline, as UTF-8.
+
+    The dicts written here stand for Go structs, so their keys stay in the order they were written.
+    """
+    try:
+        text = gojson.go_json(value, sort_keys=False)
+    except ValueError as exc:  # Go refuses to write NaN and the infinities too
+        raise InvalidRequest(f"{exc} (JSON has no form for NaN or the infinities)") from None
     return (text + "\n").encode("utf-8")
 
 
@@ -246,6 +247,54 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+class BlobWriter:
+    """One blob on its way into a store: written to a temporary file while it is hashed, renamed by `commit`.
+
+    Use it as a context manager: leaving the block without a commit (an error, a
+    client gone) removes the temporary file, so a half blob never has a real name.
+    """
+
+    def __init__(self, store: BlobStore, *, expected: str | None = None, max_size: int | None = None) -> None:
+        self._store = store
+        self._expected = normalize_digest(expected) if expected is not None else None
+        self._max_size = max_size
+        self._hash = hashlib.sha256()
+        #: Bytes written so far.
+        self.size = 0
+        self._path = store._temp_path()
+        self._file = open(self._path, "xb")
+
+    def write(self, data: bytes) -> None:
+        """Append `data`; BlobTooLarge once the blob would pass `max_size`."""
+        if self._max_size is not None and self.size + len(data) > self._max_size:
+            raise BlobTooLarge(limit=self._max_size)
+        self._hash.update(data)
+        self._file.write(data)
+        self.size += len(data)
+
+    def commit(self) -> str:
+        """Give the blob its real name and return its digest; DigestMismatch if it is not the one expected."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        digest = "sha256:" + self._hash.hexdigest()
+        if self._expected is not None and digest != self._expected:
+            raise DigestMismatch(expected=self._expected, actual=digest)
+        self._store._install(self._path, digest, self.size)
+        return digest
+
+    def discard(self) -> None:
+        """Remove the temporary file (once committed there is none left)."""
+        self._file.close()
+        self._path.unlink(missing_ok=True)
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.discard()
+
+
 class BlobStore:
     """Blobs and manifests under one root folder (``~/.ollama/models`` works as is)."""
 
@@ -274,6 +323,10 @@ class BlobStore:
     def _temp_path(self) -> Path:
         self.blobs_dir.mkdir(parents=True, exist_ok=True)
         return self.blobs_dir / f"{_TEMP_PREFIX}{secrets.token_hex(8)}"
+
+    def blob_writer(self, *, expected: str | None = None, max_size: int | None = None) -> BlobWriter:
+        """A writer of one new blob: `expected` is the digest its bytes must have, `max_size` their limit."""
+        return BlobWriter(self, expected=expected, max_size=max_size)
 
     def _install(self, temp: Path, digest: str, size: int) -> Path:
         """Give `temp` (already hashed to `digest`) its real name, unless an intact copy is there."""
@@ -313,7 +366,9 @@ class BlobStore:
             actual, size = _hash_file(temp)
             if actual != digest:
                 raise DigestMismatch(
-                    f"downloaded blob has digest {actual}, expected {digest}; the download was discarded"
+                    f"downloaded blob has digest {actual}, expected {digest}; the download was discarded",
+                    expected=digest,
+                    actual=actual,
                 )
             return self._install(temp, digest, size)
         finally:
@@ -360,23 +415,25 @@ class BlobStore:
             return digest
 
     def _add_file(self, path: Path, total: int, *, link: bool, progress: Callable[[int, int], None] | None) -> str:
-        temp = self._temp_path()
-        try:
-            linked = False
-            if link:
-                try:
-                    os.link(path, temp)
-                    linked = True
-                except OSError:
-                    linked = False
-            if linked:
-                digest, size = _hash_file(temp, progress=progress, total=total)
+        if link:
+            temp = self._temp_path()
+            try:
+                os.link(path, temp)
+            except OSError:
+                pass  # another filesystem, or no hard links there: copy instead
             else:
-                digest, size = _copy_hashing(path, temp, progress=progress, total=total)
-            self._install(temp, digest, size)
-            return digest
-        finally:
-            temp.unlink(missing_ok=True)
+                try:
+                    digest, size = _hash_file(temp, progress=progress, total=total)
+                    self._install(temp, digest, size)
+                    return digest
+                finally:
+                    temp.unlink(missing_ok=True)
+        with self.blob_writer() as out, open(path, "rb") as src:
+            while chunk := src.read(_CHUNK):
+                out.write(chunk)
+                if progress is not None:
+                    progress(out.size, max(total, out.size))
+            return out.commit()
 
     def add_bytes(self, data: bytes) -> str:
         """Add `data` as a blob and return its digest."""
@@ -385,16 +442,9 @@ class BlobStore:
         with contextlib.suppress(FileNotFoundError):
             if final.stat().st_size == len(data):
                 return digest
-        temp = self._temp_path()
-        try:
-            with open(temp, "xb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            self._install(temp, digest, len(data))
-        finally:
-            temp.unlink(missing_ok=True)
-        return digest
+        with self.blob_writer(expected=digest) as out:
+            out.write(data)
+            return out.commit()
 
     def read_blob(self, digest: str) -> bytes:
         path = self.blob_path(digest)
@@ -448,7 +498,7 @@ class BlobStore:
         try:
             data = path.read_bytes()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            raise ModelNotFound(f"model '{name.display}' not found") from None
+            raise ModelNotFound(model=name.display) from None
         try:
             return Manifest.from_json(data)
         except LocalLLMError as exc:
@@ -458,7 +508,7 @@ class BlobStore:
         try:
             return self.manifest_path(name).stat().st_mtime
         except FileNotFoundError:
-            raise ModelNotFound(f"model '{name.display}' not found") from None
+            raise ModelNotFound(model=name.display) from None
 
     def write_manifest(self, name: ModelName, manifest: Manifest) -> None:
         """Write (or atomically replace) the manifest of `name`."""
@@ -488,7 +538,7 @@ class BlobStore:
         try:
             path.unlink()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise ModelNotFound(f"model '{name.display}' not found") from None
+            raise ModelNotFound(model=name.display) from None
         folder = path.parent
         while folder != self.manifests_dir and self.manifests_dir in folder.parents:
             try:
@@ -607,21 +657,4 @@ def _hash_file(path: Path, *, progress: Callable[[int, int], None] | None = None
             size += len(chunk)
             if progress is not None:
                 progress(size, max(total, size))
-    return "sha256:" + digest.hexdigest(), size
-
-
-def _copy_hashing(
-    source: Path, temp: Path, *, progress: Callable[[int, int], None] | None = None, total: int = 0
-) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(source, "rb") as src, open(temp, "xb") as out:
-        while chunk := src.read(_CHUNK):
-            digest.update(chunk)
-            out.write(chunk)
-            size += len(chunk)
-            if progress is not None:
-                progress(size, max(total, size))
-        out.flush()
-        os.fsync(out.fileno())
     return "sha256:" + digest.hexdigest(), size

@@ -11,28 +11,34 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import llama_cpp
 
 from ..errors import InvalidFormat, LocalLLMError, ModelLoadError
 from ..options import Options
+from .protocol import KV_CACHE_TYPES, LoadConfig
 
 if TYPE_CHECKING:
-    from .protocol import LoadConfig
+    from . import backend
 
 __all__ = [
     "Batch",
+    "LlamaBackend",
     "LlamaContext",
     "LlamaModel",
+    "LoraAdapters",
     "SamplerChain",
     "ensure_backend",
     "reference_llama",
     "repack_default",
     "repack_is_safe",
+    "supports_gpu_offload",
 ]
 
 logger = logging.getLogger("localllm.llama_cpp")
+
+_T = TypeVar("_T")
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -130,6 +136,14 @@ def reference_llama(path: str, **kwargs: Any) -> Any:
         return llama_cpp.Llama(path, **kwargs)
     finally:
         low_level.llama_model_default_params = default_params
+
+
+def supports_gpu_offload() -> bool:
+    """Whether this llama.cpp build has a GPU backend."""
+    try:
+        return bool(llama_cpp.llama_supports_gpu_offload())
+    except (AttributeError, OSError):
+        return False
 
 
 def default_threads() -> int:
@@ -279,7 +293,9 @@ class LlamaContext:
         type_k: int | None = None,
         type_v: int | None = None,
         flash_attn: bool | None = None,
+        adapters: LoraAdapters | None = None,
     ) -> None:
+        """`adapters`, if given, are applied to the context, which owns them once it exists (`close` frees them)."""
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
@@ -313,10 +329,13 @@ class LlamaContext:
         self.n_ctx_seq: int = llama_cpp.llama_n_ctx_seq(handle)
         self.n_batch: int = llama_cpp.llama_n_batch(handle)
         self.memory = llama_cpp.llama_get_memory(handle)
+        self.adapters = adapters
         self._closed = False
+        if adapters is not None:
+            adapters.apply(self)
 
-    def decode(self, batch: Batch) -> int:
-        return int(llama_cpp.llama_decode(self.handle, batch.struct))
+    def decode(self, batch: backend.Batch) -> int:
+        return int(llama_cpp.llama_decode(self.handle, _native(batch, Batch).struct))
 
     def encode(self, batch: Batch) -> int:
         return int(llama_cpp.llama_encode(self.handle, batch.struct))
@@ -347,6 +366,34 @@ class LlamaContext:
             self._closed = True
             llama_cpp.llama_free(self.handle)
             self.handle = None
+            if self.adapters is not None:
+                self.adapters.close()
+
+
+class LoraAdapters:
+    """LoRA adapters loaded for one model, applied to its contexts at full scale."""
+
+    def __init__(self, model: LlamaModel, paths: Sequence[str]) -> None:
+        self._handles: list[Any] = []
+        for path in paths:
+            handle = llama_cpp.llama_adapter_lora_init(model.handle, path.encode())
+            if not handle:
+                self.close()
+                raise ModelLoadError(f"llama.cpp could not load the LoRA adapter {path}")
+            self._handles.append(handle)
+
+    def apply(self, context: LlamaContext) -> None:
+        if not self._handles:
+            return
+        count = len(self._handles)
+        handles = (llama_cpp.llama_adapter_lora_p_ctypes * count)(*self._handles)
+        scales = (ctypes.c_float * count)(*([1.0] * count))
+        llama_cpp.llama_set_adapters_lora(context.handle, handles, count, scales)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            llama_cpp.llama_adapter_lora_free(handle)
+        self._handles = []
 
 
 class Batch:
@@ -437,12 +484,59 @@ class SamplerChain:
     def accept(self, token: int) -> None:
         llama_cpp.llama_sampler_accept(self.handle, token)
 
-    def sample(self, context: LlamaContext, index: int) -> int:
+    def sample(self, context: backend.Context, index: int) -> int:
         """Sample from the logits at batch position `index` (this also accepts the token)."""
-        return int(llama_cpp.llama_sampler_sample(self.handle, context.handle, index))
+        return int(llama_cpp.llama_sampler_sample(self.handle, _native(context, LlamaContext).handle, index))
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             llama_cpp.llama_sampler_free(self.handle)
             self.handle = None
+
+
+class LlamaBackend:
+    """llama.cpp behind the runner's `Backend` protocol, made of the classes above."""
+
+    def load_model(
+        self, config: LoadConfig, *, gpu_layers: int = 0, tensor_split: Sequence[float] | None = None
+    ) -> LlamaModel:
+        return LlamaModel.for_config(config, gpu_layers=gpu_layers, tensor_split=tensor_split)
+
+    def new_context(self, model: backend.Model, config: LoadConfig) -> LlamaContext:
+        llama_model = _native(model, LlamaModel)
+        adapters = LoraAdapters(llama_model, config.adapters)  # frees what it loaded if one fails
+        quantized_kv = config.kv_cache_type != "f16"
+        try:
+            return LlamaContext(
+                llama_model,
+                n_ctx=config.num_ctx * config.num_parallel,
+                n_batch=config.num_batch,
+                n_seq_max=config.num_parallel,
+                n_threads=config.num_thread or default_threads(),
+                embeddings=config.embeddings,
+                type_k=KV_CACHE_TYPES[config.kv_cache_type],
+                type_v=KV_CACHE_TYPES[config.kv_cache_type],
+                # Off by default, as in Ollama: with it, batched and solo runs of a sequence drift apart
+                # sooner. A quantized V cache requires it.
+                flash_attn=config.flash_attention or quantized_kv,
+                adapters=adapters,
+            )
+        except BaseException:
+            adapters.close()
+            raise
+
+    def new_batch(self, capacity: int, n_seq_max: int) -> Batch:
+        return Batch(capacity, n_seq_max)
+
+    def new_sampler(
+        self, model: backend.Model, options: Options, *, grammar: str | None = None, n_ctx: int = 0
+    ) -> SamplerChain:
+        return SamplerChain(_native(model, LlamaModel), options, grammar=grammar, n_ctx=n_ctx)
+
+
+def _native(value: object, kind: type[_T]) -> _T:
+    """The llama.cpp object behind a backend-neutral one: objects of another backend cannot be mixed in."""
+    if not isinstance(value, kind):
+        raise TypeError(f"a llama.cpp {kind.__name__} was expected, not a {type(value).__name__}")
+    return value

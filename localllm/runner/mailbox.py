@@ -7,8 +7,8 @@ from collections import deque
 from typing import Generic, TypeVar
 
 import anyio
-import anyio.from_thread
-import anyio.lowlevel
+
+from ..loop import EventLoop, LoopGone
 
 __all__ = ["Mailbox"]
 
@@ -19,13 +19,13 @@ class Mailbox(Generic[T]):
     """A queue filled by a thread and drained by one coroutine.
 
     `put` never waits for the event loop: when the reader is waiting, it
-    schedules the wake-up with the loop's own thread-safe "call soon" (anyio's
-    blocking `from_thread.run_sync` would tie the decode loop to the event
-    loop's latency). Create it from inside the event loop.
+    schedules the wake-up with `EventLoop.call_soon` (a blocking call would tie
+    the decode loop to the event loop's latency). Create it from inside the
+    event loop.
     """
 
     def __init__(self) -> None:
-        self._token = anyio.lowlevel.current_token()
+        self._loop = EventLoop()
         self._items: deque[T] = deque()
         self._lock = threading.Lock()
         self._waiter: anyio.Event | None = None
@@ -37,8 +37,8 @@ class Mailbox(Generic[T]):
             waiter, self._waiter = self._waiter, None
         if waiter is not None:
             try:
-                self._token.backend_class.run_sync_soon(waiter.set, (), self._token.native_token)
-            except (RuntimeError, anyio.from_thread.RunFinishedError):
+                self._loop.call_soon(waiter.set)
+            except LoopGone:
                 pass  # the loop is gone; nobody is waiting any more
 
     async def get_all(self) -> list[T]:

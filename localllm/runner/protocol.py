@@ -95,8 +95,6 @@ class SequenceHandle:
             self.runner._withdraw(self)
 
 
-
-
 class _Runner(Protocol):
     """What every runner offers the scheduler and the request pipelines."""
 

@@ -20,7 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConversionError, InvalidRequest
+from ..errors import ConversionError
+from ..gguf.filetypes import QUANTIZATION_TYPES, quantization_type
+from ..gguf.filetypes import UNQUANTIZED_TYPES as _SOURCE_TYPES
 
 __all__ = ["QUANTIZATION_TYPES", "quantization_type", "quantize_gguf"]
 
@@ -28,37 +30,7 @@ log = logging.getLogger("localllm.quantize")
 
 Progress = Callable[[dict[str, Any]], None]
 
-#: Ollama's quantization names -> (llama_ftype, approximate bits per weight of 2-D tensors).
-QUANTIZATION_TYPES: dict[str, tuple[int, float]] = {
-    "F32": (0, 32.0),
-    "F16": (1, 16.0),
-    "BF16": (32, 16.0),
-    "Q8_0": (7, 8.5),
-    "Q4_0": (2, 4.5),
-    "Q4_1": (3, 5.0),
-    "Q5_0": (8, 5.5),
-    "Q5_1": (9, 6.0),
-    "Q2_K": (10, 2.96),
-    "Q3_K_S": (11, 3.5),
-    "Q3_K_M": (12, 3.91),
-    "Q3_K_L": (13, 4.27),
-    "Q4_K_S": (14, 4.58),
-    "Q4_K_M": (15, 4.89),
-    "Q5_K_S": (16, 5.54),
-    "Q5_K_M": (17, 5.69),
-    "Q6_K": (18, 6.56),
-}
-
-_SOURCE_TYPES = ("F32", "F16", "BF16")
 _POLL_SECONDS = 0.25
-
-
-def quantization_type(name: str) -> str:
-    """The canonical spelling of a quantization name ("q4_k_m" -> "Q4_K_M"); InvalidRequest if unknown."""
-    if not isinstance(name, str) or name.upper() not in QUANTIZATION_TYPES:
-        valid = ", ".join(k.lower() if k.startswith(("F", "BF")) else "q" + k[1:] for k in QUANTIZATION_TYPES)
-        raise InvalidRequest(f"unknown quantization type {name!r}; valid types are: {valid}")
-    return name.upper()
 
 
 def _estimate_bytes(info: Any, bits: float) -> int:

@@ -5,33 +5,37 @@ active sequence's pending tokens (the next sampled token, or a chunk of its
 prompt) into one batch, decodes once, and samples each sequence that needs a
 token with its own sampler chain. Results go to the waiting coroutine through
 a `Mailbox`; the event loop never waits on llama.cpp.
+
+The model, context, batch and samplers come from a `Backend`: llama.cpp's
+unless another is given.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
 
 import attrs
 
 from ..errors import ContextLengthExceeded, EngineClosed, InvalidFormat, LocalLLMError, RunnerError
-from .llama import Batch, LlamaContext, LlamaModel, SamplerChain, default_threads
-from .protocol import KV_CACHE_TYPES, LoadConfig, SamplingParams, SequenceHandle, SequenceResult
+from .backend import Backend, Sampler
+from .protocol import LoadConfig, SamplingParams, SequenceHandle, SequenceResult
 from .text import StopMatcher, Utf8Stream
 
 __all__ = ["Runner"]
 
 logger = logging.getLogger("localllm.runner")
 
+
 @attrs.define
 class _Active:
     handle: SequenceHandle
     slot: _Slot
-    sampler: SamplerChain
+    sampler: Sampler
     prompt_pos: int  # next prompt token to evaluate
     num_predict: int
     utf8: Utf8Stream = attrs.field(factory=Utf8Stream)
@@ -56,33 +60,27 @@ class Runner:
     """One loaded model and the thread that serves it. Create it in a worker thread (loading blocks)."""
 
     def __init__(
-        self, config: LoadConfig, *, gpu_layers: int = 0, tensor_split: tuple[float, ...] | None = None
+        self,
+        config: LoadConfig,
+        *,
+        gpu_layers: int = 0,
+        tensor_split: tuple[float, ...] | None = None,
+        backend: Backend | None = None,
     ) -> None:
+        if backend is None:
+            from .llama import LlamaBackend  # imports llama_cpp
+
+            backend = LlamaBackend()
         self.config = config
-        self.model = LlamaModel.for_config(config, gpu_layers=gpu_layers, tensor_split=tensor_split)
-        try:
-            self._adapters = self._load_adapters(config.adapters)
-            threads = config.num_thread or default_threads()
-            quantized_kv = config.kv_cache_type != "f16"
-            self.context = LlamaContext(
-                self.model,
-                n_ctx=config.num_ctx * config.num_parallel,
-                n_batch=config.num_batch,
-                n_seq_max=config.num_parallel,
-                n_threads=threads,
-                embeddings=config.embeddings,
-                type_k=KV_CACHE_TYPES[config.kv_cache_type],
-                type_v=KV_CACHE_TYPES[config.kv_cache_type],
-                # Off by default, as in Ollama: with it, batched and solo runs of a sequence drift apart
-                # sooner. A quantized V cache requires it.
-                flash_attn=config.flash_attention or quantized_kv,
-            )
-        except BaseException:
-            self._free_adapters()
-            self.model.close()
-            raise
-        self._apply_adapters()
-        self.batch = Batch(max(self.context.n_batch, config.num_parallel), config.num_parallel)
+        self.backend = backend
+        with contextlib.ExitStack() as undo:  # a failed load frees what was made so far
+            self.model = backend.load_model(config, gpu_layers=gpu_layers, tensor_split=tensor_split)
+            undo.callback(self.model.close)
+            self.context = backend.new_context(self.model, config)
+            undo.callback(self.context.close)
+            # Room for every slot's next token, however small num_batch is.
+            self.batch = backend.new_batch(max(self.context.n_batch, config.num_parallel), config.num_parallel)
+            undo.pop_all()
         self.slots = [_Slot(seq_id=i) for i in range(config.num_parallel)]
         self._pending: deque[SequenceHandle] = deque()
         self._cond = threading.Condition()
@@ -91,39 +89,6 @@ class Runner:
         self.failure: str | None = None  # why the worker died, once it has
         self._thread = threading.Thread(target=self._run, name=f"localllm-runner-{id(self):x}", daemon=True)
         self._thread.start()
-
-    # -- LoRA adapters -------------------------------------------------------------
-
-    def _load_adapters(self, paths: Sequence[str]) -> list[Any]:
-        import llama_cpp
-
-        adapters: list[Any] = []
-        for path in paths:
-            handle = llama_cpp.llama_adapter_lora_init(self.model.handle, path.encode())
-            if not handle:
-                for loaded in adapters:
-                    llama_cpp.llama_adapter_lora_free(loaded)
-                raise RunnerError(f"llama.cpp could not load the LoRA adapter {path}")
-            adapters.append(handle)
-        return adapters
-
-    def _apply_adapters(self) -> None:
-        if not self._adapters:
-            return
-        import ctypes
-
-        import llama_cpp
-
-        handles = (llama_cpp.llama_adapter_lora_p_ctypes * len(self._adapters))(*self._adapters)
-        scales = (ctypes.c_float * len(self._adapters))(*([1.0] * len(self._adapters)))
-        llama_cpp.llama_set_adapters_lora(self.context.handle, handles, len(self._adapters), scales)
-
-    def _free_adapters(self) -> None:
-        import llama_cpp
-
-        for handle in getattr(self, "_adapters", []):
-            llama_cpp.llama_adapter_lora_free(handle)
-        self._adapters = []
 
     # -- the coroutine side -------------------------------------------------------
 
@@ -214,7 +179,6 @@ class Runner:
                 slot.active = None
         self.batch.close()
         self.context.close()
-        self._free_adapters()
         self.model.close()
 
     # -- the worker thread --------------------------------------------------------
@@ -260,6 +224,7 @@ class Runner:
             try:
                 sampler = self._make_sampler(handle.params)
             except LocalLLMError as exc:
+                handle.finished = True
                 handle.mailbox.put(exc)
                 continue
             num_predict = handle.params.options.num_predict
@@ -275,9 +240,9 @@ class Runner:
             admitted.append(active)
         return admitted
 
-    def _make_sampler(self, params: SamplingParams) -> SamplerChain:
+    def _make_sampler(self, params: SamplingParams) -> Sampler:
         try:
-            return SamplerChain(self.model, params.options, grammar=params.grammar, n_ctx=self.n_ctx_seq)
+            return self.backend.new_sampler(self.model, params.options, grammar=params.grammar, n_ctx=self.n_ctx_seq)
         except InvalidFormat:
             raise
         except Exception as exc:
@@ -301,12 +266,14 @@ class Runner:
 
     def _step(self) -> None:
         self._drop_cancelled()
-        actives = [slot.active for slot in self.slots if slot.active is not None]
+        # In admission order (`started` is set on admission), whichever slots the sequences hold.
+        actives = sorted((slot.active for slot in self.slots if slot.active is not None), key=lambda a: a.started)
         if not actives:
             return
         batch = self.batch
         batch.clear()
         budget = batch.capacity
+        in_batch: list[_Active] = []
         # Next tokens first: one each, so running sequences never wait on a long prompt.
         for active in actives:
             active.batch_index = None
@@ -315,8 +282,9 @@ class Runner:
                 active.batch_index = batch.add(active.next_token, len(cached), active.slot.seq_id, True)
                 cached.append(active.next_token)
                 active.next_token = None
+                in_batch.append(active)
                 budget -= 1
-        # Then prompt chunks, in admission order, as far as the batch has room.
+        # Then prompt chunks, as far as the batch has room.
         for active in actives:
             prompt = active.handle.prompt
             if active.prompt_pos >= len(prompt) or budget <= 0:
@@ -331,14 +299,15 @@ class Runner:
                 active.batch_index = index
             active.prompt_evaluated += take
             active.prompt_pos = end
+            in_batch.append(active)
             budget -= take
-        if batch.n_tokens == 0:
+        if not in_batch:
             return
         status = self.context.decode(batch)
         if status < 0:  # llama.cpp's own error: the context cannot be trusted any more
             raise RunnerError(f"llama_decode returned {status}")
-        if status != 0:
-            self._fail_batch(actives, status)
+        if status != 0:  # this batch did not fit or was aborted; sequences that waited outside it are unharmed
+            self._fail_batch(in_batch, status)
             return
         now = time.perf_counter()
         for active in actives:

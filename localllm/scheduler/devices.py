@@ -104,9 +104,12 @@ def cpu_only(system: SystemMemory | None = None) -> DeviceInventory:
     return DeviceInventory(gpus=(), system=system if system is not None else system_memory())
 
 
-def discover() -> DeviceInventory:
-    """Probe the machine: NVIDIA GPUs llama.cpp can use, and system RAM. Never raises for missing hardware."""
-    gpus = nvidia_gpus() if _llama_cpp_can_offload() else ()
+def discover(can_offload: Callable[[], bool] | None = None) -> DeviceInventory:
+    """Probe the machine: NVIDIA GPUs llama.cpp can use, and system RAM. Never raises for missing hardware.
+
+    `can_offload` says whether llama.cpp can use a GPU at all (default: ask the installed build).
+    """
+    gpus = nvidia_gpus() if (can_offload or _llama_cpp_can_offload)() else ()
     return DeviceInventory(gpus=gpus, system=system_memory())
 
 
@@ -169,13 +172,10 @@ def _sysconf_memory() -> SystemMemory:
 def _llama_cpp_can_offload() -> bool:
     """Whether the installed llama.cpp build has a GPU backend (False when llama_cpp is missing)."""
     try:
-        import llama_cpp
+        from ..runner.llama import supports_gpu_offload
     except (ImportError, OSError):
         return False
-    try:
-        return bool(llama_cpp.llama_supports_gpu_offload())
-    except (AttributeError, OSError):
-        return False
+    return supports_gpu_offload()
 
 
 def _visible_selectors() -> list[str] | None:

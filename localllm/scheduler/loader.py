@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..options import Options
 from ..runner.protocol import LoadConfig, ModelRunner
@@ -13,6 +13,7 @@ from .memory import LayerPlan, MemoryEstimate, estimate_memory, format_bytes, pl
 from .scheduler import Loaded
 
 if TYPE_CHECKING:
+    from ..gguf.inspect import GGUFInfo
     from ..settings import EngineSettings
 
 __all__ = ["RunnerFactory"]
@@ -21,13 +22,13 @@ logger = logging.getLogger("localllm.scheduler")
 
 
 @functools.lru_cache(maxsize=32)
-def _read_info(path: str, _mtime: float) -> Any:
+def _read_info(path: str, _mtime: float) -> GGUFInfo:
     from ..gguf import read_info
 
     return read_info(path)
 
 
-def _info(path: str) -> Any:
+def _info(path: str) -> GGUFInfo:
     import os
 
     return _read_info(path, os.stat(path).st_mtime)

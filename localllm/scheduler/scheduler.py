@@ -25,14 +25,13 @@ import math
 import threading
 import time
 from collections.abc import Callable, Hashable
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import anyio
-import anyio.from_thread
-import anyio.lowlevel
 import attrs
 
 from ..errors import EngineClosed, InsufficientMemory, QueueFull
+from ..loop import EventLoop
 from .memory import LayerPlan
 
 __all__ = ["Lease", "Loaded", "LoadedModel", "Loader", "RunnerLike", "Scheduler", "Sizer"]
@@ -56,6 +55,7 @@ class RunnerLike(Protocol):
 
 
 R = TypeVar("R", bound=RunnerLike)
+K = TypeVar("K", bound=Hashable)
 
 
 @attrs.frozen
@@ -70,10 +70,10 @@ class Loaded(Generic[R]):
 
 
 @attrs.define(eq=False)
-class LoadedModel(Generic[R]):
+class LoadedModel(Generic[K, R]):
     """The scheduler's record of one loaded runner."""
 
-    key: Hashable
+    key: K
     name: str
     loaded: Loaded[R]
     keep_alive: float = 300.0
@@ -113,11 +113,11 @@ class _Loading:
 
 
 @attrs.define(eq=False)
-class Lease(Generic[R]):
+class Lease(Generic[K, R]):
     """A request's hold on a runner; release it exactly once."""
 
-    scheduler: Scheduler[R]
-    model: LoadedModel[R]
+    scheduler: Scheduler[K, R]
+    model: LoadedModel[K, R]
     load_duration: int = 0
     released: bool = False
 
@@ -131,49 +131,47 @@ class Lease(Generic[R]):
             self.scheduler._finished(self, keep_alive)
 
 
-Loader = Callable[[Any], Loaded[R]]
+Loader = Callable[[K], Loaded[R]]
 """Loads a runner for a key (blocking)."""
 
-Sizer = Callable[[Any], tuple[int, int]]
+Sizer = Callable[[K], tuple[int, int]]
 """Estimates (total bytes, VRAM bytes) a key would need once loaded (blocking)."""
 
 
-class Scheduler(Generic[R]):
+class Scheduler(Generic[K, R]):
     def __init__(
         self,
         *,
-        loader: Loader[R],
+        loader: Loader[K, R],
         max_loaded: int = 3,
         max_queue: int = 512,
         memory_budget: Callable[[], int] | None = None,
-        sizer: Sizer | None = None,
+        sizer: Sizer[K] | None = None,
     ) -> None:
         self._loader = loader
         self._sizer = sizer
         self._memory_budget = memory_budget
         self.max_loaded = max_loaded
         self.max_queue = max_queue
-        self.loaded: dict[Hashable, LoadedModel[R]] = {}
-        self._loading: dict[Hashable, _Loading] = {}
+        self.loaded: dict[K, LoadedModel[K, R]] = {}
+        self._loading: dict[K, _Loading] = {}
         self.load_count = 0
         self._waiting = 0
         self._lock = anyio.Lock()
         self._changed = anyio.Event()  # set (and replaced) whenever a runner is released or unloaded
         self._closed = False
-        self._reaper: _Reaper | None = None
-        self._token: anyio.lowlevel.EventLoopToken | None = None
-        self._loop_thread: int | None = None
+        self._reaper: _Reaper[K, R] | None = None
+        self._loop: EventLoop | None = None
 
     # -- events -----------------------------------------------------------------
 
-    async def acquire(self, key: Hashable, *, name: str, keep_alive: float) -> Lease[R]:
+    async def acquire(self, key: K, *, name: str, keep_alive: float) -> Lease[K, R]:
         """pending: get a lease on the runner for `key`, loading it if needed."""
         if self._closed:
             raise EngineClosed("the engine is closed")
         if self._reaper is None:
-            self._token = anyio.lowlevel.current_token()
-            self._loop_thread = threading.get_ident()
-            self._reaper = _Reaper(self, self._token)
+            self._loop = EventLoop()
+            self._reaper = _Reaper(self, self._loop)
         queued = self._waiting + sum(m.runner.pending_count for m in self.loaded.values())
         if queued >= self.max_queue:
             raise QueueFull(f"{queued} requests are already waiting (max_queue={self.max_queue}); retry later")
@@ -183,7 +181,7 @@ class Scheduler(Generic[R]):
         finally:
             self._waiting -= 1
 
-    async def _acquire(self, key: Hashable, *, name: str, keep_alive: float) -> Lease[R]:
+    async def _acquire(self, key: K, *, name: str, keep_alive: float) -> Lease[K, R]:
         while True:
             if self._closed:
                 raise EngineClosed("the engine is closed")
@@ -209,7 +207,7 @@ class Scheduler(Generic[R]):
                 continue
             return await self._load(key, loading, name=name, keep_alive=keep_alive)
 
-    async def _load(self, key: Hashable, loading: _Loading, *, name: str, keep_alive: float) -> Lease[R]:
+    async def _load(self, key: K, loading: _Loading, *, name: str, keep_alive: float) -> Lease[K, R]:
         """Load a runner for `key` in a worker thread, and record it unless the engine closed meanwhile."""
         started = time.perf_counter()
         try:
@@ -236,23 +234,23 @@ class Scheduler(Generic[R]):
             logger.warning("dropping %s: its runner failed", model.name)
             await self._unload(model)
 
-    async def running(self) -> list[LoadedModel[R]]:
+    async def running(self) -> list[LoadedModel[K, R]]:
         """The healthy loaded runners, oldest first."""
         await self.forget_failed()
         return sorted((m for m in self.loaded.values() if not m.closing), key=lambda m: m.loaded_at)
 
-    def _lend(self, model: LoadedModel[R], keep_alive: float, *, load_duration: int) -> Lease[R]:
+    def _lend(self, model: LoadedModel[K, R], keep_alive: float, *, load_duration: int) -> Lease[K, R]:
         model.users += 1
         model.keep_alive = keep_alive  # the latest request's value wins
         model.stamp_expiry()
         self._schedule_expiry()
         return Lease(self, model, load_duration=load_duration)
 
-    def _finished(self, lease: Lease[R], keep_alive: float | None) -> None:
+    def _finished(self, lease: Lease[K, R], keep_alive: float | None) -> None:
         """finished: a request let go of its runner."""
-        if self._token is not None and threading.get_ident() != self._loop_thread:
+        if self._loop is not None and not self._loop.in_loop():
             # Released from another thread (a stream collected there): scheduler state lives in the loop.
-            self._token.backend_class.run_sync_soon(self._finished, (lease, keep_alive), self._token.native_token)
+            self._loop.call_soon(self._finished, lease, keep_alive)
             return
         model = lease.model
         model.users -= 1
@@ -261,7 +259,7 @@ class Scheduler(Generic[R]):
         model.stamp_expiry()
         self._notify()
 
-    async def _make_room(self, key: Hashable) -> int | None:
+    async def _make_room(self, key: K) -> int | None:
         """Evict idle runners until `key` fits: the bytes it needs, or None if it must wait for busy ones."""
         need, budget = 0, None
         reserved = sum(loading.need for loading in self._loading.values())  # loads in flight are not yet counted
@@ -269,10 +267,7 @@ class Scheduler(Generic[R]):
             need, _vram = await anyio.to_thread.run_sync(self._sizer, key)
             budget = self._memory_budget() - reserved
             if need > budget + sum(m.size for m in self.loaded.values()):
-                raise InsufficientMemory(
-                    f"the model needs {_gib(need)} but only {_gib(budget)} of memory is available "
-                    "even with every other model unloaded; use a smaller model, num_ctx or num_parallel"
-                )
+                raise InsufficientMemory(needed=need, available=budget)
 
         def fits() -> bool:
             if len(self.loaded) + len(self._loading) >= self.max_loaded:
@@ -291,7 +286,7 @@ class Scheduler(Generic[R]):
                 budget = self._memory_budget() - reserved
         return need
 
-    def _take_expired(self) -> list[LoadedModel[R]]:
+    def _take_expired(self) -> list[LoadedModel[K, R]]:
         """expired (in the event loop, called by the reaper): detach idle runners whose time is up."""
         now = time.monotonic()
         due = [
@@ -310,7 +305,7 @@ class Scheduler(Generic[R]):
             deadlines = [m.expires_at for m in self.loaded.values() if m.users == 0 and m.expires_at is not None]
             self._reaper.set_deadline(min(deadlines) if deadlines else None)
 
-    async def _unload(self, model: LoadedModel[R]) -> None:
+    async def _unload(self, model: LoadedModel[K, R]) -> None:
         """unloaded: close a runner (nobody is using it) and wake whoever waits for room."""
         model.closing = True
         self.loaded.pop(model.key, None)
@@ -326,7 +321,7 @@ class Scheduler(Generic[R]):
 
     # -- requests from the engine --------------------------------------------------
 
-    async def unload_where(self, predicate: Callable[[LoadedModel[R]], bool]) -> int:
+    async def unload_where(self, predicate: Callable[[LoadedModel[K, R]], bool]) -> int:
         """Unload matching runners once they are idle (their users finish first)."""
         count = 0
         for model in [m for m in self.loaded.values() if predicate(m)]:
@@ -357,12 +352,12 @@ class Scheduler(Generic[R]):
                 await self._unload(model)
 
 
-class _Reaper:
+class _Reaper(Generic[K, R]):
     """The thread that unloads runners when their keep_alive runs out."""
 
-    def __init__(self, scheduler: Scheduler[Any], token: anyio.lowlevel.EventLoopToken) -> None:
+    def __init__(self, scheduler: Scheduler[K, R], loop: EventLoop) -> None:
         self._scheduler = scheduler
-        self._token = token
+        self._loop = loop
         self._cond = threading.Condition()
         self._deadline: float | None = None
         self._stopping = False
@@ -394,7 +389,7 @@ class _Reaper:
                     return
                 self._deadline = None  # the loop sets the next one when it hands over what is due
             try:
-                due = anyio.from_thread.run_sync(self._scheduler._take_expired, token=self._token)
+                due = self._loop.call(self._scheduler._take_expired)
             except Exception:  # the event loop is gone: nothing left to serve
                 return
             for model in due:
@@ -405,7 +400,7 @@ class _Reaper:
                     logger.exception("closing %s failed", model.name)
             if due:
                 try:
-                    anyio.from_thread.run_sync(self._scheduler._notify, token=self._token)
+                    self._loop.call(self._scheduler._notify)
                 except Exception:
                     return
 

@@ -1,0 +1,127 @@
+"""What the runner needs of llama.cpp, as protocols: a model, a context, a batch and samplers.
+
+`Runner` builds each of them through a `Backend`. `LlamaBackend` (in `llama.py`) is llama.cpp itself;
+a test can pass a fake and drive the batching, prefix reuse and cancellation logic without a model
+file. This module does not import llama_cpp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from ..options import Options
+from .protocol import LoadConfig
+
+__all__ = ["Backend", "Batch", "Context", "Model", "Sampler"]
+
+
+class Model(Protocol):
+    """A loaded model: its vocabulary and metadata."""
+
+    @property
+    def bos_token(self) -> int:
+        """The beginning-of-sequence token; negative where the model has none."""
+        ...
+
+    @property
+    def eos_token(self) -> int:
+        """The end-of-sequence token; negative where the model has none."""
+        ...
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]: ...
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one token (a piece may hold part of a UTF-8 character)."""
+        ...
+
+    def token_text(self, token: int) -> str: ...
+
+    def is_eog(self, token: int) -> bool:
+        """Whether the token ends generation."""
+        ...
+
+    def check_token_ids(self, tokens: Sequence[int]) -> None:
+        """Raise a `LocalLLMError` for ids outside the vocabulary (llama.cpp would abort on them)."""
+        ...
+
+    def metadata(self, key: str) -> str | None: ...
+
+    def close(self) -> None: ...
+
+
+class Batch(Protocol):
+    """A reusable batch of tokens, each for one position of one sequence."""
+
+    @property
+    def capacity(self) -> int: ...
+
+    @property
+    def n_tokens(self) -> int: ...
+
+    def add(self, token: int, pos: int, seq_id: int, logits: bool) -> int:
+        """Append a token; returns its index in the batch (where its logits will be)."""
+        ...
+
+    def clear(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Context(Protocol):
+    """The KV cache of one model, holding independent sequences, and the decoding over it."""
+
+    @property
+    def n_ctx_seq(self) -> int:
+        """Tokens one sequence may hold."""
+        ...
+
+    @property
+    def n_batch(self) -> int:
+        """The most tokens one decode takes."""
+        ...
+
+    def decode(self, batch: Batch) -> int:
+        """Evaluate a batch: 0 on success, 1 when the cache has no room, 2 when aborted, negative on errors."""
+        ...
+
+    def seq_rm(self, seq_id: int, p0: int) -> bool:
+        """Drop a sequence's cache entries from position `p0` on; False where it cannot."""
+        ...
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        """The sequence's lowest cached position; -1 when it holds none."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Sampler(Protocol):
+    """One sequence's sampler chain."""
+
+    def sample(self, context: Context, index: int) -> int:
+        """Choose a token from the logits at batch position `index` (this also accepts it)."""
+        ...
+
+    def accept(self, token: int) -> None:
+        """Record a token the sequence holds (penalties and grammars look back over them)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    """Makes the objects a runner works with. Every object made has an owner that closes it."""
+
+    def load_model(self, config: LoadConfig, *, gpu_layers: int, tensor_split: Sequence[float] | None) -> Model: ...
+
+    def new_context(self, model: Model, config: LoadConfig) -> Context:
+        """A context of `config.num_parallel` sequences of `config.num_ctx` tokens each, with the
+        configuration's LoRA adapters applied; closing it frees them too."""
+        ...
+
+    def new_batch(self, capacity: int, n_seq_max: int) -> Batch: ...
+
+    def new_sampler(self, model: Model, options: Options, *, grammar: str | None, n_ctx: int) -> Sampler:
+        """A sampler chain for the options; raises `InvalidFormat` for a grammar it cannot parse."""
+        ...

@@ -1,0 +1,208 @@
+"""The rooms of the package and the rules between them (DESIGN.md), checked on the source itself.
+
+Imports are read with `ast`; imports under `if TYPE_CHECKING:` are types only and do not count.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "localllm"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _runtime_nodes(tree: ast.Module) -> Iterator[ast.AST]:
+    """Every node, except what sits under `if TYPE_CHECKING:`."""
+    stack: list[ast.AST] = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend(node.orelse)
+            continue
+        yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def imports_of(name: str) -> set[str]:
+    """The modules `name` imports at run time (localllm modules by their dotted names, others by top name)."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in _runtime_nodes(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join([*base, node.module] if node.module else base)
+            else:
+                target = node.module or ""
+            for alias in node.names:
+                found.add(f"{target}.{alias.name}" if f"{target}.{alias.name}" in MODULES else target)
+    return found
+
+
+def test_import_localllm_does_not_import_llama_cpp() -> None:
+    code = "import sys, localllm; assert 'llama_cpp' not in sys.modules, 'llama_cpp was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_only_the_runner_calls_llama_cpp() -> None:
+    offenders = [
+        name
+        for name in MODULES
+        if not name.startswith("localllm.runner")
+        and any(imported.split(".")[0] == "llama_cpp" for imported in imports_of(name))
+    ]
+    assert offenders == []
+
+
+@pytest.mark.parametrize(
+    ("room", "forbidden"),
+    [
+        # Data flows one way: engine -> scheduler -> runner.
+        (
+            "localllm.runner",
+            (
+                "localllm.scheduler",
+                "localllm.engine",
+                "localllm.service",
+                "localllm.registry",
+                "localllm.http",
+                "localllm.cli",
+                "localllm.requests",
+            ),
+        ),
+        (
+            "localllm.scheduler",
+            (
+                "localllm.engine",
+                "localllm.service",
+                "localllm.registry",
+                "localllm.http",
+                "localllm.cli",
+                "localllm.requests",
+            ),
+        ),
+        # The registry knows nothing of runners; nothing below the engine sees the Engine.
+        (
+            "localllm.registry",
+            (
+                "localllm.runner",
+                "localllm.scheduler",
+                "localllm.engine",
+                "localllm.service",
+                "localllm.http",
+                "localllm.cli",
+            ),
+        ),
+        (
+            "localllm.gguf",
+            (
+                "localllm.runner",
+                "localllm.scheduler",
+                "localllm.engine",
+                "localllm.registry",
+                "localllm.http",
+                "localllm.cli",
+            ),
+        ),
+        (
+            "localllm.chat",
+            (
+                "localllm.runner",
+                "localllm.scheduler",
+                "localllm.engine",
+                "localllm.registry",
+                "localllm.http",
+                "localllm.cli",
+            ),
+        ),
+        ("localllm.service", ("localllm.engine", "localllm.http", "localllm.cli")),
+        ("localllm.requests", ("localllm.engine", "localllm.http", "localllm.cli")),
+        ("localllm.embeddings", ("localllm.engine", "localllm.http", "localllm.cli")),
+    ],
+)
+def test_rooms_import_only_downstream(room: str, forbidden: tuple[str, ...]) -> None:
+    crossings = sorted(
+        f"{name} imports {imported}"
+        for name in MODULES
+        if name == room or name.startswith(room + ".")
+        for imported in imports_of(name)
+        if any(imported == f or imported.startswith(f + ".") for f in forbidden)
+    )
+    assert crossings == []
+
+
+@pytest.mark.parametrize("room", ["localllm.http", "localllm.cli"])
+def test_the_shim_and_the_cli_use_only_the_public_engine_api(room: str) -> None:
+    """No private names of other objects, no reaching past the Engine into its registry or scheduler."""
+    crossings = []
+    for name, path in MODULES.items():
+        if not (name == room or name.startswith(room + ".")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute):
+                owner = ast.unparse(node.value)
+                private = node.attr.startswith("_") and not node.attr.startswith("__") and owner != "self"
+                if private or node.attr in ("registry", "scheduler"):
+                    crossings.append(f"{name}:{node.lineno} {owner}.{node.attr}")
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                if node.module.startswith("localllm.") and not node.module.startswith(room):
+                    crossings.append(f"{name}:{node.lineno} imports {node.module}")
+    assert crossings == []
+
+
+def test_no_import_cycles() -> None:
+    graph = {name: {i for i in imports_of(name) if i in MODULES and i != "localllm"} for name in MODULES}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:  # Tarjan's strongly connected components
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for name in graph:
+        if name not in index:
+            visit(name)
+    assert cycles == []
+
+
+def test_one_thread_to_loop_helper() -> None:
+    """Only localllm/loop.py schedules calls into the event loop from other threads."""
+    users = [
+        name
+        for name, path in MODULES.items()
+        if name != "localllm.loop" and any(word in path.read_text() for word in ("run_sync_soon", "current_token()"))
+    ]
+    assert users == []
