@@ -12,21 +12,27 @@
 Each listens on 127.0.0.1 on a free port, in a background thread, logs the
 requests it gets and counts the body bytes it serves, so tests can tell how
 much a resumed download fetched. Use them as context managers.
+
+`localllm_shim` runs localllm's own HTTP shim the same way, for the HTTP tests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+if TYPE_CHECKING:
+    from localllm.http import ServerThread
 
 import attrs
 
@@ -549,3 +555,28 @@ class HFHub(LoopbackServer):
             return
         headers = {"X-Repo-Commit": repo.sha, "ETag": f'"{git_etag}"'}
         self.send_body(handler, f"{repo_id}/{filename}", data, head=head, headers=headers)
+
+
+@contextlib.contextmanager
+def localllm_shim(home: Path, smollm2: Path | None = None, **settings: Any) -> Iterator[ServerThread]:
+    """localllm's HTTP shim on loopback over a fresh engine (2 slots) in `home`.
+
+    With `smollm2`, the model is first created in that home as "smollm2" (num_ctx 2048, one thread).
+    `settings` go to `ServerThread` (size limits).
+    """
+    import anyio
+
+    import localllm
+    from localllm.http import ServerThread
+
+    if smollm2 is not None:
+        modelfile = home / "Modelfile"
+        modelfile.write_text(f"FROM {smollm2}\nPARAMETER num_ctx 2048\nPARAMETER num_thread 1\n")
+
+        async def create() -> None:
+            async with localllm.Engine(home) as engine:
+                await engine.create("smollm2", modelfile=modelfile)
+
+        anyio.run(create)
+    with ServerThread(lambda: localllm.Engine(home, num_parallel=2), **settings) as running:
+        yield running

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import ollama
 import pytest
-from servers import OCIRegistry, tiny_gguf
+from servers import OCIRegistry, localllm_shim, tiny_gguf
 
 import localllm
 from localllm.http import ServerThread
@@ -20,8 +20,7 @@ GREEDY = {"temperature": 0, "num_predict": 12, "repeat_penalty": 1.0}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    home = tmp_path_factory.mktemp("home")
-    with ServerThread(lambda: localllm.Engine(home, num_parallel=2)) as running:
+    with localllm_shim(tmp_path_factory.mktemp("home")) as running:
         yield running
 
 

@@ -12,8 +12,8 @@ import httpx
 import ollama
 import openai
 import pytest
+from servers import localllm_shim
 
-import localllm
 from localllm.http import ServerThread
 
 TOOLS = [
@@ -30,11 +30,7 @@ TOOLS = [
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Iterator[ServerThread]:
-    home = tmp_path_factory.mktemp("home")
-    with ServerThread(lambda: localllm.Engine(home, num_parallel=2)) as running:
-        with ollama.Client(host=running.url) as setup:
-            digest = setup.create_blob(smollm2_path)
-            setup.create("smollm2", files={"model.gguf": digest}, parameters={"num_ctx": 2048, "num_thread": 1})
+    with localllm_shim(tmp_path_factory.mktemp("home"), smollm2_path) as running:
         yield running
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from servers import localllm_shim
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -30,19 +31,7 @@ LONG = {"temperature": 0.8, "num_predict": 1500, "seed": 1}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Iterator[ServerThread]:
     home = tmp_path_factory.mktemp("home")
-    factory = lambda: localllm.Engine(home, num_parallel=2)  # noqa: E731
-    with ServerThread(factory, max_request_size=LIMIT, max_blob_size=BLOB_LIMIT) as running:
-        created = httpx.post(
-            f"{running.url}/api/create",
-            json={
-                "model": "smollm2",
-                "from": str(smollm2_path),
-                "parameters": {"num_ctx": 2048, "num_thread": 1},
-                "stream": False,
-            },
-            timeout=120,
-        )
-        assert created.status_code == 200, created.text
+    with localllm_shim(home, smollm2_path, max_request_size=LIMIT, max_blob_size=BLOB_LIMIT) as running:
         yield running
 
 

@@ -29,6 +29,7 @@ from ..errors import (
     ModelfileError,
     ModelNotFound,
 )
+from ..gguf.architectures import ENCODER_ARCHITECTURES
 from ..gojson import go_quote
 from ..options import OPTION_TYPES, check_options
 from ..types import _Subscriptable
@@ -67,11 +68,6 @@ __all__ = [
 log = logging.getLogger("localllm.registry")
 
 Progress = Callable[[dict[str, Any]], None]
-
-#: Architectures whose models produce embeddings rather than text.
-EMBEDDING_ARCHITECTURES = frozenset(
-    {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert", "neo-bert", "t5encoder"}
-)
 
 
 class Quantizer(Protocol):
@@ -172,7 +168,7 @@ def model_capabilities(info: GGUFInfo, template: str | None, projector: Path | N
     """What a model can do, judged from its GGUF metadata and the template it will be prompted with."""
     caps: list[str] = []
     arch = (info.architecture or "").lower()
-    if info.pooling_type is not None or arch in EMBEDDING_ARCHITECTURES:
+    if info.pooling_type is not None or arch in ENCODER_ARCHITECTURES:
         return ("embedding",)
     caps.append("completion")
     text = template or ""
