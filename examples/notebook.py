@@ -30,7 +30,7 @@ async def main() -> None:
         await engine.create("smollm2", from_=bundled_smollm2())
         reply = await engine.chat("smollm2", [{"role": "user", "content": "Hello!"}], options={"num_predict": 48})
         print(reply.message.content)
-        print([p.name for p in await engine.ps()])
+        print([p.name for p in (await engine.ps()).models])
     finally:
         await engine.__aexit__(None, None, None)
 

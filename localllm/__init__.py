@@ -5,8 +5,25 @@ import localllm
 async with localllm.Engine() as engine:
     async for chunk in engine.chat("smollm2", [{"role": "user", "content": "hi"}]):
         print(chunk.message.content, end="")
+
+reply = localllm.chat("smollm2", [{"role": "user", "content": "hi"}])   # synchronous: localllm.Client
 """
 
+# The module-level calls, as in the ollama client; left out of __all__ (a star import would shadow list and copy).
+from .client import Client
+from .client import chat as chat
+from .client import copy as copy
+from .client import create as create
+from .client import create_blob as create_blob
+from .client import delete as delete
+from .client import embed as embed
+from .client import embeddings as embeddings
+from .client import generate as generate
+from .client import list as list
+from .client import ps as ps
+from .client import pull as pull
+from .client import push as push
+from .client import show as show
 from .embeddings import EmbeddingsResponse, EmbedResponse
 from .engine import Engine
 from .errors import (
@@ -39,7 +56,20 @@ from .errors import (
 from .options import Options
 from .stream import ResponseStream
 from .tools import AgentEvent, Tool, ToolRegistry, agent_loop, tool
-from .types import ChatResponse, GenerateResponse, Message, ProcessModel, ToolCall, ToolCallFunction
+from .types import (
+    ChatResponse,
+    GenerateResponse,
+    ListResponse,
+    Message,
+    ProcessModel,
+    ProcessResponse,
+    ProgressResponse,
+    ShowResponse,
+    StatusResponse,
+    StoredModel,
+    ToolCall,
+    ToolCallFunction,
+)
 
 __version__ = "0.1.0"
 
@@ -48,6 +78,7 @@ __all__ = [
     "BlobTooLarge",
     "CapabilityError",
     "ChatResponse",
+    "Client",
     "ContextLengthExceeded",
     "ConversionError",
     "DigestMismatch",
@@ -63,6 +94,7 @@ __all__ = [
     "InvalidModelName",
     "InvalidOptions",
     "InvalidRequest",
+    "ListResponse",
     "LocalLLMError",
     "Message",
     "ModelLoadError",
@@ -71,11 +103,16 @@ __all__ = [
     "NotFoundError",
     "Options",
     "ProcessModel",
+    "ProcessResponse",
+    "ProgressResponse",
     "PullError",
     "QueueFull",
     "ResourceError",
     "ResponseStream",
     "RunnerError",
+    "ShowResponse",
+    "StatusResponse",
+    "StoredModel",
     "TemplateError",
     "Tool",
     "ToolCall",

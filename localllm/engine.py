@@ -1,46 +1,97 @@
-"""The Engine: the public facade. It wires the registry, the scheduler and the runners together."""
+"""The Engine: the public facade. It wires the registry, the scheduler and the runners together.
+
+Its methods take and return what the ollama client's `AsyncClient` does, so moving from it changes
+one line: the constructor.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import inspect
 import logging
+import math
 import os
-from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
-from pathlib import Path
+import tempfile
+import threading
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from pathlib import Path, PurePosixPath
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar, overload
 
 import anyio
-import anyio.from_thread
+import attrs
 
 from . import requests
+from .embeddings import EmbeddingsResponse, EmbedResponse
+from .embeddings import embed as embed_texts
+from .embeddings import embeddings as embed_prompt
 from .errors import InvalidRequest, LocalLLMError
 from .options import OptionValues, check_options
 from .service import ModelService
 from .settings import EngineSettings
-from .stream import ResponseStream
-from .types import ChatResponse, GenerateResponse, Message, ProcessModel
+from .stream import ChunkStream, Job, ResponseStream, ThreadJob
+from .types import (
+    ChatResponse,
+    GenerateResponse,
+    ListResponse,
+    Message,
+    MessageLike,
+    ModelDumpable,
+    ProcessModel,
+    ProcessResponse,
+    ProgressResponse,
+    ShowResponse,
+    StatusResponse,
+    StoredModel,
+    as_dict,
+    plain_data,
+)
 
 if TYPE_CHECKING:
-    from .embeddings import EmbeddingsResponse, EmbedResponse
-    from .registry.registry import ModelEntry, Registry, ShowResponse
+    from .registry.registry import Registry
     from .runner.protocol import LoadConfig, ModelRunner
     from .scheduler.scheduler import Scheduler
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "ProgressCallback"]
 
 logger = logging.getLogger("localllm")
 
+ProgressCallback = Callable[[dict[str, Any]], Any]
+"""Called in the event loop with each progress event of `pull`/`create` (a dict); may be async."""
 
-def _iso_or_none(timestamp: float | None) -> str | None:
-    import datetime as dt
-    import math
+Emit = Callable[[ProgressResponse], None]
 
+T = TypeVar("T")
+
+
+def _wall_time(timestamp: float | None) -> dt.datetime | None:
     if timestamp is None:
         return None
-    if math.isinf(timestamp):
-        return "0001-01-01T00:00:00Z" if timestamp < 0 else "2318-01-01T00:00:00Z"  # "forever", as Ollama shows it
-    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat().replace("+00:00", "Z")
+    if math.isinf(timestamp):  # "forever", as Ollama shows it
+        return dt.datetime(1 if timestamp < 0 else 2318, 1, 1, tzinfo=dt.timezone.utc)
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
+
+
+def _from_iso(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))  # Python 3.10 does not read "Z"
+
+
+def _str_or_path(value: str | os.PathLike[str] | None) -> str | Path | None:
+    return Path(value) if isinstance(value, os.PathLike) else value
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+async def _chunks_of(file: anyio.AsyncFile[bytes]) -> AsyncIterator[bytes]:
+    while chunk := await file.read(4 << 20):
+        yield chunk
 
 
 class Engine:
@@ -111,23 +162,86 @@ class Engine:
 
     # -- generation ----------------------------------------------------------------
 
+    @overload
     def generate(
         self,
         model: str,
-        prompt: str = "",
-        *,
+        prompt: str | None = None,
         suffix: str | None = None,
+        *,
         system: str | None = None,
         template: str | None = None,
         context: Sequence[int] | None = None,
         raw: bool = False,
         format: str | Mapping[str, Any] | None = None,
         images: Sequence[Any] | None = None,
-        options: OptionValues | None = None,
+        options: OptionValues | ModelDumpable | None = None,
         keep_alive: float | str | None = None,
         think: bool | str | None = None,
-    ) -> ResponseStream[GenerateResponse]:
-        """Complete a prompt. Iterate for chunks, or await for the whole response."""
+        stream: Literal[False] = False,
+    ) -> ResponseStream[GenerateResponse]: ...
+
+    @overload
+    def generate(
+        self,
+        model: str,
+        prompt: str | None = None,
+        suffix: str | None = None,
+        *,
+        system: str | None = None,
+        template: str | None = None,
+        context: Sequence[int] | None = None,
+        raw: bool = False,
+        format: str | Mapping[str, Any] | None = None,
+        images: Sequence[Any] | None = None,
+        options: OptionValues | ModelDumpable | None = None,
+        keep_alive: float | str | None = None,
+        think: bool | str | None = None,
+        stream: Literal[True],
+    ) -> ChunkStream[GenerateResponse]: ...
+
+    @overload
+    def generate(
+        self,
+        model: str,
+        prompt: str | None = None,
+        suffix: str | None = None,
+        *,
+        system: str | None = None,
+        template: str | None = None,
+        context: Sequence[int] | None = None,
+        raw: bool = False,
+        format: str | Mapping[str, Any] | None = None,
+        images: Sequence[Any] | None = None,
+        options: OptionValues | ModelDumpable | None = None,
+        keep_alive: float | str | None = None,
+        think: bool | str | None = None,
+        stream: bool,
+    ) -> ResponseStream[GenerateResponse] | ChunkStream[GenerateResponse]: ...
+
+    def generate(
+        self,
+        model: str,
+        prompt: str | None = None,
+        suffix: str | None = None,
+        *,
+        system: str | None = None,
+        template: str | None = None,
+        context: Sequence[int] | None = None,
+        raw: bool = False,
+        format: str | Mapping[str, Any] | None = None,
+        images: Sequence[Any] | None = None,
+        options: OptionValues | ModelDumpable | None = None,
+        keep_alive: float | str | None = None,
+        think: bool | str | None = None,
+        stream: bool = False,
+    ) -> ResponseStream[GenerateResponse] | ChunkStream[GenerateResponse]:
+        """Complete a prompt. Iterate for chunks, or await for the whole response.
+
+        With ``stream=True``, awaiting gives an async iterator of chunks, as ``AsyncClient.generate`` does.
+        """
+        if prompt is None:
+            prompt = ""
         if not isinstance(prompt, str):
             raise InvalidRequest(f"prompt must be a string, got {type(prompt).__name__}")
         request = requests.GenerateRequest(
@@ -140,57 +254,112 @@ class Engine:
             raw=raw,
             format=format,
             images=tuple(images) if images else None,
-            options=check_options(options) or None,
+            options=check_options(plain_data(options)) or None,  # warns at the caller's line
             keep_alive=keep_alive,
             think=think,
         )
-        return ResponseStream(lambda: requests.open_generate(self._service, request), requests.combine_generate)
+        return self._respond(lambda: requests.open_generate(self._service, request), requests.combine_generate, stream)
+
+    @overload
+    def chat(
+        self,
+        model: str,
+        messages: Iterable[MessageLike] | None = None,
+        *,
+        tools: Sequence[Any] | None = None,
+        format: str | Mapping[str, Any] | None = None,
+        options: OptionValues | ModelDumpable | None = None,
+        keep_alive: float | str | None = None,
+        think: bool | str | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        stream: Literal[False] = False,
+    ) -> ResponseStream[ChatResponse]: ...
+
+    @overload
+    def chat(
+        self,
+        model: str,
+        messages: Iterable[MessageLike] | None = None,
+        *,
+        tools: Sequence[Any] | None = None,
+        format: str | Mapping[str, Any] | None = None,
+        options: OptionValues | ModelDumpable | None = None,
+        keep_alive: float | str | None = None,
+        think: bool | str | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        stream: Literal[True],
+    ) -> ChunkStream[ChatResponse]: ...
+
+    @overload
+    def chat(
+        self,
+        model: str,
+        messages: Iterable[MessageLike] | None = None,
+        *,
+        tools: Sequence[Any] | None = None,
+        format: str | Mapping[str, Any] | None = None,
+        options: OptionValues | ModelDumpable | None = None,
+        keep_alive: float | str | None = None,
+        think: bool | str | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        stream: bool,
+    ) -> ResponseStream[ChatResponse] | ChunkStream[ChatResponse]: ...
 
     def chat(
         self,
         model: str,
-        messages: Iterable[Message | Mapping[str, Any]] = (),
+        messages: Iterable[MessageLike] | None = None,
         *,
         tools: Sequence[Any] | None = None,
         format: str | Mapping[str, Any] | None = None,
-        options: OptionValues | None = None,
+        options: OptionValues | ModelDumpable | None = None,
         keep_alive: float | str | None = None,
         think: bool | str | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
-    ) -> ResponseStream[ChatResponse]:
-        """Continue a conversation. Iterate for chunks, or await for the whole response."""
+        stream: bool = False,
+    ) -> ResponseStream[ChatResponse] | ChunkStream[ChatResponse]:
+        """Continue a conversation. Iterate for chunks, or await for the whole response.
+
+        With ``stream=True``, awaiting gives an async iterator of chunks, as ``AsyncClient.chat`` does.
+        Messages and tools may be dicts or the ollama client's `Message` and `Tool` objects.
+        """
         request = requests.ChatRequest(
             model=model,
-            messages=tuple(Message.from_any(m) for m in messages),
-            tools=tuple(tools) if tools else None,
+            messages=tuple(Message.from_any(m) for m in messages or ()),
+            tools=tuple(plain_data(t) for t in tools) if tools else None,
             format=format,
-            options=check_options(options) or None,
+            options=check_options(plain_data(options)) or None,  # warns at the caller's line
             keep_alive=keep_alive,
             think=think,
             tool_choice=tool_choice,
         )
-        return ResponseStream(lambda: requests.open_chat(self._service, request), requests.combine_chat)
+        return self._respond(lambda: requests.open_chat(self._service, request), requests.combine_chat, stream)
+
+    @staticmethod
+    def _respond(
+        open_job: Callable[[], Awaitable[Job[T]]],
+        combine: Callable[[Sequence[T]], T],
+        stream: bool,
+    ) -> ResponseStream[T] | ChunkStream[T]:
+        return ChunkStream(open_job) if stream else ResponseStream(open_job, combine)
 
     async def embed(
         self,
         model: str,
         input: str | Sequence[str],
-        *,
-        truncate: bool = True,
-        dimensions: int | None = None,
-        options: OptionValues | None = None,
+        truncate: bool | None = True,
+        options: OptionValues | ModelDumpable | None = None,
         keep_alive: float | str | None = None,
+        dimensions: int | None = None,
     ) -> EmbedResponse:
         """Embed one text or several (packed into one batch); vectors are L2-normalised."""
-        from . import embeddings
-
-        return await embeddings.embed(
+        return await embed_texts(
             self._service,
             model,
             input,
-            truncate=truncate,
+            truncate=truncate is not False,
             dimensions=dimensions,
-            options=options,
+            options=plain_data(options),
             keep_alive=keep_alive,
         )
 
@@ -198,14 +367,11 @@ class Engine:
         self,
         model: str,
         prompt: str,
-        *,
-        options: OptionValues | None = None,
+        options: OptionValues | ModelDumpable | None = None,
         keep_alive: float | str | None = None,
     ) -> EmbeddingsResponse:
         """The legacy single-prompt embedding call (field `embedding`, not normalised)."""
-        from . import embeddings
-
-        return await embeddings.embeddings(self._service, model, prompt, options=options, keep_alive=keep_alive)
+        return await embed_prompt(self._service, model, prompt, options=plain_data(options), keep_alive=keep_alive)
 
     async def load(
         self, model: str, *, options: OptionValues | None = None, keep_alive: float | str | None = None
@@ -213,7 +379,7 @@ class Engine:
         """Load a model now (as a generate with an empty prompt does)."""
         await self.generate(model, "", options=options, keep_alive=keep_alive)
 
-    async def ps(self) -> list[ProcessModel]:
+    async def ps(self) -> ProcessResponse:
         """The loaded models: name, size, size_vram, digest, details, expires_at, context_length, plan."""
         running = []
         for entry in await self._service.running():
@@ -226,14 +392,14 @@ class Engine:
                     size_vram=record.size_vram,
                     digest=(entry.model.digest if entry.model else None) or "",
                     details=entry.model.details if entry.model else None,
-                    expires_at=_iso_or_none(record.expires_wall),
+                    expires_at=_wall_time(record.expires_wall),
                     context_length=record.loaded.context_length,
                     gpu_layers=plan.gpu_layers if plan is not None else 0,
                     layers_per_device=dict(plan.layers_per_device) if plan is not None else {},
                     active_requests=record.users,
                 )
             )
-        return running
+        return ProcessResponse(models=running)
 
     async def unload(self, model: str) -> None:
         """Unload a model now (or as soon as its running requests finish)."""
@@ -242,67 +408,236 @@ class Engine:
         resolved = await anyio.to_thread.run_sync(self.registry.resolve, model)
         await self._service.unload(resolved)
 
-    @staticmethod
-    def _on_progress(progress: Callable[[dict[str, Any]], Any] | None) -> Callable[[dict[str, Any]], None]:
-        """Progress events come from a worker thread; deliver them to the callback in the event loop."""
-        if progress is None:
-            return lambda _event: None
-        if inspect.iscoroutinefunction(progress):
-            return lambda event: anyio.from_thread.run(progress, event)
-        return lambda event: anyio.from_thread.run_sync(progress, event)
-
     # -- the model registry ----------------------------------------------------------
+
+    @overload
+    async def create(
+        self,
+        model: str,
+        *,
+        from_: str | os.PathLike[str] | None = None,
+        files: Mapping[str, str] | None = None,
+        adapters: Mapping[str, str] | None = None,
+        template: str | None = None,
+        system: str | None = None,
+        parameters: Mapping[str, Any] | ModelDumpable | None = None,
+        messages: Iterable[MessageLike] | None = None,
+        license: str | Sequence[str] | None = None,
+        quantize: str | None = None,
+        modelfile: str | os.PathLike[str] | None = None,
+        progress: ProgressCallback | None = None,
+        stream: Literal[False] = False,
+    ) -> ProgressResponse: ...
+
+    @overload
+    async def create(
+        self,
+        model: str,
+        *,
+        from_: str | os.PathLike[str] | None = None,
+        files: Mapping[str, str] | None = None,
+        adapters: Mapping[str, str] | None = None,
+        template: str | None = None,
+        system: str | None = None,
+        parameters: Mapping[str, Any] | ModelDumpable | None = None,
+        messages: Iterable[MessageLike] | None = None,
+        license: str | Sequence[str] | None = None,
+        quantize: str | None = None,
+        modelfile: str | os.PathLike[str] | None = None,
+        progress: ProgressCallback | None = None,
+        stream: Literal[True],
+    ) -> ChunkStream[ProgressResponse]: ...
+
+    @overload
+    async def create(
+        self,
+        model: str,
+        *,
+        from_: str | os.PathLike[str] | None = None,
+        files: Mapping[str, str] | None = None,
+        adapters: Mapping[str, str] | None = None,
+        template: str | None = None,
+        system: str | None = None,
+        parameters: Mapping[str, Any] | ModelDumpable | None = None,
+        messages: Iterable[MessageLike] | None = None,
+        license: str | Sequence[str] | None = None,
+        quantize: str | None = None,
+        modelfile: str | os.PathLike[str] | None = None,
+        progress: ProgressCallback | None = None,
+        stream: bool,
+    ) -> ProgressResponse | ChunkStream[ProgressResponse]: ...
 
     async def create(
         self,
         model: str,
         *,
         from_: str | os.PathLike[str] | None = None,
-        modelfile: str | os.PathLike[str] | None = None,
+        files: Mapping[str, str] | None = None,
+        adapters: Mapping[str, str] | None = None,
+        template: str | None = None,
+        system: str | None = None,
+        parameters: Mapping[str, Any] | ModelDumpable | None = None,
+        messages: Iterable[MessageLike] | None = None,
+        license: str | Sequence[str] | None = None,
         quantize: str | None = None,
-        progress: Callable[[dict[str, Any]], Any] | None = None,
-    ) -> None:
-        """Create a model from a GGUF file, an existing model, or a Modelfile."""
-        kwargs: dict[str, Any] = {"from_": from_, "modelfile": modelfile, "progress": self._on_progress(progress)}
-        if quantize is not None:
-            kwargs["quantize"] = quantize
-        await anyio.to_thread.run_sync(lambda: self.registry.create(model, **kwargs))
+        modelfile: str | os.PathLike[str] | None = None,
+        progress: ProgressCallback | None = None,
+        stream: bool = False,
+    ) -> ProgressResponse | ChunkStream[ProgressResponse]:
+        """Create a model from a GGUF file, a Hugging Face folder, an existing model, uploaded blobs or a Modelfile.
+
+        `files` and `adapters` map file names to the digests `create_blob` returned; `template`,
+        `system`, `parameters`, `messages` and `license` are what a Modelfile would say (give them
+        or `modelfile`, not both). `from_` names a file or a model to build on, when no `files` are
+        given. Returns the final status, or with ``stream=True`` an async iterator of progress.
+        """
+        fields = {
+            "files": files,
+            "adapters": adapters,
+            "template": template,
+            "system": system,
+            "parameters": parameters,
+            "messages": messages,
+            "license": license,
+        }
+        given = [name for name, value in fields.items() if value is not None]
+        if modelfile is not None and given:
+            raise InvalidRequest(f"give a modelfile or {', '.join(given)}, not both")
+        parts = (
+            _ModelfileParts(
+                files=dict(files or {}),
+                adapters=dict(adapters or {}),
+                template=template,
+                system=system,
+                parameters=dict(plain_data(parameters) or {}),
+                messages=[Message.from_any(m) for m in messages or ()],
+                licenses=[license] if isinstance(license, str) else list(license or ()),
+            )
+            if given
+            else None
+        )
+        options = {} if quantize is None else {"quantize": quantize}
+
+        def work(emit: Emit, cancel: threading.Event) -> None:
+            def report(event: dict[str, Any]) -> None:
+                emit(ProgressResponse.from_event(event))
+
+            with tempfile.TemporaryDirectory(prefix="localllm-create-") as scratch:
+                source, text = from_, modelfile
+                if parts is not None:
+                    source, text = parts.modelfile(from_, self.blob_path, Path(scratch))
+                self.registry.create(
+                    model, from_=_str_or_path(source), modelfile=_str_or_path(text), progress=report, **options
+                )
+
+        return await self._with_progress(work, progress, stream)
+
+    @overload
+    async def pull(
+        self,
+        model: str,
+        *,
+        insecure: bool = False,
+        progress: ProgressCallback | None = None,
+        stream: Literal[False] = False,
+    ) -> ProgressResponse: ...
+
+    @overload
+    async def pull(
+        self, model: str, *, insecure: bool = False, progress: ProgressCallback | None = None, stream: Literal[True]
+    ) -> ChunkStream[ProgressResponse]: ...
+
+    @overload
+    async def pull(
+        self, model: str, *, insecure: bool = False, progress: ProgressCallback | None = None, stream: bool
+    ) -> ProgressResponse | ChunkStream[ProgressResponse]: ...
 
     async def pull(
-        self, model: str, *, progress: Callable[[dict[str, Any]], Any] | None = None, insecure: bool = False
-    ) -> None:
-        """Download a model from Hugging Face (`hf.co/owner/repo:quant`) or an OCI registry."""
-        import threading
+        self,
+        model: str,
+        *,
+        insecure: bool = False,
+        progress: ProgressCallback | None = None,
+        stream: bool = False,
+    ) -> ProgressResponse | ChunkStream[ProgressResponse]:
+        """Download a model from Hugging Face (`hf.co/owner/repo:quant`) or an OCI registry.
 
-        cancel, finished = threading.Event(), threading.Event()
+        Returns the final status, or with ``stream=True`` an async iterator of progress. Cancelling
+        (or leaving the loop) stops the download at its next chunk: only resumable state is left behind.
+        """
 
-        def run() -> None:
-            try:
-                self.registry.pull(model, progress=self._on_progress(progress), insecure=insecure, cancel=cancel)
-            finally:
-                finished.set()
+        def work(emit: Emit, cancel: threading.Event) -> None:
+            def report(event: dict[str, Any]) -> None:
+                emit(ProgressResponse.from_event(event))
 
-        try:
-            await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
-        except anyio.get_cancelled_exc_class():
-            # Stop the download at its next chunk and wait for it: only resumable state is left behind.
-            cancel.set()
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(finished.wait)
-            raise
+            self.registry.pull(model, progress=report, insecure=insecure, cancel=cancel)
 
-    async def list(self) -> list[ModelEntry]:
-        """The models in the store, newest first."""
-        return await anyio.to_thread.run_sync(self.registry.list)
+        return await self._with_progress(work, progress, stream)
+
+    async def push(self, model: str, *, insecure: bool = False, stream: bool = False) -> NoReturn:
+        """Not supported: localllm does not upload models to a registry."""
+        raise InvalidRequest(f"cannot push '{model}': localllm does not push models to a registry")
+
+    @staticmethod
+    async def _with_progress(
+        work: Callable[[Emit, threading.Event], None], progress: ProgressCallback | None, stream: bool
+    ) -> ProgressResponse | ChunkStream[ProgressResponse]:
+        """Run `work` in a thread of its own; its progress goes to `progress` (in the event loop) and the stream."""
+
+        async def report(chunk: ProgressResponse) -> None:
+            if progress is not None:
+                result = progress(as_dict(chunk))
+                if inspect.isawaitable(result):
+                    await result
+
+        async def open_job() -> Job[ProgressResponse]:
+            return ThreadJob(work, on_chunk=report)
+
+        chunks = ChunkStream(open_job)
+        if stream:
+            return chunks
+        async for _chunk in chunks:
+            pass
+        return ProgressResponse(status="success")
+
+    async def list(self) -> ListResponse:
+        """The models in the store, most recently modified first."""
+        entries = await anyio.to_thread.run_sync(self.registry.list)
+        return ListResponse(
+            models=[
+                StoredModel(
+                    model=entry.model,
+                    name=entry.name,
+                    modified_at=_from_iso(entry.modified_at),
+                    digest=entry.digest,
+                    size=entry.size,
+                    details=entry.details,
+                )
+                for entry in entries
+            ]
+        )
 
     async def show(self, model: str, *, verbose: bool = False) -> ShowResponse:
-        """Details of a model: modelfile, parameters, template, details, model_info, capabilities."""
-        return await anyio.to_thread.run_sync(lambda: self.registry.show(model, verbose=verbose))
+        """Details of a model: modelfile, parameters, template, details, modelinfo, capabilities, ..."""
+        info = await anyio.to_thread.run_sync(lambda: self.registry.show(model, verbose=verbose))
+        return ShowResponse(
+            modified_at=_from_iso(info.modified_at),
+            template=info.template,
+            modelfile=info.modelfile,
+            license=info.license,
+            details=info.details,
+            modelinfo=info.model_info,
+            parameters=info.parameters,
+            capabilities=list(info.capabilities),
+            system=info.system,
+            messages=list(info.messages),
+        )
 
-    async def copy(self, source: str, destination: str) -> None:
+    async def copy(self, source: str, destination: str) -> StatusResponse:
         await anyio.to_thread.run_sync(self.registry.copy, source, destination)
+        return StatusResponse(status="success")
 
-    async def delete(self, model: str) -> None:
+    async def delete(self, model: str) -> StatusResponse:
         """Delete a model (unloading it first) and the blobs nothing else uses."""
         if self._service.started:
             try:
@@ -310,8 +645,18 @@ class Engine:
             except LocalLLMError:
                 pass
         await anyio.to_thread.run_sync(self.registry.delete, model)
+        return StatusResponse(status="success")
 
     # -- blobs
+
+    async def create_blob(self, path: str | os.PathLike[str]) -> str:
+        """Add a file to the store under its sha256 digest, as an upload does; the digest is for `create(files=...)`."""
+        path = Path(path)
+        digest = await anyio.to_thread.run_sync(_sha256_of, path)
+        if not await self.has_blob(digest):
+            async with await anyio.open_file(path, "rb") as file:
+                await self.add_blob(digest, _chunks_of(file))
+        return digest
 
     def blob_path(self, digest: str) -> Path:
         """Where the store keeps the blob `digest` (which may not exist yet): for Modelfiles naming uploads."""
@@ -344,3 +689,65 @@ class Engine:
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(blob.discard)
+
+
+@attrs.frozen
+class _ModelfileParts:
+    """What `create` was given instead of a Modelfile, turned into one (as ``POST /api/create`` does)."""
+
+    files: dict[str, str]
+    adapters: dict[str, str]
+    template: str | None
+    system: str | None
+    parameters: dict[str, Any]
+    messages: list[Message]
+    licenses: list[str]
+
+    def modelfile(
+        self, base: str | os.PathLike[str] | None, blob_path: Callable[[str], Path], scratch: Path
+    ) -> tuple[str | os.PathLike[str] | None, str]:
+        """(from_, Modelfile text): uploaded files are named by their blobs' paths, in `scratch` where names matter."""
+        from .registry.modelfile import Modelfile
+
+        froms = self._froms(blob_path, scratch)
+        text = Modelfile.build(
+            from_=froms,
+            adapters=[str(path) for _name, path in self._blobs(self.adapters, blob_path)],
+            template=self.template,
+            system=self.system,
+            parameters=self.parameters,
+            licenses=self.licenses,
+            messages=[{"role": m.role, "content": m.content} for m in self.messages],
+        ).format()
+        if not froms and base is None:
+            raise InvalidRequest("nothing to create the model from: give from_= or files=")
+        return (None if froms else base), text
+
+    def _froms(self, blob_path: Callable[[str], Path], scratch: Path) -> list[str]:
+        blobs = self._blobs(self.files, blob_path)
+        ggufs = [str(path) for name, path in blobs if name.lower().endswith(".gguf")]
+        if ggufs or len(blobs) <= 1:
+            return ggufs or [str(path) for _name, path in blobs]
+        # A model in several files (safetensors and its JSON files) is converted from a folder, under their names.
+        folder = scratch / "files"
+        for name, path in blobs:
+            parts = PurePosixPath(name.replace("\\", "/")).parts
+            if not parts or parts[0] == "/" or ".." in parts or "\0" in name:
+                raise InvalidRequest(f"invalid file name {name!r} in files")
+            target = folder.joinpath(*parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(path)
+        return [str(folder)]
+
+    @staticmethod
+    def _blobs(named: Mapping[str, str], blob_path: Callable[[str], Path]) -> list[tuple[str, Path]]:
+        found = []
+        for name, digest in named.items():
+            try:
+                path = blob_path(digest)
+            except LocalLLMError as exc:
+                raise InvalidRequest(f"{name}: {exc}") from None
+            if not path.is_file():
+                raise InvalidRequest(f"blob {digest} ({name}) is not in the store; add it with create_blob(path) first")
+            found.append((name, path))
+        return found

@@ -32,11 +32,16 @@ Every class still takes a message alone, as ``ModelNotFound("...")``. Those
 with data also take it by keyword (``InsufficientMemory(needed=..., available=...)``)
 and build the message from it when none is given; the data is then on the
 exception (``exc.needed``), None when the raiser did not give it.
+
+Every error also has ``status_code``, the HTTP status its category maps to
+(`HTTP_STATUS`, which the HTTP shim answers with), and ``error``, its message,
+as ``ollama.ResponseError`` has: ``if exc.status_code == 404: pull(...)`` ports.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "HTTP_STATUS",
     "BlobTooLarge",
     "CapabilityError",
     "ContextLengthExceeded",
@@ -62,6 +67,7 @@ __all__ = [
     "TemplateError",
     "ToolError",
     "UnavailableError",
+    "http_status",
 ]
 
 
@@ -71,6 +77,16 @@ def _gib(n: int) -> str:
 
 class LocalLLMError(Exception):
     """Base class of every error localllm raises."""
+
+    @property
+    def status_code(self) -> int:
+        """The HTTP status this error's category maps to (400, 404, 413, 503, else 500)."""
+        return http_status(self)
+
+    @property
+    def error(self) -> str:
+        """The message, under the name ``ollama.ResponseError`` gives it."""
+        return str(self)
 
 
 # --------------------------------------------------------------------------- categories
@@ -239,3 +255,23 @@ class DigestMismatch(PullError):
         self.expected = expected
         #: The digest they have.
         self.actual = actual
+
+
+# --------------------------------------------------------------------------- HTTP statuses
+
+#: The HTTP status of each category (Ollama's choices), first match wins: 400 what the caller gave,
+#: 404 no such model, 503 turned away before any work (retry), 500 the rest (see `http_status`).
+HTTP_STATUS: tuple[tuple[type[LocalLLMError], int], ...] = (
+    (BlobTooLarge, 413),
+    (InputError, 400),
+    (NotFoundError, 404),
+    (UnavailableError, 503),
+)
+
+
+def http_status(exc: BaseException) -> int:
+    """The HTTP status `exc` maps to: its category's in `HTTP_STATUS`, else 500."""
+    for kind, status in HTTP_STATUS:
+        if isinstance(exc, kind):
+            return status
+    return 500

@@ -7,6 +7,7 @@ naming the key.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, cast
@@ -18,10 +19,22 @@ from .errors import InvalidOptions
 __all__ = ["LOAD_OPTIONS", "OPTION_TYPES", "OptionValues", "Options", "merge_options", "parse_option_value"]
 
 
-def _option(default: object, *, load: bool = False, valid: Callable[[Any], bool] | None = None) -> Any:
+#: llama.cpp takes integer options as C ints and real ones as C floats: beyond those, a value would
+#: wrap around or turn infinite on its way there.
+_C_INT_MIN, _C_INT_MAX = -(1 << 31), (1 << 31) - 1
+_C_FLOAT_MAX = 3.4028234663852886e38
+
+#: ggml's GGML_MAX_N_THREADS: llama.cpp cannot run more threads than this.
+MAX_THREADS = 512
+
+
+def _option(
+    default: object, *, load: bool = False, valid: Callable[[Any], bool] | None = None, wraps: bool = False
+) -> Any:
     """One option's specification: its default (Ollama's), whether a change needs another runner
-    (`load`), and which values are in range (`valid`). The field's annotation is its type."""
-    return attrs.field(default=default, metadata={"load": load, "valid": valid})
+    (`load`), which values are in range (`valid`), and whether an integer may exceed a C int because
+    only its low 32 bits are used (`wraps`). The field's annotation is its type."""
+    return attrs.field(default=default, metadata={"load": load, "valid": valid, "wraps": wraps})
 
 
 @attrs.frozen
@@ -30,17 +43,17 @@ class Options:
 
     # Load time: a runner is loaded with these, so a different value needs another runner.
     num_ctx: int = _option(4096, load=True, valid=lambda v: v >= 1)
-    num_batch: int = _option(512, load=True, valid=lambda v: v >= 1)
-    num_gpu: int = _option(-1, load=True)
-    main_gpu: int = _option(0, load=True)
-    num_thread: int = _option(0, load=True, valid=lambda v: v >= 0)
+    num_batch: int = _option(512, load=True, valid=lambda v: 1 <= v <= 1 << 20)
+    num_gpu: int = _option(-1, load=True, valid=lambda v: v >= -1)
+    main_gpu: int = _option(0, load=True, valid=lambda v: v >= 0)
+    num_thread: int = _option(0, load=True, valid=lambda v: 0 <= v <= MAX_THREADS)
     use_mmap: bool = _option(True, load=True)
     use_mlock: bool = _option(False, load=True)
     numa: bool = _option(False)  # accepted as Ollama does; llama.cpp's NUMA mode is process-wide
     low_vram: bool = _option(False)  # accepted as Ollama does; no effect
     # Per request: prediction and sampling.
     num_keep: int = _option(4)
-    seed: int = _option(-1)
+    seed: int = _option(-1, wraps=True)
     num_predict: int = _option(-1)
     top_k: int = _option(40)
     top_p: float = _option(0.9, valid=lambda v: 0 <= v <= 1)
@@ -52,7 +65,9 @@ class Options:
     presence_penalty: float = _option(0.0)
     frequency_penalty: float = _option(0.0)
     penalize_newline: bool = _option(True)
-    stop: tuple[str, ...] = attrs.field(default=(), converter=tuple, metadata={"load": False, "valid": None})
+    stop: tuple[str, ...] = attrs.field(
+        default=(), converter=tuple, metadata={"load": False, "valid": None, "wraps": False}
+    )
 
     @classmethod
     def from_mapping(cls, values: OptionValues | None) -> Options:
@@ -102,7 +117,7 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def parse_option_value(name: str, text: str) -> Any:
-    """Parse a textual value (a Modelfile PARAMETER, a CLI /set) into the option's type."""
+    """Parse a textual value (a Modelfile PARAMETER, a CLI /set) into the option's type, in range."""
     if name not in OPTION_TYPES:
         raise InvalidOptions(f"unknown option {name!r}; known options: {', '.join(sorted(OPTION_TYPES))}")
     kind = OPTION_TYPES[name]
@@ -113,17 +128,29 @@ def parse_option_value(name: str, text: str) -> Any:
                 raise ValueError(text)
             return lowered == "true"
         if kind is int:
-            return int(text)
-        if kind is float:
-            return float(text)
+            value: Any = int(text)
+        elif kind is float:
+            value = float(text)
+        else:
+            return (text,)
     except ValueError:
         raise InvalidOptions(f"option {name!r} expects {kind.__name__}, got {text!r}") from None
-    return (text,)
+    _validate(name, value)
+    return value
+
+
+def _fits_c_type(name: str, value: Any) -> bool:
+    kind = OPTION_TYPES[name]
+    if kind is int:
+        return _FIELDS[name].metadata["wraps"] or _C_INT_MIN <= value <= _C_INT_MAX
+    if kind is float:
+        return math.isfinite(value) and abs(value) <= _C_FLOAT_MAX
+    return True
 
 
 def _validate(name: str, value: Any) -> None:
     valid = _FIELDS[name].metadata["valid"]
-    if valid is not None and not valid(value):
+    if not _fits_c_type(name, value) or (valid is not None and not valid(value)):
         raise InvalidOptions(f"option {name!r} has an out-of-range value {value!r}")
 
 

@@ -10,7 +10,7 @@ import anyio
 import attrs
 
 from .chat.template import load_template
-from .errors import CapabilityError, LocalLLMError
+from .errors import CapabilityError, InvalidRequest, LocalLLMError
 from .runner.protocol import LoadConfig, SamplingParams, SequenceHandle, SequenceResult, TextRunner
 from .scheduler.scheduler import Lease
 from .service import off_loop_if_long
@@ -72,9 +72,17 @@ class RunJob(Job[T]):
         self._on_done = on_done
         self._started = started
 
+    def switch(self, handle: SequenceHandle) -> None:
+        """Go on with another sequence on the same runner; this one stops, and what it sent since is dropped."""
+        self.handle.cancel()
+        self.handle = handle
+
     async def next_chunks(self) -> tuple[list[T], bool]:
         chunks: list[T] = []
-        for item in await self.handle.mailbox.get_all():
+        handle = self.handle
+        for item in await handle.mailbox.get_all():
+            if self.handle is not handle:
+                break  # `on_text` switched to another sequence
             if isinstance(item, str):
                 chunks.extend(self._on_text(item))
             elif isinstance(item, SequenceResult):
@@ -111,6 +119,7 @@ def _durations(result: SequenceResult, total: int, load: int) -> dict[str, Any]:
         "total_duration": total,
         "load_duration": load,
         "prompt_eval_count": result.prompt_eval_count,
+        "prompt_cached_count": result.prompt_cached_count,
         "prompt_eval_duration": result.prompt_eval_duration,
         "eval_count": result.eval_count,
         "eval_duration": result.eval_duration,
@@ -120,6 +129,8 @@ def _durations(result: SequenceResult, total: int, load: int) -> dict[str, Any]:
 async def open_generate(service: ModelService, request: GenerateRequest) -> Job[GenerateResponse]:
     started = time.perf_counter()
     resolved = await service.resolve(request.model, "generate")
+    if request.images:
+        service.check_images(request.model, resolved)
     options = service.options(resolved, request.options)
     name = request.model
     if not request.prompt and not request.context:
@@ -153,7 +164,12 @@ async def open_generate(service: ModelService, request: GenerateRequest) -> Job[
                 text, grammar = prepared.prompt, prepared.grammar
                 if prepared.thinking_tags:
                     parser = prepared.parser()
-        tokens = list(request.context or ()) + await off_loop_if_long(len(text), lambda: runner.tokenize(text))
+        if request.context:
+            try:
+                runner.check_token_ids(request.context)
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"invalid value for 'context': {exc}") from None
+        tokens = list(request.context or ()) + await _tokenize(runner, text)
         handle = runner.submit(tokens, SamplingParams(options, grammar))
     except BaseException:
         lease.release()
@@ -207,6 +223,8 @@ async def open_chat(service: ModelService, request: ChatRequest) -> Job[ChatResp
 
     started = time.perf_counter()
     resolved = await service.resolve(request.model, "generate")
+    if any(m.images for m in request.messages):
+        service.check_images(request.model, resolved)
     options = service.options(resolved, request.options)
     name = request.model
     if not request.messages:
@@ -235,15 +253,26 @@ async def open_chat(service: ModelService, request: ChatRequest) -> Job[ChatResp
             think=request.think,
             format=request.format,
         )
-        prompt = prepared.prompt
-        tokens = await off_loop_if_long(len(prompt), lambda: runner.tokenize(prompt))
+        tokens = await _tokenize(runner, prepared.prompt)
+        text_reply = prepared.text_reply
+        text_tokens = await _tokenize(runner, text_reply.prompt) if text_reply is not None else []
         handle = runner.submit(tokens, SamplingParams(options, prepared.grammar))
     except BaseException:
         lease.release()
         raise
     parser = prepared.parser()
+    undecided = text_reply is not None  # whether a reply that may be a call or text has yet to show which
 
     def on_text(piece: str) -> list[ChatResponse]:
+        nonlocal parser, undecided
+        if undecided and piece:
+            undecided = False
+            if text_reply is not None and not piece.startswith("{"):  # the grammar starts every call with "{"
+                # Text, not a call: written again from the conversation without the injected tool
+                # instructions, so that they can never reach the reply.
+                parser = text_reply.parser()
+                job.switch(runner.submit(text_tokens, SamplingParams(options, text_reply.grammar)))
+                return []
         thinking, content, calls = parser.feed(piece)
         if not (thinking or content or calls):
             return []
@@ -264,7 +293,12 @@ async def open_chat(service: ModelService, request: ChatRequest) -> Job[ChatResp
         )
         return chunks
 
-    return RunJob(lease, handle, on_text=on_text, on_done=on_done, started=started)
+    job = RunJob(lease, handle, on_text=on_text, on_done=on_done, started=started)
+    return job
+
+
+async def _tokenize(runner: TextRunner, text: str) -> list[int]:
+    return await off_loop_if_long(len(text), lambda: runner.tokenize(text))
 
 
 def _with_model_messages(resolved: ResolvedModel, messages: Sequence[Message]) -> list[Message]:

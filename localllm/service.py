@@ -124,6 +124,12 @@ class ModelService:
             )
         return resolved
 
+    def check_images(self, model: str, resolved: ResolvedModel) -> None:
+        """Refuse images, which no runner reads yet: dropped silently, they would have the model invent what it saw."""
+        if resolved.projector is None:
+            raise CapabilityError(f"'{model}' does not support images: it is not a vision model")
+        raise CapabilityError(f"'{model}' is a vision model, but localllm cannot run its projector yet; send text only")
+
     def options(self, resolved: ResolvedModel, request: OptionValues | None) -> Options:
         return merge_options(resolved.params, request)
 

@@ -1,14 +1,21 @@
-"""The object `generate` and `chat` return: an async iterator of chunks, awaitable to the final response."""
+"""The objects `generate` and `chat` return: an async iterator of chunks, awaitable to the final response.
+
+`ThreadJob` feeds the same streams from a function running in a thread (the progress of `pull` and `create`).
+"""
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from typing import Generic, TypeVar
 
-from .errors import InvalidRequest
+import anyio
 
-__all__ = ["ChunkStream", "Job", "ResponseStream"]
+from .errors import InvalidRequest
+from .runner.mailbox import Mailbox
+
+__all__ = ["ChunkStream", "Job", "ResponseStream", "ThreadJob"]
 
 T = TypeVar("T")
 
@@ -36,6 +43,13 @@ class ChunkStream(AsyncIterator[T]):
         self._closed = False
 
     def __aiter__(self) -> ChunkStream[T]:
+        return self
+
+    def __await__(self) -> Generator[object, None, ChunkStream[T]]:
+        """`await engine.chat(..., stream=True)` gives the stream itself, as the ollama client's AsyncClient does."""
+        return self._itself().__await__()
+
+    async def _itself(self) -> ChunkStream[T]:
         return self
 
     async def __anext__(self) -> T:
@@ -98,3 +112,61 @@ class ResponseStream(Generic[T]):
         finally:
             stream.close()
         return self._combine(chunks)
+
+
+class _End:
+    """What a `ThreadJob`'s thread posts last: how its work ended."""
+
+    def __init__(self, error: BaseException | None) -> None:
+        self.error = error
+
+
+class ThreadJob(Job[T]):
+    """A job whose chunks `work(emit, cancel)` emits from a thread of its own; create it in the event loop.
+
+    `on_chunk` is awaited in the event loop for each chunk, in order, before the chunk is handed on.
+    Closing the job sets `cancel` (work that checks it stops soon, the rest runs to its end unwatched);
+    cancelling the task waiting on it also waits for `work` to return, so nothing is left half done.
+    """
+
+    def __init__(
+        self,
+        work: Callable[[Callable[[T], None], threading.Event], object],
+        *,
+        on_chunk: Callable[[T], Awaitable[None]] | None = None,
+    ) -> None:
+        self._mailbox: Mailbox[T | _End] = Mailbox()
+        self._on_chunk = on_chunk
+        self._cancel = threading.Event()
+        self._finished = threading.Event()
+        threading.Thread(target=self._run, args=(work,), name=f"localllm-job-{id(self):x}", daemon=True).start()
+
+    def _run(self, work: Callable[[Callable[[T], None], threading.Event], object]) -> None:
+        error: BaseException | None = None
+        try:
+            work(self._mailbox.put, self._cancel)
+        except BaseException as exc:
+            error = exc
+        self._finished.set()
+        self._mailbox.put(_End(error))
+
+    async def next_chunks(self) -> tuple[list[T], bool]:
+        try:
+            chunks: list[T] = []
+            for item in await self._mailbox.get_all():
+                if isinstance(item, _End):
+                    if item.error is not None:
+                        raise item.error
+                    return chunks, True
+                if self._on_chunk is not None:
+                    await self._on_chunk(item)
+                chunks.append(item)
+            return chunks, False
+        except anyio.get_cancelled_exc_class():
+            self.close()
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._finished.wait)
+            raise
+
+    def close(self) -> None:
+        self._cancel.set()

@@ -1,35 +1,75 @@
-"""The public data types. Field names and units follow Ollama's API (durations in ns)."""
+"""The public data types. Field names, shapes and units follow Ollama's API and its Python client (durations in ns)."""
 
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Mapping
-from typing import Any
+import json
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Union, cast
 
 import attrs
+
+if TYPE_CHECKING:
+    from attrs import AttrsInstance
+
+    from .registry.registry import ModelDetails
 
 __all__ = [
     "ChatResponse",
     "GenerateResponse",
+    "ListResponse",
     "Message",
+    "MessageLike",
+    "ModelDumpable",
     "ProcessModel",
+    "ProcessResponse",
+    "ProgressResponse",
+    "ShowResponse",
+    "StatusResponse",
+    "StoredModel",
     "ToolCall",
     "ToolCallFunction",
     "Usage",
     "as_dict",
+    "iso_time",
     "now_iso",
+    "plain_data",
 ]
 
 ROLES = ("system", "user", "assistant", "tool")
 
 
+def iso_time(moment: _dt.datetime) -> str:
+    """A time as Ollama writes it (RFC 3339, UTC as ``Z``)."""
+    return moment.isoformat().replace("+00:00", "Z")
+
+
 def now_iso() -> str:
     """The current UTC time in Ollama's `created_at` format."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat().replace("+00:00", "Z")
+    return iso_time(_dt.datetime.now(_dt.timezone.utc))
+
+
+DumpMode = Literal["python", "json"]
+
+
+def _dump(value: Any, mode: DumpMode, exclude_none: bool) -> Any:
+    if isinstance(value, _Subscriptable):
+        return value.model_dump(mode=mode, exclude_none=exclude_none)
+    if isinstance(value, (list, tuple)):
+        return [_dump(v, mode, exclude_none) for v in value]
+    if isinstance(value, dict):
+        return {k: _dump(v, mode, exclude_none) for k, v in value.items()}
+    if mode == "json" and isinstance(value, _dt.datetime):
+        return iso_time(value)
+    return value
 
 
 class _Subscriptable:
-    """Lets `chunk["message"]["content"]` work as it does with the ollama client."""
+    """Lets a response be read as the ollama client's pydantic models are.
+
+    ``r.message``, ``r["message"]["content"]``, ``r.get("thinking")``, ``"thinking" in r``
+    (a field that is set), ``dict(r)`` (its fields, as pydantic iterates them), ``r.model_dump()``.
+    """
 
     def __getitem__(self, key: str) -> Any:
         try:
@@ -39,6 +79,40 @@ class _Subscriptable:
 
     def get(self, key: str, default: Any = None) -> Any:
         return getattr(self, key, default)
+
+    def _field_names(self) -> Iterator[str]:
+        return (field.name for field in attrs.fields(cast("type[AttrsInstance]", type(self))))
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self._field_names() and getattr(self, key) is not None
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        for name in self._field_names():
+            yield name, getattr(self, name)
+
+    def model_dump(self, *, mode: DumpMode = "python", exclude_none: bool = False) -> dict[str, Any]:
+        """The fields as plain dicts and lists, recursively; ``mode="json"`` also writes times as text."""
+        return {name: _dump(value, mode, exclude_none) for name, value in self if not (exclude_none and value is None)}
+
+    def model_dump_json(self, *, indent: int | None = None, exclude_none: bool = False) -> str:
+        return json.dumps(self.model_dump(mode="json", exclude_none=exclude_none), indent=indent, ensure_ascii=False)
+
+
+class ModelDumpable(Protocol):
+    """A pydantic model, as the ollama client's `Message`, `Tool` and `Options` are."""
+
+    def model_dump(self, *, exclude_none: bool = ..., by_alias: bool = ...) -> dict[str, Any]: ...
+
+
+def plain_data(value: Any) -> Any:
+    """A pydantic model (the ollama client's Message, Tool, Options) as the dict of the fields given to it.
+
+    Unset fields are left out, so none of them reads as an unknown option; anything else is returned as it is.
+    """
+    dump = getattr(value, "model_dump", None)
+    if callable(dump) and not isinstance(value, _Subscriptable):
+        return dump(exclude_none=True, by_alias=True)
+    return value
 
 
 @attrs.frozen
@@ -67,6 +141,10 @@ class ToolCall(_Subscriptable):
         )
 
 
+MessageLike = Union["Message", Mapping[str, Any], ModelDumpable]
+"""What a message may be given as: a `Message`, a dict, or the ollama client's `Message`."""
+
+
 def _role(instance: Any, attribute: Any, value: str) -> None:
     if value not in ROLES:
         from .errors import InvalidRequest
@@ -85,11 +163,12 @@ class Message(_Subscriptable):
     tool_call_id: str | None = None
 
     @classmethod
-    def from_any(cls, value: Message | Mapping[str, Any]) -> Message:
+    def from_any(cls, value: MessageLike) -> Message:
         from .errors import InvalidRequest
 
         if isinstance(value, Message):
             return value
+        value = plain_data(value)
         if not isinstance(value, Mapping):
             raise InvalidRequest(f"a message must be a mapping with 'role' and 'content', got {type(value).__name__}")
         if "role" not in value:
@@ -161,6 +240,7 @@ class GenerateResponse(_Subscriptable):
     total_duration: int | None = None
     load_duration: int | None = None
     prompt_eval_count: int | None = None
+    prompt_cached_count: int = 0  # of prompt_eval_count, the tokens reused from the cache, not evaluated again
     prompt_eval_duration: int | None = None
     eval_count: int | None = None
     eval_duration: int | None = None
@@ -178,9 +258,83 @@ class ChatResponse(_Subscriptable):
     total_duration: int | None = None
     load_duration: int | None = None
     prompt_eval_count: int | None = None
+    prompt_cached_count: int = 0  # of prompt_eval_count, the tokens reused from the cache, not evaluated again
     prompt_eval_duration: int | None = None
     eval_count: int | None = None
     eval_duration: int | None = None
+
+
+# --------------------------------------------------------------------------- the model store
+
+
+@attrs.frozen
+class StatusResponse(_Subscriptable):
+    """What `copy`, `delete`, `pull` and `create` end with: ``status="success"``."""
+
+    status: str | None = None
+
+
+@attrs.frozen
+class ProgressResponse(StatusResponse):
+    """One progress report of `pull` or `create` (bytes done of the blob `digest`, where there is one)."""
+
+    completed: int | None = None
+    total: int | None = None
+    digest: str | None = None
+
+    @classmethod
+    def from_event(cls, event: Mapping[str, Any]) -> ProgressResponse:
+        return cls(
+            status=event.get("status"),
+            completed=event.get("completed"),
+            total=event.get("total"),
+            digest=event.get("digest"),
+        )
+
+
+@attrs.frozen
+class StoredModel(_Subscriptable):
+    """A model in the store, as `list()` reports it."""
+
+    model: str
+    name: str
+    modified_at: _dt.datetime
+    digest: str
+    size: int
+    details: ModelDetails
+
+
+@attrs.frozen
+class ListResponse(_Subscriptable):
+    """What `list()` returns: the stored models, most recently modified first."""
+
+    Model: ClassVar[type[StoredModel]] = StoredModel
+
+    models: list[StoredModel] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class ShowResponse(_Subscriptable):
+    """What `show()` tells about a model."""
+
+    modified_at: _dt.datetime
+    template: str
+    modelfile: str
+    license: str
+    details: ModelDetails
+    modelinfo: dict[str, Any]
+    parameters: str
+    capabilities: list[str]
+    system: str = ""
+    messages: list[dict[str, Any]] = attrs.field(factory=list)
+
+    #: Fields whose name in Ollama's JSON differs (the ollama client reads `model_info` into `modelinfo`).
+    json_names: ClassVar[Mapping[str, str]] = {"modelinfo": "model_info"}
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        """`modelinfo` under its name in Ollama's JSON (and in earlier versions of localllm)."""
+        return self.modelinfo
 
 
 @attrs.frozen
@@ -192,20 +346,32 @@ class ProcessModel(_Subscriptable):
     size: int
     size_vram: int
     digest: str = ""
-    details: Any = None
-    expires_at: str | None = None
+    details: ModelDetails | None = None
+    expires_at: _dt.datetime | None = None
     context_length: int = 0
     gpu_layers: int = 0
     layers_per_device: dict[int, int] = attrs.field(factory=dict)
     active_requests: int = 0
 
 
+@attrs.frozen
+class ProcessResponse(_Subscriptable):
+    """What `ps()` returns: the loaded models."""
+
+    Model: ClassVar[type[ProcessModel]] = ProcessModel
+
+    models: list[ProcessModel] = attrs.field(factory=list)
+
+
 def as_dict(value: Any) -> Any:
-    """A JSON-ready dict of a response or message, dropping fields that are None."""
+    """The JSON-ready form of a response or message, as Ollama's API writes it: fields that are None left out."""
     if attrs.has(type(value)):
-        return {k: as_dict(v) for k, v in attrs.asdict(value, recurse=False).items() if v is not None}
+        names: Mapping[str, str] = getattr(value, "json_names", {})
+        return {names.get(k, k): as_dict(v) for k, v in attrs.asdict(value, recurse=False).items() if v is not None}
     if isinstance(value, (list, tuple)):
         return [as_dict(v) for v in value]
     if isinstance(value, dict):
         return {k: as_dict(v) for k, v in value.items()}
+    if isinstance(value, _dt.datetime):
+        return iso_time(value)
     return value

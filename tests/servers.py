@@ -2,7 +2,8 @@
 
 * `OCIRegistry`: a docker v2 registry (manifests and blobs with byte ranges), with
   knobs to misbehave: cut a connection, serve wrong bytes, stall, fail with 5xx,
-  ignore byte ranges, redirect blobs to its CDN, demand a bearer token.
+  answer with an error and a body, ignore byte ranges, redirect blobs to its CDN
+  (or anywhere), demand a bearer token.
 * `HFHub`: the Hugging Face hub endpoints huggingface-hub calls to list a model
   repository (``/api/models/<repo>[/revision/<rev>]``) and to download a file
   (``/<repo>/resolve/<rev>/<file>``; LFS files are redirected to its CDN).
@@ -309,8 +310,10 @@ class OCIRegistry(LoopbackServer):
         self.corrupt: set[str] = set()  # digests served with wrong bytes
         self.stall: dict[str, tuple[int, float, int]] = {}  # digest -> (at offset n, seconds, requests; -1 all)
         self.manifest_failures = 0  # answer this many manifest requests with 503 first
+        self.errors: dict[str, tuple[int, bytes]] = {}  # "manifests" or "blobs" -> (status, body) for every request
         self.redirect_blobs = False  # 307 blob requests to the CDN (another port: another host)
         self.cdn = BlobCDN()
+        self.redirect_base: str | None = None  # where blobs are redirected to, if not the CDN: "<base>/cdn/<digest>"
         self.ranges = True
         self.token: str | None = None  # demand "Authorization: Bearer <token>" (anonymous token at /token)
         self.token_grant = True  # whether /token hands the token out
@@ -381,6 +384,10 @@ class OCIRegistry(LoopbackServer):
             )
             return
         repository, kind, ref = match.groups()
+        if kind in self.errors:
+            status, body = self.errors[kind]
+            self.send_status(handler, status, body, {"Content-Type": "text/plain"}, head=head)
+            return
         if kind == "manifests":
             with self.lock:
                 fail = self.manifest_failures > 0
@@ -399,7 +406,8 @@ class OCIRegistry(LoopbackServer):
             self.send_json(handler, {"errors": [{"code": "BLOB_UNKNOWN"}]}, 404, head=head)
             return
         if self.redirect_blobs:
-            self.send_status(handler, 307, headers={"Location": f"{self.cdn.url}/cdn/{ref}"}, head=head)
+            base = self.redirect_base or self.cdn.url
+            self.send_status(handler, 307, headers={"Location": f"{base}/cdn/{ref}"}, head=head)
             return
         self._send_blob(handler, ref, head)
 
@@ -452,6 +460,7 @@ class HFHub(LoopbackServer):
         super().__init__()
         self.repos: dict[str, HFRepo] = {}
         self.cdn = BlobCDN()  # where LFS files are redirected to
+        self.errors: dict[str, tuple[int, bytes]] = {}  # "api" or "resolve" -> (status, body) for every request
 
     def start(self) -> HFHub:
         self.cdn.start()
@@ -480,6 +489,11 @@ class HFHub(LoopbackServer):
         parts = urlsplit(handler.path)
         path = unquote(parts.path)
         head = method == "HEAD"
+        kind = "api" if path.startswith("/api/") else "resolve"
+        if kind in self.errors:
+            status, body = self.errors[kind]
+            self.send_status(handler, status, body, {"Content-Type": "text/plain"}, head=head)
+            return
         api = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path)
         if api:
             self._model_info(handler, api.group(1), api.group(2), parse_qs(parts.query), head)

@@ -32,7 +32,7 @@ async def main() -> None:
             messages = [{"role": "user", "content": "Say hi."}]
             chunks = [c async for c in engine.chat("smollm2", messages, options=options)]
             assert chunks[-1].done and "".join(c.message.content for c in chunks).strip(), chunks[-1]
-            models = await engine.list()
+            models = (await engine.list()).models
             assert [m.name for m in models] == ["smollm2:latest"], models
     print("floors smoke test passed:", repr(generated.response), "/", repr(chunks[-1].done_reason))
 

@@ -104,7 +104,7 @@ async def test_concurrent_requests(home: Path, minilm_gguf: Path) -> None:
                 tg.start_soon(one, i)
         got = [v for i in sorted(results) for v in results[i]]
         assert cosines(got, EXPECTED).min() >= 0.99
-        (model,) = await engine.ps()
+        (model,) = (await engine.ps()).models
         assert model.active_requests == 0
 
 
@@ -160,10 +160,10 @@ async def test_empty_input_loads_and_keep_alive_zero_unloads(home: Path, minilm_
     async with localllm.Engine(home) as engine:
         response = await engine.embed(str(minilm_gguf), [])
         assert response.embeddings == []
-        assert len(await engine.ps()) == 1
+        assert len((await engine.ps()).models) == 1
         response = await engine.embed(str(minilm_gguf), "", keep_alive=0)
         assert response.embeddings == []
-        assert await engine.ps() == []
+        assert (await engine.ps()).models == []
 
 
 async def test_bad_input(home: Path, minilm_gguf: Path) -> None:
@@ -184,7 +184,7 @@ async def test_capabilities(home: Path, minilm_gguf: Path, smollm2_path: Path) -
             await engine.generate(str(minilm_gguf), "hello")
         with pytest.raises(CapabilityError, match="embedding model"):
             await engine.chat(str(minilm_gguf), [{"role": "user", "content": "hello"}])
-        assert await engine.ps() == []  # refused before anything was loaded
+        assert (await engine.ps()).models == []  # refused before anything was loaded
 
 
 async def test_cancelled_request_frees_the_runner(home: Path, minilm_gguf: Path) -> None:
@@ -196,7 +196,7 @@ async def test_cancelled_request_frees_the_runner(home: Path, minilm_gguf: Path)
         with anyio.fail_after(30):
             response = await engine.embed(str(minilm_gguf), SENTENCES[:2])
         assert cosines(response.embeddings, EXPECTED[:2]).min() >= 0.99
-        (model,) = await engine.ps()
+        (model,) = (await engine.ps()).models
         assert model.active_requests == 0
 
 
@@ -218,7 +218,7 @@ async def test_named_model_from_a_hugging_face_folder(home: Path, minilm_dir: Pa
         await engine.create("all-minilm", from_=str(folder), progress=events.append)
         assert events[0]["status"] == "converting model" and events[-1]["status"] == "success"
         shown = await engine.show("all-minilm")
-        assert shown.capabilities == ("embedding",)
+        assert shown.capabilities == ["embedding"]
         response = await engine.embed("all-minilm", SENTENCES)
         assert cosines(response.embeddings, EXPECTED).min() >= 0.99
 

@@ -18,21 +18,21 @@ async def test_create_chat_by_name_list_show_copy_delete(smollm2_path: Path, hom
         assert events[-1]["status"] == "success"
         reply = await engine.chat("smollm2", [{"role": "user", "content": "Hi!"}], options={"num_predict": 4})
         assert reply.done and reply.model == "smollm2"
-        (running,) = await engine.ps()
+        (running,) = (await engine.ps()).models
         assert running.name == "smollm2:latest" and running.details.family == "llama"
         assert len(running.digest) == 64
 
-        names = [m.name for m in await engine.list()]
+        names = [m.name for m in (await engine.list()).models]
         assert names == ["smollm2:latest"]
         shown = await engine.show("SmolLM2")  # names compare case-insensitively
         assert shown.details.family == "llama"
         assert shown.details.quantization_level == "Q4_1"
         assert "completion" in shown.capabilities
 
-        await engine.copy("smollm2", "mine")
-        assert sorted(m.name for m in await engine.list()) == ["mine:latest", "smollm2:latest"]
-        await engine.delete("smollm2")  # loaded: it is unloaded first
-        assert [m.name for m in await engine.list()] == ["mine:latest"]
+        assert (await engine.copy("smollm2", "mine")).status == "success"
+        assert sorted(m.name for m in (await engine.list()).models) == ["mine:latest", "smollm2:latest"]
+        assert (await engine.delete("smollm2")).status == "success"  # loaded: it is unloaded first
+        assert [m.name for m in (await engine.list()).models] == ["mine:latest"]
         assert (await engine.chat("mine", [{"role": "user", "content": "Hi"}], options={"num_predict": 2})).done
         with pytest.raises(localllm.ModelNotFound, match="smollm2"):
             await engine.chat("smollm2", [{"role": "user", "content": "Hi"}])

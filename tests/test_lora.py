@@ -49,7 +49,7 @@ async def test_lora_adapters_from_a_modelfile(smollm2_path: Path, home: Path, tm
         plain = await engine.generate("base", prompt, raw=True, options=GREEDY)
         unchanged = await engine.generate("with-zero", prompt, raw=True, options=GREEDY)
         changed = await engine.generate("with-strong", prompt, raw=True, options=GREEDY)
-        loaded = {p.name for p in await engine.ps()}
+        loaded = {p.name for p in (await engine.ps()).models}
 
     assert unchanged.response == plain.response
     assert changed.response != plain.response

@@ -26,6 +26,7 @@ FAST = PullSettings(
     backoff=0.01,
     max_backoff=0.05,
 )
+SECRET = b"SECRET-BODY: internal metadata a server must never see relayed"
 SEQUENTIAL = PullSettings(
     part_size=16 * 1024, connections=1, stall_timeout=2.0, connect_timeout=2.0, max_retries=0, backoff=0.01
 )
@@ -294,9 +295,39 @@ def test_refused_access_is_pull_error(registry: OCIRegistry, store: BlobStore) -
     assert not isinstance(info.value, ModelNotFound)
 
 
-def test_plain_http_needs_insecure(store: BlobStore) -> None:
-    with pytest.raises(PullError, match="insecure=True"):
+def test_plain_http_needs_insecure(store: BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(PullError, match=r"over plain http.*insecure=True"):
         pull(store, "http://registry.invalid/library/tiny", settings=FAST)
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.invalid")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(PullError, match=r"HF_ENDPOINT\) is plain http.*insecure=True"):
+        pull(store, "hf.co/owner/Tiny-GGUF", settings=FAST)
+
+
+def test_a_redirect_to_another_host_is_followed_but_not_off_https(registry: OCIRegistry, store: BlobStore) -> None:
+    data = tiny_gguf(seed=14)
+    registry.add_model("library/tiny", "latest", data)
+    registry.redirect_blobs = True  # to the CDN: another port, so another host
+    pull(store, f"{registry.host}/library/tiny", settings=FAST)
+    assert store.blob_path(sha256_digest(data)).read_bytes() == data
+
+    registry.add_model("library/other", "latest", tiny_gguf(seed=15))
+    registry.redirect_base = "http://blobs.example.invalid"
+    with pytest.raises(PullError, match=r"blobs\.example\.invalid over plain http.*insecure=True"):
+        pull(store, f"{registry.host}/library/other", settings=FAST)
+
+
+@pytest.mark.parametrize("status", [400, 500])
+@pytest.mark.parametrize("kind", ["manifests", "blobs"])
+def test_a_registry_error_names_status_and_host_never_the_body(
+    registry: OCIRegistry, store: BlobStore, kind: str, status: int
+) -> None:
+    registry.add_model("library/tiny", "latest", tiny_gguf())
+    registry.errors[kind] = (status, SECRET)
+    with pytest.raises(PullError) as caught:
+        pull(store, f"{registry.host}/library/tiny", settings=FAST)
+    assert f"HTTP {status} from {registry.host}" in str(caught.value)
+    assert b"SECRET" not in str(caught.value).encode()
 
 
 def test_cancel_leaves_only_the_resumable_partial(registry: OCIRegistry, store: BlobStore, big_gguf: bytes) -> None:
@@ -440,6 +471,16 @@ def test_hf_file_that_is_not_gguf_is_invalid(hub: HFHub, store: BlobStore) -> No
         pull(store, "hf.co/owner/Bad-GGUF", settings=FAST)
     with pytest.raises(ModelNotFound):
         store.read_manifest(ModelName.parse("hf.co/owner/Bad-GGUF:latest"))
+
+
+@pytest.mark.parametrize("status", [400, 500])
+def test_a_hub_error_names_status_and_host_never_the_body(hub: HFHub, store: BlobStore, status: int) -> None:
+    _quant_repo(hub)
+    hub.errors["api"] = (status, SECRET)
+    with pytest.raises(PullError) as caught:
+        pull(store, "hf.co/owner/Tiny-GGUF", settings=FAST)
+    assert f"HTTP {status} from {hub.host}" in str(caught.value)
+    assert b"SECRET" not in str(caught.value).encode()
 
 
 def test_hf_unreachable_is_pull_error(store: BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:

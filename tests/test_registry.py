@@ -85,8 +85,7 @@ def test_create_from_gguf(registry: Registry, smollm2_path: Path) -> None:
     assert config["rootfs"] == {"type": "layers", "diff_ids": [digest]}
 
     blob = registry.store.blob_path(digest)
-    if blob.stat().st_dev == smollm2_path.stat().st_dev:
-        assert blob.stat().st_ino == smollm2_path.stat().st_ino  # hard-linked, not copied
+    assert not os.path.samefile(blob, smollm2_path)  # copied, never linked: the source stays the user's to edit
 
     resolved = registry.resolve("smollm2")
     assert resolved.name == "SmolLM2:latest"

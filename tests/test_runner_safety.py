@@ -90,7 +90,7 @@ async def test_a_runner_whose_thread_fails_is_replaced(smollm2_path: Path, home:
         assert not broken.healthy
         reply = await engine.generate(model, "Hello once more", options=options)
         assert reply.done and reply.eval_count == 4
-        running = await engine.ps()
+        running = (await engine.ps()).models
         assert len(running) == 1
         (fresh,) = await engine.scheduler.running()
         assert fresh.runner is not broken and fresh.runner.healthy

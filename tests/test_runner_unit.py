@@ -342,14 +342,14 @@ async def test_a_shared_prefix_is_reused_from_the_slot_that_holds_the_longest() 
 
         # Slot 1 was used last, so only the shared prefix can send this request there.
         text, result = await reply(runner.submit(tokens("goodbye moon"), params(num_predict=1)))
-        assert (text, result.prompt_eval_count) == ("o", 5)
+        assert (text, result.prompt_eval_count, result.prompt_cached_count) == ("o", 12, 7)
         assert context.removals[-1] == (1, 7)
         assert str(context.decoded[start]) == "1: @7 1:m@8 1:o@9 1:o@10 1:n@11*"
         assert backend.samplers[-1].accepted[:12] == tokens("goodbye moon")  # penalties still see the whole prompt
 
         # A prompt the slot holds entirely: its last token is evaluated again, for its logits.
         text, result = await reply(runner.submit(tokens("hello wor"), params(num_predict=1)))
-        assert (text, result.prompt_eval_count) == ("s", 1)
+        assert (text, result.prompt_eval_count, result.prompt_cached_count) == ("s", 9, 8)
         assert str(context.decoded[-1]) == "0:r@8*"
 
 
@@ -359,7 +359,7 @@ async def test_a_cache_that_lost_its_first_positions_is_evaluated_again() -> Non
         await reply(runner.submit(tokens("abcd"), params(num_predict=1)))
         del context.kv[0][0]  # as a sliding-window cache drops what left its window
         _, result = await reply(runner.submit(tokens("abcdx"), params(num_predict=1)))
-        assert result.prompt_eval_count == 5
+        assert (result.prompt_eval_count, result.prompt_cached_count) == (5, 0)
         assert context.removals[-1] == (0, 0)
         assert context.cached(0) == "abcdx"
 

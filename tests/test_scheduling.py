@@ -32,7 +32,7 @@ async def test_two_models_answer_concurrently_and_ps_matches(smollm2_path: Path,
         async with anyio.create_task_group() as group:
             group.start_soon(ask, smollm2_path)
             group.start_soon(ask, gemma3_path)
-        running = await engine.ps()
+        running = (await engine.ps()).models
         assert {p.name for p in running} == {str(smollm2_path), str(gemma3_path)}
         for process in running:
             assert process.size > 0 and process.size_vram == 0
@@ -46,9 +46,9 @@ async def test_two_models_answer_concurrently_and_ps_matches(smollm2_path: Path,
 async def test_max_loaded_one_evicts_the_idle_model(smollm2_path: Path, gemma3_path: Path, home: Path) -> None:
     async with Engine(home, max_loaded_models=1) as engine:
         await engine.generate(str(smollm2_path), "Hi", options=SHORT)
-        assert [p.name for p in await engine.ps()] == [str(smollm2_path)]
+        assert [p.name for p in (await engine.ps()).models] == [str(smollm2_path)]
         await engine.generate(str(gemma3_path), "Hi", options=SHORT)
-        assert [p.name for p in await engine.ps()] == [str(gemma3_path)]
+        assert [p.name for p in (await engine.ps()).models] == [str(gemma3_path)]
         assert engine.scheduler.load_count == 2
 
 
@@ -57,14 +57,14 @@ async def test_keep_alive_zero_and_one_second(smollm2_path: Path, home: Path) ->
     async with Engine(home) as engine:
         await engine.generate(model, "Hi", options=SHORT, keep_alive=0)
         with anyio.fail_after(5):
-            while await engine.ps():
+            while (await engine.ps()).models:
                 await anyio.sleep(0.02)
 
         await engine.generate(model, "Hi", options=SHORT, keep_alive="1s")
         idle_since = time.monotonic()
-        assert len(await engine.ps()) == 1
+        assert len((await engine.ps()).models) == 1
         with anyio.fail_after(5):
-            while await engine.ps():
+            while (await engine.ps()).models:
                 await anyio.sleep(0.02)
         assert 0.9 <= time.monotonic() - idle_since <= 2.5
 
@@ -73,10 +73,10 @@ async def test_empty_requests_load_and_unload(smollm2_path: Path, home: Path) ->
     model = str(smollm2_path)
     async with Engine(home) as engine:
         loaded = await engine.generate(model, "")
-        assert loaded.done_reason == "load" and len(await engine.ps()) == 1
+        assert loaded.done_reason == "load" and len((await engine.ps()).models) == 1
         unloaded = await engine.chat(model, [], keep_alive=0)
         assert unloaded.done_reason == "unload"
-        assert await engine.ps() == []
+        assert (await engine.ps()).models == []
 
 
 async def test_load_options_reload_and_sampling_options_do_not(smollm2_path: Path, home: Path) -> None:
@@ -87,7 +87,7 @@ async def test_load_options_reload_and_sampling_options_do_not(smollm2_path: Pat
         assert engine.scheduler.load_count == 1
         await engine.generate(model, "Hi", options={**SHORT, "num_ctx": 2048})
         assert engine.scheduler.load_count == 2
-        contexts = sorted(p.context_length for p in await engine.ps())
+        contexts = sorted(p.context_length for p in (await engine.ps()).models)
         assert contexts[-1] == 2048
 
 

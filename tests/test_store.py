@@ -84,20 +84,28 @@ def test_add_bytes_and_dedupe(store: BlobStore) -> None:
     assert real_files(store.blobs_dir) == [digest.replace(":", "-")]
 
 
-@pytest.mark.parametrize("link", [True, False])
-def test_add_file(store: BlobStore, tmp_path: Path, link: bool) -> None:
+def test_add_file_copies_and_keeps_the_modification_time(store: BlobStore, tmp_path: Path) -> None:
     source = tmp_path / "model.bin"
     source.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
     seen: list[tuple[int, int]] = []
-    digest = store.add_file(source, link=link, progress=lambda done, total: seen.append((done, total)))
+    digest = store.add_file(source, progress=lambda done, total: seen.append((done, total)))
     assert digest == sha(source.read_bytes())
     blob = store.blob_path(digest)
     assert blob.read_bytes() == source.read_bytes()
-    same_inode = blob.stat().st_ino == source.stat().st_ino
-    assert same_inode == link  # tmp_path: one filesystem, so hard links work
+    assert blob.stat().st_ino != source.stat().st_ino  # a copy: editing the source cannot reach the blob
+    assert blob.stat().st_mtime_ns == source.stat().st_mtime_ns
     assert seen[-1] == (source.stat().st_size, source.stat().st_size)
     assert real_files(store.blobs_dir) == [blob.name]
     assert source.exists()
+
+
+def test_add_file_renames_a_temporary_file_of_the_store(store: BlobStore) -> None:
+    scratch = store.temp_path()  # what a conversion or quantization writes to
+    scratch.write_bytes(b"converted weights")
+    digest = store.add_file(scratch)
+    assert digest == sha(b"converted weights")
+    assert not scratch.exists()  # renamed into place, not copied
+    assert real_files(store.blobs_dir) == [digest.replace(":", "-")]
 
 
 def test_failed_add_leaves_no_blob_under_a_real_name(store: BlobStore, tmp_path: Path, monkeypatch) -> None:
@@ -122,7 +130,7 @@ def test_failed_add_leaves_no_blob_under_a_real_name(store: BlobStore, tmp_path:
 
     monkeypatch.setattr(store_module.hashlib, "sha256", Exploding)
     with pytest.raises(OSError, match="disk on fire"):
-        store.add_file(source, link=False)
+        store.add_file(source)
     monkeypatch.undo()
     assert real_files(store.blobs_dir) == []  # neither the blob nor the temporary copy
     assert not store.has_blob(sha(source.read_bytes()))
@@ -157,7 +165,7 @@ def test_concurrent_add_file_of_the_same_file_writes_once(store: BlobStore, tmp_
 
     def worker() -> None:
         try:
-            results.append(store.add_file(source, link=False))
+            results.append(store.add_file(source))
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -180,7 +188,7 @@ def test_concurrent_adds_of_equal_content_from_different_files(store: BlobStore,
         path.write_bytes(data)
         sources.append(path)
     results: list[str] = []
-    threads = [threading.Thread(target=lambda p=p: results.append(store.add_file(p, link=False))) for p in sources]
+    threads = [threading.Thread(target=lambda p=p: results.append(store.add_file(p))) for p in sources]
     for t in threads:
         t.start()
     for t in threads:

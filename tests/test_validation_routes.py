@@ -111,6 +111,12 @@ def store_model(store: BlobStore, name: str, files: dict[str, bytes]) -> Manifes
     return manifest
 
 
+def layer_path(store: BlobStore, manifest: Manifest) -> Path:
+    layer = manifest.layer_of(MEDIA_MODEL)
+    assert layer is not None
+    return store.blob_path(layer.digest)
+
+
 @pytest.fixture
 def validations(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """The files the validator reads, in order."""
@@ -158,7 +164,7 @@ async def test_oci_pull_of_smollm2_with_a_repeated_token_is_refused(
         assert reason in str(caught.value)
         with pytest.raises(ModelNotFound):  # no manifest names the bad blob: the first use finds nothing
             await engine.generate(name, "Hello", options={"num_predict": 1})
-        assert await engine.list() == []
+        assert (await engine.list()).models == []
     assert not BlobStore(home / "models").has_blob(manifest["layers"][0]["digest"])  # downloaded, then removed
 
 
@@ -234,17 +240,18 @@ async def test_a_stored_model_whose_blob_was_replaced_is_refused(
         layer = manifest.layer_of(MEDIA_MODEL)
         assert layer is not None
         blob = engine.registry.store.blob_path(layer.digest)
-        # Another tool writes a new file under the blob's name (the blob may be a hard link to the installed
-        # model: it must not be written in place).
+        # Another tool writes a new file under the blob's name: bytes that no longer match the name are refused
+        # before llama.cpp (or the validator) reads them.
         replacement = blob.with_name("replacement.tmp")
         shutil.copyfile(path, replacement)
         os.replace(replacement, blob)
         with pytest.raises(InvalidModelFile, match="model 'smollm2:latest' cannot be used: its model file") as caught:
             await engine.generate("smollm2", "Hello", options={"num_predict": 1})
-        assert reason in str(caught.value) and "Delete the model" in str(caught.value)
-        assert await engine.ps() == []
+        assert "is damaged" in str(caught.value) and "Pull or create the model again" in str(caught.value)
+        assert reason not in str(caught.value)
+        assert (await engine.ps()).models == []
         await engine.delete("smollm2")  # what the message advises works
-        assert await engine.list() == []
+        assert (await engine.list()).models == []
 
 
 @pytest.mark.parametrize("bad_media", [MEDIA_MODEL, MEDIA_ADAPTER, MEDIA_PROJECTOR])
@@ -293,14 +300,21 @@ def test_each_version_of_a_file_is_validated_once(tmp_path: Path, validations: l
         registry.resolve("tiny")
     assert validations == [blob]
 
-    # A new version of the blob (another tool replaced it): read again, refused, and the refusal remembered.
+    # A new version of the blob (another tool wrote it again): read again.
     replacement = tmp_path / "replacement.gguf"
-    replacement.write_bytes(tiny_gguf(tokens=REPEATED_TOKEN))
+    replacement.write_bytes(blob.read_bytes())
     os.replace(settled(replacement), blob)
+    registry.resolve("tiny")
+    registry.resolve("tiny")
+    assert validations == [blob, blob]
+
+    # A refusal is remembered too.
+    bad = layer_path(store, store_model(store, "bad", {MEDIA_MODEL: tiny_gguf(tokens=REPEATED_TOKEN)}))
+    settled(bad)
     for _ in range(2):
         with pytest.raises(InvalidModelFile, match="token 't7' twice"):
-            registry.resolve("tiny")
-    assert validations == [blob, blob]
+            registry.resolve("bad")
+    assert validations == [blob, blob, bad]
 
     # A GGUF file given by path, likewise.
     direct = tmp_path / "direct.gguf"
@@ -308,7 +322,7 @@ def test_each_version_of_a_file_is_validated_once(tmp_path: Path, validations: l
     settled(direct)
     for _ in range(2):
         registry.resolve(str(direct))
-    assert validations == [blob, blob, direct]
+    assert validations == [blob, blob, bad, direct]
 
 
 def test_a_file_modified_moments_ago_is_read_again(tmp_path: Path, validations: list[Path]) -> None:

@@ -4,10 +4,11 @@ This is where tools, thinking and structured outputs meet the template:
 
 - a template with native tool support gets the tools; one without gets them described in the
   system prompt, and its output is constrained by a grammar so even a small model writes a
-  well-formed call (`{"name": ..., "arguments": {...}}`) or plain text;
+  well-formed call (`{"name": ..., "arguments": {...}}`) or plain text; a reply that is text is
+  written again without that description (`PreparedChat.text_reply`), so it can never echo it;
 - `tool_choice="required"` (or a named function) forces a call with a grammar for any model;
-- `think` splits thinking from content with the template's tags, and is an error for models
-  whose template cannot think;
+- a template that can think thinks unless `think` is false, and its thinking is split from the
+  content with the template's tags; asking a template that cannot think to think is an error;
 - `format` ("json" or a JSON schema) constrains the whole reply.
 """
 
@@ -30,6 +31,7 @@ from .tools import ChatOutputParser
 __all__ = ["PreparedChat", "prepare_chat", "prepare_chat_in_thread"]
 
 TOOL_CHOICES = ("auto", "none", "required")
+THINK_LEVELS = ("low", "medium", "high", "max")
 
 # Text that is not a call: anything that does not open with "{" (after optional spaces).
 _TEXT_RULE = "free-text ::= [ \\t\\n]* [^{ \\t\\n] [^\\x00]*"
@@ -43,6 +45,9 @@ class PreparedChat:
     tool_prefix: str | None
     thinking_tags: tuple[str, str] | None
     starts_inside_thinking: bool
+    #: The request prepared without the tool instructions injected into its system prompt: when the
+    #: reply does not open a call, it is written from this instead, so the instructions never reach it.
+    text_reply: PreparedChat | None = None
 
     def parser(self) -> ChatOutputParser:
         return ChatOutputParser(
@@ -88,16 +93,22 @@ def _chosen_tools(tools: Sequence[Mapping[str, Any]], tool_choice: Any) -> tuple
     raise InvalidRequest(f"tool_choice must be a string or a function object, got {tool_choice!r}")
 
 
-def _thinking_tags(template: ChatTemplate, think: Think) -> tuple[str, str] | None:
-    """The tags to split thinking off with: None unless `think` asks for thinking, which the template must support."""
-    if think is None or think is False:
-        return None
-    if isinstance(think, str) and think not in ("low", "medium", "high"):
-        raise InvalidRequest(f"think must be true, false, 'low', 'medium' or 'high', got {think!r}")
+def _thinking(template: ChatTemplate, think: Think) -> tuple[Think, tuple[str, str] | None]:
+    """The `think` to render with, and the tags to split thinking off with (None when not thinking).
+
+    As in Ollama, a template that can think thinks unless `think` is false, and asking a template
+    that cannot think to think is an error.
+    """
+    if not (think is None or isinstance(think, bool) or think in THINK_LEVELS):
+        raise InvalidRequest(f"think must be true, false, 'low', 'medium', 'high' or 'max', got {think!r}")
     tags = template.thinking_tags()
     if tags is None:
+        if think is None or think is False:
+            return think, None
         raise CapabilityError("this model does not support thinking; leave `think` unset")
-    return tags
+    if think is False:
+        return False, None
+    return (True if think is None else think), tags
 
 
 def prepare_chat(
@@ -115,11 +126,14 @@ def prepare_chat(
     if choice == "none":
         callable_tools = []
     native = bool(callable_tools) and template.supports_tools
-    tags = _thinking_tags(template, think)
+    think, tags = _thinking(template, think)
 
     grammar = format_to_grammar(format)
+    text_reply = None
     if callable_tools and not native:
         rendered = _with_tool_system(rendered, _describe_tools(callable_tools))
+        if choice == "auto" and grammar is None:  # the grammar below lets the reply be text
+            text_reply = prepare_chat(template, messages, think=think)
     if callable_tools and grammar is None:
         call = tool_call_grammar(callable_tools)
         if choice == "required":
@@ -137,6 +151,7 @@ def prepare_chat(
         tool_prefix=template.tool_call_prefix() if native else None,
         thinking_tags=tags,
         starts_inside_thinking=bool(tags) and prompt_opens_thinking(prompt, tags[0]) if tags else False,
+        text_reply=text_reply,
     )
 
 

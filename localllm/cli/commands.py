@@ -41,7 +41,7 @@ __all__ = [
 
 def cmd_list(args: argparse.Namespace) -> int:
     with open_engine() as (engine, portal):
-        models = portal.call(engine.list)
+        models = portal.call(engine.list).models
     rows = [["NAME", "ID", "SIZE", "MODIFIED"]]
     prefix = (args.prefix or "").lower()
     for m in models:
@@ -59,7 +59,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
         models = running_models(client)
     else:
         with open_engine() as (engine, portal):
-            models = portal.call(engine.ps)
+            models = portal.call(engine.ps).models
     rows = [["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]]
     for m in models:
         size, vram = int(m.size or 0), int(m.size_vram or 0)
@@ -219,7 +219,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_request_size is not None:
         kwargs["max_request_size"] = args.max_request_size
     try:
-        run(host, port, allow_remote=args.allow_remote, **kwargs)
+        run(host, port, allow_remote=args.allow_remote, allow_local_paths=args.allow_local_paths, **kwargs)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     return 0

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
-    from ..registry import ShowResponse
+    from ..types import ShowResponse
 
 __all__ = ["go_duration", "human_bytes", "human_time", "parse_time", "processor", "show_info", "table", "until"]
 
@@ -116,7 +116,7 @@ def processor(size: int, vram: int) -> str:
     return f"{cpu}%/{100 - cpu}% CPU/GPU"
 
 
-def until(expires_at: str | None) -> str:
+def until(expires_at: str | _dt.datetime | None) -> str:
     """When a loaded model will be unloaded."""
     moment = parse_time(expires_at)
     if moment is None:
@@ -140,7 +140,7 @@ def table(rows: Sequence[Sequence[str]], *, indent: bool = False, out: TextIO | 
 
 def _model_rows(info: ShowResponse) -> list[list[str]]:
     details = info.details
-    model_info = info.model_info or {}
+    model_info = info.modelinfo or {}
     arch = str(model_info.get("general.architecture") or "")
     rows: list[list[str]] = []
     if arch:
@@ -182,10 +182,10 @@ def show_info(info: ShowResponse, *, verbose: bool = False, out: TextIO | None =
         section("Capabilities", [["", str(c)] for c in info.capabilities])
     if info.parameters:
         section("Parameters", [["", *line.split(None, 1)] for line in info.parameters.splitlines() if line.strip()])
-    if verbose and info.model_info:
+    if verbose and info.modelinfo:
         rows = []
-        for key in sorted(info.model_info):
-            value = info.model_info[key]
+        for key in sorted(info.modelinfo):
+            value = info.modelinfo[key]
             if isinstance(value, (list, tuple)):
                 text = (
                     "["

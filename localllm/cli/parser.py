@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--allow-remote", action="store_true", help="allow listening on an address other machines can reach"
     )
+    serve.add_argument(
+        "--allow-local-paths",
+        action="store_true",
+        help="let clients name files on this machine as models (regular files only)",
+    )
     serve.add_argument("--max-request-size", type=int, help="largest JSON request body, in bytes")
     serve.set_defaults(handler=cmd_serve)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import hashlib
 import itertools
 import mmap
 import os
@@ -29,7 +30,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import attrs
 import numpy as np
@@ -42,6 +43,8 @@ __all__ = [
     "StringArray",
     "is_gguf",
     "open_gguf",
+    "remember_sha256",
+    "sha256_once",
     "validate_bytes",
     "validate_file",
     "validate_once",
@@ -981,12 +984,15 @@ def validate_file(path: str | os.PathLike[str]) -> None:
 # its digest, plus the evidence that the file under that name has not changed since it was checked.
 _FileVersion = tuple[int, int, int, int]  # device, inode, size, modification time (ns)
 
-_VERDICTS_KEPT = 4096
+_VERSIONS_KEPT = 4096
 # A file modified this recently could change again within one tick of the filesystem's clock (coarse: up to 2 s
-# on FAT) without its version changing, so its verdict is not kept yet.
+# on FAT) without its version changing, so nothing learnt from reading it is kept yet.
 _SETTLED_NS = 2_000_000_000
 _verdicts: dict[_FileVersion, str | None] = {}  # None: valid; else why not, without the file's name
-_verdicts_lock = threading.Lock()
+_digests: dict[_FileVersion, str] = {}  # "sha256:<hex>" of the bytes
+_memo_lock = threading.Lock()
+_Learnt = TypeVar("_Learnt")
+_HASH_CHUNK = 1 << 20
 
 
 def _file_version(path: str | os.PathLike[str]) -> _FileVersion | None:
@@ -1007,7 +1013,7 @@ def validate_once(path: str | os.PathLike[str]) -> None:
     name = display_name(path)
     before = _file_version(path)
     if before is not None:
-        with _verdicts_lock:
+        with _memo_lock:
             known, reason = before in _verdicts, _verdicts.get(before)
         if known and reason is None:
             return
@@ -1016,18 +1022,45 @@ def validate_once(path: str | os.PathLike[str]) -> None:
     try:
         validate_file(path)
     except InvalidModelFile as exc:
-        _remember(path, before, str(exc).removeprefix(f"{name}: "))
+        _remember(_verdicts, path, before, str(exc).removeprefix(f"{name}: "))
         raise
-    _remember(path, before, None)
+    _remember(_verdicts, path, before, None)
 
 
-def _remember(path: str | os.PathLike[str], version: _FileVersion | None, verdict: str | None) -> None:
+def sha256_once(path: str | os.PathLike[str]) -> str:
+    """The sha256 of the file at `path` as ``sha256:<hex>``, read once per version of the file (as `validate_once`).
+
+    A blob whose bytes are checked against its name on every use then costs a stat, and one changed in place is
+    read again. OSError if the file cannot be read.
+    """
+    before = _file_version(path)
+    with _memo_lock:
+        known = _digests.get(before) if before is not None else None
+    if known is not None:
+        return known
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_HASH_CHUNK):
+            digest.update(chunk)
+    found = "sha256:" + digest.hexdigest()
+    _remember(_digests, path, before, found)
+    return found
+
+
+def remember_sha256(path: str | os.PathLike[str], digest: str) -> None:
+    """Record that the file at `path`, as it is now, hashes to `digest` (its writer hashed it as it wrote it)."""
+    _remember(_digests, path, _file_version(path), digest)
+
+
+def _remember(
+    memo: dict[_FileVersion, _Learnt], path: str | os.PathLike[str], version: _FileVersion | None, learnt: _Learnt
+) -> None:
     if version is None or _file_version(path) != version or time.time_ns() - version[3] < _SETTLED_NS:
         return
-    with _verdicts_lock:
-        _verdicts[version] = verdict
-        if len(_verdicts) > _VERDICTS_KEPT:
-            del _verdicts[next(iter(_verdicts))]  # the oldest
+    with _memo_lock:
+        memo[version] = learnt
+        if len(memo) > _VERSIONS_KEPT:
+            del memo[next(iter(memo))]  # the oldest
 
 
 def validate_bytes(

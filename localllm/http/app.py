@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
 from . import ollama_api, openai_api
-from .common import GiB, HTTPSettings, MiB
+from .common import GiB, HideServerPaths, HTTPSettings, MiB
+from .security import RequestGuard, allowed_origins
 
 __all__ = ["create_app"]
 
@@ -23,6 +25,9 @@ def create_app(
     engine_factory: Callable[[], Any] | None = None,
     max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
     max_blob_size: int = DEFAULT_MAX_BLOB_SIZE,
+    allow_local_paths: bool = False,
+    origins: Sequence[str] = (),
+    check_host: bool = True,
 ) -> Starlette:
     """An ASGI app serving `engine` (already open), or an engine the app opens and closes itself.
 
@@ -30,6 +35,12 @@ def create_app(
     (``async with``) at startup and closes it at shutdown; ``app.state.engine``
     is the engine while the app runs. `max_request_size` limits the body of
     JSON endpoints and `max_blob_size` that of blob uploads (413 beyond).
+
+    Requests name models, not files on the server, unless `allow_local_paths`
+    (then regular files only). Requests from a browser page must come from
+    an allowed origin: local pages and apps, ``LOCALLLM_ORIGINS`` and
+    ``OLLAMA_ORIGINS``, and `origins`. With `check_host` (for a server on
+    loopback) the ``Host`` header must name this machine.
     """
     if (engine is None) == (engine_factory is None):
         raise ValueError("pass either an engine (already open) or an engine_factory, not both or neither")
@@ -48,7 +59,13 @@ def create_app(
             finally:
                 app.state.engine = None
 
-    app = Starlette(routes=[*ollama_api.routes(), *openai_api.routes()], lifespan=lifespan)
+    middleware = [
+        Middleware(RequestGuard, origins=allowed_origins(origins), check_host=check_host),
+        Middleware(HideServerPaths),
+    ]
+    app = Starlette(routes=[*ollama_api.routes(), *openai_api.routes()], middleware=middleware, lifespan=lifespan)
     app.state.engine = engine
-    app.state.settings = HTTPSettings(max_request_size=max_request_size, max_blob_size=max_blob_size)
+    app.state.settings = HTTPSettings(
+        max_request_size=max_request_size, max_blob_size=max_blob_size, allow_local_paths=allow_local_paths
+    )
     return app

@@ -14,15 +14,18 @@ import functools
 import json
 import logging
 import math
+import re
+import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
-from pathlib import PurePath
+from contextvars import ContextVar
+from pathlib import Path, PurePath
 from typing import Any
 
 import anyio
 import attrs
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import errors
 
@@ -34,14 +37,18 @@ __all__ = [
     "EventStream",
     "Fields",
     "HTTPSettings",
+    "HideServerPaths",
     "Put",
+    "check_values",
     "dumps",
     "error_message",
+    "json_text",
     "log_unexpected",
     "pump",
     "read_body",
     "read_json",
     "status_for",
+    "tool_calls",
 ]
 
 logger = logging.getLogger("localllm.http")
@@ -52,12 +59,14 @@ GiB = 1 << 30
 
 @attrs.frozen
 class HTTPSettings:
-    """Limits of the HTTP shim."""
+    """Limits and permissions of the HTTP shim."""
 
     #: Largest accepted body of a JSON endpoint (prompts, messages, base64 images).
     max_request_size: int = 32 * MiB
     #: Largest accepted blob upload (a model file) on ``POST /api/blobs/<digest>``.
     max_blob_size: int = 256 * GiB
+    #: Whether requests may name files on the server (model paths, ``from``, Modelfile FROM and ADAPTER).
+    allow_local_paths: bool = False
 
 
 class ClientGone(Exception):
@@ -75,32 +84,85 @@ class APIError(Exception):
         self.code = code
 
 
-# The one place where localllm's errors become HTTP statuses, by category (Ollama's choices), first match wins:
-# 400 what the caller gave, 404 no such model, 503 turned away before any work (retry), 500 the rest.
-_STATUS: tuple[tuple[type[BaseException], int], ...] = (
-    (errors.BlobTooLarge, 413),
-    (errors.InputError, 400),
-    (errors.NotFoundError, 404),
-    (errors.UnavailableError, 503),
-)
-
-
 def status_for(exc: BaseException) -> int:
-    """The HTTP status an exception is answered with."""
+    """The HTTP status an exception is answered with (localllm's errors: `errors.HTTP_STATUS`, the one table)."""
     if isinstance(exc, APIError):
         return exc.status
-    for kind, status in _STATUS:
-        if isinstance(exc, kind):
-            return status
-    return 500
+    return errors.http_status(exc)
 
 
 def error_message(exc: BaseException) -> str:
+    """What a client is told about `exc`: its message, without the server's own folders."""
     if isinstance(exc, APIError):
-        return exc.message
+        return hide_server_paths(exc.message)
     if isinstance(exc, errors.LocalLLMError):
-        return str(exc) or type(exc).__name__
-    return f"internal error: {type(exc).__name__}: {exc}"
+        return hide_server_paths(str(exc) or type(exc).__name__)
+    return hide_server_paths(f"internal error: {type(exc).__name__}: {exc}")
+
+
+# --------------------------------------------------------------------------- server paths in error messages
+
+Redaction = tuple[re.Pattern[str], str]
+
+#: How to hide the folders of the engine serving the current request (set by `HideServerPaths`).
+_redactions: ContextVar[tuple[Redaction, ...]] = ContextVar("localllm_http_redactions", default=())
+
+#: The scratch folders `/api/create` lays uploaded files out in.
+CREATE_FOLDER_PREFIX = "localllm-create-"
+
+
+def _spellings(folder: Path) -> list[str]:
+    spellings = {str(folder), str(folder.resolve())}  # the store may report either
+    return sorted(spellings, key=len, reverse=True)
+
+
+def redactions_for(engine: Any) -> tuple[Redaction, ...]:
+    """Blob paths become their digests; the store, the engine's home and scratch folders become labels."""
+    settings = getattr(engine, "settings", None)
+    rules: list[Redaction] = []
+    models = getattr(settings, "models", None)
+    home = getattr(settings, "home", None)
+    if models is not None:
+        for spelling in _spellings(Path(models)):
+            blob = re.compile(re.escape(spelling) + r"[/\\]blobs[/\\]sha256-([0-9a-fA-F]{64})")
+            rules.append((blob, r"sha256:\1"))
+            rules.append((re.compile(re.escape(spelling)), "<models>"))
+    if home is not None:
+        rules.extend((re.compile(re.escape(spelling)), "<home>") for spelling in _spellings(Path(home)))
+    for spelling in _spellings(Path(tempfile.gettempdir())):
+        scratch = re.escape(spelling) + r"[/\\]" + re.escape(CREATE_FOLDER_PREFIX) + r"[^/\\\s'\"]*"
+        rules.append((re.compile(scratch), "<uploaded files>"))
+    return tuple(rules)
+
+
+def hide_server_paths(text: str) -> str:
+    for pattern, replacement in _redactions.get():
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class HideServerPaths:
+    """ASGI middleware: error messages written while serving a request do not show where the engine keeps its files."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._cached: tuple[Any, tuple[Redaction, ...]] = (None, ())
+
+    def _rules(self, scope: Scope) -> tuple[Redaction, ...]:
+        app = scope.get("app")
+        engine = getattr(getattr(app, "state", None), "engine", None)
+        if engine is None:
+            return ()
+        if self._cached[0] is not engine:
+            self._cached = (engine, redactions_for(engine))
+        return self._cached[1]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        token = _redactions.set(self._rules(scope))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _redactions.reset(token)
 
 
 def log_unexpected(exc: BaseException) -> None:
@@ -202,18 +264,76 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+#: Deepest nesting of arrays and objects a request may have (JSON schemas and tool arguments stay far below).
+MAX_JSON_DEPTH = 100
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_INTEGER_LIMIT = 1 << 64
+
+
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object; 400 when it is missing or not JSON, 413 when too large."""
+    """The body as a JSON object; 400 when it is missing, not JSON or holds values `check_values` refuses."""
     body = await read_body(request, limit)
     if not body.strip():
         raise APIError(400, "missing request body")
     try:
         data = json.loads(body)
+    except RecursionError:
+        raise APIError(400, f"the request body is nested more than {MAX_JSON_DEPTH} levels deep") from None
     except ValueError as exc:
         raise APIError(400, f"invalid JSON in request body: {exc}") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {_json_type(data)}")
+    check_values(data)
     return data
+
+
+def _member(parent: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{parent}[{key}]"
+    return f"{parent}.{key}" if parent else key
+
+
+def _invalid(where: str, problem: str) -> APIError:
+    if not where:
+        return APIError(400, f"invalid request body: {problem}")
+    return APIError(400, f"invalid value for '{where}': {problem}", param=where)
+
+
+def _has_surrogate(text: str) -> bool:
+    return not text.isascii() and _SURROGATE.search(text) is not None
+
+
+def check_values(data: dict[str, Any] | list[Any], where: str = "") -> None:
+    """Refuse, naming the field, what Python's parser lets through but nothing after it should see.
+
+    That is nesting deeper than `MAX_JSON_DEPTH`, NaN and infinities (``NaN``,
+    ``Infinity``, ``1e400``: not JSON, or not a number), integers beyond 64
+    bits, and lone UTF-16 surrogates (``"\\ud800"``), which no UTF-8 text can hold.
+    Iterative, so no depth of nesting exhausts the stack. `where` names `data` in messages.
+    """
+    pending: list[tuple[dict[str, Any] | list[Any], str, int]] = [(data, where, 1)]
+    while pending:
+        container, where, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"the request body is nested more than {MAX_JSON_DEPTH} levels deep")
+        items: Iterable[tuple[str | int, Any]] = (
+            container.items() if isinstance(container, dict) else enumerate(container)
+        )
+        for key, value in items:
+            if isinstance(key, str) and _has_surrogate(key):
+                raise _invalid(where, "a key holds a lone UTF-16 surrogate")
+            if isinstance(value, (dict, list)):
+                pending.append((value, _member(where, key), depth + 1))
+            elif isinstance(value, str):
+                if _has_surrogate(value):
+                    raise _invalid(_member(where, key), "the text holds a lone UTF-16 surrogate")
+            elif isinstance(value, float):
+                if not math.isfinite(value):
+                    shown = "NaN" if math.isnan(value) else "an infinite or out-of-range number"
+                    raise _invalid(_member(where, key), f"{shown} is not allowed")
+            elif isinstance(value, int) and abs(value) >= _INTEGER_LIMIT:
+                raise _invalid(_member(where, key), "the integer is out of range")
 
 
 def _json_type(value: Any) -> str:
@@ -228,6 +348,47 @@ def _json_type(value: Any) -> str:
     if isinstance(value, list):
         return "an array"
     return "an object"
+
+
+def json_text(text: str, field: str) -> Any:
+    """JSON written inside a string field, held to the rules of a request body."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise _invalid(field, f"nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except ValueError as exc:
+        raise _invalid(field, f"not JSON ({exc})") from None
+    if isinstance(value, (dict, list)):
+        check_values(value, field)
+    return value
+
+
+def tool_calls(value: Any, field: str) -> list[dict[str, Any]]:
+    """The tool calls of a message, each ``{"id", "function": {"name", "arguments", "index"}}``.
+
+    ``arguments`` is an object, or JSON text of one (as OpenAI writes it).
+    """
+    if not isinstance(value, list):
+        raise _invalid(field, "expected an array of tool calls")
+    calls = []
+    for position, call in enumerate(value):
+        where = f"{field}[{position}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise _invalid(where, "a tool call needs a 'function' with a 'name'")
+        arguments = function.get("arguments") or {}
+        if isinstance(arguments, str):
+            arguments = json_text(arguments, f"{where}.function.arguments") if arguments.strip() else {}
+        if not isinstance(arguments, dict):
+            raise _invalid(f"{where}.function.arguments", "expected an object")
+        index = function.get("index", position)
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise _invalid(f"{where}.function.index", "expected an integer")
+        call_id = call.get("id") or ""
+        if not isinstance(call_id, str):
+            raise _invalid(f"{where}.id", "expected a string")
+        calls.append({"id": call_id, "function": {"name": function["name"], "arguments": arguments, "index": index}})
+    return calls
 
 
 class Fields:
@@ -307,6 +468,13 @@ class Fields:
             return default
         if not all(isinstance(item, int) and not isinstance(item, bool) for item in value):
             raise self._bad(name, "an array of integers")
+        return value
+
+    def token_ids(self, name: str) -> Any:
+        """An array of token ids: integers from 0 to 2**31 - 1 (llama.cpp's token type)."""
+        value = self.integers(name)
+        if value is not None and not all(0 <= item < 1 << 31 for item in value):
+            raise APIError(400, f"invalid value for '{name}': token ids are integers from 0 to 2147483647", param=name)
         return value
 
     def duration(self, name: str, default: Any = None) -> Any:

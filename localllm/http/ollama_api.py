@@ -24,9 +24,11 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from ..errors import DigestMismatch
+from ..errors import ConversionError, DigestMismatch
+from ..registry.modelfile import Modelfile
 from ..types import Message, as_dict
 from .common import (
+    CREATE_FOLDER_PREFIX,
     JSON,
     APIError,
     DisconnectAware,
@@ -40,7 +42,9 @@ from .common import (
     pump,
     read_json,
     status_for,
+    tool_calls,
 )
+from .names import checked_modelfile, model_name, model_to_build_on, model_to_run
 
 __all__ = ["ollama_error", "progress_events", "routes"]
 
@@ -104,6 +108,12 @@ def model_field(fields: Fields, *names: str) -> str:
         if value:
             return str(value)
     raise APIError(400, "model is required", param="model")
+
+
+async def model_to_serve(request: Request, model: str) -> str:
+    """A model a request runs or shows, checked (see `names`) before the Engine sees it."""
+    allowed = settings_of(request).allow_local_paths
+    return await model_to_run(engine_of(request), model, allow_local_paths=allowed)
 
 
 def message_json(message: Message) -> dict[str, Any]:
@@ -187,14 +197,15 @@ async def progress_events(operation: Callable[[Emit], Awaitable[Any]], put: Put)
 @endpoint
 async def generate(request: Request) -> Response:
     fields = await read_request(request)
-    model = model_field(fields)
+    model = await model_to_serve(request, model_field(fields))
     stream = fields.flag("stream", True)
     prompt = fields.text("prompt", "")
+    context = fields.token_ids("context")
     kwargs: dict[str, Any] = {
         "suffix": fields.text("suffix"),
         "system": fields.text("system"),
         "template": fields.text("template"),
-        "context": fields.integers("context"),
+        "context": context,
         "raw": fields.flag("raw", False),
         "format": fields.format(),
         "images": fields.texts("images"),
@@ -218,17 +229,20 @@ async def generate(request: Request) -> Response:
 
 
 def chat_messages(fields: Fields) -> list[dict[str, Any]]:
-    messages = fields.array("messages", [])
-    for index, message in enumerate(messages):
+    messages = []
+    for index, message in enumerate(fields.array("messages", [])):
         if not isinstance(message, dict):
             raise APIError(400, f"invalid message at index {index}: expected an object with 'role' and 'content'")
+        if message.get("tool_calls") is not None:
+            message = {**message, "tool_calls": tool_calls(message["tool_calls"], f"messages[{index}].tool_calls")}
+        messages.append(message)
     return messages
 
 
 @endpoint
 async def chat(request: Request) -> Response:
     fields = await read_request(request)
-    model = model_field(fields)
+    model = await model_to_serve(request, model_field(fields))
     stream = fields.flag("stream", True)
     messages = chat_messages(fields)
     tools = fields.array("tools")
@@ -273,7 +287,7 @@ def _embed_input(fields: Fields) -> str | list[str]:
 @endpoint
 async def embed(request: Request) -> Response:
     fields = await read_request(request)
-    model = model_field(fields)
+    model = await model_to_serve(request, model_field(fields))
     text = _embed_input(fields)
     truncate = fields.flag("truncate", True)
     dimensions = fields.integer("dimensions")
@@ -299,7 +313,7 @@ async def embed(request: Request) -> Response:
 async def embeddings(request: Request) -> Response:
     """The older single-prompt endpoint: ``{"prompt": ...}`` -> ``{"embedding": [...]}``."""
     fields = await read_request(request)
-    model = model_field(fields)
+    model = await model_to_serve(request, model_field(fields))
     prompt = fields.text("prompt", "")
     options = fields.mapping("options")
     keep_alive = fields.duration("keep_alive")
@@ -323,14 +337,14 @@ async def embeddings(request: Request) -> Response:
 
 @endpoint
 async def tags(request: Request) -> Response:
-    models = await engine_of(request).list()
+    models = (await engine_of(request).list()).models
     return JSON({"models": [as_dict(m) for m in models]})
 
 
 @endpoint
 async def show(request: Request) -> Response:
     fields = await read_request(request)
-    model = model_field(fields)
+    model = await model_to_serve(request, model_field(fields))
     verbose = fields.flag("verbose", False)
     info = await engine_of(request).show(model, verbose=verbose)
     data = as_dict(info)
@@ -344,7 +358,7 @@ async def show(request: Request) -> Response:
 
 @endpoint
 async def ps(request: Request) -> Response:
-    running = await engine_of(request).ps()
+    running = (await engine_of(request).ps()).models
     models = []
     for item in running:
         details = getattr(item, "details", None)
@@ -370,6 +384,8 @@ async def copy(request: Request) -> Response:
     destination = fields.text("destination")
     if not source or not destination:
         raise APIError(400, "both 'source' and 'destination' are required")
+    model_name(source, "source")
+    model_name(destination, "destination")
     await engine_of(request).copy(source, destination)
     return Response(status_code=200)
 
@@ -378,6 +394,7 @@ async def copy(request: Request) -> Response:
 async def delete(request: Request) -> Response:
     fields = await read_request(request)
     model = model_field(fields)
+    model_name(model)
     await engine_of(request).delete(model)
     return Response(status_code=200)
 
@@ -386,6 +403,7 @@ async def delete(request: Request) -> Response:
 async def pull(request: Request) -> Response:
     fields = await read_request(request)
     model = model_field(fields)
+    model_name(model)
     insecure = fields.flag("insecure", False)
     stream = fields.flag("stream", True)
     engine = engine_of(request)
@@ -473,14 +491,16 @@ def _blob_paths(blob_path: Callable[[str], Path], files: Mapping[str, Any], what
     return out
 
 
-def create_modelfile(fields: Fields, blob_path: Callable[[str], Path], workdir: Path) -> tuple[str | None, str | None]:
-    """Turn an ``/api/create`` request into what `Engine.create` takes: (from_, Modelfile text)."""
-    from ..registry.modelfile import Modelfile
+def create_modelfile(
+    fields: Fields, base: str | None, given: Modelfile | None, blob_path: Callable[[str], Path], workdir: Path
+) -> tuple[str | None, str | None]:
+    """Turn an ``/api/create`` request into what `Engine.create` takes: (from_, Modelfile text).
 
+    `base` is its checked ``from`` and `given` its checked ``modelfile``; uploaded
+    files and adapters are named by the paths of their blobs.
+    """
     files = fields.mapping("files", {})
     adapters = fields.mapping("adapters", {})
-    base = fields.text("from")
-    legacy = fields.text("modelfile")
     froms: list[str] = []
     if files:
         blobs = _blob_paths(blob_path, files, "files")
@@ -494,7 +514,7 @@ def create_modelfile(fields: Fields, blob_path: Callable[[str], Path], workdir: 
             folder = workdir / "files"
             for name, path in blobs:
                 parts = PurePosixPath(name.replace("\\", "/")).parts
-                if not parts or parts[0] == "/" or ".." in parts:
+                if not parts or parts[0] == "/" or ".." in parts or "\0" in name:
                     raise APIError(400, f"invalid file name {name!r} in 'files'")
                 target = folder.joinpath(*parts)
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -524,12 +544,12 @@ def create_modelfile(fields: Fields, blob_path: Callable[[str], Path], workdir: 
         licenses=licenses,
         messages=[{"role": m["role"], "content": str(m.get("content") or "")} for m in messages],
     )
-    text = built.format()
     from_ = None
     if not froms and base:
         from_ = base
-    if legacy:
-        return from_, legacy.rstrip("\n") + "\n" + text
+    if given is not None:
+        return from_, Modelfile((*given.instructions, *built.instructions)).format()
+    text = built.format()
     if not froms and not base:
         raise APIError(400, "neither 'from' nor 'files' was given: nothing to create the model from")
     return from_, text
@@ -539,15 +559,27 @@ def create_modelfile(fields: Fields, blob_path: Callable[[str], Path], workdir: 
 async def create(request: Request) -> Response:
     fields = await read_request(request)
     model = model_field(fields)
+    model_name(model)
     stream = fields.flag("stream", True)
     quantize = fields.text("quantize")
     engine = engine_of(request)
+    allowed = settings_of(request).allow_local_paths
+    base = fields.text("from")
+    if base:
+        base = await model_to_build_on(engine, base, "from", allow_local_paths=allowed)
+    modelfile = fields.text("modelfile")
+    given = await checked_modelfile(engine, modelfile, allow_local_paths=allowed) if modelfile else None
 
     async def operation(emit: Emit) -> None:
-        folder = await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="localllm-create-"))
+        folder = await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix=CREATE_FOLDER_PREFIX))
         try:
-            from_, text = await anyio.to_thread.run_sync(create_modelfile, fields, engine.blob_path, Path(folder))
+            from_, text = await anyio.to_thread.run_sync(
+                create_modelfile, fields, base, given, engine.blob_path, Path(folder)
+            )
             await engine.create(model, from_=from_, modelfile=text, quantize=quantize, progress=emit)
+        except ConversionError as exc:  # what was uploaded, or the quantization asked for, cannot be converted
+            field = "files" if fields.has("files") else "quantize"
+            raise APIError(400, f"invalid value for '{field}': {exc}", param=field) from None
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(lambda: shutil.rmtree(folder, ignore_errors=True))

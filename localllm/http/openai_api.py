@@ -34,8 +34,9 @@ from .common import (
     error_message,
     pump,
     status_for,
+    tool_calls,
 )
-from .ollama_api import engine_of, read_request
+from .ollama_api import engine_of, model_to_serve, read_request
 
 __all__ = ["openai_error", "routes"]
 
@@ -89,11 +90,11 @@ def _id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
-def _model(fields: Fields) -> str:
+async def _model(request: Request, fields: Fields) -> str:
     model = fields.text("model")
     if not model:
         raise APIError(400, "'model' is required", param="model")
-    return str(model)
+    return await model_to_serve(request, str(model))
 
 
 # --------------------------------------------------------------------------- request translation
@@ -166,7 +167,7 @@ def reasoning(fields: Fields) -> Any:
         "xhigh": "max",
         "max": "max",
     }
-    if effort not in levels:
+    if not isinstance(effort, str) or effort not in levels:
         raise APIError(400, f"invalid reasoning effort {effort!r}", param="reasoning_effort")
     return levels[effort]
 
@@ -227,23 +228,10 @@ def chat_messages(fields: Fields) -> list[dict[str, Any]]:
             entry["thinking"] = message.get("reasoning") or message.get("reasoning_content")
         calls = message.get("tool_calls")
         if calls:
-            if not isinstance(calls, list):
-                raise APIError(400, f"messages[{index}].tool_calls must be an array", param="messages")
-            converted = []
-            for call in calls:
-                function = call.get("function") if isinstance(call, dict) else None
-                if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-                    raise APIError(400, f"messages[{index}] has an invalid tool call", param="messages")
-                arguments = function.get("arguments") or "{}"
-                if isinstance(arguments, str):
-                    try:
-                        arguments = json.loads(arguments) if arguments.strip() else {}
-                    except ValueError:
-                        raise APIError(400, "invalid tool call arguments: not JSON", param="messages") from None
-                call_id = str(call.get("id") or "")
-                if call_id:
-                    names_by_id[call_id] = function["name"]
-                converted.append({"id": call_id, "function": {"name": function["name"], "arguments": arguments}})
+            converted = tool_calls(calls, f"messages[{index}].tool_calls")
+            for call in converted:
+                if call["id"]:
+                    names_by_id[call["id"]] = call["function"]["name"]
             entry["tool_calls"] = converted
         if role == "tool":
             answered = message.get("tool_call_id")
@@ -274,10 +262,16 @@ def _tool_calls_json(calls: Any, start: int = 0) -> list[dict[str, Any]]:
     return out
 
 
-def _usage(response: Any) -> dict[str, int]:
+def _usage(response: Any) -> dict[str, Any]:
     prompt = int(getattr(response, "prompt_eval_count", None) or 0)
     completion = int(getattr(response, "eval_count", None) or 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = int(getattr(response, "prompt_cached_count", None) or 0)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def _finish_reason(done_reason: str | None, tool_calls: bool) -> str:
@@ -300,7 +294,7 @@ def _include_usage(fields: Fields) -> bool:
 @endpoint
 async def chat_completions(request: Request) -> Response:
     fields = await read_request(request)
-    model = _model(fields)
+    model = await _model(request, fields)
     messages = chat_messages(fields)
     stream = fields.flag("stream", False)
     include_usage = _include_usage(fields)
@@ -410,7 +404,7 @@ def _prompt(fields: Fields) -> str:
 @endpoint
 async def completions(request: Request) -> Response:
     fields = await read_request(request)
-    model = _model(fields)
+    model = await _model(request, fields)
     prompt = _prompt(fields)
     stream = fields.flag("stream", False)
     include_usage = _include_usage(fields)
@@ -483,7 +477,7 @@ def _base64_floats(vector: Any) -> str:
 @endpoint
 async def embeddings(request: Request) -> Response:
     fields = await read_request(request)
-    model = _model(fields)
+    model = await _model(request, fields)
     inputs = _embedding_input(fields)
     encoding = fields.text("encoding_format", "float")
     if encoding not in ("float", "base64"):
@@ -514,6 +508,8 @@ async def embeddings(request: Request) -> Response:
 
 
 def _timestamp(value: Any) -> int:
+    if isinstance(value, _dt.datetime):
+        return int(value.timestamp())
     if isinstance(value, (int, float)):
         return int(value)
     if isinstance(value, str) and value:
@@ -539,13 +535,13 @@ def _model_json(name: str, modified_at: Any) -> dict[str, Any]:
 
 @endpoint
 async def list_models(request: Request) -> Response:
-    models = await engine_of(request).list()
+    models = (await engine_of(request).list()).models
     return JSON({"object": "list", "data": [_model_json(m.name, m.modified_at) for m in models]})
 
 
 @endpoint
 async def retrieve_model(request: Request) -> Response:
-    name = str(request.path_params["model"])
+    name = await model_to_serve(request, str(request.path_params["model"]))
     info = await engine_of(request).show(name)
     return JSON(_model_json(name, getattr(info, "modified_at", None)))
 

@@ -7,7 +7,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -35,19 +35,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _check_host(host: str, allow_remote: bool) -> None:
-    if is_loopback(host):
-        return
-    if not allow_remote:
-        raise ValueError(
-            f"refusing to listen on {host}: it would expose the models and the model store to other machines;"
-            " pass allow_remote=True (--allow-remote on the command line) if that is what you want"
+def _check_exposure(host: str, allow_remote: bool, allow_local_paths: bool) -> None:
+    if not is_loopback(host):
+        if not allow_remote:
+            raise ValueError(
+                f"refusing to listen on {host}: it would expose the models and the model store to other machines;"
+                " pass allow_remote=True (--allow-remote on the command line) if that is what you want"
+            )
+        logger.warning(
+            "listening on %s: anyone who can reach this address can run, create, pull and delete models"
+            " (there is no authentication)",
+            host,
         )
-    logger.warning(
-        "listening on %s: anyone who can reach this address can run, create, pull and delete models"
-        " (there is no authentication)",
-        host,
-    )
+    if allow_local_paths:
+        logger.warning("local paths are allowed: clients may name files on this machine as models")
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -84,6 +85,8 @@ async def serve(
     *,
     engine_factory: Callable[[], Any] | None = None,
     allow_remote: bool = False,
+    allow_local_paths: bool = False,
+    origins: Sequence[str] = (),
     max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
     max_blob_size: int = DEFAULT_MAX_BLOB_SIZE,
     log_level: str | None = "info",
@@ -94,15 +97,25 @@ async def serve(
 
     Give an open `engine`, or an `engine_factory` whose engine the server
     opens and closes. Only loopback addresses are allowed unless
-    `allow_remote` is set. `on_ready(host, port)` is called once it listens
-    (useful with ``port=0``, which picks a free port). Runs on asyncio
-    (uvicorn does not run under trio).
+    `allow_remote` is set; on loopback, requests must be addressed to this
+    machine (the Host header). Requests name models, not server files, unless
+    `allow_local_paths`. `origins` are allowed beside the defaults and
+    ``LOCALLLM_ORIGINS``/``OLLAMA_ORIGINS`` (see `create_app`).
+    `on_ready(host, port)` is called once it listens (useful with
+    ``port=0``, which picks a free port). Runs on asyncio (uvicorn does not
+    run under trio).
     """
     if sniffio.current_async_library() != "asyncio":
         raise RuntimeError("the HTTP server runs on asyncio (uvicorn); start it with anyio.run(..., backend='asyncio')")
-    _check_host(host, allow_remote)
+    _check_exposure(host, allow_remote, allow_local_paths)
     app = create_app(
-        engine, engine_factory=engine_factory, max_request_size=max_request_size, max_blob_size=max_blob_size
+        engine,
+        engine_factory=engine_factory,
+        max_request_size=max_request_size,
+        max_blob_size=max_blob_size,
+        allow_local_paths=allow_local_paths,
+        origins=origins,
+        check_host=is_loopback(host),
     )
     sock = bind_socket(host, port)
     server = _server(app, log_level, access_log)
@@ -174,16 +187,23 @@ class ServerThread:
         port: int = 0,
         *,
         allow_remote: bool = False,
+        allow_local_paths: bool = False,
+        origins: Sequence[str] = (),
         max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
         max_blob_size: int = DEFAULT_MAX_BLOB_SIZE,
         log_level: str | None = "warning",
         startup_timeout: float = 60.0,
     ) -> None:
-        _check_host(host, allow_remote)
+        _check_exposure(host, allow_remote, allow_local_paths)
         self.host = host
         self._factory = engine_factory
         self._app = create_app(
-            engine_factory=engine_factory, max_request_size=max_request_size, max_blob_size=max_blob_size
+            engine_factory=engine_factory,
+            max_request_size=max_request_size,
+            max_blob_size=max_blob_size,
+            allow_local_paths=allow_local_paths,
+            origins=origins,
+            check_host=is_loopback(host),
         )
         self._sock = bind_socket(host, port)
         self.port: int = self._sock.getsockname()[1]

@@ -28,6 +28,7 @@ from ..errors import (
     LocalLLMError,
     ModelfileError,
     ModelNotFound,
+    TemplateError,
 )
 from ..gguf.architectures import ENCODER_ARCHITECTURES
 from ..gojson import go_quote
@@ -66,6 +67,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("localllm.registry")
+
+_FETCH_AGAIN = "Pull or create the model again."
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -242,8 +245,8 @@ class Registry:
         self.models_dir = Path(models_dir).expanduser()
         self._quantizer = quantizer
         self.store = BlobStore(self.models_dir)
-        #: Held while the store changes (create, copy, delete, prune).
-        self.lock = threading.RLock()
+        #: Held while the store changes (create, copy, delete, prune, the last step of a pull): the store's lock.
+        self.lock = self.store.lock
 
     # ---- lookup
 
@@ -302,29 +305,58 @@ class Registry:
         validate_once(path)
         return ResolvedModel(name=str(path), model_path=path)
 
+    def _read_blob(self, layer: Layer, display: str) -> bytes:
+        try:
+            return self.store.read_blob(layer.digest)
+        except LocalLLMError as exc:  # missing, or damaged
+            raise InvalidModelFile(f"model '{display}' cannot be used: {exc}. {_FETCH_AGAIN}") from None
+
     def _read_json_blob(self, layer: Layer, what: str, display: str) -> Any:
         try:
-            return json.loads(self.store.read_blob(layer.digest))
+            return json.loads(self._read_blob(layer, display))
         except ValueError as exc:
             raise InvalidModelFile(
                 f"the {what} of model '{display}' ({layer.digest}) is not valid JSON: {exc}"
             ) from None
 
-    def _read_text_blob(self, layer: Layer) -> str:
-        return self.store.read_blob(layer.digest).decode("utf-8", "replace")
+    def _read_text_blob(self, layer: Layer, display: str) -> str:
+        return self._read_blob(layer, display).decode("utf-8", "replace")
+
+    def _stored_file(self, layer: Layer, display: str) -> Path:
+        """The file of a GGUF layer of model `display`, once known intact and safe for llama.cpp to load.
+
+        Intact: its bytes still hash to its name (a shared store can change under us). Both checks are made once
+        per version of the file.
+        """
+        from ..gguf import validate_once
+
+        what = GGUF_MEDIA_TYPES[layer.media_type]
+        path = self.store.blob_path(layer.digest)
+        if not path.is_file():
+            raise InvalidModelFile(
+                f"model '{display}' cannot be used: its {what} ({layer.digest}) is missing from the store."
+                f" {_FETCH_AGAIN}"
+            )
+        if not self.store.has_blob(layer.digest):
+            raise InvalidModelFile(
+                f"model '{display}' cannot be used: its {what} ({layer.digest}) is damaged: its bytes no longer"
+                f" match their sha256. {_FETCH_AGAIN}"
+            )
+        try:
+            validate_once(path)
+        except InvalidModelFile as exc:
+            raise InvalidModelFile(
+                f"model '{display}' cannot be used: its {what} is not a usable GGUF file. {exc} "
+                f"Delete the model and pull or create it again."
+            ) from None
+        return path
 
     def _resolve_manifest(self, name: ModelName, manifest: Manifest) -> ResolvedModel:
         display = name.display
         model_layer = manifest.layer_of(MEDIA_MODEL)
         if model_layer is None:
             raise InvalidModelFile(f"model '{display}' has no GGUF model layer; localllm cannot run it")
-        model_path = self.store.blob_path(model_layer.digest)
-        if not model_path.is_file():
-            raise InvalidModelFile(
-                f"the model file of '{display}' ({model_layer.digest}) is missing from {self.store.blobs_dir};"
-                " pull or create the model again"
-            )
-        _check_stored_file(model_path, GGUF_MEDIA_TYPES[MEDIA_MODEL], display)
+        model_path = self._stored_file(model_layer, display)
         params: dict[str, Any] = {}
         template = system = None
         messages: tuple[dict[str, Any], ...] = ()
@@ -339,22 +371,20 @@ class Registry:
                     raise InvalidModelFile(f"the parameters of model '{display}' are not a JSON object")
                 params = _typed_params(raw, f"the parameters of model '{display}'")
             elif media in (MEDIA_TEMPLATE, "application/vnd.ollama.image.prompt"):
-                template = self._read_text_blob(layer)
+                template = self._read_text_blob(layer, display)
             elif media == MEDIA_SYSTEM:
-                system = self._read_text_blob(layer)
+                system = self._read_text_blob(layer, display)
             elif media == MEDIA_MESSAGES:
                 raw = self._read_json_blob(layer, "messages", display)
                 if not isinstance(raw, list) or not all(isinstance(m, dict) for m in raw):
                     raise InvalidModelFile(f"the messages of model '{display}' are not a JSON list of objects")
                 messages = tuple(dict(m) for m in raw)
             elif media == MEDIA_LICENSE:
-                licenses.append(self._read_text_blob(layer))
+                licenses.append(self._read_text_blob(layer, display))
             elif media == MEDIA_ADAPTER:
-                adapters.append(self.store.blob_path(layer.digest))
-                _check_stored_file(adapters[-1], GGUF_MEDIA_TYPES[media], display)
+                adapters.append(self._stored_file(layer, display))
             elif media == MEDIA_PROJECTOR and projector is None:
-                projector = self.store.blob_path(layer.digest)
-                _check_stored_file(projector, GGUF_MEDIA_TYPES[media], display)
+                projector = self._stored_file(layer, display)
         return ResolvedModel(
             name=display,
             model_path=model_path,
@@ -410,6 +440,7 @@ class Registry:
             from_line = 0
         if not froms:
             raise ModelfileError("nothing to create from: give from_= (a GGUF file or a model name) or a FROM line")
+        _check_template(parsed.template, target)
         with self.lock:
             self._create_locked(target, froms, from_line, parsed, base_dir, emit, quantize)
 
@@ -497,8 +528,8 @@ class Registry:
                 path.unlink(missing_ok=True)
 
     def _scratch_path(self) -> Path:
-        """A temporary file in the blob store (prune removes any a crash leaves behind)."""
-        return self.store._temp_path()
+        """A temporary file in the blob store (a crash's leftovers are pruned; `add_file` renames, not copies, it)."""
+        return self.store.temp_path()
 
     def _convert(self, folder: Path, emit: Progress, scratch: list[Path]) -> Path:
         from ..gguf.convert import convert_hf_to_gguf
@@ -565,11 +596,13 @@ class Registry:
             if model_layer is None:
                 raise InvalidModelFile(f"model '{parent}' has no GGUF model layer to build on")
             for layer in base.layers:
-                if not self.store.has_blob(layer.digest):
-                    raise InvalidModelFile(f"model '{parent}' is missing its blob {layer.digest}; pull it again")
                 if layer.media_type in GGUF_MEDIA_TYPES:
-                    _check_stored_file(self.store.blob_path(layer.digest), GGUF_MEDIA_TYPES[layer.media_type], parent)
-                self.store.touch_blob(layer.digest)
+                    self._stored_file(layer, parent)
+                elif not self.store.has_blob(layer.digest):
+                    raise InvalidModelFile(
+                        f"model '{parent}' cannot be used: its blob {layer.digest} is missing or damaged."
+                        f" {_FETCH_AGAIN}"
+                    )
                 layers.append(attrs.evolve(layer, from_=parent))
                 emit({"status": f"using existing layer {layer.digest}"})
             try:
@@ -646,16 +679,8 @@ class Registry:
         config_layer = self._text_layer(go_json(config), MEDIA_CONFIG, _quiet)
         manifest = Manifest(config=config_layer, layers=tuple(layers))
 
-        old: Manifest | None = None
-        if self.store.has_manifest(target):
-            try:
-                old = self.store.read_manifest(target)
-            except LocalLLMError:
-                old = None
         emit({"status": "writing manifest"})
-        self.store.write_manifest(target, manifest)
-        if old is not None:
-            self.store.remove_blobs(set(old.digests) - set(manifest.digests))
+        self.store.commit_manifest(target, manifest)
         emit({"status": "success"})
 
     # ---- list / show
@@ -794,22 +819,18 @@ class Registry:
             dst = self.store.resolve_name(ModelName.parse(destination))
             if dst == src:
                 return
-            old: Manifest | None = None
-            if self.store.has_manifest(dst):
-                try:
-                    old = self.store.read_manifest(dst)
-                except LocalLLMError:
-                    old = None
-            self.store.write_manifest(dst, manifest)
-            if old is not None:
-                self.store.remove_blobs(set(old.digests) - set(manifest.digests))
+            self.store.commit_manifest(dst, manifest)
 
     def delete(self, name: str) -> None:
-        """Remove model `name` and every blob no other model uses."""
+        """Remove model `name` and every blob no other model uses (a damaged manifest too, and what it names)."""
         with self.lock:
-            stored, manifest = self.find(name)
-            self.store.delete_manifest(stored)
-            self.store.remove_blobs(manifest.digests)
+            stored = self.store.resolve_name(ModelName.parse(name))
+            digests = self.store.manifest_digests(stored)
+            try:
+                self.store.delete_manifest(stored)
+            except ModelNotFound:
+                raise ModelNotFound(self._not_found_message(name), model=name) from None
+            self.store.remove_blobs(digests)
 
     def prune(self, *, grace: float = 0.0) -> builtins.list[str]:
         """Remove blobs no model uses and leftover partial or temporary files; return their file names.
@@ -834,17 +855,14 @@ def _is_file(text: str) -> bool:
         return False
 
 
-def _check_stored_file(path: Path, what: str, display: str) -> None:
-    """Refuse a stored model whose GGUF file llama.cpp could not load safely (a shared store can change)."""
-    from ..gguf import validate_once
+def _check_template(template: str | None, target: ModelName) -> None:
+    """Refuse a TEMPLATE that does not parse now, rather than at the model's first use."""
+    from ..chat.template import load_template
 
     try:
-        validate_once(path)
-    except InvalidModelFile as exc:
-        raise InvalidModelFile(
-            f"model '{display}' cannot be used: its {what} is not a usable GGUF file. {exc} "
-            f"Delete the model and pull or create it again."
-        ) from None
+        load_template(template)
+    except TemplateError as exc:
+        raise TemplateError(f"cannot create '{target.display}': its TEMPLATE does not parse: {exc}") from None
 
 
 def _gguf_kind(info: GGUFInfo) -> str:

@@ -7,9 +7,13 @@
     <root>/manifests/<host>/<namespace>/<model>/<tag>    docker v2 manifests (JSON)
 
 Blobs are written to a temporary file in ``blobs/`` while they are hashed and
-reach their real name only by an atomic rename (or hard link) once the digest
-is known, so a crash never leaves a half-written blob under a real name.
-Manifests are replaced atomically too.
+reach their real name only by an atomic rename once the digest is known, so a
+crash never leaves a half-written blob under a real name. Files are copied in,
+never linked, so no file outside the store shares a blob's bytes. A blob's
+bytes are checked against its name once per version of its file, and a blob
+that fails is replaced by the next write of the true bytes. Manifests are
+replaced atomically too, and `BlobStore.lock` makes "these blobs are present,
+write the manifest naming them" one step that no removal of blobs can split.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any
 import attrs
 
 from .. import gojson
-from ..errors import BlobTooLarge, DigestMismatch, InvalidRequest, LocalLLMError, ModelNotFound
+from ..errors import BlobTooLarge, DigestMismatch, InvalidModelFile, InvalidRequest, LocalLLMError, ModelNotFound
 from .names import ModelName
 
 __all__ = [
@@ -73,6 +77,7 @@ _BLOB_NAME_RE = re.compile(r"sha256-[0-9a-f]{64}")
 _ANY_DIGEST_RE = re.compile(r"sha256[:-]([0-9a-fA-F]{64})")
 _TEMP_PREFIX = ".localllm-tmp-"
 _CHUNK = 1 << 20
+_REPLACE_IT = "delete the model and pull or create it again"
 
 
 def normalize_digest(digest: str) -> str:
@@ -247,6 +252,16 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+_store_locks: dict[Path, threading.RLock] = {}
+_store_locks_guard = threading.Lock()
+
+
+def _store_lock(root: Path) -> threading.RLock:
+    """The lock of the store in `root`: every BlobStore over one folder in this process shares it."""
+    with _store_locks_guard:
+        return _store_locks.setdefault(root.resolve(), threading.RLock())
+
+
 class BlobWriter:
     """One blob on its way into a store: written to a temporary file while it is hashed, renamed by `commit`.
 
@@ -261,7 +276,7 @@ class BlobWriter:
         self._hash = hashlib.sha256()
         #: Bytes written so far.
         self.size = 0
-        self._path = store._temp_path()
+        self._path = store.temp_path()
         self._file = open(self._path, "xb")
 
     def write(self, data: bytes) -> None:
@@ -272,15 +287,20 @@ class BlobWriter:
         self._file.write(data)
         self.size += len(data)
 
-    def commit(self) -> str:
-        """Give the blob its real name and return its digest; DigestMismatch if it is not the one expected."""
+    def commit(self, *, modified_ns: int | None = None) -> str:
+        """Give the blob its real name and return its digest; DigestMismatch if it is not the one expected.
+
+        `modified_ns` dates the blob (a copy keeps its source's modification time).
+        """
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         digest = "sha256:" + self._hash.hexdigest()
         if self._expected is not None and digest != self._expected:
             raise DigestMismatch(expected=self._expected, actual=digest)
-        self._store._install(self._path, digest, self.size)
+        if modified_ns is not None:
+            os.utime(self._path, ns=(time.time_ns(), modified_ns))
+        self._store._install(self._path, digest)
         return digest
 
     def discard(self) -> None:
@@ -302,7 +322,10 @@ class BlobStore:
         self.root = Path(root).expanduser()
         self.blobs_dir = self.root / "blobs"
         self.manifests_dir = self.root / "manifests"
-        self._lock = threading.Lock()
+        #: Held from the check that a manifest's blobs are present until the manifest is written, and while
+        #: blobs are removed, so no removal takes a blob that a manifest is about to name. Reentrant.
+        self.lock = _store_lock(self.root)
+        self._file_locks_guard = threading.Lock()
         self._file_locks: dict[tuple[int, int], threading.Lock] = {}
         # (device, inode, size, mtime_ns) of files already added -> digest
         self._added: dict[tuple[int, int, int, int], str] = {}
@@ -314,13 +337,24 @@ class BlobStore:
         return self.blobs_dir / normalize_digest(digest).replace(":", "-")
 
     def has_blob(self, digest: str) -> bool:
-        return self.blob_path(digest).is_file()
+        """Whether the store holds `digest` with bytes that still hash to it.
+
+        The bytes are read once per version of the file (a stat after that): a blob changed in place, even to
+        the same size, is not trusted, and the next create, pull or upload of the true bytes replaces it.
+        """
+        from ..gguf.validate import sha256_once
+
+        try:
+            return sha256_once(self.blob_path(digest)) == normalize_digest(digest)
+        except OSError:  # missing, or not a file
+            return False
 
     def partial_path(self, digest: str) -> Path:
         """Where a resumable download of `digest` keeps its bytes."""
         return self.blobs_dir / (normalize_digest(digest).replace(":", "-") + "-partial")
 
-    def _temp_path(self) -> Path:
+    def temp_path(self) -> Path:
+        """A new name for a temporary file in ``blobs/`` (prune removes any a crash leaves behind)."""
         self.blobs_dir.mkdir(parents=True, exist_ok=True)
         return self.blobs_dir / f"{_TEMP_PREFIX}{secrets.token_hex(8)}"
 
@@ -328,29 +362,19 @@ class BlobStore:
         """A writer of one new blob: `expected` is the digest its bytes must have, `max_size` their limit."""
         return BlobWriter(self, expected=expected, max_size=max_size)
 
-    def _install(self, temp: Path, digest: str, size: int) -> Path:
-        """Give `temp` (already hashed to `digest`) its real name, unless an intact copy is there."""
+    def _install(self, temp: Path, digest: str) -> Path:
+        """Give `temp`, whose bytes were hashed to `digest` as they were written, its real name.
+
+        It replaces whatever is there: bytes just hashed are known good, those already there are not (a reader
+        holding the old file keeps it). The digest of the new file is remembered, so its first use reads it
+        again only if it is too fresh to tell a later change from it.
+        """
+        from ..gguf.validate import remember_sha256
+
         final = self.blob_path(digest)
-        try:
-            if final.stat().st_size == size:
-                temp.unlink(missing_ok=True)
-                return final
-        except FileNotFoundError:
-            pass
-        try:
-            # link() never replaces: if another writer got there first, keep theirs.
-            os.link(temp, final)
-        except FileExistsError:
-            if final.stat().st_size != size:
-                os.replace(temp, final)
-                _fsync_dir(self.blobs_dir)
-                return final
-        except OSError:
-            os.replace(temp, final)
-            _fsync_dir(self.blobs_dir)
-            return final
-        temp.unlink(missing_ok=True)
+        os.replace(temp, final)
         _fsync_dir(self.blobs_dir)
+        remember_sha256(final, digest)
         return final
 
     def commit_partial(self, digest: str) -> Path:
@@ -360,41 +384,36 @@ class BlobStore:
         if not partial.is_file():
             raise LocalLLMError(f"no partial download of {digest} to commit")
         # Move it aside first so a concurrent writer can no longer append while we hash.
-        temp = self._temp_path()
+        temp = self.temp_path()
         os.replace(partial, temp)
         try:
-            actual, size = _hash_file(temp)
+            actual = _hash_file(temp)
             if actual != digest:
                 raise DigestMismatch(
                     f"downloaded blob has digest {actual}, expected {digest}; the download was discarded",
                     expected=digest,
                     actual=actual,
                 )
-            return self._install(temp, digest, size)
+            return self._install(temp, digest)
         finally:
             temp.unlink(missing_ok=True)
 
     def _file_lock(self, key: tuple[int, int]) -> threading.Lock:
-        with self._lock:
+        with self._file_locks_guard:
             lock = self._file_locks.get(key)
             if lock is None:
                 lock = self._file_locks[key] = threading.Lock()
             return lock
 
-    def add_file(
-        self,
-        path: Path,
-        *,
-        link: bool = True,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> str:
-        """Add a file's content as a blob and return its digest.
+    def add_file(self, path: Path, *, progress: Callable[[int, int], None] | None = None) -> str:
+        """Add a copy of a file's content as a blob and return its digest.
 
-        With `link` the blob is a hard link to `path` where the filesystem
-        allows, else a copy. Either way the content is hashed under a
-        temporary name and renamed into place only afterwards. `progress`, if
-        given, is called with (bytes done, total bytes) while hashing.
-        Adding the same file from several threads writes it once.
+        The store never shares bytes with a file outside it: a hard link would let an edit of the file change
+        the blob under its old name. The copy goes through `blob_writer` (hashed on the way, renamed into place)
+        and keeps the file's modification time, as ``cp -p`` does, so a file that has settled needs no second
+        read to be trusted. `progress`, if given, is called with (bytes done, total bytes). Adding the same
+        file from several threads copies it once. Files of the store itself are not copied: a blob (an upload)
+        is checked, and a temporary file (a conversion's or quantization's output) is hashed and renamed.
         """
         path = Path(path)
         try:
@@ -403,60 +422,71 @@ class BlobStore:
             raise LocalLLMError(f"no such file: {path}") from None
         if not path.is_file():
             raise LocalLLMError(f"not a regular file: {path}")
+        own = self._own_blob(path)
+        if own is not None:
+            if not self.has_blob(own):
+                raise InvalidModelFile(
+                    f"blob {own} is damaged: its bytes no longer match their sha256; upload it again"
+                )
+            if progress is not None:
+                progress(st.st_size, st.st_size)
+            return own
+        if self._is_temp(path):
+            digest = _hash_file(path, progress=progress, total=st.st_size)
+            self._install(path, digest)
+            return digest
         identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         with self._file_lock((st.st_dev, st.st_ino)):
             known = self._added.get(identity)
-            if known is not None and self.has_blob(known) and self.blob_path(known).stat().st_size == st.st_size:
+            if known is not None and self.has_blob(known):
                 if progress is not None:
                     progress(st.st_size, st.st_size)
                 return known
-            digest = self._add_file(path, st.st_size, link=link, progress=progress)
-            self._added[identity] = digest
+            digest = self._add_file(path, st, progress=progress)
+            after = path.stat()
+            if (after.st_dev, after.st_ino, after.st_size, after.st_mtime_ns) == identity:  # unchanged while copied
+                self._added[identity] = digest
             return digest
 
-    def _add_file(self, path: Path, total: int, *, link: bool, progress: Callable[[int, int], None] | None) -> str:
-        if link:
-            temp = self._temp_path()
-            try:
-                os.link(path, temp)
-            except OSError:
-                pass  # another filesystem, or no hard links there: copy instead
-            else:
-                try:
-                    digest, size = _hash_file(temp, progress=progress, total=total)
-                    self._install(temp, digest, size)
-                    return digest
-                finally:
-                    temp.unlink(missing_ok=True)
+    def _own_blob(self, path: Path) -> str | None:
+        """The digest of `path` if it is one of this store's blobs."""
+        if not _BLOB_NAME_RE.fullmatch(path.name) or path.resolve().parent != self.blobs_dir.resolve():
+            return None
+        return normalize_digest(path.name)
+
+    def _is_temp(self, path: Path) -> bool:
+        """Whether `path` is a temporary file of this store (see `temp_path`): nothing outside the store has it."""
+        return path.name.startswith(_TEMP_PREFIX) and path.resolve().parent == self.blobs_dir.resolve()
+
+    def _add_file(self, path: Path, st: os.stat_result, *, progress: Callable[[int, int], None] | None) -> str:
         with self.blob_writer() as out, open(path, "rb") as src:
             while chunk := src.read(_CHUNK):
                 out.write(chunk)
                 if progress is not None:
-                    progress(out.size, max(total, out.size))
-            return out.commit()
+                    progress(out.size, max(st.st_size, out.size))
+            return out.commit(modified_ns=st.st_mtime_ns)
 
     def add_bytes(self, data: bytes) -> str:
         """Add `data` as a blob and return its digest."""
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        final = self.blob_path(digest)
-        with contextlib.suppress(FileNotFoundError):
-            if final.stat().st_size == len(data):
-                return digest
+        if self.has_blob(digest):
+            return digest
         with self.blob_writer(expected=digest) as out:
             out.write(data)
             return out.commit()
 
     def read_blob(self, digest: str) -> bytes:
-        path = self.blob_path(digest)
+        """The bytes of blob `digest`; LocalLLMError if it is missing, InvalidModelFile if they no longer hash to it."""
+        digest = normalize_digest(digest)
         try:
-            return path.read_bytes()
+            data = self.blob_path(digest).read_bytes()
         except FileNotFoundError:
-            raise LocalLLMError(f"blob {normalize_digest(digest)} is missing from {self.blobs_dir}") from None
-
-    def touch_blob(self, digest: str) -> None:
-        """Mark a blob as recently used (protects it from a prune with a grace period)."""
-        with contextlib.suppress(OSError):
-            os.utime(self.blob_path(digest))
+            raise LocalLLMError(f"blob {digest} is missing from the store") from None
+        except OSError as exc:
+            raise LocalLLMError(f"blob {digest} cannot be read ({exc.strerror})") from None
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            raise InvalidModelFile(f"blob {digest} is damaged: its bytes no longer match their sha256")
+        return data
 
     # ---- names
 
@@ -493,16 +523,32 @@ class BlobStore:
     # ---- manifests
 
     def read_manifest(self, name: ModelName) -> Manifest:
-        """The manifest of `name` (matched case-insensitively); ModelNotFound if there is none."""
+        """The manifest of `name` (matched case-insensitively).
+
+        ModelNotFound if there is none; InvalidModelFile, naming the model, if it cannot be read or is damaged.
+        """
         path = self.manifest_path(name)
         try:
             data = path.read_bytes()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise ModelNotFound(model=name.display) from None
+        except OSError as exc:
+            raise InvalidModelFile(
+                f"the manifest of model '{name.display}' cannot be read ({exc.strerror}); {_REPLACE_IT}"
+            ) from None
         try:
             return Manifest.from_json(data)
         except LocalLLMError as exc:
-            raise LocalLLMError(f"the manifest of '{name.display}' ({path}) is damaged: {exc}") from None
+            raise InvalidModelFile(
+                f"the manifest of model '{name.display}' is damaged ({exc}); {_REPLACE_IT}"
+            ) from None
+
+    def manifest_digests(self, name: ModelName) -> set[str]:
+        """Every digest the manifest of `name` names, damaged or not; none when there is no manifest."""
+        try:
+            return _digests_in(self.manifest_path(name).read_bytes())
+        except OSError:
+            return set()
 
     def manifest_mtime(self, name: ModelName) -> float:
         try:
@@ -531,6 +577,16 @@ class BlobStore:
             finally:
                 temp.unlink(missing_ok=True)
         _fsync_dir(path.parent)
+
+    def commit_manifest(self, name: ModelName, manifest: Manifest) -> None:
+        """Write (or replace) the manifest of `name`, then remove the blobs only the replaced one used.
+
+        Hold `lock` from the check that the manifest's blobs are present until this returns.
+        """
+        with self.lock:
+            replaced = self.manifest_digests(name)
+            self.write_manifest(name, manifest)
+            self.remove_blobs(replaced - set(manifest.digests))
 
     def delete_manifest(self, name: ModelName) -> None:
         """Remove the manifest of `name` and the folders it leaves empty; ModelNotFound if absent."""
@@ -581,56 +637,51 @@ class BlobStore:
         """Every digest any manifest refers to. Damaged manifests count by every digest they mention."""
         used: set[str] = set()
         for path, _ in self._manifest_files():
-            try:
-                data = path.read_bytes()
-            except OSError:
-                continue
-            try:
-                used.update(Manifest.from_json(data).digests)
-            except LocalLLMError:
-                text = data.decode("utf-8", "replace")
-                used.update("sha256:" + hexpart.lower() for hexpart in _ANY_DIGEST_RE.findall(text))
+            with contextlib.suppress(OSError):
+                used.update(_digests_in(path.read_bytes()))
         return used
 
     def remove_blobs(self, digests: Iterable[str]) -> list[str]:
         """Remove those of `digests` no manifest references; return the ones removed."""
-        used = self.referenced_digests()
-        removed: list[str] = []
-        for digest in dict.fromkeys(normalize_digest(d) for d in digests):
-            if digest in used:
-                continue
-            try:
-                self.blob_path(digest).unlink()
-            except FileNotFoundError:
-                continue
-            removed.append(digest)
-        return removed
+        with self.lock:
+            used = self.referenced_digests()
+            removed: list[str] = []
+            for digest in dict.fromkeys(normalize_digest(d) for d in digests):
+                if digest in used:
+                    continue
+                try:
+                    self.blob_path(digest).unlink()
+                except FileNotFoundError:
+                    continue
+                removed.append(digest)
+            return removed
 
     def prune(self, *, grace: float = 0.0) -> list[str]:
         """Remove unreferenced blobs and leftover partial/temporary files; return their file names.
 
-        Files modified less than `grace` seconds ago are kept: pass a grace
-        period when a download or create may be running concurrently.
+        Files modified less than `grace` seconds ago are kept: pass a grace period when a download or an upload
+        may be running (creates and the last step of pulls hold `lock`, as this does).
         """
-        removed: list[str] = []
-        if not self.blobs_dir.is_dir():
-            return removed
-        used = {d.replace(":", "-") for d in self.referenced_digests()}
-        now = time.time()
-        for entry in sorted(os.scandir(self.blobs_dir), key=lambda e: e.name):
-            if not entry.is_file(follow_symlinks=False):
-                continue
-            if _BLOB_NAME_RE.fullmatch(entry.name) and entry.name in used:
-                continue
-            try:
-                if grace > 0 and now - entry.stat(follow_symlinks=False).st_mtime < grace:
+        with self.lock:
+            removed: list[str] = []
+            if not self.blobs_dir.is_dir():
+                return removed
+            used = {d.replace(":", "-") for d in self.referenced_digests()}
+            now = time.time()
+            for entry in sorted(os.scandir(self.blobs_dir), key=lambda e: e.name):
+                if not entry.is_file(follow_symlinks=False):
                     continue
-                os.unlink(entry.path)
-            except FileNotFoundError:
-                continue
-            removed.append(entry.name)
-        self._prune_manifest_dirs(now, grace)
-        return removed
+                if _BLOB_NAME_RE.fullmatch(entry.name) and entry.name in used:
+                    continue
+                try:
+                    if grace > 0 and now - entry.stat(follow_symlinks=False).st_mtime < grace:
+                        continue
+                    os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue
+                removed.append(entry.name)
+            self._prune_manifest_dirs(now, grace)
+            return removed
 
     def _prune_manifest_dirs(self, now: float, grace: float) -> None:
         if not self.manifests_dir.is_dir():
@@ -648,13 +699,22 @@ class BlobStore:
                 os.rmdir(folder)
 
 
-def _hash_file(path: Path, *, progress: Callable[[int, int], None] | None = None, total: int = 0) -> tuple[str, int]:
+def _digests_in(data: bytes) -> set[str]:
+    """The digests a manifest's bytes name; of a damaged one, every digest it mentions."""
+    try:
+        return set(Manifest.from_json(data).digests)
+    except LocalLLMError:
+        text = data.decode("utf-8", "replace")
+        return {"sha256:" + hexpart.lower() for hexpart in _ANY_DIGEST_RE.findall(text)}
+
+
+def _hash_file(path: Path, *, progress: Callable[[int, int], None] | None = None, total: int = 0) -> str:
     digest = hashlib.sha256()
-    size = 0
+    done = 0
     with open(path, "rb") as src:
         while chunk := src.read(_CHUNK):
             digest.update(chunk)
-            size += len(chunk)
+            done += len(chunk)
             if progress is not None:
-                progress(size, max(total, size))
-    return "sha256:" + digest.hexdigest(), size
+                progress(done, max(total, done))
+    return "sha256:" + digest.hexdigest()

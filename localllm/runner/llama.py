@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import llama_cpp
 
-from ..errors import InvalidFormat, LocalLLMError, ModelLoadError
+from ..errors import InvalidFormat, InvalidRequest, ModelLoadError
 from ..options import Options
 from .protocol import KV_CACHE_TYPES, LoadConfig
 
@@ -248,7 +248,7 @@ class LlamaModel:
         """Token ids outside the vocabulary would make llama.cpp abort: refuse them here."""
         bad = [t for t in tokens if not 0 <= t < self.n_vocab]
         if bad:
-            raise LocalLLMError(f"token ids {bad[:5]} are outside the vocabulary of {self.n_vocab}")
+            raise InvalidRequest(f"token ids {bad[:5]} are outside the vocabulary of {self.n_vocab}")
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))

@@ -62,7 +62,11 @@ class SamplingParams:
 
 @attrs.frozen
 class SequenceResult:
-    """How a sequence ended, with Ollama's counters (durations in ns)."""
+    """How a sequence ended, with Ollama's counters (durations in ns).
+
+    `prompt_eval_count` is the whole prompt, as Ollama counts it; `prompt_cached_count` is the part of
+    it whose KV entries a slot already held, so only the rest was evaluated.
+    """
 
     done_reason: str
     prompt_eval_count: int
@@ -70,6 +74,7 @@ class SequenceResult:
     eval_count: int
     eval_duration: int
     tokens: tuple[int, ...] = ()
+    prompt_cached_count: int = 0
 
 
 class _Withdraw(Protocol):
@@ -121,6 +126,10 @@ class TextRunner(_Runner, Protocol):
     """A runner that generates text: sequences in, text and a result out."""
 
     def submit(self, prompt: list[int], params: SamplingParams) -> SequenceHandle: ...
+
+    def check_token_ids(self, tokens: Sequence[int]) -> None:
+        """Raise InvalidRequest for ids outside the model's vocabulary."""
+        ...
 
     def special_token_text(self) -> tuple[str, str]:
         """The text of the BOS and EOS tokens ("" where the model has none), for chat templates."""

@@ -121,6 +121,10 @@ class Runner:
             del tokens[0]
         return tokens
 
+    def check_token_ids(self, tokens: Sequence[int]) -> None:
+        """Raise InvalidRequest for ids outside the vocabulary (llama.cpp would abort on them)."""
+        self.model.check_token_ids(tokens)
+
     def special_token_text(self) -> tuple[str, str]:
         """The text of the BOS and EOS tokens ("" where the model has none), for chat templates."""
         model = self.model
@@ -342,9 +346,11 @@ class Runner:
                 active.handle.mailbox.put(tail)
         end = time.perf_counter()
         first = active.first_token_at or end
+        prompt = len(active.handle.prompt)
         result = SequenceResult(
             done_reason=reason,
-            prompt_eval_count=active.prompt_evaluated,
+            prompt_eval_count=prompt,
+            prompt_cached_count=prompt - active.prompt_evaluated,
             prompt_eval_duration=int((first - active.started) * 1e9),
             eval_count=len(active.generated),
             eval_duration=int((end - first) * 1e9),

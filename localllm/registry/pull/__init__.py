@@ -12,7 +12,9 @@
   blob it lists from ``/v2/<namespace>/<model>/blobs/<digest>`` (`oci`).
 
 Either way blobs come down resumably, in parallel byte ranges, and are checked
-against their sha256 before they take their real name (`download`).
+against their sha256 before they take their real name (`download`). Blobs the
+store already holds intact are not downloaded again; the manifest is written
+under the store's lock once every blob it names is there.
 
 The call is synchronous and meant to run in a worker thread; progress callbacks
 are made from that same thread. Setting the `cancel` event stops the pull
@@ -48,6 +50,9 @@ def pull(
     ``{"status": "verifying sha256 digest"}``, ``{"status": "writing manifest"}`` and
     ``{"status": "success"}``.
 
+    Plain http (to the registry, the hub, or wherever they redirect) needs `insecure`, except to a local
+    registry (a loopback address with a port).
+
     Raises ModelNotFound when the registry has no such model, DigestMismatch when
     a blob's bytes do not hash to its digest, InvalidModelFile when a model file,
     adapter or projector is not a GGUF llama.cpp can load safely (then no manifest
@@ -59,6 +64,6 @@ def pull(
     emit: Progress = progress if progress is not None else (lambda _event: None)
     check_cancel(cancel, model.display)
     if model.host.lower() in HF_HOSTS:
-        pull_hf(store, model, emit=emit, cancel=cancel, settings=settings)
+        pull_hf(store, model, emit=emit, insecure=insecure, cancel=cancel, settings=settings)
     else:
         pull_oci(store, model, emit=emit, insecure=insecure, cancel=cancel, settings=settings)

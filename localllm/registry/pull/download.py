@@ -5,7 +5,11 @@ part is fetched in parallel byte ranges, each written at its own offset; how
 far each range has come is kept in ``<partial>.json``, so an interrupted pull
 resumes where it stopped. Connection errors, server errors and stalled
 connections are retried with exponential backoff. `commit_blob` then checks
-the bytes against their sha256 before they take their real name.
+the bytes against their sha256 before they take their real name, and
+`commit_pull` writes the manifest once every blob it names is in the store.
+
+Errors name a server's status and host, never what it answered: a pull can be
+pointed at any address, and its error must not become a way to read one.
 """
 
 from __future__ import annotations
@@ -20,17 +24,17 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import attrs
 import httpx
 
 from ...errors import DigestMismatch, InvalidModelFile, LocalLLMError, PullError
 from ..names import ModelName
-from ..store import GGUF_MEDIA_TYPES, BlobStore, Layer, normalize_digest
+from ..store import GGUF_MEDIA_TYPES, BlobStore, Layer, Manifest, normalize_digest
 
 __all__ = [
     "DIGEST_RE",
@@ -40,9 +44,12 @@ __all__ = [
     "check_cancel",
     "check_gguf_layers",
     "commit_blob",
+    "commit_pull",
     "describe_error",
+    "describe_status",
     "holding",
     "http_client",
+    "loopback_with_port",
     "short_digest",
     "sleep_backoff",
 ]
@@ -57,6 +64,8 @@ _TICK = 0.05  # seconds between progress reports / cancel checks
 _SAVE_EVERY = 1.0  # seconds between writes of the progress sidecar
 _CANCEL_GRACE = 2.0  # seconds to wait for download threads after a stop before returning anyway
 _MAX_REDIRECTS = 10
+# Rounds of "fetch what the store lacks, then commit" before a pull whose blobs keep vanishing gives up.
+_COMMIT_ROUNDS = 3
 
 
 @attrs.frozen
@@ -120,7 +129,31 @@ def check_cancel(cancel: threading.Event | None, what: str) -> None:
         raise PullError(f"pull of '{what}' was cancelled")
 
 
-def http_client(settings: PullSettings) -> httpx.Client:
+def loopback_with_port(host: str) -> bool:
+    """Whether `host` is ``localhost``, ``127.0.0.1`` or ``[::1]`` with an explicit port (a local registry)."""
+    try:
+        parts = urlsplit("//" + host)
+        port = parts.port
+    except ValueError:
+        return False
+    return port is not None and parts.hostname in ("localhost", "127.0.0.1", "::1")
+
+
+def http_client(settings: PullSettings, *, insecure: bool) -> httpx.Client:
+    """A client for one pull; without `insecure` it speaks plain http to local registries only.
+
+    That holds for every request, redirects included: a registry may send the download to another host (its
+    blob storage), but not off https.
+    """
+
+    def refuse_plain_http(request: httpx.Request) -> None:
+        host = request.url.netloc.decode("ascii", "replace")
+        if request.url.scheme == "http" and not insecure and not loopback_with_port(host):
+            raise PullError(
+                f"refused to fetch from {request.url.host} over plain http (unencrypted); pass insecure=True to"
+                " allow it"
+            )
+
     timeout = httpx.Timeout(
         connect=settings.connect_timeout,
         read=settings.stall_timeout,
@@ -128,7 +161,12 @@ def http_client(settings: PullSettings) -> httpx.Client:
         pool=None,
     )
     limits = httpx.Limits(max_connections=settings.connections + 4, max_keepalive_connections=settings.connections)
-    return httpx.Client(timeout=timeout, limits=limits, headers={"User-Agent": "localllm"})
+    return httpx.Client(
+        timeout=timeout,
+        limits=limits,
+        headers={"User-Agent": "localllm"},
+        event_hooks={"request": [refuse_plain_http]},
+    )
 
 
 def _backoff_delay(settings: PullSettings, attempt: int) -> float:
@@ -136,7 +174,22 @@ def _backoff_delay(settings: PullSettings, attempt: int) -> float:
     return delay * (0.5 + random.random())
 
 
+def describe_status(status: int, url: object) -> str:
+    """``HTTP <status> from <host>``: all an error says of a server's answer."""
+    parts = urlsplit(str(url))
+    host = parts.hostname or "the server"
+    with contextlib.suppress(ValueError):
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+    return f"HTTP {status} from {host}"
+
+
 def describe_error(exc: BaseException) -> str:
+    """What went wrong; of an error that carries a server's answer, only its status and host."""
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if isinstance(status, int):
+        return describe_status(status, getattr(response, "url", ""))
     text = str(exc) or type(exc).__name__
     return text if len(text) < 300 else text[:297] + "..."
 
@@ -159,6 +212,39 @@ def commit_blob(store: BlobStore, digest: str, what: str) -> None:
         raise DigestMismatch(f"pulling '{what}': {exc}", expected=exc.expected, actual=exc.actual) from None
     finally:
         sidecar.unlink(missing_ok=True)
+
+
+def commit_pull(
+    store: BlobStore,
+    model: ModelName,
+    fetch: Callable[[], tuple[Sequence[Layer], Collection[str]]],
+    build: Callable[[Sequence[Layer]], Manifest],
+    emit: Progress,
+) -> None:
+    """Fetch the model's blobs, then check them and write its manifest under the store's lock.
+
+    `fetch` brings into the store whatever of the model it lacks (or holds damaged) and returns every layer the
+    model needs with the digests it downloaded; `build` makes the manifest of those layers. Downloads run outside
+    the lock; under it the blobs are checked to be there still, GGUF files validated, and the manifest written,
+    so no delete or prune can come in between. One that came before (a delete of another model that shared a
+    blob) makes the pull fetch what went missing again.
+    """
+    for _ in range(_COMMIT_ROUNDS):
+        layers, downloaded = fetch()
+        emit({"status": "writing manifest"})
+        with store.lock:
+            complete = all(store.blob_path(layer.digest).is_file() for layer in layers)
+            if complete:
+                check_gguf_layers(store, model, layers, downloaded)
+                store.commit_manifest(model, build(layers))
+        if complete:
+            emit({"status": "success"})
+            return
+        log.info("a blob of '%s' was removed while it was pulled; fetching it again", model.display)
+    raise PullError(
+        f"pulling '{model.display}': its blobs were removed from the store while it was pulled, again and again"
+        " (a concurrent delete or prune); pull it again"
+    )
 
 
 def check_gguf_layers(store: BlobStore, model: ModelName, layers: Iterable[Layer], fetched: Collection[str]) -> None:
@@ -486,19 +572,18 @@ class BlobDownload:
 
     def _status_error(self, response: httpx.Response) -> None:
         status = response.status_code
+        answer = describe_status(status, response.url)
         if status >= 500 or status in (408, 429):
-            raise _Retry(f"HTTP {status}")
+            raise _Retry(answer)
         if self.direct_url != self.url and status in (401, 403, 404, 410):
             # A signed CDN address may have expired: ask the registry for a new one.
             self.direct_url = self.url
-            raise _Retry(f"HTTP {status} from the blob's download address")
+            raise _Retry(f"{answer}, the blob's download address")
         if status == 404:
-            raise PullError(f"pulling '{self.what}': the registry has no blob {self.digest} (HTTP 404)")
+            raise PullError(f"pulling '{self.what}': there is no blob {self.digest} ({answer})")
         if status in (401, 403):
-            raise PullError(
-                f"pulling '{self.what}': access to blob {short_digest(self.digest)} was refused (HTTP {status})"
-            )
-        raise PullError(f"pulling '{self.what}': blob {short_digest(self.digest)}: unexpected HTTP {status}")
+            raise PullError(f"pulling '{self.what}': access to blob {short_digest(self.digest)} was refused ({answer})")
+        raise PullError(f"pulling '{self.what}': blob {short_digest(self.digest)}: unexpected {answer}")
 
     # ---- redirect resolution
 

@@ -24,11 +24,12 @@ from .download import (
     Progress,
     PullSettings,
     check_cancel,
-    check_gguf_layers,
     commit_blob,
+    commit_pull,
     describe_error,
     holding,
     http_client,
+    loopback_with_port,
     short_digest,
 )
 
@@ -125,10 +126,11 @@ def pull_hf(
     model: ModelName,
     *,
     emit: Progress,
+    insecure: bool,
     cancel: threading.Event | None,
     settings: PullSettings,
 ) -> None:
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, hf_hub_url
     from huggingface_hub.utils import (
         GatedRepoError,
         HfHubHTTPError,
@@ -141,6 +143,12 @@ def pull_hf(
     if _hf_offline():
         raise PullError(f"cannot pull '{model.display}': Hugging Face offline mode is on (HF_HUB_OFFLINE)")
     endpoint = _hf_endpoint()
+    hub = urlsplit(endpoint)
+    if hub.scheme == "http" and not insecure and not loopback_with_port(hub.netloc):
+        raise PullError(
+            f"cannot pull '{model.display}': the Hugging Face endpoint {endpoint} (HF_ENDPOINT) is plain http;"
+            " pass insecure=True to allow it"
+        )
     emit({"status": "pulling manifest"})
     api = HfApi(endpoint=endpoint, library_name="localllm")
     try:
@@ -167,33 +175,35 @@ def pull_hf(
     revision = info.sha or "main"
     check_cancel(cancel, model.display)
 
-    if sibling.lfs is not None and DIGEST_RE.fullmatch("sha256:" + str(sibling.lfs.sha256).lower()):
-        digest = "sha256:" + str(sibling.lfs.sha256).lower()
-        size = int(sibling.lfs.size)
+    def fetch_lfs(digest: str, size: int) -> bool:
+        """Download the file unless the store has it; whether it did."""
         with holding(store, [digest], cancel, model.display):
-            fetched = not store.has_blob(digest)
-            if not fetched:
+            if store.has_blob(digest):
                 emit({"status": f"pulling {short_digest(digest)}", "digest": digest, "total": size, "completed": size})
-            else:
-                _download_hf_lfs(store, repo, filename, revision, endpoint, digest, size, model, emit, cancel, settings)
-                emit({"status": "verifying sha256 digest"})
-                commit_blob(store, digest, model.display)
-    else:
-        digest = _hf_download_small(store, repo, filename, revision, endpoint, model, emit)
-        emit({"status": "verifying sha256 digest"})
-        fetched = True
+                return False
+            url = hf_hub_url(repo, filename, revision=revision, endpoint=endpoint)
+            _download_lfs(store, url, endpoint, digest, size, model, emit, cancel, settings, insecure)
+            emit({"status": "verifying sha256 digest"})
+            commit_blob(store, digest, model.display)
+            return True
 
-    size = store.blob_path(digest).stat().st_size
-    model_layer = Layer(media_type=MEDIA_MODEL, digest=digest, size=size)
-    check_gguf_layers(store, model, [model_layer], [digest] if fetched else [])
-    _write_hf_manifest(store, model, model_layer, emit)
+    def fetch() -> tuple[list[Layer], list[str]]:
+        if sibling.lfs is not None and DIGEST_RE.fullmatch("sha256:" + str(sibling.lfs.sha256).lower()):
+            digest = "sha256:" + str(sibling.lfs.sha256).lower()
+            size = int(sibling.lfs.size)
+            downloaded = fetch_lfs(digest, size)
+        else:
+            digest, size = _hf_download_small(store, repo, filename, revision, endpoint, model, emit)
+            emit({"status": "verifying sha256 digest"})
+            downloaded = True
+        return [Layer(media_type=MEDIA_MODEL, digest=digest, size=size)], [digest] if downloaded else []
+
+    commit_pull(store, model, fetch, lambda layers: _hf_manifest(store, layers[0]), emit)
 
 
-def _download_hf_lfs(
+def _download_lfs(
     store: BlobStore,
-    repo: str,
-    filename: str,
-    revision: str,
+    url: str,
     endpoint: str,
     digest: str,
     size: int,
@@ -201,11 +211,10 @@ def _download_hf_lfs(
     emit: Progress,
     cancel: threading.Event | None,
     settings: PullSettings,
+    insecure: bool,
 ) -> None:
-    from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
-    url = hf_hub_url(repo, filename, revision=revision, endpoint=endpoint)
     hub_headers = build_hf_headers(library_name="localllm")
     hub_host = urlsplit(endpoint).netloc
 
@@ -215,7 +224,7 @@ def _download_hf_lfs(
             return dict(hub_headers)
         return {k: v for k, v in hub_headers.items() if k.lower() != "authorization"}
 
-    with http_client(settings) as client:
+    with http_client(settings, insecure=insecure) as client:
         BlobDownload(
             client=client,
             store=store,
@@ -232,7 +241,7 @@ def _download_hf_lfs(
 
 def _hf_download_small(
     store: BlobStore, repo: str, filename: str, revision: str, endpoint: str, model: ModelName, emit: Progress
-) -> str:
+) -> tuple[str, int]:
     """A file kept in git rather than LFS (so no sha256 is published): through huggingface-hub's own download."""
     from huggingface_hub import hf_hub_download
 
@@ -248,26 +257,24 @@ def _hf_download_small(
     except Exception as exc:
         raise PullError(f"downloading {filename} from '{repo}' failed: {describe_error(exc)}") from None
     path = Path(str(local)).resolve()
-    digest = store.add_file(path, link=True)
+    digest = store.add_file(path)
     size = path.stat().st_size
     emit({"status": f"pulling {short_digest(digest)}", "digest": digest, "total": size, "completed": size})
-    return digest
+    return digest, size
 
 
-def _write_hf_manifest(store: BlobStore, model: ModelName, model_layer: Layer, emit: Progress) -> None:
+def _hf_manifest(store: BlobStore, model_layer: Layer) -> Manifest:
+    """The manifest of a model pulled from Hugging Face: its GGUF file and a config blob made for it."""
     from ...gguf import read_info
 
     info = read_info(store.blob_path(model_layer.digest))
     config = _hf_config(info.architecture, info.parameter_size, info.file_type, model_layer.digest)
     config_data = go_json(config)
     config_digest = store.add_bytes(config_data)
-    manifest = Manifest(
+    return Manifest(
         config=Layer(media_type=MEDIA_CONFIG, digest=config_digest, size=len(config_data)),
         layers=(model_layer,),
     )
-    emit({"status": "writing manifest"})
-    store.write_manifest(model, manifest)
-    emit({"status": "success"})
 
 
 def _hf_config(architecture: str, parameter_size: str, file_type: str, digest: str) -> Mapping[str, Any]:

@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import attrs
@@ -18,18 +19,20 @@ import httpx
 
 from ...errors import DigestMismatch, LocalLLMError, ModelNotFound, PullError
 from ..names import ModelName
-from ..store import MEDIA_MANIFEST, BlobStore, Manifest
+from ..store import MEDIA_MANIFEST, BlobStore, Layer, Manifest
 from .download import (
     DIGEST_RE,
     BlobDownload,
     Progress,
     PullSettings,
     check_cancel,
-    check_gguf_layers,
     commit_blob,
+    commit_pull,
     describe_error,
+    describe_status,
     holding,
     http_client,
+    loopback_with_port,
     short_digest,
     sleep_backoff,
 )
@@ -43,16 +46,6 @@ _LIST_MEDIA_TYPES = (
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.oci.image.index.v1+json",
 )
-
-
-def _loopback_with_port(host: str) -> bool:
-    """Whether `host` is ``localhost``, ``127.0.0.1`` or ``[::1]`` with an explicit port (a local registry)."""
-    try:
-        parts = urlsplit("//" + host)
-        port = parts.port
-    except ValueError:
-        return False
-    return port is not None and parts.hostname in ("localhost", "127.0.0.1", "::1")
 
 
 @attrs.define
@@ -104,7 +97,7 @@ class _Registry:
 
 def _registry_base(model: ModelName, insecure: bool) -> str:
     host = model.host
-    local = _loopback_with_port(host)
+    local = loopback_with_port(host)
     if model.scheme == "http" and not insecure and not local:
         raise PullError(
             f"cannot pull '{model.display}' over plain http: the name asks for http://; pass insecure=True to allow it"
@@ -123,7 +116,7 @@ def pull_oci(
     settings: PullSettings,
 ) -> None:
     emit({"status": "pulling manifest"})
-    with http_client(settings) as client:
+    with http_client(settings, insecure=insecure) as client:
         registry = _Registry(
             client=client,
             base=_registry_base(model, insecure),
@@ -131,52 +124,55 @@ def pull_oci(
             settings=settings,
             cancel=cancel,
         )
-        raw = _fetch_manifest(registry, model)
-        manifest = _parse_manifest(raw, model)
-        blobs: dict[str, int] = {}
-        for layer in (*manifest.layers, manifest.config):
-            blobs.setdefault(layer.digest, layer.size)
-        missing = [d for d in blobs if not store.has_blob(d)]
-        with holding(store, missing, cancel, model.display):
-            fetched = []
-            for digest, size in blobs.items():
-                check_cancel(cancel, model.display)
-                if store.has_blob(digest):
-                    emit(
-                        {
-                            "status": f"pulling {short_digest(digest)}",
-                            "digest": digest,
-                            "total": size,
-                            "completed": size,
-                        }
-                    )
-                    continue
-                BlobDownload(
-                    client=client,
-                    store=store,
-                    digest=digest,
-                    size=size,
-                    url=registry.url("blobs", digest),
-                    headers_for=registry.headers_for,
-                    settings=settings,
-                    cancel=cancel,
-                    emit=emit,
-                    what=model.display,
-                ).run()
-                fetched.append(digest)
-            emit({"status": "verifying sha256 digest"})
-            mismatch: DigestMismatch | None = None
-            for digest in fetched:
-                try:
-                    commit_blob(store, digest, model.display)
-                except DigestMismatch as exc:  # the good blobs are still kept
-                    mismatch = mismatch or exc
-            if mismatch is not None:
-                raise mismatch
-    check_gguf_layers(store, model, manifest.layers, fetched)
-    emit({"status": "writing manifest"})
-    store.write_manifest(model, manifest)
-    emit({"status": "success"})
+        manifest = _parse_manifest(_fetch_manifest(registry, model), model)
+        layers = (*manifest.layers, manifest.config)
+        commit_pull(
+            store,
+            model,
+            fetch=lambda: (layers, _fetch_blobs(store, registry, layers, model, emit)),
+            build=lambda _layers: manifest,
+            emit=emit,
+        )
+
+
+def _fetch_blobs(
+    store: BlobStore, registry: _Registry, layers: Sequence[Layer], model: ModelName, emit: Progress
+) -> list[str]:
+    """Download every blob of `layers` the store lacks (or holds damaged); return the digests downloaded."""
+    blobs: dict[str, int] = {}
+    for layer in layers:
+        blobs.setdefault(layer.digest, layer.size)
+    missing = {d for d in blobs if not store.has_blob(d)}
+    fetched: list[str] = []
+    with holding(store, sorted(missing), registry.cancel, model.display):
+        for digest, size in blobs.items():
+            check_cancel(registry.cancel, model.display)
+            if digest not in missing or store.has_blob(digest):  # (another pull may have brought it meanwhile)
+                emit({"status": f"pulling {short_digest(digest)}", "digest": digest, "total": size, "completed": size})
+                continue
+            BlobDownload(
+                client=registry.client,
+                store=store,
+                digest=digest,
+                size=size,
+                url=registry.url("blobs", digest),
+                headers_for=registry.headers_for,
+                settings=registry.settings,
+                cancel=registry.cancel,
+                emit=emit,
+                what=model.display,
+            ).run()
+            fetched.append(digest)
+        emit({"status": "verifying sha256 digest"})
+        mismatch: DigestMismatch | None = None
+        for digest in fetched:
+            try:
+                commit_blob(store, digest, model.display)
+            except DigestMismatch as exc:  # the good blobs are still kept
+                mismatch = mismatch or exc
+        if mismatch is not None:
+            raise mismatch
+    return fetched
 
 
 def _fetch_manifest(registry: _Registry, model: ModelName) -> bytes:
@@ -191,6 +187,7 @@ def _fetch_manifest(registry: _Registry, model: ModelName) -> bytes:
             reason = f"cannot reach {registry.base}: {describe_error(exc)}"
         else:
             status = response.status_code
+            answer = describe_status(status, response.url)
             if status == 200:
                 return response.content
             if status == 404:
@@ -203,14 +200,12 @@ def _fetch_manifest(registry: _Registry, model: ModelName) -> bytes:
                 continue
             if status in (401, 403):
                 raise PullError(
-                    f"the registry {model.host} refused access to '{model.display}' (HTTP {status}):"
+                    f"the registry {model.host} refused access to '{model.display}' ({answer}):"
                     " the model may be private, or the registry needs credentials"
                 )
             if status < 500 and status != 429:
-                raise PullError(
-                    f"pulling the manifest of '{model.display}' failed: HTTP {status} {_body_hint(response)}"
-                )
-            reason = f"the registry {model.host} answered HTTP {status}"
+                raise PullError(f"pulling the manifest of '{model.display}' failed: {answer}")
+            reason = answer
         attempt += 1
         if attempt > registry.settings.max_retries:
             raise PullError(f"pulling the manifest of '{model.display}' failed: {reason}")
@@ -235,11 +230,3 @@ def _parse_manifest(raw: bytes, model: ModelName) -> Manifest:
     if not manifest.layers:
         raise PullError(f"the manifest of '{model.display}' lists no layers")
     return manifest
-
-
-def _body_hint(response: httpx.Response) -> str:
-    try:
-        text = response.text.strip()
-    except (UnicodeDecodeError, httpx.HTTPError):
-        return ""
-    return f"({text[:200]})" if text else ""
