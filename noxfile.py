@@ -78,8 +78,8 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks against llama-cpp-python, measured in the same run."""
+    """Benchmarks against llama-cpp-python and llama-server, each measured in the same run."""
     install(session, "test")
-    scripts = session.posargs or ["benchmarks/bench_generate.py"]
+    scripts = session.posargs or ["benchmarks/bench_generate.py", "benchmarks/bench_server.py"]
     for script in scripts:
         session.run("python", script)
