@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
+import json
+import math
 import os
 import re
 import select
@@ -16,6 +19,8 @@ import pytest
 from servers import OCIRegistry, tiny_gguf
 
 import localllm
+from localllm.cli.format import parse_time
+from localllm.cli.parser import build_parser
 from localllm.http import ServerThread
 from localllm.http.server import bind_socket
 
@@ -69,7 +74,7 @@ def test_version_and_help(env: dict[str, str]) -> None:
     assert result.returncode == 0 and result.stdout == f"localllm version is {localllm.__version__}\n"
     result = cli(env, "--help")
     assert result.returncode == 0
-    for command in ("serve", "create", "show", "run", "stop", "pull", "list", "ps", "cp", "rm"):
+    for command in ("serve", "create", "show", "run", "embed", "stop", "pull", "push", "list", "ps", "cp", "rm"):
         assert command in result.stdout
 
 
@@ -114,6 +119,39 @@ def test_run_one_shot(env: dict[str, str], model: str) -> None:
 
     piped = cli(env, "run", model, stdin="Name a color.")
     assert piped.returncode == 0 and piped.stdout == cli(env, "run", model, "Name a color.").stdout  # greedy
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["run", "m", "--keepalive", "10m", "hi"], {"model": "m", "keepalive": "10m", "prompt": ["hi"]}),
+        (["run", "--keepalive", "10m", "m", "hi", "there"], {"model": "m", "prompt": ["hi", "there"]}),
+        (["run", "m", "hi", "--verbose", "there"], {"verbose": True, "prompt": ["hi", "there"]}),
+        (["run", "m", "--think", "hi"], {"think": True, "prompt": ["hi"]}),
+        (["run", "m", "--think=high", "hi"], {"think": "high", "prompt": ["hi"]}),
+        (["run", "m", "--think=false", "--hidethinking", "hi"], {"think": False, "hidethinking": True}),
+        (["run", "m", "hi"], {"think": None, "truncate": None, "dimensions": None}),
+        (["run", "m", "--", "--not-an-option"], {"prompt": ["--not-an-option"]}),
+        (["embed", "m", "--dimensions", "8", "a", "text"], {"dimensions": 8, "text": ["a", "text"]}),
+        (["embed", "--no-truncate", "m", "a"], {"truncate": False}),
+        (["embed", "m", "--truncate=false", "a"], {"truncate": False}),
+    ],
+)
+def test_flags_anywhere(argv: list[str], expected: dict[str, object]) -> None:
+    args = build_parser().parse_args(argv)
+    assert {name: getattr(args, name) for name in expected} == expected
+
+
+def test_run_takes_flags_anywhere(env: dict[str, str], model: str) -> None:
+    after = cli(env, "run", model, "--keepalive", "10m", "--think=false", "--hidethinking", "Name a color.")
+    before = cli(env, "run", "--verbose", "--keepalive", "10m", model, "Name", "a", "color.")
+    assert after.returncode == 0 and before.returncode == 0, after.stderr + before.stderr
+    assert after.stdout.strip() and after.stdout == before.stdout  # greedy: the same answer to the same prompt
+    assert "eval count:" in before.stderr
+    # --think takes no value unless written --think=LEVEL: the prompt after it reaches the model,
+    # which (SmolLM2 does not think) refuses the request rather than the parser refusing "Hi".
+    refused = cli(env, "run", model, "--think", "Hi")
+    assert refused.returncode == 1 and "does not support thinking" in refused.stderr, refused.stderr
 
 
 def test_run_interactive_through_stdin(env: dict[str, str], model: str) -> None:
@@ -191,6 +229,60 @@ def test_run_interactive_in_a_terminal(env: dict[str, str], model: str) -> None:
         os.close(leader)
 
 
+def test_load_and_save_in_the_chat(env: dict[str, str], model: str) -> None:
+    script = "\n".join(
+        [
+            "/set system You are a pirate.",
+            "/set parameter seed 42",
+            "Hello!",
+            "/save pirate",
+            "/save",
+            "/save not a name",
+            "/load no-such-model",
+            "/load pirate",
+            "/show system",
+            "/help",
+            "/bye",
+        ]
+    )
+    result = cli(env, "run", model, "-i", stdin=script + "\n")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Created new model 'pirate'" in out
+    assert "Usage:\n  /save <modelname>" in out
+    assert "Couldn't find model 'no-such-model'" in out
+    assert "Loading model 'pirate'\n>>> Hello!\n" in out  # the saved conversation, shown again
+    assert "You are a pirate.\n" in out.split("Loading model 'pirate'", 1)[1]  # the saved model's system message
+    assert "/load <model>" in result.stderr and "/save <model>" in result.stderr
+
+    saved = cli(env, "show", "pirate", "--modelfile").stdout
+    assert "SYSTEM You are a pirate." in saved
+    assert re.search(r"^PARAMETER seed 42$", saved, re.M) and re.search(r"^PARAMETER num_predict 12$", saved, re.M)
+    assert "MESSAGE user Hello!" in saved and "MESSAGE assistant " in saved
+    assert cli(env, "rm", "pirate").returncode == 0
+
+
+def test_embed(env: dict[str, str], minilm_gguf: Path) -> None:
+    result = cli(env, "embed", str(minilm_gguf), "--dimensions", "8", "The sky is blue.")
+    assert result.returncode == 0, result.stderr
+    vector = json.loads(result.stdout)
+    assert len(vector) == 8 and all(isinstance(x, float) for x in vector)
+    assert math.isclose(math.fsum(x * x for x in vector), 1.0, rel_tol=1e-4)  # normalised again after the cut
+    same = cli(env, "run", str(minilm_gguf), "The", "sky", "is", "blue.", "--dimensions", "8")
+    assert same.returncode == 0 and json.loads(same.stdout) == pytest.approx(vector, abs=1e-5)
+
+    long_text = "word " * 700  # from stdin, longer than MiniLM's 512-token context
+    refused = cli(env, "embed", str(minilm_gguf), "--no-truncate", stdin=long_text)
+    assert refused.returncode == 1 and "context" in refused.stderr, refused.stderr
+
+
+def test_push_fails_clearly(env: dict[str, str]) -> None:
+    result = cli(env, "push", "smollm2")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("Error: cannot push 'smollm2': localllm does not push models to a registry")
+    assert len(result.stderr.splitlines()) == 1
+
+
 def test_cp_and_rm(env: dict[str, str], model: str) -> None:
     result = cli(env, "cp", model, "other")
     assert result.returncode == 0 and result.stdout == "copied 'smollm2' to 'other'\n"
@@ -238,6 +330,31 @@ def test_ps_and_stop_through_a_running_server(env: dict[str, str], home: Path, m
         )
         assert cli(served, "stop", model).returncode == 0
         assert len(cli(served, "ps").stdout.splitlines()) == 1
+
+
+def test_run_through_a_running_server(env: dict[str, str], home: Path, model: str) -> None:
+    """With a server at LOCALLLM_HOST (or OLLAMA_HOST), run asks it: --keepalive keeps the model warm there."""
+    with ServerThread(lambda: localllm.Engine(home, num_parallel=1)) as server:
+        served = {**env, "LOCALLLM_HOST": f"127.0.0.1:{server.port}"}
+        result = cli(served, "run", model, "--keepalive", "10m", "Name a color.")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip()
+        (loaded,) = httpx.get(f"{server.url}/api/ps").json()["models"]
+        assert loaded["name"] == "smollm2:latest"
+        expires = parse_time(loaded["expires_at"])
+        assert expires is not None
+        assert 9 * 60 < (expires - datetime.datetime.now(datetime.timezone.utc)).total_seconds() <= 10 * 60
+
+        ollama_env = {name: value for name, value in served.items() if name != "LOCALLLM_HOST"}
+        ollama_env["OLLAMA_HOST"] = served["LOCALLLM_HOST"]
+        chat = cli(ollama_env, "run", model, "-i", stdin="Hello!\n/save from-server\n/bye\n")
+        assert chat.returncode == 0 and "Created new model 'from-server'" in chat.stdout, chat.stderr
+        shown = httpx.post(f"{server.url}/api/show", json={"model": "from-server"}).json()
+        assert [m["role"] for m in shown["messages"]] == ["user", "assistant"]
+        httpx.request("DELETE", f"{server.url}/api/delete", json={"model": "from-server"}).raise_for_status()
+
+        missing = cli(served, "run", "no-such-model", "hi")
+        assert missing.returncode == 1 and "not found" in missing.stderr
 
 
 def test_serve(env: dict[str, str], model: str) -> None:

@@ -1,9 +1,10 @@
 """The ``localllm`` command: Ollama's command line over an in-process Engine.
 
 Each command opens an Engine on ``$LOCALLLM_HOME`` (default ``~/.localllm``)
-in this process. ``serve`` runs the HTTP shim; ``ps`` and ``stop`` ask a
-running server (``$LOCALLLM_HOST``, default ``127.0.0.1:11434``) when one
-answers, since a fresh process has nothing loaded.
+in this process. ``serve`` runs the HTTP shim; ``run``, ``embed``, ``ps`` and
+``stop`` ask a running server (``$LOCALLLM_HOST``, else ``$OLLAMA_HOST``,
+default ``127.0.0.1:11434``) when one answers, since a fresh process has
+nothing loaded and keeps nothing warm.
 
 This module runs a parsed command and turns its failures into ``Error: ...``
 and an exit status.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,10 +12,20 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import CLIError
 from .format import human_bytes, human_time, processor, show_info, table, until
+from .models import Models, open_models
 from .portal import open_engine, wait
 from .progress import Progress, progress_callback
-from .remote import DEFAULT_HOST, DEFAULT_PORT, JSONObject, parse_host, running_models, running_server, stop_model
-from .repl import interactive
+from .remote import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    JSONObject,
+    host_setting,
+    parse_host,
+    running_models,
+    running_server,
+    stop_model,
+)
+from .repl import interactive, print_history
 from .session import Session
 
 if TYPE_CHECKING:
@@ -25,9 +34,11 @@ if TYPE_CHECKING:
 __all__ = [
     "cmd_cp",
     "cmd_create",
+    "cmd_embed",
     "cmd_list",
     "cmd_ps",
     "cmd_pull",
+    "cmd_push",
     "cmd_rm",
     "cmd_run",
     "cmd_serve",
@@ -123,6 +134,13 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    raise CLIError(
+        f"cannot push '{args.model}': localllm does not push models to a registry "
+        "(its store has Ollama's layout, so `ollama push` can, with OLLAMA_MODELS set to localllm's models folder)"
+    )
+
+
 def cmd_create(args: argparse.Namespace) -> int:
     modelfile = Path(args.file) if args.file else Path("Modelfile")
     if not modelfile.is_file():
@@ -164,38 +182,49 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- run and serve
+# --------------------------------------------------------------------------- run, embed and serve
+
+
+def _with_piped_input(words: Sequence[str]) -> str:
+    """The words as one text, after what standard input holds when it is not a terminal (as ``ollama run`` reads)."""
+    piped = "" if sys.stdin.isatty() else sys.stdin.read()
+    return " ".join(part for part in (piped, *words) if part)
+
+
+def _print_embedding(models: Models, args: argparse.Namespace, text: str) -> None:
+    if not text:
+        usage = f'localllm {args.command} {args.model} "your text here"'
+        raise CLIError(f"embedding models require input text. Usage: {usage}")
+    result = models.embed(
+        args.model, text, truncate=args.truncate, keep_alive=args.keepalive, dimensions=args.dimensions
+    )
+    print(json.dumps([float(x) for x in result.embeddings[0]], separators=(",", ":")))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    prompt = " ".join(args.prompt)
-    stdin_is_terminal = sys.stdin.isatty()
-    one_shot = bool(prompt) or (not stdin_is_terminal and not args.interactive)
-    if one_shot and not stdin_is_terminal and not args.interactive:
-        piped = sys.stdin.read()
-        if piped:
-            prompt = piped + (" " + prompt if prompt else "")
-    with open_engine() as (engine, portal):
-        info = portal.call(engine.show, args.model)
-        session = Session(engine, portal, args)
-        if "embedding" in (info.capabilities or ()) and "completion" not in (info.capabilities or ()):
-            if not prompt:
-                raise CLIError(
-                    f'embedding models require input text. Usage: localllm run {args.model} "your text here"'
-                )
-            result = portal.call(lambda: engine.embed(args.model, prompt))
-            print(json.dumps([float(x) for x in result.embeddings[0]]))
+    words = " ".join(args.prompt)
+    chat = sys.stdin.isatty() or args.interactive  # else standard input is the prompt, not the chat
+    prompt = words if chat else _with_piped_input(args.prompt)
+    one_shot = bool(words) or not chat
+    with open_models() as models:
+        info = models.show(args.model)
+        capabilities = info.capabilities or ()
+        if "embedding" in capabilities and "completion" not in capabilities:
+            _print_embedding(models, args, prompt)
             return 0
+        session = Session(models, args, info)
         if one_shot:
             session.one_shot(prompt)
             return 0
-        wait(portal.start_task_soon(lambda: engine.load(args.model, keep_alive=args.keepalive)))
-        for message in info.messages or ():
-            if message.get("role") == "user":
-                print(f">>> {message.get('content', '')}")
-            elif message.get("role") == "assistant":
-                print(f"{message.get('content', '')}\n")
+        session.load()
+        print_history(session.model_messages)
         interactive(session)
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    with open_models() as models:
+        _print_embedding(models, args, _with_piped_input(args.text))
     return 0
 
 
@@ -205,11 +234,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise CLIError(str(exc)) from None
     host, port = DEFAULT_HOST, DEFAULT_PORT
-    if os.environ.get("LOCALLLM_HOST"):
+    setting = host_setting()
+    if setting is not None:
+        variable, value = setting
         try:
-            host, port = parse_host(os.environ["LOCALLLM_HOST"])
+            host, port = parse_host(value)
         except ValueError:
-            raise CLIError(f"invalid LOCALLLM_HOST {os.environ['LOCALLLM_HOST']!r}") from None
+            raise CLIError(f"invalid {variable} {value!r}") from None
     if args.host is not None:
         host = args.host
     if args.port is not None:

@@ -3,21 +3,70 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from typing import Any
 
-from .commands import cmd_cp, cmd_create, cmd_list, cmd_ps, cmd_pull, cmd_rm, cmd_run, cmd_serve, cmd_show, cmd_stop
+from .commands import (
+    cmd_cp,
+    cmd_create,
+    cmd_embed,
+    cmd_list,
+    cmd_ps,
+    cmd_pull,
+    cmd_push,
+    cmd_rm,
+    cmd_run,
+    cmd_serve,
+    cmd_show,
+    cmd_stop,
+)
 
 __all__ = ["build_parser"]
 
+#: ``--think=WORD`` and what it asks of the model (``--think`` alone is ``true``).
+THINK_VALUES: dict[str, bool | str] = {
+    "true": True,
+    "false": False,
+    "low": "low",
+    "medium": "medium",
+    "high": "high",
+    "max": "max",
+}
 
-def _think_value(text: str) -> bool | str:
-    lowered = text.lower()
-    if lowered in ("", "true"):
-        return True
-    if lowered == "false":
-        return False
-    if lowered in ("low", "medium", "high", "max"):
-        return lowered
-    raise argparse.ArgumentTypeError(f"invalid value for --think: {text!r} (true, false, low, medium, high or max)")
+
+class IntermixedParser(argparse.ArgumentParser):
+    """Options anywhere among the words (``run MODEL --keepalive 10m PROMPT``), as Ollama's command takes them."""
+
+    _intermixing = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._intermixing:  # the intermixed parse calls back here for its two passes
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def _add_flag_values(parser: argparse.ArgumentParser, flag: str, values: dict[str, Any]) -> None:
+    """Accept ``--flag=WORD`` for each word, while ``--flag`` alone takes no value (a prompt may follow it)."""
+    for word, value in values.items():
+        parser.add_argument(
+            f"{flag}={word}", dest=flag.lstrip("-"), action="store_const", const=value, help=argparse.SUPPRESS
+        )
+
+
+def _add_embedding_options(parser: argparse.ArgumentParser, scope: str = "") -> None:
+    parser.add_argument("--dimensions", type=int, metavar="N", help=f"{scope}keep the first N dimensions of the vector")
+    parser.add_argument(
+        "--truncate",
+        action=argparse.BooleanOptionalAction,
+        help=f"{scope}cut inputs longer than the context (the default), or fail on them",
+    )
+    _add_flag_values(parser, "--truncate", {"true": True, "false": False})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Large language models, run in this process (Ollama's engine as a Python library).",
     )
     parser.add_argument("-v", "--version", action="store_true", help="show the version")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=IntermixedParser)
 
     serve = commands.add_parser("serve", help="serve Ollama's API and the OpenAI-compatible API over HTTP")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1, or $LOCALLLM_HOST)")
@@ -63,13 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keepalive", help="how long to keep the model loaded (e.g. 5m)")
     run.add_argument("--verbose", action="store_true", help="show timings after each response")
     run.add_argument(
-        "--think", nargs="?", const="true", type=_think_value, help="think before answering (true, false, or a level)"
+        "--think",
+        action="store_const",
+        const=True,
+        help="think before answering; --think=false turns it off, --think=low|medium|high|max sets how much",
     )
+    _add_flag_values(run, "--think", THINK_VALUES)
     run.add_argument("--hidethinking", action="store_true", help="think, but do not print the thinking")
     run.add_argument("--nowordwrap", action="store_true", help="do not wrap words (output is never wrapped)")
     run.add_argument("--insecure", action="store_true", help=argparse.SUPPRESS)
     run.add_argument("-i", "--interactive", action="store_true", help="chat even when standard input is not a terminal")
+    _add_embedding_options(run, "embedding models: ")
     run.set_defaults(handler=cmd_run)
+
+    embed = commands.add_parser("embed", help="print the embedding of a text (from the words given, or stdin)")
+    embed.add_argument("model", metavar="MODEL")
+    embed.add_argument("text", metavar="TEXT", nargs="*")
+    embed.add_argument("--keepalive", help="how long to keep the model loaded (e.g. 5m)")
+    _add_embedding_options(embed)
+    embed.set_defaults(handler=cmd_embed)
 
     stop = commands.add_parser("stop", help="unload a running model")
     stop.add_argument("model", metavar="MODEL")
@@ -79,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("model", metavar="MODEL")
     pull.add_argument("--insecure", action="store_true", help="allow plain http registries")
     pull.set_defaults(handler=cmd_pull)
+
+    push = commands.add_parser("push", help="not supported: localllm does not upload models to a registry")
+    push.add_argument("model", metavar="MODEL")
+    push.add_argument("--insecure", action="store_true", help=argparse.SUPPRESS)
+    push.set_defaults(handler=cmd_push)
 
     for name in ("list", "ls"):
         listing = commands.add_parser(name, help="list models" if name == "list" else "list models (alias)")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import TextIO
+from collections.abc import Iterable, Mapping
+from typing import Any, TextIO
 
+from .errors import CLIError
 from .format import show_info
 from .session import Session
 
-__all__ = ["interactive"]
+__all__ = ["interactive", "print_history"]
 
 
 def _usage(out: TextIO) -> None:
@@ -17,6 +19,8 @@ def _usage(out: TextIO) -> None:
         "Available Commands:\n"
         "  /set            Set session variables\n"
         "  /show           Show model information\n"
+        "  /load <model>   Load a session or model\n"
+        "  /save <model>   Save your current session\n"
         "  /clear          Clear session context\n"
         "  /bye            Exit\n"
         "  /?, /help       Help for a command\n"
@@ -134,7 +138,7 @@ def _show_command(session: Session, words: list[str]) -> None:
     if len(words) < 2:
         _usage_show(sys.stderr)
         return
-    info = session.portal.call(session.engine.show, session.model)
+    info = session.show()
     what = words[1]
     if what == "info":
         show_info(info, out=sys.stderr)
@@ -162,6 +166,52 @@ def _show_command(session: Session, words: list[str]) -> None:
         print(info.template or "No prompt template was specified for this model.")
     else:
         print(f"Unknown command '/show {what}'. Type /? for help")
+
+
+def print_history(messages: Iterable[Mapping[str, Any]]) -> None:
+    """A model's stored conversation, as the prompt would have shown it."""
+    for message in messages:
+        if message.get("role") == "user":
+            print(f">>> {message.get('content', '')}")
+        elif message.get("role") == "assistant":
+            print(f"{message.get('content', '')}\n")
+
+
+def _load_command(session: Session, words: list[str]) -> None:
+    from ..errors import LocalLLMError, NotFoundError
+
+    if len(words) != 2:
+        print("Usage:\n  /load <modelname>")
+        return
+    model = words[1]
+    print(f"Loading model '{model}'")
+    try:
+        info = session.switch(model)
+    except NotFoundError:
+        print(f"Couldn't find model '{model}'")
+        return
+    except (LocalLLMError, CLIError) as exc:
+        print(f"error: {exc}")
+        return
+    print_history(info.messages or ())
+
+
+def _save_command(session: Session, words: list[str]) -> None:
+    from ..errors import InvalidModelName, LocalLLMError
+
+    if len(words) != 2:
+        print("Usage:\n  /save <modelname>")
+        return
+    name = words[1]
+    try:
+        session.save(name)
+    except InvalidModelName:
+        print(f"error: The model name '{name}' is invalid")
+        return
+    except (LocalLLMError, CLIError) as exc:
+        print(f"error: {exc}")
+        return
+    print(f"Created new model '{name}'")
 
 
 def _read_line(prompt: str, interactive_terminal: bool) -> str:
@@ -215,8 +265,12 @@ def interactive(session: Session) -> None:
             if command in ("/bye", "/exit"):
                 return
             if command == "/clear":
-                session.messages = [{"role": "system", "content": session.system}] if session.system else []
+                session.clear()
                 print("Cleared session context")
+            elif command == "/load":
+                _load_command(session, words)
+            elif command == "/save":
+                _save_command(session, words)
             elif command == "/set":
                 _set_command(session, words, line)
             elif command == "/show":

@@ -9,13 +9,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .format import go_duration
-from .portal import wait
 
 if TYPE_CHECKING:
-    from anyio.from_thread import BlockingPortal
-
-    from ..engine import Engine
-    from ..types import ChatResponse, GenerateResponse, ToolCall
+    from ..types import ChatResponse, GenerateResponse, ShowResponse, ToolCall
+    from .models import Models
 
 __all__ = ["Printer", "Session", "print_stats"]
 
@@ -72,10 +69,11 @@ def print_stats(final: GenerateResponse | ChatResponse, out: TextIO | None = Non
 class Session:
     """The state of ``localllm run``: model, options, history."""
 
-    def __init__(self, engine: Engine, portal: BlockingPortal, args: argparse.Namespace) -> None:
-        self.engine = engine
-        self.portal = portal
+    def __init__(self, models: Models, args: argparse.Namespace, info: ShowResponse) -> None:
+        self.models = models
         self.model: str = args.model
+        # The model's own MESSAGE history: the server puts it before ours, and /save keeps it.
+        self.model_messages: list[dict[str, Any]] = list(info.messages or ())
         self.options: dict[str, Any] = {}
         self.messages: list[dict[str, Any]] = []
         self.system: str | None = None
@@ -93,19 +91,60 @@ class Session:
             kwargs["think"] = self.think
         return kwargs
 
-    async def _generate(self, prompt: str) -> GenerateResponse | None:
+    def show(self) -> ShowResponse:
+        """What the session's model is."""
+        return self.models.show(self.model)
+
+    def load(self) -> None:
+        """Load the model now (kept per ``--keepalive``), so the first answer does not wait for it."""
+        self._load(self.model)
+
+    def _load(self, model: str) -> None:
+        for _chunk in self.models.generate(model, keep_alive=self.keep_alive, stream=True):
+            pass
+
+    def clear(self) -> None:
+        """Forget the conversation; the system message stays."""
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def switch(self, model: str) -> ShowResponse:
+        """Go on with `model` (loaded now): its own system message and history; parameters and modes stay."""
+        info = self.models.show(model)
+        self._load(model)
+        self.model = model
+        self.model_messages = list(info.messages or ())
+        self.system = None
+        self.messages = []
+        return info
+
+    def save(self, name: str) -> None:
+        """Create model `name`: this model with the session's system message, parameters and conversation."""
+        history = [
+            {"role": m["role"], "content": m.get("content") or ""}
+            for m in (*self.model_messages, *self.messages)
+            if m.get("role") in ("system", "user", "assistant")  # what a Modelfile's MESSAGE can say
+        ]
+        self.models.create(
+            name,
+            from_=self.model,
+            system=self.system,
+            parameters=dict(self.options) or None,
+            messages=history or None,
+        )
+
+    def _generate(self, prompt: str) -> GenerateResponse | None:
         final = None
-        async for chunk in self.engine.generate(self.model, prompt, **self._common()):
+        for chunk in self.models.generate(self.model, prompt, stream=True, **self._common()):
             self.printer.write(chunk.response, chunk.thinking)
             final = chunk
         return final
 
-    async def _chat(self) -> tuple[ChatResponse | None, dict[str, Any]]:
+    def _chat(self) -> tuple[ChatResponse | None, dict[str, Any]]:
         content: list[str] = []
         thinking: list[str] = []
         calls: list[ToolCall] = []
         final = None
-        async for chunk in self.engine.chat(self.model, self.messages, **self._common()):
+        for chunk in self.models.chat(self.model, self.messages, stream=True, **self._common()):
             message = chunk.message
             self.printer.write(message.content, message.thinking)
             content.append(message.content)
@@ -123,7 +162,7 @@ class Session:
 
     def one_shot(self, prompt: str) -> None:
         """Answer one prompt (a completion, no history)."""
-        final = wait(self.portal.start_task_soon(self._generate, prompt))
+        final = self._generate(prompt)
         sys.stdout.write("\n\n")
         sys.stdout.flush()
         if self.verbose and final is not None:
@@ -133,7 +172,7 @@ class Session:
         """Send a user message and stream the reply; Ctrl-C drops the message from the history."""
         self.messages.append({"role": "user", "content": text})
         try:
-            final, reply = wait(self.portal.start_task_soon(self._chat))
+            final, reply = self._chat()
         except KeyboardInterrupt:
             self.messages.pop()
             sys.stdout.write("\n\n")
