@@ -178,6 +178,8 @@ class Client:
         options: OptionValues | ModelDumpable | None = None,
         keep_alive: float | str | None = None,
         think: bool | str | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
         stream: Literal[False] = False,
     ) -> GenerateResponse: ...
 
@@ -197,6 +199,8 @@ class Client:
         options: OptionValues | ModelDumpable | None = None,
         keep_alive: float | str | None = None,
         think: bool | str | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
         stream: Literal[True],
     ) -> Iterator[GenerateResponse]: ...
 
@@ -216,6 +220,8 @@ class Client:
         options: OptionValues | ModelDumpable | None = None,
         keep_alive: float | str | None = None,
         think: bool | str | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
         stream: bool,
     ) -> GenerateResponse | Iterator[GenerateResponse]: ...
 
@@ -234,6 +240,8 @@ class Client:
         options: OptionValues | ModelDumpable | None = None,
         keep_alive: float | str | None = None,
         think: bool | str | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
         stream: bool = False,
     ) -> GenerateResponse | Iterator[GenerateResponse]:
         """Complete a prompt: the whole response, or with ``stream=True`` an iterator of chunks."""
@@ -250,6 +258,8 @@ class Client:
             options=options,
             keep_alive=keep_alive,
             think=think,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
             stream=stream,
         )
         if isinstance(response, ChunkStream):
@@ -268,6 +278,8 @@ class Client:
         keep_alive: float | str | None = None,
         think: bool | str | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
         stream: Literal[False] = False,
     ) -> ChatResponse: ...
 
@@ -283,6 +295,8 @@ class Client:
         keep_alive: float | str | None = None,
         think: bool | str | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
         stream: Literal[True],
     ) -> Iterator[ChatResponse]: ...
 
@@ -298,6 +312,8 @@ class Client:
         keep_alive: float | str | None = None,
         think: bool | str | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
         stream: bool,
     ) -> ChatResponse | Iterator[ChatResponse]: ...
 
@@ -312,6 +328,8 @@ class Client:
         keep_alive: float | str | None = None,
         think: bool | str | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
         stream: bool = False,
     ) -> ChatResponse | Iterator[ChatResponse]:
         """Continue a conversation: the whole response, or with ``stream=True`` an iterator of chunks."""
@@ -324,6 +342,8 @@ class Client:
             keep_alive=keep_alive,
             think=think,
             tool_choice=tool_choice,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
             stream=stream,
         )
         if isinstance(response, ChunkStream):

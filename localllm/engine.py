@@ -178,6 +178,8 @@ class Engine:
         options: OptionValues | ModelDumpable | None = None,
         keep_alive: float | str | None = None,
         think: bool | str | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
         stream: Literal[False] = False,
     ) -> ResponseStream[GenerateResponse]: ...
 
@@ -197,6 +199,8 @@ class Engine:
         options: OptionValues | ModelDumpable | None = None,
         keep_alive: float | str | None = None,
         think: bool | str | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
         stream: Literal[True],
     ) -> ChunkStream[GenerateResponse]: ...
 
@@ -216,6 +220,8 @@ class Engine:
         options: OptionValues | ModelDumpable | None = None,
         keep_alive: float | str | None = None,
         think: bool | str | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
         stream: bool,
     ) -> ResponseStream[GenerateResponse] | ChunkStream[GenerateResponse]: ...
 
@@ -234,11 +240,16 @@ class Engine:
         options: OptionValues | ModelDumpable | None = None,
         keep_alive: float | str | None = None,
         think: bool | str | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
         stream: bool = False,
     ) -> ResponseStream[GenerateResponse] | ChunkStream[GenerateResponse]:
         """Complete a prompt. Iterate for chunks, or await for the whole response.
 
         With ``stream=True``, awaiting gives an async iterator of chunks, as ``AsyncClient.generate`` does.
+        With ``logprobs=True`` each chunk carries the logprobs of its tokens, each with the
+        ``top_logprobs`` (0-20) most likely tokens at its position, and the final response has them all;
+        as in Ollama, ``top_logprobs`` without ``logprobs`` adds nothing.
         """
         if prompt is None:
             prompt = ""
@@ -257,6 +268,8 @@ class Engine:
             options=check_options(plain_data(options)) or None,  # warns at the caller's line
             keep_alive=keep_alive,
             think=think,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
         )
         return self._respond(lambda: requests.open_generate(self._service, request), requests.combine_generate, stream)
 
@@ -272,6 +285,8 @@ class Engine:
         keep_alive: float | str | None = None,
         think: bool | str | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
         stream: Literal[False] = False,
     ) -> ResponseStream[ChatResponse]: ...
 
@@ -287,6 +302,8 @@ class Engine:
         keep_alive: float | str | None = None,
         think: bool | str | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
         stream: Literal[True],
     ) -> ChunkStream[ChatResponse]: ...
 
@@ -302,6 +319,8 @@ class Engine:
         keep_alive: float | str | None = None,
         think: bool | str | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
         stream: bool,
     ) -> ResponseStream[ChatResponse] | ChunkStream[ChatResponse]: ...
 
@@ -316,12 +335,15 @@ class Engine:
         keep_alive: float | str | None = None,
         think: bool | str | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
         stream: bool = False,
     ) -> ResponseStream[ChatResponse] | ChunkStream[ChatResponse]:
         """Continue a conversation. Iterate for chunks, or await for the whole response.
 
         With ``stream=True``, awaiting gives an async iterator of chunks, as ``AsyncClient.chat`` does.
         Messages and tools may be dicts or the ollama client's `Message` and `Tool` objects.
+        ``logprobs`` and ``top_logprobs`` are as for `generate`.
         """
         request = requests.ChatRequest(
             model=model,
@@ -332,6 +354,8 @@ class Engine:
             keep_alive=keep_alive,
             think=think,
             tool_choice=tool_choice,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
         )
         return self._respond(lambda: requests.open_chat(self._service, request), requests.combine_chat, stream)
 

@@ -11,19 +11,38 @@ import attrs
 
 from .chat.template import load_template
 from .errors import CapabilityError, InvalidRequest, LocalLLMError
-from .runner.protocol import LoadConfig, SamplingParams, SequenceHandle, SequenceResult, TextRunner
+from .options import Options
+from .runner.protocol import LoadConfig, SamplingParams, ScoredText, SequenceHandle, SequenceResult, TextRunner
 from .scheduler.scheduler import Lease
 from .service import off_loop_if_long
 from .stream import Job
-from .types import ChatResponse, GenerateResponse, Message, ToolCall, now_iso
+from .types import ChatResponse, GenerateResponse, Logprob, Message, ToolCall, now_iso
 
 if TYPE_CHECKING:
     from .registry.registry import ResolvedModel
     from .service import ModelService
 
-__all__ = ["ChatRequest", "GenerateRequest", "combine_chat", "combine_generate", "open_chat", "open_generate"]
+__all__ = [
+    "MAX_TOP_LOGPROBS",
+    "ChatRequest",
+    "GenerateRequest",
+    "combine_chat",
+    "combine_generate",
+    "open_chat",
+    "open_generate",
+]
 
 T = TypeVar("T")
+
+MAX_TOP_LOGPROBS = 20  # Ollama's and OpenAI's limit
+
+Logprobs = tuple[Logprob, ...] | None
+"""The logprobs of a piece of text: None unless the request asked for them."""
+
+
+def _check_top_logprobs(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {value!r}")
 
 
 @attrs.frozen
@@ -40,6 +59,8 @@ class GenerateRequest:
     options: dict[str, Any] | None = None
     keep_alive: float | str | None = None
     think: bool | str | None = None
+    logprobs: bool = False
+    top_logprobs: int = attrs.field(default=0, validator=_check_top_logprobs)  # applies only with logprobs
 
 
 @attrs.frozen
@@ -52,6 +73,12 @@ class ChatRequest:
     keep_alive: float | str | None = None
     think: bool | str | None = None
     tool_choice: Any = None
+    logprobs: bool = False
+    top_logprobs: int = attrs.field(default=0, validator=_check_top_logprobs)  # applies only with logprobs
+
+
+def _sampling(request: GenerateRequest | ChatRequest, options: Options, grammar: str | None) -> SamplingParams:
+    return SamplingParams(options, grammar, logprobs=request.logprobs, top_logprobs=request.top_logprobs)
 
 
 class RunJob(Job[T]):
@@ -62,7 +89,7 @@ class RunJob(Job[T]):
         lease: Lease[LoadConfig, TextRunner],
         handle: SequenceHandle,
         *,
-        on_text: Callable[[str], list[T]],
+        on_text: Callable[[str, Logprobs], list[T]],
         on_done: Callable[[SequenceResult, int], list[T]],
         started: float,
     ) -> None:
@@ -84,7 +111,9 @@ class RunJob(Job[T]):
             if self.handle is not handle:
                 break  # `on_text` switched to another sequence
             if isinstance(item, str):
-                chunks.extend(self._on_text(item))
+                chunks.extend(self._on_text(item, None))
+            elif isinstance(item, ScoredText):
+                chunks.extend(self._on_text(item.text, item.logprobs))
             elif isinstance(item, SequenceResult):
                 total = int((time.perf_counter() - self._started) * 1e9)
                 self.close()
@@ -170,18 +199,22 @@ async def open_generate(service: ModelService, request: GenerateRequest) -> Job[
             except InvalidRequest as exc:
                 raise InvalidRequest(f"invalid value for 'context': {exc}") from None
         tokens = list(request.context or ()) + await _tokenize(runner, text)
-        handle = runner.submit(tokens, SamplingParams(options, grammar))
+        handle = runner.submit(tokens, _sampling(request, options, grammar))
     except BaseException:
         lease.release()
         raise
 
-    def on_text(piece: str) -> list[GenerateResponse]:
+    def on_text(piece: str, logprobs: Logprobs) -> list[GenerateResponse]:
         thinking = ""
         if parser is not None:
             thinking, piece, _calls = parser.feed(piece)
-        if not (piece or thinking):
+        if not (piece or thinking or logprobs):  # logprobs go out even while a parser holds text back, as in Ollama
             return []
-        return [GenerateResponse(model=name, created_at=now_iso(), response=piece, thinking=thinking or None)]
+        return [
+            GenerateResponse(
+                model=name, created_at=now_iso(), response=piece, thinking=thinking or None, logprobs=logprobs or None
+            )
+        ]
 
     def on_done(result: SequenceResult, total: int) -> list[GenerateResponse]:
         chunks = []
@@ -210,11 +243,13 @@ def _grammar_for(format: Any) -> str | None:
     return format_to_grammar(format)
 
 
-def _chat_chunk(name: str, thinking: str, content: str, calls: list[ToolCall]) -> ChatResponse:
+def _chat_chunk(
+    name: str, thinking: str, content: str, calls: list[ToolCall], logprobs: Logprobs = None
+) -> ChatResponse:
     message = Message(
         role="assistant", content=content, thinking=thinking or None, tool_calls=tuple(calls) if calls else None
     )
-    return ChatResponse(model=name, created_at=now_iso(), message=message)
+    return ChatResponse(model=name, created_at=now_iso(), message=message, logprobs=logprobs or None)
 
 
 async def open_chat(service: ModelService, request: ChatRequest) -> Job[ChatResponse]:
@@ -256,14 +291,14 @@ async def open_chat(service: ModelService, request: ChatRequest) -> Job[ChatResp
         tokens = await _tokenize(runner, prepared.prompt)
         text_reply = prepared.text_reply
         text_tokens = await _tokenize(runner, text_reply.prompt) if text_reply is not None else []
-        handle = runner.submit(tokens, SamplingParams(options, prepared.grammar))
+        handle = runner.submit(tokens, _sampling(request, options, prepared.grammar))
     except BaseException:
         lease.release()
         raise
     parser = prepared.parser()
     undecided = text_reply is not None  # whether a reply that may be a call or text has yet to show which
 
-    def on_text(piece: str) -> list[ChatResponse]:
+    def on_text(piece: str, logprobs: Logprobs) -> list[ChatResponse]:
         nonlocal parser, undecided
         if undecided and piece:
             undecided = False
@@ -271,12 +306,12 @@ async def open_chat(service: ModelService, request: ChatRequest) -> Job[ChatResp
                 # Text, not a call: written again from the conversation without the injected tool
                 # instructions, so that they can never reach the reply.
                 parser = text_reply.parser()
-                job.switch(runner.submit(text_tokens, SamplingParams(options, text_reply.grammar)))
+                job.switch(runner.submit(text_tokens, _sampling(request, options, text_reply.grammar)))
                 return []
         thinking, content, calls = parser.feed(piece)
-        if not (thinking or content or calls):
+        if not (thinking or content or calls or logprobs):  # logprobs go out even while the parser holds text back
             return []
-        return [_chat_chunk(name, thinking, content, calls)]
+        return [_chat_chunk(name, thinking, content, calls, logprobs)]
 
     def on_done(result: SequenceResult, total: int) -> list[ChatResponse]:
         thinking, content, calls = parser.finish()
@@ -317,7 +352,7 @@ def combine_generate(chunks: Sequence[GenerateResponse]) -> GenerateResponse:
     final = chunks[-1]
     text = "".join(c.response for c in chunks)
     thinking = "".join(c.thinking or "" for c in chunks) or None
-    return attrs.evolve(final, response=text, thinking=thinking)
+    return attrs.evolve(final, response=text, thinking=thinking, logprobs=_all_logprobs(chunks))
 
 
 def combine_chat(chunks: Sequence[ChatResponse]) -> ChatResponse:
@@ -328,4 +363,9 @@ def combine_chat(chunks: Sequence[ChatResponse]) -> ChatResponse:
     thinking = "".join(c.message.thinking or "" for c in chunks) or None
     calls: list[ToolCall] = [call for c in chunks for call in (c.message.tool_calls or ())]
     message = Message(role="assistant", content=content, thinking=thinking, tool_calls=tuple(calls) or None)
-    return attrs.evolve(final, message=message)
+    return attrs.evolve(final, message=message, logprobs=_all_logprobs(chunks))
+
+
+def _all_logprobs(chunks: Sequence[GenerateResponse] | Sequence[ChatResponse]) -> Logprobs:
+    """Every chunk's logprobs, in order: the whole response's, as Ollama gives them when not streaming."""
+    return tuple(logprob for chunk in chunks for logprob in chunk.logprobs or ()) or None

@@ -18,6 +18,7 @@ __all__ = [
     "ChatResponse",
     "GenerateResponse",
     "ListResponse",
+    "Logprob",
     "Message",
     "MessageLike",
     "ModelDumpable",
@@ -27,6 +28,7 @@ __all__ = [
     "ShowResponse",
     "StatusResponse",
     "StoredModel",
+    "TokenLogprob",
     "ToolCall",
     "ToolCallFunction",
     "Usage",
@@ -227,6 +229,23 @@ class Usage(_Subscriptable):
 
 
 @attrs.frozen
+class TokenLogprob(_Subscriptable):
+    """A token and its log probability under the model; `bytes` are the token's own bytes (a piece of a
+    multi-byte character has only part of one, and its `token` text shows U+FFFD for the rest)."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...] = ()
+
+
+@attrs.frozen
+class Logprob(TokenLogprob):
+    """A generated token's log probability, and the most likely tokens at its position (when asked for)."""
+
+    top_logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+@attrs.frozen
 class GenerateResponse(_Subscriptable):
     """One chunk of `generate` (and, with `done=True`, the final response)."""
 
@@ -244,6 +263,7 @@ class GenerateResponse(_Subscriptable):
     prompt_eval_duration: int | None = None
     eval_count: int | None = None
     eval_duration: int | None = None
+    logprobs: tuple[Logprob, ...] | None = None  # the tokens of this chunk's text, when asked for
 
 
 @attrs.frozen
@@ -262,6 +282,7 @@ class ChatResponse(_Subscriptable):
     prompt_eval_duration: int | None = None
     eval_count: int | None = None
     eval_duration: int | None = None
+    logprobs: tuple[Logprob, ...] | None = None  # the tokens of this chunk's text, when asked for
 
 
 # --------------------------------------------------------------------------- the model store

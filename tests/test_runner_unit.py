@@ -2,6 +2,8 @@
 
 The fake model has one token per ASCII character. Its "model" continues the alphabet: after a letter
 comes the next one, after "z" the end-of-generation token, and any other character repeats forever.
+Its logits say so: the successor scores 3, the end-of-generation token 2, the token after the
+successor 1, every other token 0.
 The fake context records every batch it is given and keeps each sequence's cached positions, checking
 them as llama.cpp does; its decodes can be held at a gate, so a test can act between two steps.
 """
@@ -17,13 +19,16 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import attrs
+import numpy as np
+import numpy.typing as npt
 import pytest
 
 from localllm.errors import ContextLengthExceeded, EngineClosed, InvalidFormat, LocalLLMError, RunnerError
 from localllm.options import Options
 from localllm.runner.backend import Batch, Context, Model
-from localllm.runner.protocol import LoadConfig, SamplingParams, SequenceHandle, SequenceResult
-from localllm.runner.worker import Runner
+from localllm.runner.protocol import LoadConfig, SamplingParams, ScoredText, SequenceHandle, SequenceResult
+from localllm.runner.worker import Runner, log_softmax, most_likely
+from localllm.types import Logprob
 
 EOG, BOS = 0, 1
 N_VOCAB = 128
@@ -118,6 +123,7 @@ class FakeContext:
     removals: list[tuple[int, int]] = attrs.field(factory=list)  # seq_rm calls
     statuses: deque[int] = attrs.field(factory=deque)  # what the next decodes return (then 0)
     held: threading.Event = attrs.field(factory=threading.Event)  # set while a decode waits at the gate
+    logit_reads: int = 0
     closed: bool = False
     _open: threading.Event = attrs.field(factory=threading.Event)
 
@@ -154,6 +160,17 @@ class FakeContext:
             for seq, token, pos, _ in rows:
                 self.kv.setdefault(seq, {})[pos] = token
         return status
+
+    def logits(self, index: int) -> npt.NDArray[np.float32]:
+        _, token, _, logits = self.last.rows[index]
+        assert logits, f"logits read at batch index {index}, which has none"
+        self.logit_reads += 1
+        values = np.zeros(N_VOCAB, dtype=np.float32)
+        following = successor(token)
+        values[EOG] = 2.0
+        values[(following + 1) % N_VOCAB] = 1.0
+        values[following] = 3.0
+        return values
 
     def seq_rm(self, seq_id: int, p0: int) -> bool:
         self.removals.append((seq_id, p0))
@@ -241,8 +258,10 @@ def serving(**config: Any) -> Iterator[tuple[Runner, FakeBackend]]:
         runner.close()
 
 
-def params(grammar: str | None = None, **options: Any) -> SamplingParams:
-    return SamplingParams(Options(**options), grammar=grammar)
+def params(
+    grammar: str | None = None, *, logprobs: bool = False, top_logprobs: int = 0, **options: Any
+) -> SamplingParams:
+    return SamplingParams(Options(**options), grammar=grammar, logprobs=logprobs, top_logprobs=top_logprobs)
 
 
 async def reply(handle: SequenceHandle) -> tuple[str, SequenceResult]:
@@ -256,6 +275,20 @@ async def reply(handle: SequenceHandle) -> tuple[str, SequenceResult]:
                 if isinstance(item, SequenceResult):
                     return text, item
                 text += item
+
+
+async def scored_reply(handle: SequenceHandle) -> tuple[list[ScoredText], SequenceResult]:
+    """Everything a sequence that asked for logprobs produced: its pieces of scored text, and its result."""
+    pieces = []
+    with anyio.fail_after(TIMEOUT):
+        while True:
+            for item in await handle.mailbox.get_all():
+                if isinstance(item, LocalLLMError):
+                    raise item
+                if isinstance(item, SequenceResult):
+                    return pieces, item
+                assert isinstance(item, ScoredText), f"plain text {item!r} from a sequence that asked for logprobs"
+                pieces.append(item)
 
 
 async def held(context: FakeContext) -> None:
@@ -509,3 +542,76 @@ def test_a_failed_load_frees_what_was_made(fail_at: str) -> None:
         Runner(LoadConfig("fake.gguf"), backend=backend)
     assert backend.model.closed
     assert all(context.closed for context in backend.contexts)
+
+
+# -- logprobs -----------------------------------------------------------------------
+
+# The fake logits: the successor 3, the end-of-generation token 2, the token after the successor 1, the rest 0.
+NORMALIZER = float(np.log(np.exp(3.0) + np.exp(2.0) + np.exp(1.0) + (N_VOCAB - 3)))
+SUCCESSOR, END, AFTER = 3.0 - NORMALIZER, 2.0 - NORMALIZER, 1.0 - NORMALIZER
+
+
+async def test_logprobs_cost_nothing_unless_asked_for() -> None:
+    with serving() as (runner, backend):
+        handle = runner.submit(tokens("a"), params(num_predict=3))
+        items = []
+        with anyio.fail_after(TIMEOUT):
+            while not any(isinstance(item, SequenceResult) for item in items):
+                items.extend(await handle.mailbox.get_all())
+        assert items[:-1] == ["b", "c", "d"]
+        assert backend.context.logit_reads == 0
+
+
+async def test_each_piece_of_text_carries_its_tokens_logprobs() -> None:
+    with serving() as (runner, backend):
+        pieces, result = await scored_reply(
+            runner.submit(tokens("a"), params(num_predict=3, logprobs=True, top_logprobs=3))
+        )
+    assert [piece.text for piece in pieces] == ["b", "c", "d"]
+    assert [[logprob.token for logprob in piece.logprobs] for piece in pieces] == [["b"], ["c"], ["d"]]
+    first = pieces[0].logprobs[0]
+    assert first.logprob == pytest.approx(SUCCESSOR) and first.bytes == (ord("b"),)
+    assert first.top_logprobs is not None
+    assert [(top.token, top.logprob) for top in first.top_logprobs] == [
+        ("b", pytest.approx(SUCCESSOR)),
+        ("</s>", pytest.approx(END)),  # a control token, named as the vocabulary names it
+        ("c", pytest.approx(AFTER)),
+    ]
+    assert result.eval_count == 3 and backend.context.logit_reads == 3
+
+
+async def test_without_top_logprobs_only_the_sampled_token_is_scored() -> None:
+    with serving() as (runner, _):
+        pieces, _ = await scored_reply(runner.submit(tokens("a"), params(num_predict=1, logprobs=True)))
+    assert pieces == [ScoredText("b", (Logprob(token="b", logprob=pytest.approx(SUCCESSOR), bytes=(98,)),))]
+
+
+async def test_the_end_of_generation_token_has_no_logprob() -> None:
+    with serving() as (runner, _):
+        pieces, result = await scored_reply(runner.submit(tokens("w"), params(logprobs=True)))
+    assert [logprob.token for piece in pieces for logprob in piece.logprobs] == ["x", "y", "z"]
+    assert (result.done_reason, result.eval_count) == ("stop", 3)
+
+
+async def test_logprobs_wait_with_text_held_as_a_possible_stop_and_end_with_it() -> None:
+    with serving() as (runner, _):
+        # "d" is held as the start of "de", then "e" completes the stop: neither is part of the reply.
+        stopped, result = await scored_reply(runner.submit(tokens("a"), params(stop=["de"], logprobs=True)))
+        # "z" is held as the start of "z!", which never comes: it goes out at the end with its logprob.
+        flushed, _ = await scored_reply(runner.submit(tokens("w"), params(stop=["z!"], logprobs=True)))
+    assert [(piece.text, [lp.token for lp in piece.logprobs]) for piece in stopped] == [("b", ["b"]), ("c", ["c"])]
+    assert result.eval_count == 4  # generated, though not sent
+    assert [(piece.text, [lp.token for lp in piece.logprobs]) for piece in flushed] == [
+        ("x", ["x"]),
+        ("y", ["y"]),
+        ("z", ["z"]),
+    ]
+
+
+def test_log_softmax_is_stable_for_large_logits() -> None:
+    logits = np.array([1000.0, 999.0, 998.0, -1000.0], dtype=np.float32)
+    logprobs = log_softmax(logits)
+    assert np.isfinite(logprobs).all() and np.exp(logprobs).sum() == pytest.approx(1.0)
+    assert logprobs[:3] == pytest.approx(log_softmax(np.array([2.0, 1.0, 0.0, -1998.0], dtype=np.float32))[:3])
+    assert most_likely(logprobs, 2).tolist() == [0, 1]
+    assert most_likely(logprobs, 10).tolist() == [0, 1, 2, 3]  # never more than the vocabulary

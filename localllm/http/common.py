@@ -28,6 +28,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import errors
+from ..scheduler.keepalive import parse_keep_alive
 
 __all__ = [
     "JSON",
@@ -270,6 +271,9 @@ MAX_JSON_DEPTH = 100
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _INTEGER_LIMIT = 1 << 64
 
+#: The longest duration Ollama can hold (a Go duration: 2**63 - 1 ns, some 292 years); longer is no moment in time.
+MAX_DURATION_SECONDS = (2**63 - 1) / 1e9
+
 
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
     """The body as a JSON object; 400 when it is missing, not JSON or holds values `check_values` refuses."""
@@ -312,11 +316,12 @@ def check_values(data: dict[str, Any] | list[Any], where: str = "") -> None:
     bits, and lone UTF-16 surrogates (``"\\ud800"``), which no UTF-8 text can hold.
     Iterative, so no depth of nesting exhausts the stack. `where` names `data` in messages.
     """
-    pending: list[tuple[dict[str, Any] | list[Any], str, int]] = [(data, where, 1)]
+    # Each container with its path, its depth, and the outermost field it is in (too deep a nesting names that).
+    pending: list[tuple[dict[str, Any] | list[Any], str, int, str | None]] = [(data, where, 1, where or None)]
     while pending:
-        container, where, depth = pending.pop()
+        container, where, depth, field = pending.pop()
         if depth > MAX_JSON_DEPTH:
-            raise APIError(400, f"the request body is nested more than {MAX_JSON_DEPTH} levels deep")
+            raise _invalid(field or "", f"nested more than {MAX_JSON_DEPTH} levels deep")
         items: Iterable[tuple[str | int, Any]] = (
             container.items() if isinstance(container, dict) else enumerate(container)
         )
@@ -324,7 +329,8 @@ def check_values(data: dict[str, Any] | list[Any], where: str = "") -> None:
             if isinstance(key, str) and _has_surrogate(key):
                 raise _invalid(where, "a key holds a lone UTF-16 surrogate")
             if isinstance(value, (dict, list)):
-                pending.append((value, _member(where, key), depth + 1))
+                inner = _member(where, key)
+                pending.append((value, inner, depth + 1, inner if field is None else field))
             elif isinstance(value, str):
                 if _has_surrogate(value):
                     raise _invalid(_member(where, key), "the text holds a lone UTF-16 surrogate")
@@ -483,6 +489,13 @@ class Fields:
             return default
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise self._bad(name, "a duration string or a number of seconds")
+        try:
+            seconds = parse_keep_alive(value, default=0.0)
+        except errors.InvalidOptions as exc:
+            raise APIError(400, f"invalid value for '{name}': {exc}", param=name) from None
+        if math.isfinite(seconds) and seconds > MAX_DURATION_SECONDS:
+            problem = "longer than 292 years; a negative value keeps the model loaded for good"
+            raise APIError(400, f"invalid value for '{name}': {value!r} is {problem}", param=name)
         return value
 
     def think(self, name: str = "think") -> Any:

@@ -212,6 +212,8 @@ async def generate(request: Request) -> Response:
         "options": fields.mapping("options"),
         "keep_alive": fields.duration("keep_alive"),
         "think": fields.think(),
+        "logprobs": fields.flag("logprobs", False),
+        "top_logprobs": fields.integer("top_logprobs", 0),
     }
     engine = engine_of(request)
 
@@ -252,6 +254,8 @@ async def chat(request: Request) -> Response:
         "options": fields.mapping("options"),
         "keep_alive": fields.duration("keep_alive"),
         "think": fields.think(),
+        "logprobs": fields.flag("logprobs", False),
+        "top_logprobs": fields.integer("top_logprobs", 0),
     }
     if fields.has("tool_choice"):
         kwargs["tool_choice"] = fields.data["tool_choice"]

@@ -14,14 +14,14 @@ import json
 import secrets
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..types import ToolCall
+from ..types import Logprob, TokenLogprob, ToolCall
 from .common import (
     JSON,
     APIError,
@@ -150,12 +150,12 @@ def response_format(fields: Fields) -> Any:
 
 
 def reasoning(fields: Fields) -> Any:
-    effort = None
+    effort, field = None, "reasoning.effort"
     value = fields.mapping("reasoning")
     if value is not None:
         effort = value.get("effort")
     if effort is None:
-        effort = fields.text("reasoning_effort")
+        effort, field = fields.text("reasoning_effort"), "reasoning_effort"
     if effort is None:
         return None
     levels: dict[str, bool | str] = {
@@ -168,7 +168,8 @@ def reasoning(fields: Fields) -> Any:
         "max": "max",
     }
     if not isinstance(effort, str) or effort not in levels:
-        raise APIError(400, f"invalid reasoning effort {effort!r}", param="reasoning_effort")
+        expected = ", ".join(repr(level) for level in levels)
+        raise APIError(400, f"invalid value for '{field}': {effort!r} is not one of {expected}", param=field)
     return levels[effort]
 
 
@@ -274,6 +275,33 @@ def _usage(response: Any) -> dict[str, Any]:
     }
 
 
+def _token_json(scored: TokenLogprob) -> dict[str, Any]:
+    return {"token": scored.token, "logprob": scored.logprob, "bytes": list(scored.bytes)}
+
+
+def _chat_logprobs(logprobs: Sequence[Logprob] | None) -> dict[str, Any]:
+    """A chat completion's ``choices[].logprobs``: each token with its ``top_logprobs``."""
+    content = [
+        {**_token_json(scored), "top_logprobs": [_token_json(top) for top in scored.top_logprobs or ()]}
+        for scored in logprobs or ()
+    ]
+    return {"content": content, "refusal": None}
+
+
+def _completion_logprobs(logprobs: Sequence[Logprob] | None, offset: int) -> dict[str, Any]:
+    """A completion's ``choices[].logprobs`` (OpenAI's legacy shape), for text starting at `offset`."""
+    out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for scored in logprobs or ():
+        out["tokens"].append(scored.token)
+        out["token_logprobs"].append(scored.logprob)
+        # As OpenAI's, the alternatives always include the sampled token.
+        alternatives = {top.token: top.logprob for top in scored.top_logprobs or ()}
+        out["top_logprobs"].append({**alternatives, scored.token: scored.logprob})
+        out["text_offset"].append(offset)
+        offset += len(scored.token)
+    return out
+
+
 def _finish_reason(done_reason: str | None, tool_calls: bool) -> str:
     reason = done_reason or "stop"
     if reason == "stop" and tool_calls:
@@ -298,12 +326,13 @@ async def chat_completions(request: Request) -> Response:
     messages = chat_messages(fields)
     stream = fields.flag("stream", False)
     include_usage = _include_usage(fields)
-    if fields.flag("logprobs", False):
-        raise APIError(400, "logprobs are not supported", param="logprobs")
+    logprobs = fields.flag("logprobs", False)
     kwargs: dict[str, Any] = {
         "options": sampling_options(fields),
         "format": response_format(fields),
         "tools": fields.array("tools") or None,
+        "logprobs": logprobs,
+        "top_logprobs": fields.integer("top_logprobs", 0),
     }
     think = reasoning(fields)
     if think is not None:
@@ -339,7 +368,7 @@ async def chat_completions(request: Request) -> Response:
                             "index": 0,
                             "message": message,
                             "finish_reason": _finish_reason(reply.done_reason, bool(calls)),
-                            "logprobs": None,
+                            "logprobs": _chat_logprobs(reply.logprobs) if logprobs else None,
                         }
                     ],
                     "usage": _usage(reply),
@@ -348,14 +377,16 @@ async def chat_completions(request: Request) -> Response:
 
         return DisconnectAware(compute, openai_error)
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+    def chunk(
+        delta: dict[str, Any], finish_reason: str | None = None, scored: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         return {
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
             "system_fingerprint": FINGERPRINT,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": scored}],
         }
 
     async def produce(put: Put) -> None:
@@ -374,6 +405,8 @@ async def chat_completions(request: Request) -> Response:
             if state["first"] and (delta or not part.done):
                 state["first"] = False
                 delta = {"role": "assistant", "content": "", **delta}
+            if logprobs and part.logprobs:  # a chunk may carry logprobs alone, for text a parser holds back
+                return [chunk(delta, scored=_chat_logprobs(part.logprobs))]
             return [chunk(delta)] if delta else []
 
         last = await pump(engine.chat(model, messages, **kwargs), put, convert)
@@ -412,28 +445,40 @@ async def completions(request: Request) -> Response:
         raise APIError(400, "echo is not supported", param="echo")
     if fields.integer("best_of", 1) != 1:
         raise APIError(400, "only best_of=1 is supported", param="best_of")
-    if fields.data.get("logprobs") is not None:
-        raise APIError(400, "logprobs are not supported", param="logprobs")
-    kwargs: dict[str, Any] = {"options": sampling_options(fields), "suffix": fields.text("suffix")}
+    top = fields.integer("logprobs")  # OpenAI's legacy field: how many alternatives each token lists
+    if top is not None and not 0 <= top <= 20:
+        raise APIError(400, "logprobs must be between 0 and 20", param="logprobs")
+    kwargs: dict[str, Any] = {
+        "options": sampling_options(fields),
+        "suffix": fields.text("suffix"),
+        "logprobs": top is not None,
+        "top_logprobs": top or 0,
+    }
     engine = engine_of(request)
     completion_id = _id("cmpl")
     created = int(time.time())
+    offset = 0  # where the next chunk's text starts in the completion (the tokens' `text_offset`)
 
-    def body(text: str, finish_reason: str | None) -> dict[str, Any]:
+    def body(text: str, finish_reason: str | None, logprobs: Sequence[Logprob] | None = None) -> dict[str, Any]:
+        nonlocal offset
+        scored = None
+        if top is not None and logprobs is not None:
+            scored = _completion_logprobs(logprobs, offset)
+            offset += sum(len(token) for token in scored["tokens"])
         return {
             "id": completion_id,
             "object": "text_completion",
             "created": created,
             "model": model,
             "system_fingerprint": FINGERPRINT,
-            "choices": [{"text": text, "index": 0, "finish_reason": finish_reason, "logprobs": None}],
+            "choices": [{"text": text, "index": 0, "finish_reason": finish_reason, "logprobs": scored}],
         }
 
     if not stream:
 
         async def compute() -> Response:
             reply = await engine.generate(model, prompt, **kwargs)
-            data = body(reply.response, _finish_reason(reply.done_reason, False))
+            data = body(reply.response, _finish_reason(reply.done_reason, False), reply.logprobs or ())
             data["usage"] = _usage(reply)
             return JSON(data)
 
@@ -442,8 +487,8 @@ async def completions(request: Request) -> Response:
     async def produce(put: Put) -> None:
         def convert(part: Any) -> list[dict[str, Any]]:
             if part.done:
-                return [body(part.response, _finish_reason(part.done_reason, False))]
-            return [body(part.response, None)] if part.response else []
+                return [body(part.response, _finish_reason(part.done_reason, False), part.logprobs)]
+            return [body(part.response, None, part.logprobs)] if part.response or part.logprobs else []
 
         last = await pump(engine.generate(model, prompt, **kwargs), put, convert)
         if last is not None and include_usage:

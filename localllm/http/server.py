@@ -54,7 +54,9 @@ def _check_exposure(host: str, allow_remote: bool, allow_local_paths: bool) -> N
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket on (host, port); port 0 picks a free one."""
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # Named as TCP (not protocol 0) so that asyncio turns Nagle off on each connection, as it does for the
+    # sockets it opens itself: otherwise every small answer waits some 40 ms for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host.strip("[]"), port))

@@ -8,10 +8,14 @@ file. This module does not import llama_cpp.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..options import Options
 from .protocol import LoadConfig
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 __all__ = ["Backend", "Batch", "Context", "Model", "Sampler"]
 
@@ -83,6 +87,11 @@ class Context(Protocol):
 
     def decode(self, batch: Batch) -> int:
         """Evaluate a batch: 0 on success, 1 when the cache has no room, 2 when aborted, negative on errors."""
+        ...
+
+    def logits(self, index: int) -> npt.NDArray[np.float32]:
+        """The last decode's logits at batch position `index`, one per vocabulary entry: a view into the
+        context's own buffer, valid until the next decode."""
         ...
 
     def seq_rm(self, seq_id: int, p0: int) -> bool:

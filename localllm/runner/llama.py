@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import llama_cpp
+import numpy as np
+import numpy.typing as npt
 
-from ..errors import InvalidFormat, InvalidRequest, ModelLoadError
+from ..errors import InvalidFormat, InvalidRequest, ModelLoadError, RunnerError
 from ..options import Options
 from .protocol import KV_CACHE_TYPES, LoadConfig
 
@@ -339,6 +341,13 @@ class LlamaContext:
 
     def encode(self, batch: Batch) -> int:
         return int(llama_cpp.llama_encode(self.handle, batch.struct))
+
+    def logits(self, index: int) -> npt.NDArray[np.float32]:
+        """The last decode's logits at batch position `index`: a view, valid until the next decode."""
+        pointer = llama_cpp.llama_get_logits_ith(self.handle, index)
+        if not pointer:
+            raise RunnerError(f"llama.cpp has no logits for batch position {index}")
+        return np.ctypeslib.as_array(pointer, shape=(self.model.n_vocab,))
 
     def seq_rm(self, seq_id: int, p0: int, p1: int = -1) -> bool:
         return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq_id, p0, p1))

@@ -13,6 +13,7 @@ import attrs
 
 from ..errors import LocalLLMError
 from ..options import Options
+from ..types import Logprob
 from .mailbox import Mailbox
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ __all__ = [
     "LoadConfig",
     "ModelRunner",
     "SamplingParams",
+    "ScoredText",
     "SequenceHandle",
     "SequenceResult",
     "TextRunner",
@@ -54,10 +56,22 @@ class LoadConfig:
 
 @attrs.frozen
 class SamplingParams:
-    """How one sequence is sampled: the request's options, and a grammar its output must follow."""
+    """How one sequence is sampled: the request's options, a grammar its output must follow, and
+    whether to report each token's logprob (with the `top_logprobs` most likely tokens at its position)."""
 
     options: Options = attrs.field(factory=Options)
     grammar: str | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@attrs.frozen
+class ScoredText:
+    """Text, and the logprobs of the tokens whose text it completes: what a sequence that asked for
+    logprobs sends instead of plain text."""
+
+    text: str
+    logprobs: tuple[Logprob, ...]
 
 
 @attrs.frozen
@@ -88,8 +102,8 @@ class SequenceHandle:
         self.runner = runner
         self.prompt = prompt
         self.params = params
-        # Items: str (text), SequenceResult (done) or LocalLLMError (failed).
-        self.mailbox: Mailbox[str | SequenceResult | LocalLLMError] = Mailbox()
+        # Items: str or ScoredText (text), SequenceResult (done) or LocalLLMError (failed).
+        self.mailbox: Mailbox[str | ScoredText | SequenceResult | LocalLLMError] = Mailbox()
         self.cancelled = threading.Event()
         self.finished = False
 

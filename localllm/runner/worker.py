@@ -20,15 +20,50 @@ from collections import deque
 from collections.abc import Sequence
 
 import attrs
+import numpy as np
+import numpy.typing as npt
 
 from ..errors import ContextLengthExceeded, EngineClosed, InvalidFormat, LocalLLMError, RunnerError
-from .backend import Backend, Sampler
-from .protocol import LoadConfig, SamplingParams, SequenceHandle, SequenceResult
+from ..types import Logprob, TokenLogprob
+from .backend import Backend, Model, Sampler
+from .protocol import LoadConfig, SamplingParams, ScoredText, SequenceHandle, SequenceResult
 from .text import StopMatcher, Utf8Stream
 
 __all__ = ["Runner"]
 
 logger = logging.getLogger("localllm.runner")
+
+
+@attrs.define
+class _Logprobs:
+    """A sequence's token logprobs, each held until the text of its token has been sent.
+
+    Positions count characters of decoded text: a token's text spans [start, end). Text held back
+    (part of a character, or a possible stop sequence) holds its tokens' logprobs back with it.
+    """
+
+    top: int  # how many of the most likely tokens to report at each position
+    decoded: int = 0
+    sent: int = 0
+    pending: deque[tuple[int, int, Logprob]] = attrs.field(factory=deque)  # (start, end, logprob)
+
+    def add(self, logprob: Logprob, chars: int) -> None:
+        self.pending.append((self.decoded, self.decoded + chars, logprob))
+        self.decoded += chars
+
+    def take(self, sent: int, *, cut: bool = False) -> tuple[Logprob, ...]:
+        """The logprobs of the tokens whose text is now sent in full, after `sent` more characters.
+
+        With `cut` (a stop sequence ended the text here), tokens partly sent count too, as in Ollama,
+        and those wholly inside the stop sequence are dropped.
+        """
+        self.sent += sent
+        taken = []
+        while self.pending and (self.pending[0][1] <= self.sent or (cut and self.pending[0][0] < self.sent)):
+            taken.append(self.pending.popleft()[2])
+        if cut:
+            self.pending.clear()
+        return tuple(taken)
 
 
 @attrs.define
@@ -38,6 +73,7 @@ class _Active:
     sampler: Sampler
     prompt_pos: int  # next prompt token to evaluate
     num_predict: int
+    logprobs: _Logprobs | None = None  # None unless the request asked for logprobs
     utf8: Utf8Stream = attrs.field(factory=Utf8Stream)
     stops: StopMatcher = attrs.field(factory=lambda: StopMatcher(()))
     next_token: int | None = None
@@ -238,6 +274,7 @@ class Runner:
                 sampler=sampler,
                 prompt_pos=0,
                 num_predict=num_predict if num_predict >= 0 else 1 << 62,
+                logprobs=_Logprobs(handle.params.top_logprobs) if handle.params.logprobs else None,
                 stops=StopMatcher(handle.params.options.stop),
             )
             slot.active = active
@@ -321,15 +358,18 @@ class Runner:
     def _sample(self, active: _Active, now: float) -> None:
         if active.first_token_at is None:
             active.first_token_at = now
-        token = active.sampler.sample(self.context, active.batch_index or 0)
-        handle = active.handle
-        if self.model.is_eog(token):
+        index = active.batch_index or 0
+        token = active.sampler.sample(self.context, index)
+        if self.model.is_eog(token):  # not part of the text, so it has no logprob either (as in Ollama)
             self._finish(active, "stop")
             return
         active.generated.append(token)
-        text, stopped = active.stops.feed(active.utf8.feed(self.model.token_bytes(token)))
-        if text:
-            handle.mailbox.put(text)
+        piece = active.utf8.feed(self.model.token_bytes(token))
+        if active.logprobs is not None:
+            logprob = token_logprob(self.model, self.context.logits(index), token, active.logprobs.top)
+            active.logprobs.add(logprob, len(piece))
+        text, stopped = active.stops.feed(piece)
+        self._send(active, text, cut=stopped)
         if stopped:
             self._finish(active, "stop", flush=False)
         elif len(active.generated) >= active.num_predict or len(active.slot.cached) + 1 >= self.n_ctx_seq:
@@ -337,13 +377,29 @@ class Runner:
         else:
             active.next_token = token
 
+    def _send(self, active: _Active, text: str, *, cut: bool = False, final: bool = False) -> None:
+        """Send text, with the logprobs of the tokens it completes when the sequence asked for them.
+
+        `cut`: a stop sequence ended the text here; `final`: the last text, after which every token's
+        text has been sent (so every logprob still held goes with it).
+        """
+        logprobs = active.logprobs
+        if logprobs is None:
+            if text:
+                active.handle.mailbox.put(text)
+            return
+        if not (text or cut or final):
+            return  # text held back holds its tokens' logprobs back too
+        scored = logprobs.take(len(text), cut=cut)
+        if text or scored:
+            active.handle.mailbox.put(ScoredText(text, scored))
+
     def _finish(self, active: _Active, reason: str, *, flush: bool = True) -> None:
         if flush:  # text held back as a possible stop sequence turned out not to be one
             tail, stopped = active.stops.feed(active.utf8.flush())
             if not stopped:
                 tail += active.stops.flush()
-            if tail:
-                active.handle.mailbox.put(tail)
+            self._send(active, tail, cut=stopped, final=True)
         end = time.perf_counter()
         first = active.first_token_at or end
         prompt = len(active.handle.prompt)
@@ -382,6 +438,39 @@ class Runner:
             self._release(active)
             active.handle.finished = True
             active.handle.mailbox.put(error)
+
+
+def token_logprob(model: Model, logits: npt.NDArray[np.float32], token: int, top: int) -> Logprob:
+    """The sampled token's logprob, and the `top` most likely tokens', from one position's logits.
+
+    These are the model's own distribution (a softmax of the raw logits), before penalties, grammar,
+    temperature or truncation shape what is sampled: what OpenAI and Ollama report.
+    """
+    logprobs = log_softmax(logits)
+    sampled = _scored(model, token, logprobs)
+    alternatives = tuple(_scored(model, int(t), logprobs) for t in most_likely(logprobs, top)) if top > 0 else None
+    return Logprob(token=sampled.token, logprob=sampled.logprob, bytes=sampled.bytes, top_logprobs=alternatives)
+
+
+def log_softmax(logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+    """log(softmax(x)) = x - max - log(sum(exp(x - max))): shifted by the max, exp cannot overflow."""
+    shifted = logits.astype(np.float64) - logits.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def most_likely(logprobs: npt.NDArray[np.float64], n: int) -> npt.NDArray[np.intp]:
+    """The ids of the `n` most likely tokens, most likely first (a partial sort: the vocabulary is large)."""
+    if n < len(logprobs):
+        candidates = np.argpartition(-logprobs, n - 1)[:n]
+    else:
+        candidates = np.arange(len(logprobs))
+    return candidates[np.argsort(-logprobs[candidates], kind="stable")]
+
+
+def _scored(model: Model, token: int, logprobs: npt.NDArray[np.float64]) -> TokenLogprob:
+    # A control token has no text of its own; its name ("<|im_end|>") tells an alternative apart.
+    data = model.token_bytes(token) or model.token_text(token).encode()
+    return TokenLogprob(token=data.decode("utf-8", errors="replace"), logprob=float(logprobs[token]), bytes=tuple(data))
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
