@@ -59,6 +59,7 @@ def test_parse_keep_alive() -> None:
     assert parse_keep_alive("0", 300) == 0.0
     assert parse_keep_alive(-1, 300) == math.inf
     assert parse_keep_alive("-1m", 300) == math.inf
+    assert parse_keep_alive(1e300, 300) == math.inf  # beyond what a Go duration holds: forever
     for bad in ("soon", "5 minutes", "1x", True, [1]):
         with pytest.raises(Exception, match="keep_alive"):
             parse_keep_alive(bad, 300)  # type: ignore[arg-type]

@@ -28,6 +28,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import errors
+from ..options import OPTION_TYPES
 from ..scheduler.keepalive import parse_keep_alive
 
 __all__ = [
@@ -451,6 +452,21 @@ class Fields:
         if not isinstance(value, dict):
             raise self._bad(name, "an object")
         return value
+
+    def options(self, name: str = "options") -> Any:
+        """Model options without the keys no option has, which are logged, as Ollama does.
+
+        Not left to the Engine, which warns about each: Python keeps every distinct warning for
+        good, so a client sending new names would grow the server without end.
+        """
+        value = self.mapping(name)
+        if value is None:
+            return None
+        unknown = [key for key in value if key not in OPTION_TYPES]
+        if unknown:
+            shown = ", ".join(repr(key[:40]) for key in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+            logger.warning("ignoring %d unknown option(s) in '%s': %s", len(unknown), name, shown)
+        return {key: option for key, option in value.items() if key in OPTION_TYPES}
 
     def array(self, name: str, default: Any = None) -> Any:
         value = self.data.get(name)

@@ -209,7 +209,7 @@ async def generate(request: Request) -> Response:
         "raw": fields.flag("raw", False),
         "format": fields.format(),
         "images": fields.texts("images"),
-        "options": fields.mapping("options"),
+        "options": fields.options(),
         "keep_alive": fields.duration("keep_alive"),
         "think": fields.think(),
         "logprobs": fields.flag("logprobs", False),
@@ -251,7 +251,7 @@ async def chat(request: Request) -> Response:
     kwargs: dict[str, Any] = {
         "tools": tools or None,
         "format": fields.format(),
-        "options": fields.mapping("options"),
+        "options": fields.options(),
         "keep_alive": fields.duration("keep_alive"),
         "think": fields.think(),
         "logprobs": fields.flag("logprobs", False),
@@ -295,7 +295,7 @@ async def embed(request: Request) -> Response:
     text = _embed_input(fields)
     truncate = fields.flag("truncate", True)
     dimensions = fields.integer("dimensions")
-    options = fields.mapping("options")
+    options = fields.options()
     keep_alive = fields.duration("keep_alive")
     engine = engine_of(request)
 
@@ -319,7 +319,7 @@ async def embeddings(request: Request) -> Response:
     fields = await read_request(request)
     model = await model_to_serve(request, model_field(fields))
     prompt = fields.text("prompt", "")
-    options = fields.mapping("options")
+    options = fields.options()
     keep_alive = fields.duration("keep_alive")
     engine = engine_of(request)
 

@@ -459,7 +459,10 @@ class SamplerChain:
                 if not grammar_sampler:
                     raise InvalidFormat("the output grammar could not be parsed by llama.cpp")
                 llama_cpp.llama_sampler_chain_add(chain, grammar_sampler)
-            last_n = n_ctx if options.repeat_last_n == -1 else options.repeat_last_n
+            # The window never needs to exceed the context; llama.cpp would allocate all of it.
+            last_n = (
+                n_ctx if options.repeat_last_n == -1 else min(options.repeat_last_n, n_ctx or options.repeat_last_n)
+            )
             penalized = (options.repeat_penalty, options.presence_penalty, options.frequency_penalty) != (1.0, 0.0, 0.0)
             if last_n != 0 and penalized:
                 llama_cpp.llama_sampler_chain_add(
@@ -520,7 +523,8 @@ class LlamaBackend:
             return LlamaContext(
                 llama_model,
                 n_ctx=config.num_ctx * config.num_parallel,
-                n_batch=config.num_batch,
+                # Every slot may need logits in one batch: llama.cpp asserts (aborts) on a batch smaller.
+                n_batch=max(config.num_batch, config.num_parallel),
                 n_seq_max=config.num_parallel,
                 n_threads=config.num_thread or default_threads(),
                 embeddings=config.embeddings,

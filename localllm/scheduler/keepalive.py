@@ -9,6 +9,8 @@ from ..errors import InvalidOptions
 
 __all__ = ["parse_keep_alive"]
 
+_LONGEST = (2**63 - 1) / 1e9  # seconds
+
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 
@@ -31,7 +33,8 @@ def parse_keep_alive(value: float | int | str | None, default: float) -> float:
         raise InvalidOptions(f"keep_alive must be a number of seconds or a duration like '5m', got {value!r}")
     if math.isnan(seconds):
         raise InvalidOptions("keep_alive must not be NaN")
-    return math.inf if seconds < 0 else seconds
+    # Negative, or longer than a Go duration holds (about 292 years, as Ollama reads it): forever.
+    return math.inf if seconds < 0 or seconds > _LONGEST else seconds
 
 
 def _parse_duration(text: str) -> float:
