@@ -110,7 +110,9 @@ async def server_stream(client: httpx.AsyncClient, prompt: str, start: float) ->
 
 
 async def measure_server(url: str, round_: int) -> dict[str, float]:
-    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+    # A fresh connection per request: llama-server may close an idle kept-alive one under us.
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=fresh) as client:
         single = await server_stream(client, f"[{round_}] {PROMPTS[0]}", time.perf_counter())
         concurrent, wall = await four_at_once(lambda p, s: server_stream(client, p, s), round_)
     return figures(single, concurrent, wall)
@@ -158,7 +160,8 @@ async def localllm_stream(engine: localllm.Engine, model: str, prompt: str, star
 async def measure_localllm(model: str, round_: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as home:
         async with localllm.Engine(home, num_parallel=SLOTS) as engine:
-            await engine.generate(model, "Hello", raw=True, options={"num_predict": 1, "num_ctx": NUM_CTX})  # load
+            load = {"num_predict": 1, "num_ctx": NUM_CTX, "num_thread": THREADS}
+            await engine.generate(model, "Hello", raw=True, options=load)  # load, with the options measured
             single = await localllm_stream(engine, model, f"[{round_}] {PROMPTS[0]}", time.perf_counter())
             concurrent, wall = await four_at_once(lambda p, s: localllm_stream(engine, model, p, s), round_)
     return figures(single, concurrent, wall)
