@@ -259,7 +259,9 @@ def test_engine_under_trio(smollm2_path: Path, home: Path) -> None:
             async with trio.open_nursery() as nursery:
 
                 async def stream(i: int) -> None:
-                    async for chunk in engine.generate(str(smollm2_path), f"Count to {i}:", options={**GREEDY, "num_predict": 4}):
+                    async for chunk in engine.generate(
+                        str(smollm2_path), f"Count to {i}:", options={**GREEDY, "num_predict": 4}
+                    ):
                         pieces.append(chunk.response)
 
                 for i in range(3):
