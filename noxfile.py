@@ -80,6 +80,12 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks against llama-cpp-python and llama-server, each measured in the same run."""
     install(session, "test")
-    scripts = session.posargs or ["benchmarks/bench_generate.py", "benchmarks/bench_server.py"]
+    scripts = session.posargs or [
+        "benchmarks/bench_generate.py",
+        "benchmarks/bench_server.py",
+        "benchmarks/bench_grammar.py",
+        "benchmarks/bench_prompt_cache.py",
+        "benchmarks/bench_speculative.py",
+    ]
     for script in scripts:
         session.run("python", script)

@@ -1,8 +1,8 @@
 """localllm against llama-server, llama.cpp's own C++ server on the same kernels: same model, threads,
 slots, context, sampling and weight layouts, rounds alternating between the two.
 
-SmolLM2 135M Q4_1, greedy, 2 threads, 4 slots of 2048 tokens, 128 new tokens, flash attention off and
-weight repacking as localllm chooses it for this CPU, on both sides. Each round gives every prompt a
+SmolLM2 135M Q4_1, greedy, 2 threads, 4 slots of 2048 tokens, 128 new tokens, flash attention as llama.cpp
+decides (auto) and weight repacking as localllm chooses it for this CPU, on both sides. Each round gives every prompt a
 fresh prefix, so neither side answers from a prompt cache.
 
 - single stream: decode tokens/s (first streamed token to last);
@@ -125,7 +125,7 @@ def start_server(binary: Path, model: Path, repack: bool) -> tuple[subprocess.Po
     command = [
         str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
         "-t", str(THREADS), "-tb", str(THREADS), "-np", str(SLOTS), "-c", str(NUM_CTX * SLOTS),
-        "-b", "512", "-ub", "512", "-fa", "off", "--repack" if repack else "--no-repack",
+        "-b", "512", "-ub", "512", "-fa", "auto", "--repack" if repack else "--no-repack",
         "--no-kv-unified", "--cache-ram", "0",
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -191,7 +191,7 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs; flags: {cpu_flags()}")
     print(
         f"{model.name}; greedy, {THREADS} threads, {SLOTS} slots x {NUM_CTX}, {NEW_TOKENS} new tokens, flash "
-        f"attention off, repacking {'on' if repack else 'off'}; {ROUNDS} alternating rounds (min / median / max)"
+        f"attention auto, repacking {'on' if repack else 'off'}; {ROUNDS} alternating rounds (min / median / max)"
     )
     process, url = start_server(binary, model, repack)
     ours: list[dict[str, float]] = []

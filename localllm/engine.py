@@ -118,6 +118,8 @@ class Engine:
         kv_cache_type: str | None = None,
         flash_attention: bool | None = None,
         repack: bool | None = None,
+        prompt_cache: bool | str | os.PathLike[str] | None = None,
+        prompt_cache_size: int | None = None,
         devices: Any = None,
     ) -> None:
         settings = EngineSettings.resolve(
@@ -130,6 +132,8 @@ class Engine:
             kv_cache_type,
             flash_attention,
             repack,
+            prompt_cache,
+            prompt_cache_size,
         )
         self._service = ModelService(settings, devices=devices)
 
@@ -421,6 +425,7 @@ class Engine:
                     gpu_layers=plan.gpu_layers if plan is not None else 0,
                     layers_per_device=dict(plan.layers_per_device) if plan is not None else {},
                     active_requests=record.users,
+                    prompt_cache_size=record.loaded.runner.prompt_cache_bytes,
                 )
             )
         return ProcessResponse(models=running)

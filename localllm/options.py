@@ -49,6 +49,11 @@ class Options:
     num_thread: int = _option(0, load=True, valid=lambda v: 0 <= v <= MAX_THREADS)
     use_mmap: bool = _option(True, load=True)
     use_mlock: bool = _option(False, load=True)
+    # Speculative decoding: a small draft model (name or path, same vocabulary; "" for none), how many
+    # tokens it may draft per step, and drafting from the sequence's own text when there is no draft model.
+    draft_model: str = _option("", load=True)
+    draft_max: int = _option(8, load=True, valid=lambda v: 1 <= v <= 64)
+    prompt_lookup: bool = _option(False, load=True)
     numa: bool = _option(False)  # accepted as Ollama does; llama.cpp's NUMA mode is process-wide
     low_vram: bool = _option(False)  # accepted as Ollama does; no effect
     # Per request: prediction and sampling.
@@ -107,6 +112,9 @@ def _coerce(name: str, value: Any) -> Any:
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
     elif kind is list:
         if isinstance(value, str):
             return (value,)
@@ -131,6 +139,8 @@ def parse_option_value(name: str, text: str) -> Any:
             value: Any = int(text)
         elif kind is float:
             value = float(text)
+        elif kind is str:
+            return text.strip()
         else:
             return (text,)
     except ValueError:

@@ -18,7 +18,7 @@ import anyio
 import attrs
 
 from .chat.template import ChatTemplate, PlainTemplate, load_template
-from .errors import CapabilityError, EngineClosed, InvalidRequest
+from .errors import CapabilityError, EngineClosed, InvalidRequest, ModelNotFound
 from .options import Options, OptionValues, merge_options
 from .runner.protocol import EmbedRunner, LoadConfig, ModelRunner, TextRunner
 from .scheduler.keepalive import parse_keep_alive
@@ -98,6 +98,7 @@ class ModelService:
         self.closed = True
         if self._scheduler is not None:
             await self._scheduler.close()
+        self.factory.close()
 
     # -- the steps of a request ---------------------------------------------------
 
@@ -137,8 +138,22 @@ class ModelService:
         return parse_keep_alive(value, self.settings.keep_alive)
 
     def config(self, resolved: ResolvedModel, options: Options, purpose: Purpose) -> LoadConfig:
+        """The load configuration. Resolves a draft model's name, which reads the store: call it in a
+        worker thread when `options.draft_model` is set."""
         adapters = tuple(str(path) for path in resolved.adapters)
-        return self.factory.config_for(str(resolved.model_path), adapters, options, embeddings=purpose == "embed")
+        draft = self._draft_model_path(options.draft_model) if purpose == "generate" else None
+        return self.factory.config_for(
+            str(resolved.model_path), adapters, options, embeddings=purpose == "embed", draft_model_path=draft
+        )
+
+    def _draft_model_path(self, name: str) -> str | None:
+        """The draft model's file, its name resolved as any model's for generation; None when none is named."""
+        if not name:
+            return None
+        try:
+            return str(self._resolve_and_check(name, "generate").model_path)
+        except ModelNotFound as exc:
+            raise ModelNotFound(f"draft_model: {exc}", model=exc.model) from None
 
     async def lease_text(
         self, resolved: ResolvedModel, options: Options, keep_alive: float | str | None
@@ -155,7 +170,10 @@ class ModelService:
     async def _lease(
         self, resolved: ResolvedModel, options: Options, keep_alive: float | str | None, purpose: Purpose
     ) -> Lease[LoadConfig, ModelRunner]:
-        key = self.config(resolved, options, purpose)
+        if options.draft_model:
+            key = await anyio.to_thread.run_sync(self.config, resolved, options, purpose)
+        else:
+            key = self.config(resolved, options, purpose)
         lease = await self.scheduler.acquire(key, name=resolved.name, keep_alive=self.keep_alive(keep_alive))
         self._models.setdefault(key, resolved)
         return lease

@@ -45,8 +45,10 @@ class EngineSettings:
     max_queue: int
     keep_alive: float
     kv_cache_type: str
-    flash_attention: bool
+    flash_attention: bool | None  # None: as llama.cpp decides for the device
     repack: bool | None  # None: llama.cpp's weight repacking where this CPU and build run it safely
+    prompt_cache_bytes: int = 1 << 30  # RAM for saved prompt states; 0 keeps none
+    prompt_cache_dir: Path | None = None  # where saved prompt states persist across restarts; None: nowhere
 
     @classmethod
     def resolve(
@@ -60,6 +62,8 @@ class EngineSettings:
         kv_cache_type: str | None,
         flash_attention: bool | None = None,
         repack: bool | None = None,
+        prompt_cache: bool | str | os.PathLike[str] | None = None,
+        prompt_cache_size: int | None = None,
     ) -> EngineSettings:
         home_path = Path(home or os.environ.get("LOCALLLM_HOME") or Path.home() / ".localllm").expanduser()
         models_path = Path(models or os.environ.get("LOCALLLM_MODELS") or home_path / "models").expanduser()
@@ -74,7 +78,41 @@ class EngineSettings:
         if kv_type not in ("f16", "q8_0", "q4_0"):
             raise InvalidRequest(f"kv_cache_type must be f16, q8_0 or q4_0, got {kv_type!r}")
         if flash_attention is None:
-            flash_attention = _env_bool("LOCALLLM_FLASH_ATTENTION") or False
+            flash_attention = _env_bool("LOCALLLM_FLASH_ATTENTION")
         if repack is None:
             repack = _env_bool("LOCALLLM_REPACK")
-        return cls(home_path, models_path, parallel, loaded, queue, alive, kv_type, flash_attention, repack)
+        cache_bytes = (
+            prompt_cache_size if prompt_cache_size is not None else _env_int("LOCALLLM_PROMPT_CACHE_SIZE", 1 << 30)
+        )
+        if cache_bytes < 0:
+            raise InvalidRequest(f"prompt_cache_size must be at least 0 bytes, got {cache_bytes}")
+        return cls(
+            home_path,
+            models_path,
+            parallel,
+            loaded,
+            queue,
+            alive,
+            kv_type,
+            flash_attention,
+            repack,
+            cache_bytes,
+            _prompt_cache_dir(prompt_cache, home_path),
+        )
+
+
+def _prompt_cache_dir(choice: bool | str | os.PathLike[str] | None, home: Path) -> Path | None:
+    """Where prompt states persist: off unless asked (True: under the home; a path: there)."""
+    if choice is None:
+        value = os.environ.get("LOCALLLM_PROMPT_CACHE", "").strip()
+        if value.lower() in ("", "0", "false", "no", "off"):
+            choice = False
+        elif value.lower() in ("1", "true", "yes", "on"):
+            choice = True
+        else:
+            choice = value
+    if choice is True:
+        return home / "cache" / "prompts"
+    if choice is False:
+        return None
+    return Path(choice).expanduser()

@@ -373,6 +373,7 @@ class ProcessModel(_Subscriptable):
     gpu_layers: int = 0
     layers_per_device: dict[int, int] = attrs.field(factory=dict)
     active_requests: int = 0
+    prompt_cache_size: int = 0  # bytes of saved prompt states the model could start from
 
 
 @attrs.frozen

@@ -307,6 +307,38 @@ def test_create_takes_model_names_and_uploads_not_paths(http: httpx.Client, tiny
     assert answer.json() == {"status": "success"}, answer.text
 
 
+def test_a_draft_model_is_a_name_too(http: httpx.Client, tiny_file: Path, tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.gguf")
+    requests = [
+        (
+            "/api/generate",
+            "options.draft_model",
+            lambda p: {"model": "smollm2", "prompt": "hi", "options": {"draft_model": p}},
+        ),
+        (
+            "/api/chat",
+            "options.draft_model",
+            lambda p: {"model": "smollm2", "messages": [], "options": {"draft_model": p}},
+        ),
+        (
+            "/api/create",
+            "parameters.draft_model",
+            lambda p: {"model": "drafted", "from": "smollm2", "parameters": {"draft_model": p}},
+        ),
+        (
+            "/api/create",
+            "modelfile",
+            lambda p: {"model": "drafted", "modelfile": f"FROM smollm2\nPARAMETER draft_model {p}\n"},
+        ),
+    ]
+    for path, field, body in requests:
+        answers = [http.post(path, json={**body(p), "stream": False}) for p in (str(tiny_file), missing)]
+        assert [a.status_code for a in answers] == [400, 400], (path, answers[0].text)
+        assert f"'{field}'" in error_of(answers[0]), error_of(answers[0])
+        assert error_of(answers[0]).replace(str(tiny_file), "<p>") == error_of(answers[1]).replace(missing, "<p>")
+    assert "drafted:latest" not in [m["name"] for m in http.get("/api/tags").json()["models"]]
+
+
 def test_names_are_checked_where_models_are_only_named(http: httpx.Client) -> None:
     assert http.post("/api/copy", json={"source": "/etc/passwd", "destination": "x"}).status_code == 400
     answer = http.post("/api/copy", json={"source": "smollm2", "destination": "../../escape"})

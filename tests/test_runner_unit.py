@@ -10,10 +10,12 @@ them as llama.cpp does; its decodes can be held at a gate, so a test can act bet
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -26,6 +28,7 @@ import pytest
 from localllm.errors import ContextLengthExceeded, EngineClosed, InvalidFormat, LocalLLMError, RunnerError
 from localllm.options import Options
 from localllm.runner.backend import Batch, Context, Model
+from localllm.runner.prompt_cache import PromptCache
 from localllm.runner.protocol import LoadConfig, SamplingParams, ScoredText, SequenceHandle, SequenceResult
 from localllm.runner.worker import Runner, log_softmax, most_likely
 from localllm.types import Logprob
@@ -121,6 +124,8 @@ class FakeContext:
     decoded: list[Decoded] = attrs.field(factory=list)
     kv: dict[int, dict[int, int]] = attrs.field(factory=dict)  # seq_id -> position -> token
     removals: list[tuple[int, int]] = attrs.field(factory=list)  # seq_rm calls
+    copies: list[tuple[int, int]] = attrs.field(factory=list)  # seq_cp calls
+    restores: list[int] = attrs.field(factory=list)  # state_set calls
     statuses: deque[int] = attrs.field(factory=deque)  # what the next decodes return (then 0)
     held: threading.Event = attrs.field(factory=threading.Event)  # set while a decode waits at the gate
     logit_reads: int = 0
@@ -182,6 +187,19 @@ class FakeContext:
     def seq_pos_min(self, seq_id: int) -> int:
         return min(self.kv.get(seq_id) or [-1])
 
+    def seq_cp(self, src: int, dst: int) -> bool:
+        self.copies.append((src, dst))
+        self.kv[dst] = dict(self.kv.get(src, {}))
+        return True
+
+    def state_get(self, seq_id: int) -> bytes:
+        return json.dumps(sorted(self.kv.get(seq_id, {}).items())).encode()
+
+    def state_set(self, seq_id: int, state: bytes) -> bool:
+        self.restores.append(seq_id)
+        self.kv[seq_id] = {pos: token for pos, token in json.loads(state)}
+        return True
+
     def cached(self, seq_id: int) -> str:
         cells = self.kv.get(seq_id, {})
         return "".join(chr(cells[pos]) for pos in sorted(cells))
@@ -217,6 +235,7 @@ class FakeBackend:
     contexts: list[FakeContext] = attrs.field(factory=list)
     batches: list[FakeBatch] = attrs.field(factory=list)
     samplers: list[FakeSampler] = attrs.field(factory=list)
+    state_format: str = "fake"
 
     @property
     def context(self) -> FakeContext:
@@ -248,9 +267,9 @@ class FakeBackend:
 
 
 @contextmanager
-def serving(**config: Any) -> Iterator[tuple[Runner, FakeBackend]]:
+def serving(prompt_cache: PromptCache | None = None, **config: Any) -> Iterator[tuple[Runner, FakeBackend]]:
     backend = FakeBackend()
-    runner = Runner(LoadConfig("fake.gguf", **config), backend=backend)
+    runner = Runner(LoadConfig("fake.gguf", **config), backend=backend, prompt_cache=prompt_cache)
     try:
         yield runner, backend
     finally:
@@ -395,6 +414,77 @@ async def test_a_cache_that_lost_its_first_positions_is_evaluated_again() -> Non
         assert (result.prompt_eval_count, result.prompt_cached_count) == (5, 0)
         assert context.removals[-1] == (0, 0)
         assert context.cached(0) == "abcdx"
+
+
+# -- prefixes shared across slots and kept in the prompt cache --------------------------
+
+SYSTEM = "." * 40 + "," * 40  # a long shared start; the fake model repeats punctuation forever
+
+
+async def test_a_long_prefix_another_slot_holds_is_copied_not_evaluated() -> None:
+    with serving(num_parallel=2, num_ctx=512) as (runner, backend):
+        context = backend.context
+        context.hold()
+        first = runner.submit(tokens(SYSTEM + "ab"), params(num_predict=40))  # slot 0
+        await held(context)
+        context.release()
+        context.hold()
+        await held(context)  # the first prompt is in slot 0's cache, and slot 0 is busy
+        second = runner.submit(tokens(SYSTEM + "xy"), params(num_predict=1))
+        context.release()
+        text, result = await reply(second)
+        assert context.copies == [(0, 1)]
+        assert (text, result.prompt_eval_count, result.prompt_cached_count) == ("z", 82, 80)
+        assert context.cached(1) == SYSTEM + "xy"
+        assert (await reply(first))[0].startswith("cdef")
+        assert context.cached(0).startswith(SYSTEM + "abcdef")  # the donor is untouched
+
+
+async def test_a_short_shared_prefix_is_evaluated_rather_than_copied() -> None:
+    with serving(num_parallel=2) as (runner, backend):
+        context = backend.context
+        context.hold()
+        first = runner.submit(tokens("." * 20 + "ab"), params(num_predict=30))
+        await held(context)
+        context.release()
+        context.hold()
+        await held(context)
+        second = runner.submit(tokens("." * 20 + "xy"), params(num_predict=1))
+        context.release()
+        _, result = await reply(second)
+        assert context.copies == [] and result.prompt_cached_count == 0
+        await reply(first)
+
+
+async def test_a_slot_reused_for_another_conversation_keeps_the_first_in_the_cache() -> None:
+    cache = PromptCache(1 << 20)
+    with serving(cache, num_parallel=1, num_ctx=512) as (runner, backend):
+        context = backend.context
+        await reply(runner.submit(tokens(SYSTEM + "ab"), params(num_predict=2)))
+        await reply(runner.submit(tokens("?" * 90), params(num_predict=1)))  # drops the first conversation
+        assert len(cache) == 1 and runner.prompt_cache_bytes == cache.size_bytes() > 0
+        start = len(context.decoded)
+        text, result = await reply(runner.submit(tokens(SYSTEM + "abcdq"), params(num_predict=1)))
+        assert context.restores == [0]
+        assert (text, result.prompt_cached_count) == ("r", 83)  # the state held the prompt and one reply token
+        assert str(context.decoded[start]) == "0:d@83 0:q@84*"
+
+
+async def test_a_cache_without_room_keeps_nothing() -> None:
+    cache = PromptCache(10)
+    with serving(cache, num_parallel=1, num_ctx=512) as (runner, backend):
+        await reply(runner.submit(tokens(SYSTEM + "ab"), params(num_predict=2)))
+        await reply(runner.submit(tokens("?" * 90), params(num_predict=1)))
+        _, result = await reply(runner.submit(tokens(SYSTEM + "abcdq"), params(num_predict=1)))
+        assert backend.context.restores == [] and result.prompt_cached_count == 0
+
+
+async def test_a_persistent_cache_lets_a_new_runner_start_where_the_last_one_ended(tmp_path: Path) -> None:
+    with serving(PromptCache(1 << 20, directory=tmp_path), num_parallel=2, num_ctx=512) as (runner, _):
+        await reply(runner.submit(tokens(SYSTEM + "ab"), params(num_predict=2)))
+    with serving(PromptCache(1 << 20, directory=tmp_path), num_parallel=2, num_ctx=512) as (runner, backend):
+        _, result = await reply(runner.submit(tokens(SYSTEM + "abcdq"), params(num_predict=1)))
+        assert backend.context.restores and result.prompt_cached_count == 83
 
 
 # -- cancellation -------------------------------------------------------------------

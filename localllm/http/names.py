@@ -114,6 +114,13 @@ async def model_to_run(engine: Any, text: str, field: str = "model", *, allow_lo
     return text
 
 
+async def checked_options(engine: Any, options: Any, field: str = "options", *, allow_local_paths: bool) -> Any:
+    """Options whose `draft_model` (a model, like `model`) passed the checks above."""
+    if isinstance(options, dict) and isinstance(draft := options.get("draft_model"), str) and draft:
+        await model_to_run(engine, draft, f"{field}.draft_model", allow_local_paths=allow_local_paths)
+    return options
+
+
 async def model_to_build_on(engine: Any, text: str, field: str = "from", *, allow_local_paths: bool) -> str:
     """What a model is created from (``from``, a Modelfile's FROM): a stored model, or (when allowed) a regular file.
 
@@ -154,5 +161,7 @@ async def checked_modelfile(engine: Any, text: str, field: str = "modelfile", *,
             value = await model_to_build_on(engine, value, field, allow_local_paths=allow_local_paths)
         elif instruction.name == "adapter":
             value = await _adapter_file(value, field, allow_local_paths=allow_local_paths)
+        elif instruction.name == "parameter" and instruction.key == "draft_model" and value:
+            value = await model_to_run(engine, value, field, allow_local_paths=allow_local_paths)
         checked.append(attrs.evolve(instruction, value=value))
     return Modelfile(tuple(checked))

@@ -44,7 +44,7 @@ from .common import (
     status_for,
     tool_calls,
 )
-from .names import checked_modelfile, model_name, model_to_build_on, model_to_run
+from .names import checked_modelfile, checked_options, model_name, model_to_build_on, model_to_run
 
 __all__ = ["ollama_error", "progress_events", "routes"]
 
@@ -108,6 +108,12 @@ def model_field(fields: Fields, *names: str) -> str:
         if value:
             return str(value)
     raise APIError(400, "model is required", param="model")
+
+
+async def options_to_serve(request: Request, fields: Fields) -> Any:
+    """A request's options, its `draft_model` checked as a model it runs."""
+    allowed = settings_of(request).allow_local_paths
+    return await checked_options(engine_of(request), fields.options(), allow_local_paths=allowed)
 
 
 async def model_to_serve(request: Request, model: str) -> str:
@@ -209,7 +215,7 @@ async def generate(request: Request) -> Response:
         "raw": fields.flag("raw", False),
         "format": fields.format(),
         "images": fields.texts("images"),
-        "options": fields.options(),
+        "options": await options_to_serve(request, fields),
         "keep_alive": fields.duration("keep_alive"),
         "think": fields.think(),
         "logprobs": fields.flag("logprobs", False),
@@ -251,7 +257,7 @@ async def chat(request: Request) -> Response:
     kwargs: dict[str, Any] = {
         "tools": tools or None,
         "format": fields.format(),
-        "options": fields.options(),
+        "options": await options_to_serve(request, fields),
         "keep_alive": fields.duration("keep_alive"),
         "think": fields.think(),
         "logprobs": fields.flag("logprobs", False),
@@ -573,6 +579,7 @@ async def create(request: Request) -> Response:
         base = await model_to_build_on(engine, base, "from", allow_local_paths=allowed)
     modelfile = fields.text("modelfile")
     given = await checked_modelfile(engine, modelfile, allow_local_paths=allowed) if modelfile else None
+    await checked_options(engine, fields.mapping("parameters", {}), "parameters", allow_local_paths=allowed)
 
     async def operation(emit: Emit) -> None:
         folder = await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix=CREATE_FOLDER_PREFIX))

@@ -33,6 +33,11 @@ class Model(Protocol):
         """The end-of-sequence token; negative where the model has none."""
         ...
 
+    @property
+    def n_vocab(self) -> int:
+        """How many tokens the vocabulary holds."""
+        ...
+
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]: ...
 
     def token_bytes(self, token: int) -> bytes:
@@ -102,6 +107,18 @@ class Context(Protocol):
         """The sequence's lowest cached position; -1 when it holds none."""
         ...
 
+    def seq_cp(self, src: int, dst: int) -> bool:
+        """Make `dst` hold everything `src` holds (its own entries dropped); False where this cache cannot."""
+        ...
+
+    def state_get(self, seq_id: int) -> bytes:
+        """A sequence's cache entries, serialized; empty where this cache cannot."""
+        ...
+
+    def state_set(self, seq_id: int, state: bytes) -> bool:
+        """Replace a sequence's entries with a serialized state from `state_get`; False if it does not fit."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -121,6 +138,11 @@ class Sampler(Protocol):
 
 class Backend(Protocol):
     """Makes the objects a runner works with. Every object made has an owner that closes it."""
+
+    @property
+    def state_format(self) -> str:
+        """Names the layout of `Context.state_get`'s bytes: states of another format are never restored."""
+        ...
 
     def load_model(self, config: LoadConfig, *, gpu_layers: int, tensor_split: Sequence[float] | None) -> Model: ...
 

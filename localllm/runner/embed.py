@@ -183,6 +183,10 @@ class EmbeddingRunner:
         return bool(self._pending) or bool(self._in_flight)
 
     @property
+    def prompt_cache_bytes(self) -> int:
+        return 0  # embeddings are computed whole each time
+
+    @property
     def healthy(self) -> bool:
         """False once the worker thread has died: the scheduler replaces such a runner."""
         return self.failure is None and self._thread.is_alive()

@@ -315,10 +315,13 @@ class LlamaContext:
             params.type_k = type_k
         if type_v is not None:
             params.type_v = type_v
-        if flash_attn is not None:
-            params.flash_attn_type = (
-                llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-            )
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+            if flash_attn is None
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if flash_attn
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
         handle = llama_cpp.llama_init_from_model(model.handle, params)
         if not handle:
             raise ModelLoadError(
@@ -354,6 +357,39 @@ class LlamaContext:
 
     def seq_pos_min(self, seq_id: int) -> int:
         return int(llama_cpp.llama_memory_seq_pos_min(self.memory, seq_id))
+
+    @property
+    def shares_sequences(self) -> bool:
+        """Whether whole sequences can be copied and saved: attention caches can, recurrent states not."""
+        model = self.model.handle
+        return not (llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model))
+
+    def seq_cp(self, src: int, dst: int) -> bool:
+        if not self.shares_sequences:
+            return False
+        self.seq_rm(dst, 0)
+        # Each sequence has a cache stream of its own: only a whole-stream copy (p0 = p1 = -1) is supported
+        # across streams; llama.cpp asserts (aborts) on any narrower range.
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+        return True
+
+    def state_get(self, seq_id: int) -> bytes:
+        if not self.shares_sequences:
+            return b""
+        size = llama_cpp.llama_state_seq_get_size(self.handle, seq_id)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self.handle, buffer, size, seq_id)
+        return bytes(memoryview(buffer)[:written])
+
+    def state_set(self, seq_id: int, state: bytes) -> bool:
+        if not self.shares_sequences or not state:
+            return False
+        self.seq_rm(seq_id, 0)
+        buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if llama_cpp.llama_state_seq_set_data(self.handle, buffer, len(state), seq_id) == 0:
+            self.seq_rm(seq_id, 0)  # a failed restore may leave part of the state behind
+            return False
+        return True
 
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self.memory, True)
@@ -445,20 +481,35 @@ class Batch:
 
 
 class SamplerChain:
-    """One sequence's sampler chain, built from Ollama's options."""
+    """One sequence's sampler chain, built from Ollama's options.
+
+    A grammar is kept apart from the chain and applied lazily, as llama-server does: the chain
+    picks a token from the unconstrained logits, the grammar checks that one token, and only when
+    it is rejected are the candidates rebuilt, constrained by the grammar over the whole
+    vocabulary, and sampled again. The result follows the same distribution as applying the
+    grammar first, at a fraction of the cost: most tokens the model picks are allowed anyway.
+    """
+
+    # Candidate rows (id, logit = 0, p = 0) for a vocabulary size, shared read-only by all chains.
+    _templates: dict[int, npt.NDArray[np.float32]] = {}
 
     def __init__(self, model: LlamaModel, options: Options, *, grammar: str | None = None, n_ctx: int = 0) -> None:
         params = llama_cpp.llama_sampler_chain_default_params()
         params.no_perf = True
         chain = llama_cpp.llama_sampler_chain_init(params)
         self.handle = chain
+        self.grammar: Any = None
         self._closed = False
+        self._n_vocab: int = model.n_vocab
         try:
             if grammar:
+                if self._n_vocab <= 0:
+                    raise RunnerError("the model has an empty vocabulary")
                 grammar_sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
                 if not grammar_sampler:
                     raise InvalidFormat("the output grammar could not be parsed by llama.cpp")
-                llama_cpp.llama_sampler_chain_add(chain, grammar_sampler)
+                self.grammar = grammar_sampler
+                self._init_candidates()
             # The window never needs to exceed the context; llama.cpp would allocate all of it.
             last_n = (
                 n_ctx if options.repeat_last_n == -1 else min(options.repeat_last_n, n_ctx or options.repeat_last_n)
@@ -493,22 +544,118 @@ class SamplerChain:
             self.close()
             raise
 
+    def _init_candidates(self) -> None:
+        """The buffers the grammar path samples from: all the vocabulary, and a single token."""
+        n_vocab = self._n_vocab
+        template = self._templates.get(n_vocab)
+        if template is None:
+            rows = np.zeros(n_vocab, dtype=self._token_dtype())
+            rows["id"] = np.arange(n_vocab, dtype=np.int32)
+            template = rows.view(np.float32).reshape(n_vocab, 3)
+            template.flags.writeable = False
+            self._templates[n_vocab] = template
+        self._template = template
+        # Rows laid out as llama_token_data (id, logit, p), seen as a float32 matrix for fast refills.
+        self._rows = np.zeros(n_vocab, dtype=self._token_dtype())
+        self._matrix = self._rows.view(np.float32).reshape(n_vocab, 3)
+        self._rows_pointer = ctypes.cast(self._rows.ctypes.data, llama_cpp.llama_token_data_p)
+        self._candidates: Any = llama_cpp.llama_token_data_array()
+        self._candidates_ref = ctypes.byref(self._candidates)
+        self._single: Any = llama_cpp.llama_token_data()
+        self._single_pointer = ctypes.pointer(self._single)
+        self._single_array: Any = llama_cpp.llama_token_data_array()
+        self._single_ref = ctypes.byref(self._single_array)
+
+    @staticmethod
+    def _token_dtype() -> np.dtype[Any]:
+        # Three 4-byte fields, packed: the rows can then be refilled as a float32 matrix.
+        dtype = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        if dtype != np.dtype(llama_cpp.llama_token_data):
+            raise RunnerError("llama_token_data has an unexpected layout")
+        return dtype
+
+    def _check_token(self, token: int) -> int:
+        if not 0 <= token < self._n_vocab:
+            raise RunnerError(f"token {token} is outside the vocabulary of {self._n_vocab}")
+        return token
+
+    def _grammar_allows(self, token: int) -> bool:
+        """Whether the grammar allows `token` next (end-of-generation only where the grammar is complete)."""
+        single = self._single
+        single.id = self._check_token(token)
+        single.logit = 1.0
+        single.p = 0.0
+        array = self._single_array
+        array.data = self._single_pointer
+        array.size = 1
+        array.selected = -1
+        array.sorted = False
+        llama_cpp.llama_sampler_apply(self.grammar, self._single_ref)
+        return bool(array.size == 1 and array.data[0].logit != -np.inf)
+
+    def _sample_candidates(self, logits: npt.NDArray[np.float32], *, grammar_first: bool) -> int:
+        """Apply the chain (after the grammar, if `grammar_first`) to all the vocabulary; the chosen token.
+
+        The chain does not accept the token: the caller does, once it is final.
+        """
+        matrix = self._matrix
+        np.copyto(matrix, self._template)
+        matrix[:, 1] = logits
+        candidates = self._candidates
+        candidates.data = self._rows_pointer
+        candidates.size = self._n_vocab
+        candidates.selected = -1
+        candidates.sorted = False
+        if grammar_first:
+            llama_cpp.llama_sampler_apply(self.grammar, self._candidates_ref)
+            if candidates.size == 0 or not np.isfinite(matrix[: min(candidates.size, self._n_vocab), 1]).any():
+                raise RunnerError("the output grammar allows no next token")
+        llama_cpp.llama_sampler_apply(self.handle, self._candidates_ref)
+        selected = candidates.selected
+        if not 0 <= selected < candidates.size:
+            raise RunnerError("llama.cpp's samplers selected no token")
+        return int(candidates.data[selected].id)
+
     def accept(self, token: int) -> None:
+        if self.grammar is not None:
+            if not self._grammar_allows(token):
+                raise RunnerError(f"token {token} does not follow the output grammar")
+            llama_cpp.llama_sampler_accept(self.grammar, token)
         llama_cpp.llama_sampler_accept(self.handle, token)
 
     def sample(self, context: backend.Context, index: int) -> int:
         """Sample from the logits at batch position `index` (this also accepts the token)."""
-        return int(llama_cpp.llama_sampler_sample(self.handle, _native(context, LlamaContext).handle, index))
+        native = _native(context, LlamaContext)
+        if self.grammar is None:
+            return int(llama_cpp.llama_sampler_sample(self.handle, native.handle, index))
+        logits = native.logits(index)
+        if logits.shape != (self._n_vocab,):
+            raise RunnerError(f"the logits cover {logits.size} tokens, not the vocabulary of {self._n_vocab}")
+        token = self._sample_candidates(logits, grammar_first=False)
+        if not self._grammar_allows(token):
+            token = self._sample_candidates(logits, grammar_first=True)
+            if not self._grammar_allows(token):
+                raise RunnerError(f"token {token} does not follow the output grammar")
+        llama_cpp.llama_sampler_accept(self.grammar, token)
+        llama_cpp.llama_sampler_accept(self.handle, token)
+        return token
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             llama_cpp.llama_sampler_free(self.handle)
             self.handle = None
+            if self.grammar is not None:
+                llama_cpp.llama_sampler_free(self.grammar)
+                self.grammar = None
 
 
 class LlamaBackend:
     """llama.cpp behind the runner's `Backend` protocol, made of the classes above."""
+
+    @property
+    def state_format(self) -> str:
+        return f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
 
     def load_model(
         self, config: LoadConfig, *, gpu_layers: int = 0, tensor_split: Sequence[float] | None = None
@@ -530,9 +677,8 @@ class LlamaBackend:
                 embeddings=config.embeddings,
                 type_k=KV_CACHE_TYPES[config.kv_cache_type],
                 type_v=KV_CACHE_TYPES[config.kv_cache_type],
-                # Off by default, as in Ollama: with it, batched and solo runs of a sequence drift apart
-                # sooner. A quantized V cache requires it.
-                flash_attn=config.flash_attention or quantized_kv,
+                # A quantized V cache requires it; otherwise as configured, or as llama.cpp decides (None).
+                flash_attn=True if quantized_kv else config.flash_attention,
                 adapters=adapters,
             )
         except BaseException:

@@ -50,8 +50,12 @@ class LoadConfig:
     embeddings: bool = False
     kv_cache_type: str = attrs.field(default="f16", validator=attrs.validators.in_(KV_CACHE_TYPES))
     adapters: tuple[str, ...] = ()
-    flash_attention: bool = False
+    flash_attention: bool | None = None  # None: as llama.cpp decides for the device
     repack: bool | None = None  # llama.cpp's extra CPU weight layouts; None: where known to be safe
+    # Speculative decoding: a draft model's file (same vocabulary), else prompt lookup when asked for.
+    draft_model_path: str | None = None
+    draft_max: int = 8  # the most tokens drafted for a sequence in one step
+    prompt_lookup: bool = False
 
 
 @attrs.frozen
@@ -79,7 +83,8 @@ class SequenceResult:
     """How a sequence ended, with Ollama's counters (durations in ns).
 
     `prompt_eval_count` is the whole prompt, as Ollama counts it; `prompt_cached_count` is the part of
-    it whose KV entries a slot already held, so only the rest was evaluated.
+    it whose KV entries a slot already held, so only the rest was evaluated. With speculative decoding,
+    `draft_count` tokens were drafted for the sequence and the model confirmed `draft_accepted_count`.
     """
 
     done_reason: str
@@ -89,6 +94,8 @@ class SequenceResult:
     eval_duration: int
     tokens: tuple[int, ...] = ()
     prompt_cached_count: int = 0
+    draft_count: int = 0
+    draft_accepted_count: int = 0
 
 
 class _Withdraw(Protocol):
@@ -129,6 +136,11 @@ class _Runner(Protocol):
     @property
     def n_ctx_seq(self) -> int:
         """Tokens one sequence may hold."""
+        ...
+
+    @property
+    def prompt_cache_bytes(self) -> int:
+        """Bytes of saved prompt states this runner could restore."""
         ...
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]: ...

@@ -6,6 +6,14 @@ prompt) into one batch, decodes once, and samples each sequence that needs a
 token with its own sampler chain. Results go to the waiting coroutine through
 a `Mailbox`; the event loop never waits on llama.cpp.
 
+With a drafter (speculative decoding), a sequence's next token goes into the batch with the tokens
+drafted to follow it; the sequence keeps each drafted token its own sampler chooses, so one decode
+may yield several tokens, and drops the cache entries of the rest.
+
+A request reuses the longest prefix of its prompt that is already evaluated:
+its slot's own cache entries, another slot's (copied over), or a state saved
+in the `PromptCache` when a slot's contents were about to be dropped.
+
 The model, context, batch and samplers come from a `Backend`: llama.cpp's
 unless another is given.
 """
@@ -13,7 +21,9 @@ unless another is given.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -26,6 +36,8 @@ import numpy.typing as npt
 from ..errors import ContextLengthExceeded, EngineClosed, InvalidFormat, LocalLLMError, RunnerError
 from ..types import Logprob, TokenLogprob
 from .backend import Backend, Model, Sampler
+from .draft import Drafter, make_drafter
+from .prompt_cache import PromptCache
 from .protocol import LoadConfig, SamplingParams, ScoredText, SequenceHandle, SequenceResult
 from .text import StopMatcher, Utf8Stream
 
@@ -82,6 +94,9 @@ class _Active:
     prompt_evaluated: int = 0
     started: float = attrs.field(factory=time.perf_counter)
     first_token_at: float | None = None
+    draft: list[int] = attrs.field(factory=list)  # tokens drafted after next_token, in the batch right behind it
+    draft_count: int = 0
+    draft_accepted_count: int = 0
 
 
 @attrs.define
@@ -102,13 +117,19 @@ class Runner:
         gpu_layers: int = 0,
         tensor_split: tuple[float, ...] | None = None,
         backend: Backend | None = None,
+        prompt_cache: PromptCache | None = None,
+        drafter: Drafter | None = None,
     ) -> None:
+        """`drafter` drafts tokens for speculative decoding (the runner closes it); by default the one the
+        configuration asks for, if any."""
         if backend is None:
             from .llama import LlamaBackend  # imports llama_cpp
 
             backend = LlamaBackend()
         self.config = config
         self.backend = backend
+        self.prompt_cache = prompt_cache
+        self.cache_key = state_key(config, backend.state_format)
         with contextlib.ExitStack() as undo:  # a failed load frees what was made so far
             self.model = backend.load_model(config, gpu_layers=gpu_layers, tensor_split=tensor_split)
             undo.callback(self.model.close)
@@ -116,6 +137,11 @@ class Runner:
             undo.callback(self.context.close)
             # Room for every slot's next token, however small num_batch is.
             self.batch = backend.new_batch(max(self.context.n_batch, config.num_parallel), config.num_parallel)
+            undo.callback(self.batch.close)
+            if drafter is None:
+                drafter = make_drafter(backend, self.model, config, gpu_layers=gpu_layers, tensor_split=tensor_split)
+            self.drafter = drafter
+            self.drafted = self.drafts_accepted = 0  # tokens drafted, and of those the model chose, since loading
             undo.pop_all()
         self.slots = [_Slot(seq_id=i) for i in range(config.num_parallel)]
         self._pending: deque[SequenceHandle] = deque()
@@ -132,6 +158,10 @@ class Runner:
     def n_ctx_seq(self) -> int:
         """Tokens one sequence may hold: num_ctx (llama.cpp may round its cache up)."""
         return min(self.config.num_ctx, self.context.n_ctx_seq)
+
+    @property
+    def prompt_cache_bytes(self) -> int:
+        return self.prompt_cache.size_bytes(self.cache_key) if self.prompt_cache is not None else 0
 
     @property
     def active_count(self) -> int:
@@ -217,6 +247,11 @@ class Runner:
                 slot.active.handle.mailbox.put(closed)
                 slot.active.sampler.close()
                 slot.active = None
+            elif self.failure is None:
+                with contextlib.suppress(Exception):  # saving is a courtesy: unloading must not fail on it
+                    self._save(slot)
+        if self.drafter is not None:
+            self.drafter.close()
         self.batch.close()
         self.context.close()
         self.model.close()
@@ -290,9 +325,27 @@ class Runner:
             raise RunnerError(f"could not build the sampler: {exc}") from None
 
     def _prepare(self, active: _Active) -> None:
-        """Reuse the slot's cached prefix; drop the rest of its KV entries."""
+        """Start from the longest evaluated prefix of the prompt at hand; drop the rest of the slot's entries."""
         slot, prompt = active.slot, active.handle.prompt
-        keep = min(_common_prefix(slot.cached, prompt), len(prompt) - 1)  # always evaluate one token for logits
+        limit = len(prompt) - 1  # always evaluate one token, for its logits
+        keep = min(_common_prefix(slot.cached, prompt), limit)
+        donor = self._best_donor(slot, prompt, limit)
+        hit = self.prompt_cache.lookup(self.cache_key, prompt) if self.prompt_cache is not None else None
+        from_donor = min(_common_prefix(donor.cached, prompt), limit) if donor is not None else 0
+        from_cache = min(hit.common, limit) if hit is not None else 0
+        if max(from_donor, from_cache) > keep:
+            self._save(slot)  # what this slot held may serve a later request
+            if from_donor >= from_cache and donor is not None and self.context.seq_cp(donor.seq_id, slot.seq_id):
+                slot.cached[:] = donor.cached
+                keep = from_donor
+            elif hit is not None and self.context.state_set(slot.seq_id, hit.state):
+                slot.cached[:] = hit.tokens
+                keep = from_cache
+            else:
+                slot.cached.clear()
+                keep = 0
+        elif len(slot.cached) - keep >= _WORTH_SAVING:
+            self._save(slot)
         if keep > 0 and (self.context.seq_pos_min(slot.seq_id) > 0 or not self.context.seq_rm(slot.seq_id, keep)):
             keep = 0  # a sliding-window cache may have dropped early positions: start over
         if keep == 0:
@@ -305,6 +358,27 @@ class Runner:
             for token in prompt[-window:] if window > 0 else []:
                 active.sampler.accept(token)
 
+    def _best_donor(self, slot: _Slot, prompt: Sequence[int], limit: int) -> _Slot | None:
+        """Another slot holding a longer prefix of the prompt than this one does, worth copying over."""
+        own = min(_common_prefix(slot.cached, prompt), limit)
+        best, best_len = None, own + _WORTH_COPYING
+        for other in self.slots:
+            if other is not slot and (length := min(_common_prefix(other.cached, prompt), limit)) >= best_len:
+                if self.context.seq_pos_min(other.seq_id) == 0:  # a sliding window may have dropped its start
+                    best, best_len = other, length
+        return best
+
+    def _save(self, slot: _Slot) -> None:
+        """Keep what the slot holds in the prompt cache, before it is dropped or overwritten."""
+        cache = self.prompt_cache
+        if cache is None or len(slot.cached) < _WORTH_SAVING or cache.covers(self.cache_key, slot.cached):
+            return
+        if self.context.seq_pos_min(slot.seq_id) != 0:
+            return  # a sliding window dropped its start: the state could not be reused
+        state = self.context.state_get(slot.seq_id)
+        if state:
+            cache.put(self.cache_key, slot.cached, state)
+
     def _step(self) -> None:
         self._drop_cancelled()
         # In admission order (`started` is set on admission), whichever slots the sequences hold.
@@ -315,16 +389,21 @@ class Runner:
         batch.clear()
         budget = batch.capacity
         in_batch: list[_Active] = []
-        # Next tokens first: one each, so running sequences never wait on a long prompt.
+        drafts = self._drafts(actives)
+        # Next tokens first: one each, so running sequences never wait on a long prompt. Each one's
+        # draft follows it at the next positions, with logits everywhere: `_sample` verifies it.
         for active in actives:
             active.batch_index = None
             if active.next_token is not None:
-                cached = active.slot.cached
-                active.batch_index = batch.add(active.next_token, len(cached), active.slot.seq_id, True)
+                cached, seq_id = active.slot.cached, active.slot.seq_id
+                active.batch_index = batch.add(active.next_token, len(cached), seq_id, True)
                 cached.append(active.next_token)
                 active.next_token = None
+                active.draft = drafts.get(seq_id, [])
+                for offset, token in enumerate(active.draft):
+                    batch.add(token, len(cached) + offset, seq_id, True)
                 in_batch.append(active)
-                budget -= 1
+                budget -= 1 + len(active.draft)
         # Then prompt chunks, as far as the batch has room.
         for active in actives:
             prompt = active.handle.prompt
@@ -355,14 +434,70 @@ class Runner:
             if active.batch_index is not None:
                 self._sample(active, now)
 
+    def _drafts(self, actives: Sequence[_Active]) -> dict[int, list[int]]:
+        """Draft tokens for the sequences that take them (by slot), within the batch's spare room."""
+        if self.drafter is None:
+            return {}
+        generating = [active for active in actives if active.next_token is not None]
+        drafting = [active for active in generating if _may_draft(active)]
+        if not drafting:
+            return {}
+        spare = self.batch.capacity - len(generating)
+        waiting = sum(len(active.handle.prompt) - active.prompt_pos for active in actives)
+        room = spare - min(waiting, spare // 2)  # prompt chunks keep up to half the spare room
+        limits: dict[int, int] = {}
+        histories: dict[int, list[int]] = {}
+        for i, active in enumerate(drafting):
+            share = room // len(drafting) + (1 if i < room % len(drafting) else 0)
+            # Nothing worth drafting past num_predict or the context: those tokens could never be kept.
+            left = min(active.num_predict - len(active.generated), self.n_ctx_seq - 1 - len(active.slot.cached)) - 1
+            limit = min(self.config.draft_max, share, left)
+            if limit > 0 and active.next_token is not None:
+                limits[active.slot.seq_id] = limit
+                histories[active.slot.seq_id] = [*active.slot.cached, active.next_token]
+        if not histories:
+            return {}
+        proposed = self.drafter.propose(histories, limits)
+        return {seq: draft[: limits[seq]] for seq, draft in proposed.items() if seq in limits and draft}
+
     def _sample(self, active: _Active, now: float) -> None:
+        """Choose the sequence's next token, then, while it is the drafted one, the token after it too.
+
+        Every token chosen is kept, so the sampler never has to take one back; the KV entries of the
+        drafted tokens the model did not choose are dropped.
+        """
         if active.first_token_at is None:
             active.first_token_at = now
         index = active.batch_index or 0
-        token = active.sampler.sample(self.context, index)
+        draft, accepted = active.draft, 0
+        active.draft = []
+        while True:
+            token = active.sampler.sample(self.context, index)
+            ending = self._emit(active, token, index)
+            if ending is not None or accepted == len(draft) or token != draft[accepted]:
+                break
+            # The drafted token is the model's choice: its entry is in the cache, its logits choose the next.
+            active.slot.cached.append(token)
+            accepted += 1
+            index += 1
+        if draft:
+            active.draft_count += len(draft)
+            active.draft_accepted_count += accepted
+            self.drafted += len(draft)
+            self.drafts_accepted += accepted
+            if accepted < len(draft):
+                self.context.seq_rm(active.slot.seq_id, len(active.slot.cached))
+        if ending is None:
+            active.next_token = token
+        else:
+            reason, flush = ending
+            self._finish(active, reason, flush=flush)
+
+    def _emit(self, active: _Active, token: int, index: int) -> tuple[str, bool] | None:
+        """Add a chosen token to the sequence and send its text; how the sequence ends with it, if it does:
+        (done reason, whether text held back is flushed)."""
         if self.model.is_eog(token):  # not part of the text, so it has no logprob either (as in Ollama)
-            self._finish(active, "stop")
-            return
+            return "stop", True
         active.generated.append(token)
         piece = active.utf8.feed(self.model.token_bytes(token))
         if active.logprobs is not None:
@@ -371,11 +506,10 @@ class Runner:
         text, stopped = active.stops.feed(piece)
         self._send(active, text, cut=stopped)
         if stopped:
-            self._finish(active, "stop", flush=False)
-        elif len(active.generated) >= active.num_predict or len(active.slot.cached) + 1 >= self.n_ctx_seq:
-            self._finish(active, "length")
-        else:
-            active.next_token = token
+            return "stop", False
+        if len(active.generated) >= active.num_predict or len(active.slot.cached) + 1 >= self.n_ctx_seq:
+            return "length", True
+        return None
 
     def _send(self, active: _Active, text: str, *, cut: bool = False, final: bool = False) -> None:
         """Send text, with the logprobs of the tokens it completes when the sequence asked for them.
@@ -411,10 +545,14 @@ class Runner:
             eval_count=len(active.generated),
             eval_duration=int((end - first) * 1e9),
             tokens=tuple(active.generated),
+            draft_count=active.draft_count,
+            draft_accepted_count=active.draft_accepted_count,
         )
         self._release(active)
         active.handle.finished = True
         active.handle.mailbox.put(result)
+        if self.prompt_cache is not None and self.prompt_cache.persistent:
+            self._save(active.slot)  # so that a new process can start from this conversation
 
     def _release(self, active: _Active) -> None:
         active.sampler.close()
@@ -438,6 +576,33 @@ class Runner:
             self._release(active)
             active.handle.finished = True
             active.handle.mailbox.put(error)
+
+
+_WORTH_COPYING = 32  # tokens another slot must hold beyond this slot's prefix to copy its cache over
+_WORTH_SAVING = 64  # the fewest tokens worth keeping in the prompt cache
+
+
+def state_key(config: LoadConfig, state_format: str) -> str:
+    """What a saved state depends on: the weights, adapters and cache layout, and the state's format."""
+    parts = [
+        state_format,
+        _file_identity(config.model_path),
+        *(_file_identity(path) for path in config.adapters),
+        f"ctx={config.num_ctx} parallel={config.num_parallel} kv={config.kv_cache_type} fa={config.flash_attention}",
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _file_identity(path: str) -> str:
+    # Store blobs are named by their digest; any other file by where it is, its size and its mtime.
+    name = os.path.basename(path)
+    if name.startswith("sha256-"):
+        return name
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return os.path.abspath(path)
+    return f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def token_logprob(model: Model, logits: npt.NDArray[np.float32], token: int, top: int) -> Logprob:
@@ -471,6 +636,11 @@ def _scored(model: Model, token: int, logprobs: npt.NDArray[np.float64]) -> Toke
     # A control token has no text of its own; its name ("<|im_end|>") tells an alternative apart.
     data = model.token_bytes(token) or model.token_text(token).encode()
     return TokenLogprob(token=data.decode("utf-8", errors="replace"), logprob=float(logprobs[token]), bytes=tuple(data))
+
+
+def _may_draft(active: _Active) -> bool:
+    """Whether the sequence takes drafts: not with logprobs or a grammar, which the verification leaves out."""
+    return active.logprobs is None and not active.handle.params.grammar
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -14,6 +14,7 @@ from .scheduler import Loaded
 
 if TYPE_CHECKING:
     from ..gguf.inspect import GGUFInfo
+    from ..runner.prompt_cache import PromptCache
     from ..settings import EngineSettings
 
 __all__ = ["RunnerFactory"]
@@ -40,14 +41,43 @@ class RunnerFactory:
     def __init__(self, settings: EngineSettings, *, devices: InventorySource | None = None) -> None:
         self.settings = settings
         self._devices = devices
+        self._prompt_cache: PromptCache | None = None
+
+    @property
+    def prompt_cache(self) -> PromptCache:
+        """The saved prompt states every text runner shares, made on first use (it may scan its directory)."""
+        if self._prompt_cache is None:
+            from ..runner.prompt_cache import PromptCache
+
+            self._prompt_cache = PromptCache(self.settings.prompt_cache_bytes, directory=self.settings.prompt_cache_dir)
+        return self._prompt_cache
+
+    def close(self) -> None:
+        """Close the prompt cache; call after every runner is closed (closing runners save into it)."""
+        if self._prompt_cache is not None:
+            self._prompt_cache.close()
 
     def inventory(self) -> DeviceInventory:
         return resolve_inventory(self._devices)
 
     def config_for(
-        self, model_path: str, adapters: tuple[str, ...], options: Options, *, embeddings: bool = False
+        self,
+        model_path: str,
+        adapters: tuple[str, ...],
+        options: Options,
+        *,
+        embeddings: bool = False,
+        draft_model_path: str | None = None,
     ) -> LoadConfig:
+        """The load configuration; `draft_model_path` is the file `options.draft_model` names, if any.
+
+        Embedding runners never draft. A draft model takes the place of prompt lookup. The memory
+        estimate leaves the draft model out (it is meant to be a small fraction of the model).
+        """
         return LoadConfig(
+            draft_model_path=None if embeddings else draft_model_path or None,
+            draft_max=options.draft_max,
+            prompt_lookup=options.prompt_lookup and not embeddings and not draft_model_path,
             model_path=model_path,
             num_ctx=options.num_ctx,
             num_batch=options.num_batch,
@@ -71,7 +101,8 @@ class RunnerFactory:
             num_parallel=config.num_parallel,
             kv_cache_type=config.kv_cache_type,
             num_batch=config.num_batch,
-            flash_attention=config.flash_attention or config.kv_cache_type != "f16",
+            # Where llama.cpp decides, plan for the larger graph of attention without it.
+            flash_attention=bool(config.flash_attention) or config.kv_cache_type != "f16",
         )
 
     def plan(self, config: LoadConfig, inventory: DeviceInventory | None = None) -> LayerPlan:
@@ -113,5 +144,7 @@ class RunnerFactory:
         else:
             from ..runner.worker import Runner
 
-            runner = Runner(config, gpu_layers=plan.gpu_layers, tensor_split=plan.tensor_split)
+            runner = Runner(
+                config, gpu_layers=plan.gpu_layers, tensor_split=plan.tensor_split, prompt_cache=self.prompt_cache
+            )
         return Loaded(runner, plan.total_bytes, plan.vram_bytes, context_length=runner.n_ctx_seq, plan=plan)

@@ -1,0 +1,564 @@
+"""Saved KV states of finished sequences, found again by the token prefix a new prompt shares with them.
+
+The runner saves a sequence's state (opaque bytes from llama.cpp) with the tokens it holds before the slot
+is reused; a later prompt that starts with those tokens restores the state and evaluates only the rest.
+
+Entries are found through block hashes: the tokens are cut into blocks of `block_size`, and each whole
+block gets a chain hash (the previous block's hash + this block's tokens), so equal hashes mean equal
+prefixes. An index from hash to entries lets `lookup` walk a prompt's chain and stop at the deepest block
+some entry shares. One more hash, of the first `min_tokens` tokens (the "head"), is shared by every
+possible hit, so it rules out most misses at once and finds shared prefixes shorter than a block. Hashes
+only propose candidates; the tokens themselves decide.
+
+States live in RAM up to `max_bytes` (least recently used dropped first) and, with a `directory`, also on
+disk, one file per entry, so they outlive the process. Disk trouble never raises: the cache logs it and
+works on from RAM.
+
+File format (little-endian): `MAGIC`, uint32 format version, uint32 header length, the header as UTF-8
+JSON (`key`, `tokens`, `state_bytes`, `state_sha256`), then exactly `state_bytes` bytes of state. Files
+are named `<blake2b(key, tokens)>.kvcache` and written through a hidden temp file that is renamed into
+place, so a real name never holds half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import attrs
+
+__all__ = ["CacheHit", "PromptCache"]
+
+logger = logging.getLogger("localllm.runner")
+
+MAGIC = b"localllm-kv\0"
+FORMAT_VERSION = 1
+_PREAMBLE = struct.Struct("<II")  # format version, header length
+_SUFFIX = ".kvcache"
+_TEMP_SUFFIX = ".tmp"
+# A header holds the token list as JSON; this bounds what a foreign file can make the scan read.
+_MAX_HEADER_BYTES = 64 << 20
+_INT32 = range(-(2**31), 2**31)
+
+
+@attrs.frozen
+class CacheHit:
+    """A saved state that holds the first `common` tokens of the prompt looked up."""
+
+    tokens: tuple[int, ...]
+    state: bytes
+    common: int
+
+
+@attrs.frozen
+class _Hashes:
+    """Where a token sequence sits in the index."""
+
+    head: bytes | None  # key + the first `min_tokens` tokens (every hit shares them); None when there are fewer
+    blocks: tuple[bytes, ...]  # the chain hash of each whole block
+
+    @property
+    def index_keys(self) -> tuple[bytes, ...]:
+        return self.blocks if self.head is None else (self.head, *self.blocks)
+
+
+@attrs.define(eq=False)
+class _Entry:
+    name: str  # hash of key + tokens: identity in the cache and the file's name
+    key: str
+    tokens: tuple[int, ...]
+    hashes: _Hashes
+    state: bytes | None = None  # set while the state is held in RAM
+
+
+@attrs.frozen
+class _Header:
+    key: str
+    tokens: tuple[int, ...]
+    state_bytes: int
+    state_sha256: str
+    offset: int  # where the state starts in the file
+
+
+class _BadFile(Exception):
+    """A cache file that must not be used: corrupt, truncated, foreign or unreadable."""
+
+
+def _token_bytes(tokens: Sequence[int]) -> bytes:
+    # Fixed little-endian int32, so file names mean the same on every machine.
+    return struct.pack(f"<{len(tokens)}i", *tokens)
+
+
+def _entry_name(key: str, tokens: Sequence[int]) -> str:
+    digest = hashlib.blake2b(digest_size=32, person=b"localllm-name")
+    encoded = key.encode()
+    digest.update(struct.pack("<Q", len(encoded)))
+    digest.update(encoded)
+    digest.update(_token_bytes(tokens))
+    return digest.hexdigest()
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], start: int = 0) -> int:
+    """How many leading tokens `a` and `b` share, given that the first `start` are equal."""
+    end = min(len(a), len(b))
+    count = start
+    while count < end and a[count] == b[count]:
+        count += 1
+    return count
+
+
+def _encode_header(key: str, tokens: Sequence[int], state: bytes) -> bytes:
+    fields = {
+        "key": key,
+        "tokens": list(tokens),
+        "state_bytes": len(state),
+        "state_sha256": hashlib.sha256(state).hexdigest(),
+    }
+    header = json.dumps(fields, separators=(",", ":")).encode()
+    return MAGIC + _PREAMBLE.pack(FORMAT_VERSION, len(header)) + header
+
+
+def _read_header(stream: BinaryIO) -> _Header:
+    """Read and check a file's magic, version and header, leaving `stream` at the state."""
+    preamble = stream.read(len(MAGIC) + _PREAMBLE.size)
+    if len(preamble) < len(MAGIC) + _PREAMBLE.size or not preamble.startswith(MAGIC):
+        raise _BadFile("not a prompt cache file")
+    version, length = _PREAMBLE.unpack_from(preamble, len(MAGIC))
+    if version != FORMAT_VERSION:
+        raise _BadFile(f"format version {version}, expected {FORMAT_VERSION}")
+    if length > _MAX_HEADER_BYTES:
+        raise _BadFile(f"header of {length} bytes")
+    raw = stream.read(length)
+    if len(raw) != length:
+        raise _BadFile("truncated header")
+    try:
+        fields: object = json.loads(raw)
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError too
+        raise _BadFile(f"unreadable header ({exc})") from None
+    if not isinstance(fields, dict):
+        raise _BadFile("header is not an object")
+    key, tokens = fields.get("key"), fields.get("tokens")
+    state_bytes, state_sha256 = fields.get("state_bytes"), fields.get("state_sha256")
+    if (
+        not isinstance(key, str)
+        or not isinstance(tokens, list)
+        or not all(type(token) is int and token in _INT32 for token in tokens)
+        or type(state_bytes) is not int
+        or state_bytes < 0
+        or not isinstance(state_sha256, str)
+        or len(state_sha256) != 64
+    ):
+        raise _BadFile("malformed header")
+    return _Header(key, tuple(tokens), state_bytes, state_sha256, len(preamble) + length)
+
+
+def _read_state(entry: _Entry, path: Path) -> bytes:
+    """The state in `entry`'s file, checked against its header and against the index."""
+    with path.open("rb") as stream:
+        header = _read_header(stream)
+        if header.key != entry.key or header.tokens != entry.tokens:
+            raise _BadFile("header does not match the indexed entry")
+        state = stream.read(header.state_bytes + 1)
+    if len(state) != header.state_bytes:
+        raise _BadFile(f"{len(state)} bytes of state, header says {header.state_bytes}")
+    if hashlib.sha256(state).hexdigest() != header.state_sha256:
+        raise _BadFile("state checksum mismatch")
+    return state
+
+
+class PromptCache:
+    """Saved sequence states by key and tokens, in RAM and optionally on disk; safe to share between threads.
+
+    `key` names the model, its load options and llama.cpp's state format: entries of different keys never
+    match. A hit must share at least `min_tokens` tokens with the prompt.
+    """
+
+    def __init__(
+        self,
+        max_bytes: int,
+        *,
+        directory: Path | None = None,
+        max_disk_bytes: int | None = None,
+        block_size: int = 64,
+        min_tokens: int = 64,
+    ) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, not {max_bytes}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, not {block_size}")
+        if min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, not {min_tokens}")
+        if max_disk_bytes is not None and max_disk_bytes < 0:
+            raise ValueError(f"max_disk_bytes must be >= 0, not {max_disk_bytes}")
+        self._max_bytes = max_bytes
+        self._max_disk_bytes = max(4 * max_bytes, 1 << 30) if max_disk_bytes is None else max_disk_bytes
+        self._block_size = block_size
+        self._min_tokens = max(1, min_tokens)  # an empty shared prefix saves nothing
+        self._lock = threading.Lock()
+        self._closed = False
+        self._entries: dict[str, _Entry] = {}
+        self._index: dict[bytes, set[str]] = {}
+        self._ram: OrderedDict[str, None] = OrderedDict()  # entries with their state in RAM, oldest use first
+        self._ram_bytes = 0
+        self._disk: OrderedDict[str, int] = OrderedDict()  # entries on disk -> file size, oldest use first
+        self._disk_bytes = 0
+        self._directory: Path | None = None
+        self._writable = False
+        if directory is not None:
+            self._open_directory(Path(directory))
+
+    @property
+    def min_tokens(self) -> int:
+        """The fewest tokens worth saving, and the shortest prefix a hit shares."""
+        return self._min_tokens
+
+    @property
+    def persistent(self) -> bool:
+        """Whether states are being saved to disk, where they outlive the process."""
+        return self._writable and not self._closed
+
+    # -- the interface -------------------------------------------------------------------------------
+
+    def put(self, key: str, tokens: Sequence[int], state: bytes) -> None:
+        """Keep `state`, the saved state of a sequence holding `tokens`."""
+        tokens = tuple(tokens)
+        if len(tokens) < self._min_tokens:
+            return
+        hashes = self._hashes(key, tokens)
+        with self._lock:
+            if self._closed or self._covered(key, tokens, hashes):
+                return
+        entry = _Entry(_entry_name(key, tokens), key, tokens, hashes)
+        # The file is written outside the lock: other threads keep looking up while a large state goes to disk.
+        written = self._write_temp(entry, state)
+        with self._lock:
+            if self._closed or self._covered(key, tokens, hashes):
+                if written is not None:
+                    self._unlink(written[0])
+                return
+            on_disk = written is not None and self._commit(written[0], entry)
+            in_ram = len(state) <= self._max_bytes
+            if not (on_disk or in_ram):
+                return
+            # Only now, with the new entry kept somewhere, may the shorter ones it extends go.
+            for old in self._extended_by(entry):
+                self._forget(old)
+            self._entries[entry.name] = entry
+            for index_key in hashes.index_keys:
+                self._index.setdefault(index_key, set()).add(entry.name)
+            if on_disk and written is not None:
+                self._disk[entry.name] = written[1]
+                self._disk_bytes += written[1]
+            if in_ram:
+                self._keep_in_ram(entry, state)
+            self._evict_disk()
+
+    def lookup(self, key: str, prompt: Sequence[int]) -> CacheHit | None:
+        """The entry sharing the longest prefix (at least `min_tokens`) with `prompt`, or None."""
+        prompt = tuple(prompt)
+        if len(prompt) < self._min_tokens:
+            return None
+        hashes = self._hashes(key, prompt)
+        while True:
+            with self._lock:
+                if self._closed:
+                    return None
+                found = self._best(key, prompt, hashes)
+                if found is None:
+                    return None
+                entry, common = found
+                path = self._touch(entry)
+                state = entry.state
+            if state is None:
+                assert path is not None  # an entry is held in RAM, on disk, or both
+                # Read outside the lock: other threads go on while a large state comes off the disk.
+                try:
+                    state = _read_state(entry, path)
+                except (OSError, _BadFile) as exc:
+                    with self._lock:
+                        # Unless the entry left meanwhile (its name, and so its file, may be in use again).
+                        if self._entries.get(entry.name) is entry:
+                            logger.warning("prompt cache: discarding %s: %s", path, exc)
+                            self._forget(entry)
+                    continue  # the next best entry, if any
+                with self._lock:
+                    if self._closed:
+                        return None
+                    if self._entries.get(entry.name) is entry and entry.state is None:
+                        self._keep_in_ram(entry, state)
+            if path is not None:
+                self._utime(path)
+            return CacheHit(entry.tokens, state, common)
+
+    def covers(self, key: str, tokens: Sequence[int]) -> bool:
+        """Whether an entry already holds all of `tokens` (saving them again would change nothing)."""
+        tokens = tuple(tokens)
+        hashes = self._hashes(key, tokens)
+        with self._lock:
+            return not self._closed and self._covered(key, tokens, hashes)
+
+    def size_bytes(self, key: str | None = None) -> int:
+        """Bytes of state held in RAM, for `key` or for all keys."""
+        with self._lock:
+            if key is None:
+                return self._ram_bytes
+            states = (self._entries[name].state for name in self._ram if self._entries[name].key == key)
+            return sum(len(state) for state in states if state is not None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def close(self) -> None:
+        """Let go of the RAM; files stay for the next cache over the same directory."""
+        with self._lock:
+            self._closed = True
+            self._entries.clear()
+            self._index.clear()
+            self._ram.clear()
+            self._ram_bytes = 0
+            self._disk.clear()
+            self._disk_bytes = 0
+
+    def _hashes(self, key: str, tokens: Sequence[int]) -> _Hashes:
+        """The index keys of `tokens` under `key` (a pure function: no lock needed)."""
+        data = _token_bytes(tokens)
+        seed = hashlib.blake2b(key.encode(), digest_size=16, person=b"localllm-key").digest()
+        head = None
+        if len(tokens) >= self._min_tokens:
+            prefix = data[: 4 * self._min_tokens]
+            head = hashlib.blake2b(seed + prefix, digest_size=16, person=b"localllm-head").digest()
+        blocks = []
+        chain = seed
+        step = 4 * self._block_size
+        for start in range(0, len(tokens) // self._block_size * step, step):
+            chain = hashlib.blake2b(chain + data[start : start + step], digest_size=16, person=b"localllm-blk").digest()
+            blocks.append(chain)
+        return _Hashes(head, tuple(blocks))
+
+    # -- the index (callers hold the lock) -----------------------------------------------------------
+
+    def _candidates(self, index_key: bytes | None) -> list[_Entry]:
+        if index_key is None:
+            return list(self._entries.values())
+        return [self._entries[name] for name in self._index.get(index_key, ())]
+
+    def _covered(self, key: str, tokens: tuple[int, ...], hashes: _Hashes) -> bool:
+        # An entry holding all of `tokens` holds their last whole block (or, short of one, their head).
+        index_key = hashes.blocks[-1] if hashes.blocks else hashes.head
+        count = len(tokens)
+        return any(
+            entry.key == key and len(entry.tokens) >= count and entry.tokens[:count] == tokens
+            for entry in self._candidates(index_key)
+        )
+
+    def _extended_by(self, new: _Entry) -> list[_Entry]:
+        """The entries whose tokens are a proper prefix of `new`'s: it makes them redundant."""
+        count = len(new.tokens)
+        return [
+            entry
+            for entry in self._candidates(new.hashes.head)
+            if entry.key == new.key and len(entry.tokens) < count and new.tokens[: len(entry.tokens)] == entry.tokens
+        ]
+
+    def _best(self, key: str, prompt: tuple[int, ...], hashes: _Hashes) -> tuple[_Entry, int] | None:
+        """The entry sharing the longest prefix with `prompt`, and that prefix's length."""
+        if hashes.head is None or hashes.head not in self._index:
+            return None
+        # Each level is a prefix length and its hash, longest first. Every entry sharing at least `shared`
+        # tokens is indexed under that level's hash, and one found only further down shares less than
+        # `shared` (the levels are at most a block apart): the first level with a match holds the best.
+        # Below the head, nothing shares `min_tokens`.
+        levels = [
+            (depth * self._block_size, hashes.blocks[depth - 1])
+            for depth in range(len(hashes.blocks), 0, -1)
+            if depth * self._block_size > self._min_tokens
+        ]
+        levels.append((self._min_tokens, hashes.head))
+        best: tuple[_Entry, int] | None = None
+        for shared, index_key in levels:
+            for entry in self._candidates(index_key):
+                if entry.key != key or entry.tokens[:shared] != prompt[:shared]:
+                    continue  # a hash collision
+                common = _common_prefix(entry.tokens, prompt, shared)
+                # Equal prefixes: prefer a state already in RAM, then the smallest one to restore.
+                if best is None or (common, entry.state is not None, -len(entry.tokens)) > (
+                    best[1],
+                    best[0].state is not None,
+                    -len(best[0].tokens),
+                ):
+                    best = (entry, common)
+            if best is not None:
+                return best
+        return None
+
+    def _touch(self, entry: _Entry) -> Path | None:
+        """Mark `entry` as just used; its file's path when it has one."""
+        if entry.name in self._ram:
+            self._ram.move_to_end(entry.name)
+        if entry.name not in self._disk or self._directory is None:
+            return None
+        self._disk.move_to_end(entry.name)
+        return self._path(entry.name)
+
+    def _keep_in_ram(self, entry: _Entry, state: bytes) -> None:
+        if len(state) > self._max_bytes:
+            return
+        entry.state = state
+        self._ram[entry.name] = None
+        self._ram_bytes += len(state)
+        while self._ram_bytes > self._max_bytes:
+            name, _ = self._ram.popitem(last=False)
+            evicted = self._entries[name]
+            self._ram_bytes -= len(evicted.state or b"")
+            evicted.state = None
+            if name not in self._disk:
+                self._drop_from_index(evicted)
+
+    def _evict_disk(self) -> None:
+        while self._disk_bytes > self._max_disk_bytes:
+            name, size = self._disk.popitem(last=False)
+            self._disk_bytes -= size
+            self._unlink(self._path(name))
+            if name not in self._ram:
+                self._drop_from_index(self._entries[name])
+
+    def _forget(self, entry: _Entry) -> None:
+        if entry.name in self._ram:
+            del self._ram[entry.name]
+            self._ram_bytes -= len(entry.state or b"")
+            entry.state = None
+        if entry.name in self._disk:
+            self._disk_bytes -= self._disk.pop(entry.name)
+            self._unlink(self._path(entry.name))
+        self._drop_from_index(entry)
+
+    def _drop_from_index(self, entry: _Entry) -> None:
+        del self._entries[entry.name]
+        for index_key in entry.hashes.index_keys:
+            names = self._index[index_key]
+            names.discard(entry.name)
+            if not names:
+                del self._index[index_key]
+
+    # -- the disk ------------------------------------------------------------------------------------
+
+    def _path(self, name: str) -> Path:
+        assert self._directory is not None
+        return self._directory / f"{name}{_SUFFIX}"
+
+    def _open_directory(self, directory: Path) -> None:
+        """Use `directory`, indexing the entries already there by their headers alone."""
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            names = sorted(os.listdir(directory))
+        except OSError as exc:
+            logger.warning("prompt cache: cannot use %s (%s); keeping states in RAM only", directory, exc)
+            return
+        self._directory = directory
+        self._writable = True
+        found: list[tuple[float, _Entry, int]] = []
+        for filename in names:
+            path = directory / filename
+            if filename.startswith(".") and filename.endswith(_TEMP_SUFFIX):
+                self._unlink(path)  # left by a writer that died before renaming it into place
+            elif filename.endswith(_SUFFIX):
+                scanned = self._scan_file(path)
+                if scanned is not None:
+                    found.append(scanned)
+        for _, entry, size in sorted(found, key=lambda item: item[0]):
+            self._entries[entry.name] = entry
+            for index_key in entry.hashes.index_keys:
+                self._index.setdefault(index_key, set()).add(entry.name)
+            self._disk[entry.name] = size
+            self._disk_bytes += size
+        self._evict_disk()
+
+    def _scan_file(self, path: Path) -> tuple[float, _Entry, int] | None:
+        """The entry in the file at `path` with its last use and size; a bad file is removed."""
+        try:
+            with path.open("rb") as stream:
+                header = _read_header(stream)
+                stat = os.fstat(stream.fileno())
+            if stat.st_size != header.offset + header.state_bytes:
+                raise _BadFile(f"{stat.st_size} bytes, header says {header.offset + header.state_bytes}")
+            name = _entry_name(header.key, header.tokens)
+            if path.name != f"{name}{_SUFFIX}":
+                raise _BadFile("file name does not match its contents")
+        except (OSError, _BadFile) as exc:
+            self._discard(path, exc)
+            return None
+        entry = _Entry(name, header.key, header.tokens, self._hashes(header.key, header.tokens))
+        return stat.st_mtime, entry, stat.st_size
+
+    def _discard(self, path: Path, reason: Exception) -> None:
+        logger.warning("prompt cache: discarding %s: %s", path, reason)
+        self._unlink(path)
+
+    def _write_temp(self, entry: _Entry, state: bytes) -> tuple[Path, int] | None:
+        """Write `entry` to a synced temp file; its path and size, or None (no disk, too large, error)."""
+        directory = self._directory
+        if directory is None or not self._writable:
+            return None
+        header = _encode_header(entry.key, entry.tokens, state)
+        size = len(header) + len(state)
+        if size > self._max_disk_bytes:
+            return None
+        temp: Path | None = None
+        try:
+            fd, temp_name = tempfile.mkstemp(prefix=f".{entry.name}.", suffix=_TEMP_SUFFIX, dir=directory)
+            temp = Path(temp_name)
+            with os.fdopen(fd, "wb") as stream:
+                stream.write(header)
+                stream.write(state)
+                stream.flush()
+                os.fsync(stream.fileno())
+        except OSError as exc:
+            self._disk_failed(exc)
+            if temp is not None:
+                self._unlink(temp)
+            return None
+        return temp, size
+
+    def _commit(self, temp: Path, entry: _Entry) -> bool:
+        try:
+            os.replace(temp, self._path(entry.name))
+        except OSError as exc:
+            self._disk_failed(exc)
+            self._unlink(temp)
+            return False
+        return True
+
+    def _disk_failed(self, exc: OSError) -> None:
+        # A full disk or a lost directory would fail every later write too: stop writing, say so once.
+        if self._writable:
+            self._writable = False
+            logger.warning(
+                "prompt cache: cannot write to %s (%s); no longer saving states to disk", self._directory, exc
+            )
+
+    @staticmethod
+    def _unlink(path: Path) -> None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("prompt cache: cannot remove %s (%s)", path, exc)
+
+    @staticmethod
+    def _utime(path: Path) -> None:
+        # The file's mtime is its last use, which orders disk eviction after a restart.
+        try:
+            os.utime(path)
+        except OSError:
+            pass  # evicted meanwhile, or a read-only directory: the order in memory still holds

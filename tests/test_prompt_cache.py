@@ -1,0 +1,535 @@
+"""The prompt cache: longest-prefix lookup by block hashes, RAM and disk bounds, files that survive a restart
+and files that must never be trusted. Made-up tokens and states; no model needed."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from localllm.runner import prompt_cache
+from localllm.runner.prompt_cache import CacheHit, PromptCache
+
+KEY = "model-a"
+BASE = list(range(1000, 1200))
+
+
+def state_of(tokens: Sequence[int], size: int = 100) -> bytes:
+    """A state that tells which tokens it was saved for."""
+    seed = hashlib.sha256(repr(list(tokens)).encode()).digest()
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+def small(max_bytes: int = 10_000, directory: Path | None = None, max_disk_bytes: int | None = None) -> PromptCache:
+    """Blocks of 8 and hits from 8 tokens, so that tests can use short token lists."""
+    return PromptCache(max_bytes, directory=directory, max_disk_bytes=max_disk_bytes, block_size=8, min_tokens=8)
+
+
+def holds(cache: PromptCache, tokens: Sequence[int]) -> bool:
+    """Whether a lookup of `tokens` finds the entry saved for exactly these tokens."""
+    hit = cache.lookup(KEY, tokens)
+    return hit is not None and hit.tokens == tuple(tokens)
+
+
+def files(directory: Path) -> list[Path]:
+    return sorted(directory.iterdir())
+
+
+def test_lookup_finds_the_longest_cached_prefix() -> None:
+    cache = small()
+    short, long = BASE[:24], BASE[:40]
+    branch = [*BASE[:20], *range(5000, 5030)]
+    other = list(range(7000, 7050))
+    for tokens in ([*short, 1], [*long, 2], branch, other):  # the 1 and 2 keep `long` from extending `short`
+        cache.put(KEY, tokens, state_of(tokens))
+    assert len(cache) == 4
+
+    hit = cache.lookup(KEY, [*BASE[:60]])
+    assert hit == CacheHit(tuple([*long, 2]), state_of([*long, 2]), 40)
+
+    hit = cache.lookup(KEY, [*BASE[:20], *range(5000, 5010), 1, 2, 3])
+    assert hit == CacheHit(tuple(branch), state_of(branch), 30)
+
+    hit = cache.lookup(KEY, [*BASE[:24], 1, 99])
+    assert hit is not None and hit.tokens == tuple([*short, 1]) and hit.common == 25
+
+    assert cache.lookup(KEY, list(range(9000, 9100))) is None
+
+
+def test_a_prefix_shorter_than_min_tokens_is_a_miss() -> None:
+    cache = PromptCache(10_000, block_size=8, min_tokens=20)
+    cache.put(KEY, BASE[:19], state_of(BASE[:19]))
+    assert len(cache) == 0  # too short to be worth keeping
+    cache.put(KEY, BASE[:40], state_of(BASE[:40]))
+
+    assert cache.lookup(KEY, [*BASE[:19], -1, *BASE[20:40]]) is None
+    assert cache.lookup(KEY, BASE[:19]) is None
+    hit = cache.lookup(KEY, [*BASE[:20], -1])
+    assert hit is not None and hit.common == 20
+
+
+def test_min_tokens_above_the_block_size_still_finds_the_longest_prefix() -> None:
+    # Hits need 20 tokens, blocks are 8: a 2-block match (16 tokens) must not hide a 20-token one.
+    cache = PromptCache(10_000, block_size=8, min_tokens=20)
+    near = [*BASE[:18], *range(3000, 3030)]
+    far = [*BASE[:22], *range(4000, 4030)]
+    cache.put(KEY, near, state_of(near))
+    cache.put(KEY, far, state_of(far))
+    hit = cache.lookup(KEY, BASE[:60])
+    assert hit is not None and hit.tokens == tuple(far) and hit.common == 22
+
+
+def test_a_hit_can_end_inside_a_block_and_be_longer_than_the_prompt() -> None:
+    cache = small()
+    cache.put(KEY, BASE[:40], state_of(BASE[:40]))
+
+    hit = cache.lookup(KEY, [*BASE[:27], -5, -6, -7])  # diverges inside the fourth block
+    assert hit is not None and hit.common == 27 and hit.tokens == tuple(BASE[:40])
+
+    hit = cache.lookup(KEY, BASE[:21])  # the prompt ends inside a block, the entry goes on
+    assert hit is not None and hit.common == 21 and len(hit.tokens) == 40
+
+    hit = cache.lookup(KEY, BASE[:40])
+    assert hit is not None and hit.common == 40
+
+
+def test_keys_are_isolated() -> None:
+    cache = small()
+    cache.put("model-a", BASE[:40], b"a" * 100)
+    cache.put("model-b", BASE[:40], b"b" * 50)
+    assert len(cache) == 2
+    hit_a, hit_b = cache.lookup("model-a", BASE[:40]), cache.lookup("model-b", BASE[:40])
+    assert hit_a is not None and hit_a.state == b"a" * 100
+    assert hit_b is not None and hit_b.state == b"b" * 50
+    assert cache.lookup("model-c", BASE[:40]) is None
+    assert not cache.covers("model-c", BASE[:40])
+    assert cache.size_bytes("model-a") == 100 and cache.size_bytes("model-b") == 50 and cache.size_bytes() == 150
+
+
+def test_covered_puts_are_skipped_and_extending_puts_replace() -> None:
+    cache = small()
+    cache.put(KEY, BASE[:40], b"first" * 20)
+
+    assert cache.covers(KEY, BASE[:40]) and cache.covers(KEY, BASE[:13])
+    assert not cache.covers(KEY, BASE[:41]) and not cache.covers(KEY, [*BASE[:39], -1])
+    cache.put(KEY, BASE[:40], b"again" * 20)
+    cache.put(KEY, BASE[:30], b"shorter" * 20)
+    assert len(cache) == 1
+    hit = cache.lookup(KEY, BASE[:40])
+    assert hit is not None and hit.state == b"first" * 20
+
+    cache.put(KEY, BASE[:60], b"longer" * 10)
+    assert len(cache) == 1 and cache.size_bytes() == 60
+    hit = cache.lookup(KEY, BASE[:40])
+    assert hit is not None and hit.tokens == tuple(BASE[:60]) and hit.state == b"longer" * 10
+
+    # A branch does not extend the entry: both stay.
+    cache.put(KEY, [*BASE[:50], -1], b"branch")
+    assert len(cache) == 2
+
+
+def test_least_recently_used_states_leave_ram_first() -> None:
+    cache = small(max_bytes=300)
+    entries = [[*BASE[:16], n, *range(n * 100, n * 100 + 10)] for n in range(4)]
+    for tokens in entries[:3]:
+        cache.put(KEY, tokens, state_of(tokens, 100))
+    assert cache.size_bytes() == 300
+
+    assert cache.lookup(KEY, entries[0]) is not None  # the oldest, used again
+    cache.put(KEY, entries[3], state_of(entries[3], 100))
+
+    assert cache.size_bytes() == 300 and len(cache) == 3
+    assert not holds(cache, entries[1])
+    for tokens in (entries[0], entries[2], entries[3]):
+        hit = cache.lookup(KEY, tokens)
+        assert hit is not None and hit.tokens == tuple(tokens) and hit.state == state_of(tokens, 100)
+
+
+def test_a_state_larger_than_the_ram_bound_is_not_kept() -> None:
+    cache = small(max_bytes=100)
+    cache.put(KEY, BASE[:40], b"x" * 101)
+    assert len(cache) == 0 and cache.size_bytes() == 0 and cache.lookup(KEY, BASE[:40]) is None
+    cache.put(KEY, BASE[:40], b"x" * 100)
+    assert cache.size_bytes() == 100
+
+    nothing = small(max_bytes=0)
+    nothing.put(KEY, BASE[:40], b"x")
+    assert len(nothing) == 0 and nothing.lookup(KEY, BASE[:40]) is None
+
+
+def test_entries_survive_a_restart_on_disk(tmp_path: Path) -> None:
+    first = small(directory=tmp_path)
+    assert first.persistent
+    one, two = BASE[:40], [*BASE[:10], *range(5000, 5030)]
+    first.put(KEY, one, state_of(one, 1000))
+    first.put(KEY, two, state_of(two, 1000))
+    first.close()
+
+    written = files(tmp_path)
+    assert len(written) == 2 and all(path.suffix == ".kvcache" for path in written)
+    assert all(path.read_bytes().startswith(prompt_cache.MAGIC) for path in written)
+
+    # A new process; RAM-less so the states must come from the files.
+    second = small(max_bytes=0, directory=tmp_path)
+    assert len(second) == 2
+    hit = second.lookup(KEY, [*BASE[:45]])
+    assert hit == CacheHit(tuple(one), state_of(one, 1000), 40)
+    hit = second.lookup(KEY, two)
+    assert hit == CacheHit(tuple(two), state_of(two, 1000), 40)
+    assert second.lookup("another-model", one) is None
+
+    # With RAM to spare, a disk hit is kept in RAM.
+    third = small(directory=tmp_path)
+    assert third.size_bytes() == 0
+    assert third.lookup(KEY, one) is not None and third.size_bytes() == 1000
+
+
+def test_a_disk_hit_too_large_for_ram_leaves_ram_alone(tmp_path: Path) -> None:
+    writer = small(max_bytes=0, directory=tmp_path)
+    big, little = BASE[:40], list(range(5000, 5040))
+    writer.put(KEY, big, b"B" * 1000)
+    writer.put(KEY, little, b"L" * 400)
+
+    cache = small(max_bytes=500, directory=tmp_path)
+    assert holds(cache, little) and cache.size_bytes() == 400
+    hit = cache.lookup(KEY, big)
+    assert hit is not None and hit.state == b"B" * 1000
+    assert cache.size_bytes() == 400
+    assert cache.lookup(KEY, little) is not None
+
+
+def test_a_replaced_entry_loses_its_file(tmp_path: Path) -> None:
+    cache = small(directory=tmp_path)
+    cache.put(KEY, BASE[:40], b"old")
+    cache.put(KEY, BASE[:60], b"new")
+    (path,) = files(tmp_path)
+    assert path.read_bytes().endswith(b"new")
+    cache.close()
+    restarted = small(directory=tmp_path)
+    hit = restarted.lookup(KEY, BASE[:40])
+    assert hit is not None and hit.state == b"new"
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-10])
+
+
+def _foreign_magic(path: Path) -> None:
+    path.write_bytes(b"GGUF" + path.read_bytes()[4:])
+
+
+def _newer_version(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(prompt_cache.MAGIC)] += 1
+    path.write_bytes(bytes(data))
+
+
+def _garbage_header(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(prompt_cache.MAGIC) + 8] = ord("!")
+    path.write_bytes(bytes(data))
+
+
+def _extra_bytes(path: Path) -> None:
+    path.write_bytes(path.read_bytes() + b"\0")
+
+
+@pytest.mark.parametrize(
+    ("damage", "seen_on_start"),
+    [
+        (_flip_last_byte, False),  # only reading the state shows it
+        (_truncate, True),  # the headers and the file sizes show the rest
+        (_extra_bytes, True),
+        (_foreign_magic, True),
+        (_newer_version, True),
+        (_garbage_header, True),
+    ],
+)
+def test_a_damaged_file_is_removed_and_never_returned(
+    tmp_path: Path, damage: Callable[[Path], None], seen_on_start: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = small(directory=tmp_path)
+    cache.put(KEY, BASE[:40], state_of(BASE[:40], 500))
+    cache.close()
+    (path,) = files(tmp_path)
+    damage(path)
+
+    with caplog.at_level(logging.WARNING, logger="localllm.runner"):
+        restarted = small(max_bytes=0, directory=tmp_path)
+        assert path.exists() != seen_on_start and len(restarted) == (0 if seen_on_start else 1)
+        assert restarted.lookup(KEY, BASE[:40]) is None
+    assert not path.exists()
+    assert len(restarted) == 0
+    assert any("discarding" in record.getMessage() for record in caplog.records)
+
+
+def test_a_file_damaged_while_indexed_is_caught_on_reading(tmp_path: Path) -> None:
+    cache = small(max_bytes=0, directory=tmp_path)
+    cache.put(KEY, BASE[:40], state_of(BASE[:40], 500))
+    (path,) = files(tmp_path)
+    _truncate(path)
+    assert cache.lookup(KEY, BASE[:40]) is None and not path.exists() and len(cache) == 0
+
+
+def test_a_file_whose_name_does_not_match_its_contents_is_removed(tmp_path: Path) -> None:
+    cache = small(directory=tmp_path)
+    cache.put(KEY, BASE[:40], b"state")
+    cache.close()
+    (path,) = files(tmp_path)
+    moved = path.with_name("0" * 64 + ".kvcache")
+    path.rename(moved)
+
+    restarted = small(directory=tmp_path)
+    assert restarted.lookup(KEY, BASE[:40]) is None and files(tmp_path) == []
+
+
+def test_a_file_replaced_behind_the_index_is_checked_against_it(tmp_path: Path) -> None:
+    cache = small(max_bytes=0, directory=tmp_path)
+    other = [*BASE[:8], *range(600, 640)]
+    cache.put(KEY, other, b"other")
+    (other_file,) = files(tmp_path)
+    cache.put(KEY, BASE[:40], b"state")
+    (this_file,) = set(files(tmp_path)) - {other_file}
+    # Another entry's valid file under this entry's name: its header no longer says what was indexed.
+    shutil.copyfile(other_file, this_file)
+
+    # The damaged entry goes; the next best entry (8 shared tokens) answers instead.
+    assert cache.lookup(KEY, BASE[:40]) == CacheHit(tuple(other), b"other", 8)
+    assert files(tmp_path) == [other_file] and len(cache) == 1
+
+
+def test_leftover_temp_files_are_removed_on_start(tmp_path: Path) -> None:
+    cache = small(directory=tmp_path)
+    cache.put(KEY, BASE[:40], b"state")
+    cache.close()
+    (path,) = files(tmp_path)
+    fd, leftover = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=tmp_path)
+    os.write(fd, path.read_bytes()[:20])  # a writer died half-way
+    os.close(fd)
+    unrelated = tmp_path / "notes.txt"
+    unrelated.write_text("not ours")
+
+    restarted = small(directory=tmp_path)
+    assert not Path(leftover).exists()
+    assert unrelated.exists()  # only the cache's own files are touched
+    assert restarted.lookup(KEY, BASE[:40]) is not None
+
+
+def test_the_disk_bound_evicts_the_least_recently_used_file(tmp_path: Path) -> None:
+    entries = [list(range(6000 + 100 * n, 6030 + 100 * n)) for n in range(3)]  # unrelated, same sizes
+    probe = small(directory=tmp_path / "probe")
+    probe.put(KEY, entries[0], b"s" * 1000)
+    (sample,) = files(tmp_path / "probe")
+    file_size = sample.stat().st_size
+
+    cache = small(max_bytes=0, directory=tmp_path / "cache", max_disk_bytes=2 * file_size + 10)
+    cache.put(KEY, entries[0], b"0" * 1000)
+    cache.put(KEY, entries[1], b"1" * 1000)
+    assert cache.lookup(KEY, entries[0]) is not None  # used again: now entries[1] is the oldest
+    cache.put(KEY, entries[2], b"2" * 1000)
+
+    assert len(files(tmp_path / "cache")) == 2 and len(cache) == 2
+    assert not holds(cache, entries[1])
+    for n in (0, 2):
+        hit = cache.lookup(KEY, entries[n])
+        assert hit is not None and hit.state == str(n).encode() * 1000
+
+
+@pytest.mark.parametrize("oldest", [0, 1, 2])
+def test_after_a_restart_the_oldest_file_by_mtime_goes_first(tmp_path: Path, oldest: int) -> None:
+    entries = [list(range(6000 + 100 * n, 6030 + 100 * n)) for n in range(3)]  # unrelated, same sizes
+    cache = small(directory=tmp_path)
+    for tokens in entries:
+        cache.put(KEY, tokens, state_of(tokens, 1000))
+    cache.close()
+    paths = {path.read_bytes()[-1000:]: path for path in files(tmp_path)}
+    by_entry = [paths[state_of(tokens, 1000)] for tokens in entries]
+    middle, newest = (oldest + 1) % 3, (oldest + 2) % 3
+    for age, n in enumerate((oldest, middle, newest)):
+        os.utime(by_entry[n], (1_000_000 + age, 1_000_000 + age))
+    size = by_entry[0].stat().st_size
+
+    restarted = small(max_bytes=0, directory=tmp_path, max_disk_bytes=2 * size)
+    assert [path.exists() for path in by_entry] == [n != oldest for n in range(3)]
+    assert len(restarted) == 2 and not holds(restarted, entries[oldest])
+
+    # A hit marks the file as used, for the next start's eviction.
+    assert holds(restarted, entries[middle])
+    assert by_entry[middle].stat().st_mtime > by_entry[newest].stat().st_mtime
+
+
+def test_a_vanished_directory_does_not_raise(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    directory = tmp_path / "cache"
+    cache = small(max_bytes=1000, directory=directory)
+    cache.put(KEY, BASE[:40], b"on disk")
+    shutil.rmtree(directory)
+
+    with caplog.at_level(logging.WARNING, logger="localllm.runner"):
+        cache.put(KEY, [*BASE[:8], *range(600, 640)], b"in ram")
+        hit = cache.lookup(KEY, [*BASE[:8], *range(600, 640)])
+        assert hit is not None and hit.state == b"in ram"
+    assert not cache.persistent
+    assert any("cannot write" in record.getMessage() for record in caplog.records)
+
+    disk_only = small(max_bytes=0, directory=tmp_path / "other")
+    disk_only.put(KEY, BASE[:40], b"on disk")
+    shutil.rmtree(tmp_path / "other")
+    assert disk_only.lookup(KEY, BASE[:40]) is None and len(disk_only) == 0
+
+
+def test_an_unusable_directory_leaves_a_ram_cache(tmp_path: Path) -> None:
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("x")
+    cache = small(directory=not_a_directory)
+    assert not cache.persistent
+    cache.put(KEY, BASE[:40], b"state")
+    assert cache.lookup(KEY, BASE[:40]) is not None
+
+
+@pytest.mark.parametrize("failing", ["mkstemp", "fsync", "replace"])
+def test_write_errors_do_not_raise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+    cache = small(directory=tmp_path)
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC if failing == "fsync" else errno.EACCES, f"{failing} failed")
+
+    target = {"mkstemp": (prompt_cache.tempfile, "mkstemp"), "fsync": (os, "fsync"), "replace": (os, "replace")}
+    monkeypatch.setattr(*target[failing], fail)
+    cache.put(KEY, BASE[:40], b"state")
+    monkeypatch.undo()
+
+    assert files(tmp_path) == []  # no temp file left behind either
+    assert not cache.persistent
+    hit = cache.lookup(KEY, BASE[:40])
+    assert hit is not None and hit.state == b"state"
+
+
+@pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0, reason="permissions do not bind root")
+def test_a_read_only_directory_does_not_raise(tmp_path: Path) -> None:
+    first = small(directory=tmp_path)
+    first.put(KEY, BASE[:40], b"state")
+    first.close()
+    tmp_path.chmod(0o500)
+    try:
+        cache = small(directory=tmp_path)
+        cache.put(KEY, [*BASE[:8], *range(600, 640)], b"other")
+        assert cache.lookup(KEY, BASE[:40]) is not None
+        assert cache.lookup(KEY, [*BASE[:8], *range(600, 640)]) is not None
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_hash_collisions_are_caught_by_comparing_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_blake2b = hashlib.blake2b
+
+    def colliding(data: bytes = b"", *, digest_size: int, person: bytes) -> object:
+        if person == b"localllm-name":  # file names stay distinct: only the index collides
+            return real_blake2b(data, digest_size=digest_size, person=person)
+        return real_blake2b(b"every index key alike", digest_size=16)
+
+    monkeypatch.setattr(prompt_cache.hashlib, "blake2b", colliding)
+    cache = small()
+    a, b = BASE[:40], list(range(5000, 5040))
+    cache.put(KEY, a, b"a")
+    cache.put(KEY, b, b"b")
+    assert len(cache) == 2  # neither "covers" the other
+    assert cache.lookup(KEY, [*a, 1]) == CacheHit(tuple(a), b"a", 40)
+    assert cache.lookup(KEY, b) == CacheHit(tuple(b), b"b", 40)
+    assert cache.lookup(KEY, list(range(9000, 9040))) is None
+    assert cache.lookup("model-b", a) is None
+
+
+@pytest.fixture
+def busy_switching() -> Iterator[None]:
+    """Switch threads far more often than usual, so that unguarded updates would interleave."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(interval)
+
+
+@pytest.mark.parametrize("bounded", [False, True])
+def test_threads_share_one_cache(tmp_path: Path, busy_switching: None, bounded: bool) -> None:
+    threads_n, per_thread = 8, 40
+    cache = small(max_bytes=50 * 100 if bounded else 10**9, directory=tmp_path if bounded else None)
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads_n)
+
+    def tokens_of(thread: int, n: int) -> list[int]:
+        return [*BASE[:16], thread, *BASE[16 : 16 + n % 7], n, *range(n, n + 10)]
+
+    def work(thread: int) -> None:
+        rng = random.Random(thread)
+        try:
+            start.wait()
+            for n in range(per_thread):
+                tokens = tokens_of(thread, n)
+                cache.put(KEY, tokens, state_of(tokens))
+                probe = tokens_of(rng.randrange(threads_n), rng.randrange(per_thread))
+                hit = cache.lookup(KEY, probe)
+                if hit is not None:  # whatever it is, it is consistent
+                    assert hit.state == state_of(hit.tokens)
+                    assert list(hit.tokens[: hit.common]) == probe[: hit.common]
+                    assert hit.common >= 8
+                cache.covers(KEY, probe)
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work, args=(thread,)) for thread in range(threads_n)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert errors == []
+
+    everything = [tokens_of(thread, n) for thread in range(threads_n) for n in range(per_thread)]
+    if not bounded:
+        assert len(cache) == len(everything)
+        assert cache.size_bytes() == 100 * len(everything) == cache.size_bytes(KEY)
+    assert cache.size_bytes() <= (50 * 100 if bounded else 10**9)
+    held = 0
+    for tokens in everything:
+        hit = cache.lookup(KEY, tokens)
+        if hit is not None and hit.tokens == tuple(tokens):
+            held += 1
+            assert hit.state == state_of(tokens)
+    assert held == (len(everything) if not bounded else len(cache))
+
+
+def test_close_is_idempotent_and_ends_everything(tmp_path: Path) -> None:
+    cache = small(directory=tmp_path)
+    cache.put(KEY, BASE[:40], b"state")
+    cache.close()
+    cache.close()
+    assert len(cache) == 0 and cache.size_bytes() == 0 and not cache.persistent
+    assert cache.lookup(KEY, BASE[:40]) is None and not cache.covers(KEY, BASE[:40])
+    cache.put(KEY, BASE[:60], b"more")
+    assert len(cache) == 0
+    assert len(files(tmp_path)) == 1  # the file stays for the next start
+
+
+def test_default_blocks_find_a_long_shared_prefix() -> None:
+    cache = PromptCache(1 << 20)
+    system = list(range(3000))
+    cache.put(KEY, [*system, *range(10_000, 10_100)], b"conversation")
+    cache.put(KEY, system[:63], b"too short")
+    assert len(cache) == 1
+    hit = cache.lookup(KEY, [*system, *range(10_000, 10_050), 7])
+    assert hit is not None and hit.common == 3050 and hit.state == b"conversation"
+    assert cache.lookup(KEY, [*system[:63], -1, *system[64:]]) is None
