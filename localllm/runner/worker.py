@@ -247,7 +247,7 @@ class Runner:
                 slot.active.handle.mailbox.put(closed)
                 slot.active.sampler.close()
                 slot.active = None
-            elif self.failure is None:
+            if self.failure is None:  # the worker has stopped: what each slot holds is what its cache holds
                 with contextlib.suppress(Exception):  # saving is a courtesy: unloading must not fail on it
                     self._save(slot)
         if self.drafter is not None:
@@ -551,8 +551,12 @@ class Runner:
         self._release(active)
         active.handle.finished = True
         active.handle.mailbox.put(result)
+        self._persist(active.slot)
+
+    def _persist(self, slot: _Slot) -> None:
+        """With a cache on disk, save what a slot holds once its request is done: a new process may start there."""
         if self.prompt_cache is not None and self.prompt_cache.persistent:
-            self._save(active.slot)  # so that a new process can start from this conversation
+            self._save(slot)
 
     def _release(self, active: _Active) -> None:
         active.sampler.close()
@@ -566,6 +570,7 @@ class Runner:
                 # What is cached stays a valid prefix for the next request.
                 self._release(active)
                 active.handle.finished = True
+                self._persist(slot)
 
     def _fail_batch(self, actives: list[_Active], status: int) -> None:
         reason = "the context is full" if status == 1 else "decoding was aborted"
