@@ -27,7 +27,7 @@ def install(session: nox.Session, extras: str, *, models: bool = True) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole test suite, on the real models."""
-    install(session, "test,http")
+    install(session, "test,http,ray")
     session.run("pytest", *(session.posargs or ["-q"]))
 
 
