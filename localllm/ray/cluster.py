@@ -492,10 +492,13 @@ class ClusterEngine:
         await self._forget(destination)
         return await self._on_holders("copy", source, destination)
 
-    async def delete(self, model: str) -> StatusResponse:
-        """As `Engine.delete`, on every node that has the model."""
+    async def delete(self, model: str, *, node: str | None = None) -> StatusResponse:
+        """As `Engine.delete`, on every node that has the model (or on `node` only)."""
         await self._forget(model)
-        return await self._on_holders("delete", model)
+        if node is None:
+            return await self._on_holders("delete", model)
+        result: StatusResponse = await self._call(node, "delete", model)
+        return result
 
 
 @attrs.define
