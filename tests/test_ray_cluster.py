@@ -138,7 +138,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Ite
 def local_reply(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     async def run() -> str:
         async with localllm.Engine(tmp_path_factory.mktemp("local")) as engine:
-            reply = await engine.chat(str(smollm2_path), [{"role": "user", "content": "Name a colour."}], options=GREEDY)
+            messages = [{"role": "user", "content": "Name a colour."}]
+            reply = await engine.chat(str(smollm2_path), messages, options=GREEDY)
             return reply.message.content
 
     return anyio.run(run)
@@ -214,12 +215,12 @@ async def test_a_dead_node_fails_its_requests_and_the_others_serve(cluster: Any)
         await cluster.replicate("smollm2", node)
     options = {"temperature": 0, "num_predict": 400}
     stream = cluster.chat("smollm2", [{"role": "user", "content": "Tell me a long story."}], options=options)
-    chunks = aiter_ = stream.__aiter__()
+    chunks = stream.__aiter__()
     await chunks.__anext__()
     doomed = cluster.last_node
     ray.kill(cluster.actor(doomed))
     with pytest.raises(localllm.RunnerError):
-        async for _chunk in aiter_:
+        async for _chunk in chunks:
             pass
     assert doomed not in cluster.nodes
     reply = await cluster.chat("smollm2", [{"role": "user", "content": "Hello?"}], options=GREEDY)
