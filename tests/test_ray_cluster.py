@@ -208,6 +208,21 @@ async def test_queue_limit_across_the_cluster(cluster: Any) -> None:
     assert cluster.router.in_flight == 0
 
 
+async def test_the_http_shim_serves_a_cluster(cluster: Any, local_reply: str) -> None:
+    import httpx
+
+    from localllm.http import create_app
+
+    app = create_app(cluster)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
+        messages = [{"role": "user", "content": "Name a colour."}]
+        body = {"model": "smollm2", "messages": messages, "stream": False, "options": GREEDY}
+        reply = (await client.post("/api/chat", json=body)).json()
+        assert reply["message"]["content"] == local_reply
+        tags = (await client.get("/api/tags")).json()
+        assert [m["name"] for m in tags["models"]] == ["smollm2:latest"]
+
+
 async def test_a_dead_node_fails_its_requests_and_the_others_serve(cluster: Any) -> None:
     import ray
 

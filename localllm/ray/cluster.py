@@ -492,6 +492,17 @@ class ClusterEngine:
         await self._forget(destination)
         return await self._on_holders("copy", source, destination)
 
+    # -- blobs: uploads name one machine's files, so a cluster does not take them
+
+    async def has_blob(self, digest: str) -> bool:
+        return False
+
+    async def add_blob(self, digest: str, chunks: Any, *, max_size: int | None = None) -> None:
+        raise InvalidRequest("a cluster does not take uploaded blobs: create the model on a node from its files")
+
+    def blob_path(self, digest: str) -> Any:
+        raise InvalidRequest("a cluster does not take uploaded blobs: create the model on a node from its files")
+
     async def delete(self, model: str, *, node: str | None = None) -> StatusResponse:
         """As `Engine.delete`, on every node that has the model (or on `node` only)."""
         await self._forget(model)
