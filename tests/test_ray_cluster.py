@@ -194,7 +194,11 @@ async def test_a_node_that_lacks_the_model_gets_a_copy(cluster: Any) -> None:
 
 async def test_queue_limit_across_the_cluster(cluster: Any) -> None:
     cluster.router.max_queue = 2
-    streams = [cluster.chat("smollm2", [{"role": "user", "content": f"Count to {n}."}], stream=True) for n in (5, 6)]
+    long = {"num_predict": 2000, "temperature": 0}
+    streams = [
+        cluster.chat("smollm2", [{"role": "user", "content": f"Count to {n}."}], options=long, stream=True)
+        for n in (500, 600)
+    ]
     try:
         for stream in streams:
             await stream.__anext__()  # both in flight
@@ -204,8 +208,13 @@ async def test_queue_limit_across_the_cluster(cluster: Any) -> None:
         for stream in streams:
             stream.close()
         cluster.router.max_queue = 64
-    await anyio.sleep(0.1)
     assert cluster.router.in_flight == 0
+    for _ in range(50):  # closing a stream cancels its request on the node, freeing the slot
+        loaded = await cluster.ps()
+        if all(m.active_requests == 0 for m in loaded.models):
+            break
+        await anyio.sleep(0.1)
+    assert all(m.active_requests == 0 for m in loaded.models)
 
 
 async def test_the_http_shim_serves_a_cluster(cluster: Any, local_reply: str) -> None:
