@@ -27,7 +27,7 @@ def install(session: nox.Session, extras: str, *, models: bool = True) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole test suite, on the real models."""
-    install(session, "test,http")
+    install(session, "test,http,ray")
     session.run("pytest", *(session.posargs or ["-q"]))
 
 
@@ -79,7 +79,7 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks against llama-cpp-python and llama-server, each measured in the same run."""
-    install(session, "test")
+    install(session, "test,ray")
     scripts = session.posargs or [
         "benchmarks/bench_generate.py",
         "benchmarks/bench_server.py",

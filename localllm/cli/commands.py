@@ -249,6 +249,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {}
     if args.max_request_size is not None:
         kwargs["max_request_size"] = args.max_request_size
+    if args.ray or args.ray_address:
+        try:
+            from ..ray import ClusterEngine
+        except ImportError as exc:
+            raise CLIError(str(exc)) from None
+        address = args.ray_address
+        kwargs["engine_factory"] = lambda: ClusterEngine(address)
     try:
         run(host, port, allow_remote=args.allow_remote, allow_local_paths=args.allow_local_paths, **kwargs)
     except ValueError as exc:

@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="let clients name files on this machine as models (regular files only)",
     )
     serve.add_argument("--max-request-size", type=int, help="largest JSON request body, in bytes")
+    serve.add_argument("--ray", action="store_true", help="serve the models of a Ray cluster: one engine per node")
+    serve.add_argument("--ray-address", help="the Ray cluster to join (default: the one this machine is part of)")
     serve.set_defaults(handler=cmd_serve)
 
     create = commands.add_parser("create", help="create a model from a Modelfile")

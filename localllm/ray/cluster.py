@@ -1,0 +1,576 @@
+"""`ClusterEngine`: the Engine API over a Ray cluster, one `NodeEngine` actor per node."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+import attrs
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from .. import requests
+from ..embeddings import EmbeddingsResponse, EmbedResponse
+from ..errors import InvalidRequest, LocalLLMError, ModelNotFound, RunnerError, UnavailableError
+from ..options import check_options
+from ..stream import ChunkStream, Job, ResponseStream
+from ..types import (
+    ChatResponse,
+    GenerateResponse,
+    ListResponse,
+    Message,
+    ProcessResponse,
+    ProgressResponse,
+    ShowResponse,
+    StatusResponse,
+    plain_data,
+)
+from .node import NodeEngine
+from .router import Router, chat_prefix_keys, generate_prefix_keys, model_key
+
+__all__ = ["ClusterEngine"]
+
+T = TypeVar("T")
+
+_END = object()
+
+
+def _on_asyncio() -> bool:
+    """Whether this runs under asyncio, where Ray's object refs are awaited directly (elsewhere: in a thread)."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class ClusterEngine:
+    """The `Engine` API, served by one engine per node of a Ray cluster.
+
+    ``address`` is what `ray.init` takes: None (join the cluster this process is part of, or start
+    a local one), ``"auto"`` or ``"ray://head:10001"``. ``engine_options`` are each node's `Engine`
+    keyword arguments (a ``home`` gets one sub-folder per node). Requests go to a node that has the
+    model loaded (preferring the one that served the same conversation before), else to the least
+    loaded node; a node that lacks the model gets a copy from one that has it. More than
+    ``max_queue`` requests in flight across the cluster fail with `QueueFull`.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        engine_options: Mapping[str, Any] | None = None,
+        max_queue: int = 512,
+        spill_at: int = 4,
+        refresh_interval: float = 1.0,
+        actor_num_cpus: float = 0.1,
+        ray_init_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.address = address
+        self.engine_options = dict(engine_options or {})
+        self.refresh_interval = refresh_interval
+        self.actor_num_cpus = actor_num_cpus
+        self.ray_init_options = dict(ray_init_options or {})
+        self.router = Router(max_queue=max_queue, spill_at=spill_at)
+        #: The node that the last routed request went to.
+        self.last_node: str | None = None
+        self._actors: dict[str, Any] = {}
+        self._lost: set[str] = set()  # nodes whose actor died: not used again
+        self._stored: dict[str, set[str]] = {}  # node -> model keys known to be in its store
+        self._lock = threading.RLock()
+        self._ensure_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._refreshed = 0.0
+        self._refreshing = False
+        self._owns_ray = False
+        self._started = False
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def __aenter__(self) -> ClusterEngine:
+        await anyio.to_thread.run_sync(self.start)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def start(self) -> None:
+        """Connect to the cluster and start an engine actor on each alive node (blocking)."""
+        if self._started:
+            return
+        if not ray.is_initialized():
+            ray.init(address=self.address, **self.ray_init_options)
+            self._owns_ray = True
+        self._started = True
+        self._refresh_sync()
+        if not self._actors:
+            raise UnavailableError("the Ray cluster has no alive node to run an engine on")
+
+    async def aclose(self) -> None:
+        await anyio.to_thread.run_sync(self.close)
+
+    def close(self) -> None:
+        """Close every node's engine and end the actors (and Ray, when this engine started it)."""
+        if not self._started:
+            return
+        self._started = False
+        actors = dict(self._actors)
+        self._actors.clear()
+        closing = [actor.close.remote() for actor in actors.values()]
+        try:
+            ray.get(closing, timeout=30)
+        except Exception:
+            pass
+        for actor in actors.values():
+            try:
+                ray.kill(actor)
+            except Exception:
+                pass
+        if self._owns_ray:
+            ray.shutdown()
+
+    # -- nodes -----------------------------------------------------------------------
+
+    @property
+    def nodes(self) -> list[str]:
+        """The ids of the nodes requests are routed to."""
+        with self._lock:
+            return sorted(self._actors)
+
+    def actor(self, node_id: str) -> Any:
+        """The `NodeEngine` actor handle of a node."""
+        with self._lock:
+            try:
+                return self._actors[node_id]
+            except KeyError:
+                raise UnavailableError(f"node {node_id} is not part of the cluster engine") from None
+
+    def _start_actor(self, node_id: str) -> Any:
+        remote = ray.remote(NodeEngine).options(
+            num_cpus=self.actor_num_cpus,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            max_restarts=0,
+        )
+        return remote.remote(node_id, self.engine_options)
+
+    def _drop(self, node_id: str) -> None:
+        with self._lock:
+            self._actors.pop(node_id, None)
+            self._stored.pop(node_id, None)
+            self._lost.add(node_id)
+            self.router.remove(node_id)
+
+    def _refresh_sync(self) -> None:
+        """Start actors on new nodes, drop dead ones, and read each node's loaded models and free memory."""
+        for node in ray.nodes():
+            node_id = node.get("NodeID")
+            if node.get("Alive") and node_id and node_id not in self._actors and node_id not in self._lost:
+                actor = self._start_actor(node_id)
+                with self._lock:
+                    self._actors[node_id] = actor
+                    self._stored.setdefault(node_id, set())
+        with self._lock:
+            actors = dict(self._actors)
+        refs = {node_id: actor.status.remote() for node_id, actor in actors.items()}
+        for node_id, ref in refs.items():
+            try:
+                loaded, free = ray.get(ref, timeout=120)
+            except RayActorError:
+                self._drop(node_id)
+                continue
+            except Exception:  # slow or failing: keep what is known of it
+                continue
+            with self._lock:
+                if node_id in self._actors:
+                    self.router.update(node_id, loaded=loaded, free_memory=free)
+        self._refreshed = time.monotonic()
+
+    async def _refresh(self) -> None:
+        if not self._started:
+            raise UnavailableError("the cluster engine is not started: use `async with ClusterEngine(...)`")
+        if self._refreshing or time.monotonic() - self._refreshed < self.refresh_interval:
+            return
+        self._refreshing = True
+        try:
+            await anyio.to_thread.run_sync(self._refresh_sync)
+        finally:
+            self._refreshing = False
+
+    async def _get(self, node_id: str, ref: Any) -> Any:
+        """The value of `ref`, a call on `node_id`'s actor; its engine's own errors are raised as they are."""
+        try:
+            if _on_asyncio():
+                return await ref
+            return await anyio.to_thread.run_sync(ray.get, ref, abandon_on_cancel=True)
+        except BaseException as exc:
+            raise self._translate(node_id, exc) from None
+
+    def _translate(self, node_id: str, exc: BaseException) -> BaseException:
+        if isinstance(exc, RayActorError):
+            self._drop(node_id)
+            return RunnerError(f"the engine on node {node_id} died: {exc.__class__.__name__}")
+        if isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException):
+            return exc.cause
+        return exc
+
+    async def _call(self, node_id: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        return await self._get(node_id, self.actor(node_id).call.remote(method, args, kwargs))
+
+    async def _each(self, method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """`method` on every node at once: node id -> result, or the exception it raised."""
+        results: dict[str, Any] = {}
+
+        async def one(node_id: str) -> None:
+            try:
+                results[node_id] = await self._call(node_id, method, *args, **kwargs)
+            except Exception as exc:
+                results[node_id] = exc
+
+        async with anyio.create_task_group() as group:
+            for node_id in self.nodes:
+                group.start_soon(one, node_id)
+        return results
+
+    # -- models on nodes ---------------------------------------------------------------
+
+    def _has_model_sync(self, node_id: str, model: str) -> bool:
+        try:
+            return bool(ray.get(self.actor(node_id).has_model.remote(model), timeout=60))
+        except BaseException as exc:
+            raise self._translate(node_id, exc) from None
+
+    def _ensure_sync(self, node_id: str, model: str) -> list[str]:
+        key = model_key(model)
+        with self._lock:
+            if key in self._stored.get(node_id, ()):
+                return []
+            lock = self._ensure_locks.setdefault((node_id, key), threading.Lock())
+        with lock:
+            if key in self._stored.get(node_id, ()) or self._has_model_sync(node_id, model):
+                with self._lock:
+                    self._stored.setdefault(node_id, set()).add(key)
+                return []
+            for source in self.nodes:
+                if source == node_id:
+                    continue
+                try:
+                    if not self._has_model_sync(source, model):
+                        continue
+                except LocalLLMError:
+                    continue
+                try:
+                    copied: list[str] = ray.get(self.actor(node_id).import_model.remote(model, self.actor(source)))
+                except BaseException as exc:
+                    raise self._translate(node_id, exc) from None
+                with self._lock:
+                    self._stored.setdefault(node_id, set()).add(key)
+                return copied
+            return []  # nowhere: the node's engine says what is wrong (a path, or a missing model)
+
+    async def replicate(self, model: str, node_id: str) -> list[str]:
+        """Copy `model` to `node_id` from a node that has it, unless it has it already; the blob digests copied.
+
+        Each blob is checked against its digest as it lands, and the manifest is written last.
+        """
+        self.actor(node_id)
+        return await anyio.to_thread.run_sync(self._ensure_sync, node_id, model)
+
+    async def _route(self, model: str, lookups: Sequence[str] = (), record: str | None = None) -> str:
+        """Choose a node for a request on `model`, count it in flight and make sure the node has the model."""
+        await self._refresh()
+        with self._lock:
+            node_id = self.router.acquire(model, lookups, record)
+            self.last_node = node_id
+        try:
+            await self.replicate(model, node_id)
+        except BaseException:
+            self._release(node_id)
+            raise
+        return node_id
+
+    def _release(self, node_id: str) -> None:
+        with self._lock:
+            self.router.release(node_id)
+
+    # -- generation --------------------------------------------------------------------
+
+    def _respond(
+        self,
+        model: str,
+        method: str,
+        kwargs: dict[str, Any],
+        keys: tuple[list[str], str],
+        combine: Callable[[Sequence[T]], T],
+        stream: bool,
+    ) -> ResponseStream[T] | ChunkStream[T]:
+        async def open_job() -> Job[T]:
+            node_id = await self._route(model, keys[0], keys[1])
+            try:
+                actor = self.actor(node_id)
+                generator = getattr(actor, method).options(num_returns="streaming").remote(kwargs)
+            except BaseException:
+                self._release(node_id)
+                raise
+            return _RemoteJob(self, node_id, generator)
+
+        return ChunkStream(open_job) if stream else ResponseStream(open_job, combine)
+
+    def generate(
+        self,
+        model: str,
+        prompt: str | None = None,
+        suffix: str | None = None,
+        *,
+        system: str | None = None,
+        options: Any = None,
+        stream: bool = False,
+        **kwargs: Any,
+    ) -> ResponseStream[GenerateResponse] | ChunkStream[GenerateResponse]:
+        """As `Engine.generate` (the same keyword arguments), on a node of the cluster."""
+        prompt = prompt or ""
+        if not isinstance(prompt, str):
+            raise InvalidRequest(f"prompt must be a string, got {type(prompt).__name__}")
+        request = {"model": model, "prompt": prompt, "suffix": suffix, "system": system, **kwargs}
+        request["options"] = check_options(plain_data(options)) or None
+        keys = generate_prefix_keys(model, system, prompt)
+        return self._respond(model, "generate_stream", request, keys, requests.combine_generate, stream)
+
+    def chat(
+        self,
+        model: str,
+        messages: Iterable[Any] | None = None,
+        *,
+        tools: Sequence[Any] | None = None,
+        options: Any = None,
+        stream: bool = False,
+        **kwargs: Any,
+    ) -> ResponseStream[ChatResponse] | ChunkStream[ChatResponse]:
+        """As `Engine.chat` (the same keyword arguments), on a node of the cluster."""
+        conversation = [Message.from_any(m) for m in messages or ()]
+        request = {
+            "model": model,
+            "messages": conversation,
+            "tools": [plain_data(t) for t in tools] if tools else None,
+            "options": check_options(plain_data(options)) or None,
+            **kwargs,
+        }
+        keys = chat_prefix_keys(model, [(m.role, m.content or "") for m in conversation])
+        return self._respond(model, "chat_stream", request, keys, requests.combine_chat, stream)
+
+    async def _on_routed(self, model: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        node_id = await self._route(model)
+        try:
+            return await self._call(node_id, method, *args, **kwargs)
+        finally:
+            self._release(node_id)
+
+    async def embed(self, model: str, input: str | Sequence[str], **kwargs: Any) -> EmbedResponse:
+        """As `Engine.embed`, on a node of the cluster."""
+        result: EmbedResponse = await self._on_routed(model, "embed", model, input, **kwargs)
+        return result
+
+    async def embeddings(self, model: str, prompt: str, **kwargs: Any) -> EmbeddingsResponse:
+        result: EmbeddingsResponse = await self._on_routed(model, "embeddings", model, prompt, **kwargs)
+        return result
+
+    async def load(self, model: str, **kwargs: Any) -> None:
+        """Load a model on the node a request for it would go to now."""
+        await self._on_routed(model, "load", model, **kwargs)
+
+    async def unload(self, model: str) -> None:
+        """Unload a model on every node that has it loaded."""
+        await self._refresh()
+        key = model_key(model)
+        with self._lock:
+            holders = [n.node_id for n in self.router.nodes.values() if key in n.loaded]
+        for node_id in holders:
+            try:
+                await self._call(node_id, "unload", model)
+            except ModelNotFound:
+                pass
+        self._refreshed = 0.0
+
+    # -- the registry --------------------------------------------------------------------
+
+    async def _progress(self, node_id: str, method: str, model: str, kwargs: dict[str, Any]) -> Any:
+        progress = kwargs.pop("progress", None)
+        stream = bool(kwargs.pop("stream", False))
+        final: ProgressResponse = await self._call(node_id, method, model, **kwargs)
+        with self._lock:
+            self._stored.setdefault(node_id, set()).add(model_key(model))
+        if progress is not None:
+            result = progress({"status": final.status})
+            if inspect.isawaitable(result):
+                await result
+        if stream:
+
+            async def open_job() -> Job[ProgressResponse]:
+                return _DoneJob([final])
+
+            return ChunkStream(open_job)
+        return final
+
+    async def create(self, model: str, *, node: str | None = None, **kwargs: Any) -> Any:
+        """As `Engine.create`, on one node (`node`, else the one a request would go to): paths are that node's.
+
+        Progress is coarse: one final status.
+        """
+        await self._refresh()
+        if node is None:
+            with self._lock:
+                node = self.router.choose(model)
+        await self._forget(model)
+        return await self._progress(node, "create", model, kwargs)
+
+    async def pull(self, model: str, *, node: str | None = None, **kwargs: Any) -> Any:
+        """As `Engine.pull`, on one node; other nodes copy the model from it when they need it."""
+        await self._refresh()
+        if node is None:
+            with self._lock:
+                node = self.router.choose(model)
+        return await self._progress(node, "pull", model, kwargs)
+
+    async def _forget(self, model: str) -> None:
+        key = model_key(model)
+        with self._lock:
+            for stored in self._stored.values():
+                stored.discard(key)
+
+    async def list(self) -> ListResponse:
+        """Every node's models (one entry per name and digest, the latest modified)."""
+        seen: dict[tuple[str, str], Any] = {}
+        for result in (await self._each("list")).values():
+            if isinstance(result, ListResponse):
+                for entry in result.models:
+                    key = (entry.model, entry.digest)
+                    if key not in seen or entry.modified_at > seen[key].modified_at:
+                        seen[key] = entry
+        return ListResponse(models=sorted(seen.values(), key=lambda e: e.modified_at, reverse=True))
+
+    async def show(self, model: str, **kwargs: Any) -> ShowResponse:
+        """As `Engine.show`, from the first node that has the model."""
+        error: BaseException = ModelNotFound(model=model)
+        for node_id in self.nodes:
+            try:
+                result: ShowResponse = await self._call(node_id, "show", model, **kwargs)
+                return result
+            except ModelNotFound as exc:
+                error = exc
+        raise error
+
+    async def ps_by_node(self) -> dict[str, ProcessResponse]:
+        """Each node's loaded models."""
+        return {n: r for n, r in (await self._each("ps")).items() if isinstance(r, ProcessResponse)}
+
+    async def ps(self) -> ProcessResponse:
+        """The loaded models of every node (`ps_by_node` tells which node holds which)."""
+        return ProcessResponse(models=[m for r in (await self.ps_by_node()).values() for m in r.models])
+
+    async def _on_holders(self, method: str, model: str, *args: Any) -> StatusResponse:
+        found = False
+        for result in (await self._each(method, model, *args)).values():
+            if isinstance(result, ModelNotFound):
+                continue
+            if isinstance(result, BaseException):
+                raise result
+            found = True
+        if not found:
+            raise ModelNotFound(model=model)
+        return StatusResponse(status="success")
+
+    async def copy(self, source: str, destination: str) -> StatusResponse:
+        """As `Engine.copy`, on every node that has `source`."""
+        await self._forget(destination)
+        return await self._on_holders("copy", source, destination)
+
+    # -- blobs: uploads name one machine's files, so a cluster does not take them
+
+    async def has_blob(self, digest: str) -> bool:
+        return False
+
+    async def add_blob(self, digest: str, chunks: Any, *, max_size: int | None = None) -> None:
+        raise InvalidRequest("a cluster does not take uploaded blobs: create the model on a node from its files")
+
+    def blob_path(self, digest: str) -> Any:
+        raise InvalidRequest("a cluster does not take uploaded blobs: create the model on a node from its files")
+
+    async def delete(self, model: str, *, node: str | None = None) -> StatusResponse:
+        """As `Engine.delete`, on every node that has the model (or on `node` only)."""
+        await self._forget(model)
+        if node is None:
+            return await self._on_holders("delete", model)
+        result: StatusResponse = await self._call(node, "delete", model)
+        return result
+
+
+@attrs.define
+class _DoneJob(Job[T]):
+    chunks: list[T]
+
+    async def next_chunks(self) -> tuple[list[T], bool]:
+        return self.chunks, True
+
+    def close(self) -> None:
+        pass
+
+
+class _RemoteJob(Job[T]):
+    """One request running on a node's actor, read through Ray's streaming generator."""
+
+    def __init__(self, cluster: ClusterEngine, node_id: str, generator: Any) -> None:
+        self._cluster = cluster
+        self._node_id = node_id
+        self._generator = generator
+        self._released = False
+
+    def _next_sync(self) -> Any:
+        try:
+            ref = next(self._generator)
+        except StopIteration:
+            return _END
+        return ray.get(ref)
+
+    async def _next(self) -> Any:
+        if _on_asyncio():
+            try:
+                ref = await self._generator.__anext__()
+            except StopAsyncIteration:
+                return _END
+            return await ref
+        return await anyio.to_thread.run_sync(self._next_sync, abandon_on_cancel=True)
+
+    async def next_chunks(self) -> tuple[list[T], bool]:
+        try:
+            chunk = await self._next()
+        except BaseException as exc:
+            self.close()
+            raise self._cluster._translate(self._node_id, exc) from None
+        if chunk is _END:
+            self._release()
+            return [], True
+        final = bool(getattr(chunk, "done", False))
+        if final:
+            self._release()
+        return [chunk], final
+
+    def _release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._cluster._release(self._node_id)
+
+    def close(self) -> None:
+        if not self._released:
+            try:
+                ray.cancel(self._generator)
+            except Exception:
+                pass
+        self._release()
