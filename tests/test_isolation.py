@@ -72,14 +72,14 @@ async def test_a_bad_gguf_fails_alike_through_the_engine(tmp_path: Path, home: P
 
 async def test_a_child_process_serves_as_a_thread_does(smollm2_path: Path, home: Path) -> None:
     model = str(smollm2_path)
-    options = {**GREEDY, "num_predict": 12}
-    async with Engine(home) as engine:
+    options = {**GREEDY, "num_predict": 8}
+    async with Engine(home, num_parallel=2) as engine:
         expected_text = (await engine.generate(model, PROMPT, options=options)).response
         expected_chat = (await engine.chat(model, MESSAGES, options=options)).message.content
         assert (await engine.ps()).models[0].pid is None
-    async with Engine(home, isolation="process") as engine:
+    async with Engine(home, isolation="process", num_parallel=2) as engine:
         reply = await engine.generate(model, PROMPT, options=options)
-        assert reply.response == expected_text and reply.eval_count == 12
+        assert reply.response == expected_text and reply.eval_count == 8
         assert (await engine.chat(model, MESSAGES, options=options)).message.content == expected_chat
         streamed = [chunk.message.content async for chunk in engine.chat(model, MESSAGES, stream=True, options=options)]
         assert len(streamed) > 2 and "".join(streamed) == expected_chat
@@ -106,7 +106,7 @@ async def test_a_child_that_dies_fails_its_request_and_is_replaced(smollm2_path:
     model = str(smollm2_path)
     long = {**GREEDY, "num_predict": 400}
     pids = []
-    async with Engine(home, isolation="process") as engine:
+    async with Engine(home, isolation="process", num_parallel=2) as engine:
         for how, signal_name in ((_kill, "SIGKILL"), (_abort, "SIGABRT")):
             chunks = 0
             with pytest.raises(RunnerError) as info:
