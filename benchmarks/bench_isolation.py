@@ -93,7 +93,7 @@ async def bench(path: Path) -> dict[str, dict[str, float]]:
     samples: dict[str, dict[str, list[float]]] = {m: {"single": [], "aggregate": [], "ttft_p95": []} for m in MODES}
     with tempfile.TemporaryDirectory() as home:
         engines = {
-            mode: localllm.Engine(home, num_parallel=len(PROMPTS), isolation=mode, prompt_cache_size=0)
+            mode: localllm.Engine(home, num_parallel=len(PROMPTS), isolation=mode, prompt_cache_size=0, keep_alive=-1)
             for mode in MODES
         }
         try:
