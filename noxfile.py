@@ -86,6 +86,7 @@ def bench(session: nox.Session) -> None:
         "benchmarks/bench_grammar.py",
         "benchmarks/bench_prompt_cache.py",
         "benchmarks/bench_speculative.py",
+        "benchmarks/bench_isolation.py",
     ]
     for script in scripts:
         session.run("python", script)

@@ -120,6 +120,7 @@ class Engine:
         repack: bool | None = None,
         prompt_cache: bool | str | os.PathLike[str] | None = None,
         prompt_cache_size: int | None = None,
+        isolation: str | None = None,
         devices: Any = None,
     ) -> None:
         settings = EngineSettings.resolve(
@@ -134,6 +135,7 @@ class Engine:
             repack,
             prompt_cache,
             prompt_cache_size,
+            isolation,
         )
         self._service = ModelService(settings, devices=devices)
 
@@ -426,6 +428,7 @@ class Engine:
                     layers_per_device=dict(plan.layers_per_device) if plan is not None else {},
                     active_requests=record.users,
                     prompt_cache_size=record.loaded.runner.prompt_cache_bytes,
+                    pid=record.loaded.runner.pid,
                 )
             )
         return ProcessResponse(models=running)

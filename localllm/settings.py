@@ -10,7 +10,10 @@ import attrs
 from .errors import InvalidRequest, LocalLLMError
 from .scheduler.keepalive import parse_keep_alive
 
-__all__ = ["EngineSettings"]
+__all__ = ["ISOLATIONS", "EngineSettings"]
+
+ISOLATIONS = ("thread", "process")
+"""Where text runners may run: worker threads of this process, or a child process each."""
 
 
 def _env_int(name: str, default: int) -> int:
@@ -49,6 +52,7 @@ class EngineSettings:
     repack: bool | None  # None: llama.cpp's weight repacking where this CPU and build run it safely
     prompt_cache_bytes: int = 1 << 30  # RAM for saved prompt states; 0 keeps none
     prompt_cache_dir: Path | None = None  # where saved prompt states persist across restarts; None: nowhere
+    isolation: str = "thread"  # where text runners run: "thread" (this process) or "process" (a child each)
 
     @classmethod
     def resolve(
@@ -64,6 +68,7 @@ class EngineSettings:
         repack: bool | None = None,
         prompt_cache: bool | str | os.PathLike[str] | None = None,
         prompt_cache_size: int | None = None,
+        isolation: str | None = None,
     ) -> EngineSettings:
         home_path = Path(home or os.environ.get("LOCALLLM_HOME") or Path.home() / ".localllm").expanduser()
         models_path = Path(models or os.environ.get("LOCALLLM_MODELS") or home_path / "models").expanduser()
@@ -86,6 +91,13 @@ class EngineSettings:
         )
         if cache_bytes < 0:
             raise InvalidRequest(f"prompt_cache_size must be at least 0 bytes, got {cache_bytes}")
+        where = isolation if isolation is not None else os.environ.get("LOCALLLM_ISOLATION") or "thread"
+        if where not in ISOLATIONS:
+            source = "isolation" if isolation is not None else "environment variable LOCALLLM_ISOLATION"
+            raise InvalidRequest(
+                f"{source} must be 'thread' (runners in this process) or 'process' (a child process each), "
+                f"got {where!r}"
+            )
         return cls(
             home_path,
             models_path,
@@ -98,6 +110,7 @@ class EngineSettings:
             repack,
             cache_bytes,
             _prompt_cache_dir(prompt_cache, home_path),
+            where,
         )
 
 

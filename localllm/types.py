@@ -374,6 +374,7 @@ class ProcessModel(_Subscriptable):
     layers_per_device: dict[int, int] = attrs.field(factory=dict)
     active_requests: int = 0
     prompt_cache_size: int = 0  # bytes of saved prompt states the model could start from
+    pid: int | None = None  # the runner's own process, with isolation="process"; None: the engine's process
 
 
 @attrs.frozen

@@ -187,6 +187,10 @@ class EmbeddingRunner:
         return 0  # embeddings are computed whole each time
 
     @property
+    def pid(self) -> int | None:
+        return None  # embedding runners always run in this process
+
+    @property
     def healthy(self) -> bool:
         """False once the worker thread has died: the scheduler replaces such a runner."""
         return self.failure is None and self._thread.is_alive()

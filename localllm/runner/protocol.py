@@ -105,12 +105,21 @@ class _Withdraw(Protocol):
 class SequenceHandle:
     """The coroutine's side of one sequence: events in, cancellation out."""
 
-    def __init__(self, runner: _Withdraw, prompt: list[int], params: SamplingParams) -> None:
+    def __init__(
+        self,
+        runner: _Withdraw,
+        prompt: list[int],
+        params: SamplingParams,
+        mailbox: Mailbox[str | ScoredText | SequenceResult | LocalLLMError] | None = None,
+    ) -> None:
+        """`mailbox`: where the items go; by default a new one bound to the running event loop."""
         self.runner = runner
         self.prompt = prompt
         self.params = params
         # Items: str or ScoredText (text), SequenceResult (done) or LocalLLMError (failed).
-        self.mailbox: Mailbox[str | ScoredText | SequenceResult | LocalLLMError] = Mailbox()
+        self.mailbox: Mailbox[str | ScoredText | SequenceResult | LocalLLMError] = (
+            mailbox if mailbox is not None else Mailbox()
+        )
         self.cancelled = threading.Event()
         self.finished = False
 
@@ -141,6 +150,11 @@ class _Runner(Protocol):
     @property
     def prompt_cache_bytes(self) -> int:
         """Bytes of saved prompt states this runner could restore."""
+        ...
+
+    @property
+    def pid(self) -> int | None:
+        """The id of the process the runner lives in when that is a child process; None in this one."""
         ...
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]: ...

@@ -37,6 +37,7 @@ from ..errors import ContextLengthExceeded, EngineClosed, InvalidFormat, LocalLL
 from ..types import Logprob, TokenLogprob
 from .backend import Backend, Model, Sampler
 from .draft import Drafter, make_drafter
+from .mailbox import Mailbox
 from .prompt_cache import PromptCache
 from .protocol import LoadConfig, SamplingParams, ScoredText, SequenceHandle, SequenceResult
 from .text import StopMatcher, Utf8Stream
@@ -164,6 +165,10 @@ class Runner:
         return self.prompt_cache.size_bytes(self.cache_key) if self.prompt_cache is not None else 0
 
     @property
+    def pid(self) -> int | None:
+        return None  # this process
+
+    @property
     def active_count(self) -> int:
         return sum(1 for slot in self.slots if slot.active is not None)
 
@@ -201,8 +206,15 @@ class Runner:
         """The chat template the model file carries, if any."""
         return self.model.metadata("tokenizer.chat_template")
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> SequenceHandle:
-        """Queue a sequence. Call from the event loop (the handle's mailbox binds to it)."""
+    def submit(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        *,
+        mailbox: Mailbox[str | ScoredText | SequenceResult | LocalLLMError] | None = None,
+    ) -> SequenceHandle:
+        """Queue a sequence. Call from the event loop (the handle's mailbox binds to it), unless `mailbox`
+        says where the sequence's items go."""
         if self.failure is not None:
             raise RunnerError(f"the runner failed: {self.failure}; retry to load it again")
         if self._stopping:
@@ -215,7 +227,7 @@ class Runner:
                 "raise num_ctx or shorten the prompt"
             )
         self.model.check_token_ids(prompt)
-        handle = SequenceHandle(self, prompt, params)
+        handle = SequenceHandle(self, prompt, params, mailbox)
         with self._cond:
             self._pending.append(handle)
             self._cond.notify()

@@ -36,7 +36,8 @@ def _info(path: str) -> GGUFInfo:
 
 
 class RunnerFactory:
-    """Builds a `LoadConfig` from options, plans its memory, and loads it (in a worker thread)."""
+    """Builds a `LoadConfig` from options, plans its memory, and loads it: in a worker thread, or a text
+    model in a child process of its own with `isolation="process"` (embedding models stay in threads)."""
 
     def __init__(self, settings: EngineSettings, *, devices: InventorySource | None = None) -> None:
         self.settings = settings
@@ -141,6 +142,17 @@ class RunnerFactory:
             from ..runner.embed import EmbeddingRunner
 
             runner = EmbeddingRunner(config, gpu_layers=plan.gpu_layers, tensor_split=plan.tensor_split)
+        elif self.settings.isolation == "process":
+            from ..runner.process import ProcessRunner
+
+            # The child keeps a prompt cache of its own, sized and placed as this one would be.
+            runner = ProcessRunner(
+                config,
+                gpu_layers=plan.gpu_layers,
+                tensor_split=plan.tensor_split,
+                prompt_cache_bytes=self.settings.prompt_cache_bytes,
+                prompt_cache_dir=self.settings.prompt_cache_dir,
+            )
         else:
             from ..runner.worker import Runner
 
