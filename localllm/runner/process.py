@@ -165,8 +165,7 @@ class ProcessRunner:
 
     @property
     def prompt_cache_bytes(self) -> int:
-        with contextlib.suppress(LocalLLMError):
-            self._cache_bytes = self._call(int, "prompt_cache_bytes")
+        # As of the child's last finished sequence: asking it would block the caller (`ps()`, on the event loop).
         return self._cache_bytes
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
@@ -557,6 +556,4 @@ def _answer(runner: Runner, name: str, args: tuple[object, ...]) -> object:
         case "check_token_ids", (list(tokens),):
             runner.check_token_ids(tokens)
             return None
-        case "prompt_cache_bytes", ():
-            return runner.prompt_cache_bytes
     raise RunnerError(f"the runner process has no call {name}{args!r:.100}")
