@@ -105,6 +105,9 @@ class Client:
         kv_cache_type: str | None = None,
         flash_attention: bool | None = None,
         repack: bool | None = None,
+        prompt_cache: bool | str | os.PathLike[str] | None = None,
+        prompt_cache_size: int | None = None,
+        isolation: str | None = None,
         devices: Any = None,
     ) -> None:
         self._engine = Engine(
@@ -117,6 +120,9 @@ class Client:
             kv_cache_type=kv_cache_type,
             flash_attention=flash_attention,
             repack=repack,
+            prompt_cache=prompt_cache,
+            prompt_cache_size=prompt_cache_size,
+            isolation=isolation,
             devices=devices,
         )
         loop_thread = contextlib.ExitStack()

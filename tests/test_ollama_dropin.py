@@ -8,6 +8,7 @@ The async script runs once on `ollama.AsyncClient` talking to localllm's HTTP sh
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import subprocess
 import sys
 import threading
@@ -254,3 +255,9 @@ def test_module_functions_use_a_default_client(home: Path, monkeypatch: pytest.M
             localllm.chat("nothing", [{"role": "user", "content": "hi"}])
     finally:
         localllm.client.default_client().close()
+
+
+def test_the_sync_client_takes_every_engine_setting() -> None:
+    engine = inspect.signature(localllm.Engine.__init__).parameters
+    client = inspect.signature(localllm.Client.__init__).parameters
+    assert list(client) == list(engine)
