@@ -7,13 +7,13 @@ generators the client consumes as Ray streaming generators.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from ..engine import Engine
 from ..errors import ModelNotFound
+from ..scheduler.devices import discover
 from ..types import ChatResponse, GenerateResponse
 
 __all__ = ["BLOB_CHUNK", "NodeEngine", "free_memory"]
@@ -23,18 +23,9 @@ BLOB_CHUNK = 4 << 20
 
 
 def free_memory() -> int:
-    """Bytes of memory available on this machine (0 where the system does not say)."""
-    try:
-        with open("/proc/meminfo") as file:
-            for line in file:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
+    """Bytes free on this machine as the memory planner sees them: host RAM plus every GPU's free memory."""
+    inventory = discover()
+    return inventory.system.free + sum(gpu.free_memory for gpu in inventory.gpus)
 
 
 class NodeEngine:

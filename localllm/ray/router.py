@@ -117,7 +117,9 @@ class Router:
         loaded = [n for n in self.nodes.values() if wanted in n.loaded and n.in_flight < self.spill_at]
         if loaded:
             return min(loaded, key=lambda n: (n.in_flight, -n.free_memory)).node_id
-        return min(self.nodes.values(), key=lambda n: (n.in_flight, -n.free_memory)).node_id
+        # Loaded nowhere (or only where it is busy): where the most memory is free, among nodes with room.
+        roomy = [n for n in self.nodes.values() if n.in_flight < self.spill_at] or list(self.nodes.values())
+        return max(roomy, key=lambda n: (n.free_memory, -n.in_flight)).node_id
 
     def acquire(self, model: str, lookups: Sequence[str] = (), record: str | None = None) -> str:
         """Choose a node, count the request on it and remember it for the prefix `record`."""
