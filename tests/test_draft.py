@@ -1,10 +1,9 @@
-"""Drafting (prompt lookup) and the worker's verification of drafts, on a fake backend.
+"""Drafting (prompt lookup, a draft model) and the worker's verification of drafts, on the fake backend
+of `fakes`.
 
-The fake model has one token per ASCII character and continues the alphabet: after a letter comes the
-next one, after "z" the end-of-generation token, and any other character repeats. The fake context
-checks, as llama.cpp does, that each sequence continues right after the last position it holds, so a
-rejected draft left in the cache fails the next decode. A scripted drafter proposes the true
-continuation, optionally with a wrong token at a chosen place.
+Its context checks, as llama.cpp does, that each sequence continues right after the last position it
+holds, so a rejected draft left in the cache fails the next decode. A scripted drafter proposes the
+true continuation, optionally with a wrong token at a chosen place.
 """
 
 from __future__ import annotations
@@ -14,22 +13,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import anyio
 import attrs
-import numpy as np
-import numpy.typing as npt
 import pytest
+from fakes import EOG, N_VOCAB, FakeBackend, FakeContext, FakeModel, params, reply, serving, successor
 
-from localllm.errors import LocalLLMError
-from localllm.options import Options
-from localllm.runner.backend import Batch, Context, Model
+from localllm.runner.backend import Model
 from localllm.runner.draft import DraftModelMismatch, ModelDrafter, NgramDrafter, check_same_vocabulary
-from localllm.runner.protocol import LoadConfig, SamplingParams, SequenceHandle, SequenceResult
+from localllm.runner.protocol import LoadConfig
 from localllm.runner.worker import Runner
-
-EOG = 0
-N_VOCAB = 128
-TIMEOUT = 5.0
 
 # -- prompt lookup ------------------------------------------------------------------------
 
@@ -74,144 +65,6 @@ def test_propose_is_per_sequence_within_each_limit() -> None:
 # -- the fake backend ---------------------------------------------------------------------
 
 
-def successor(token: int) -> int:
-    char = chr(token)
-    if char == "z":
-        return EOG
-    return token + 1 if "a" <= char < "z" else token
-
-
-@attrs.define
-class FakeModel:
-    bos_token: int = -1
-    eos_token: int = EOG
-    n_vocab: int = N_VOCAB
-
-    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
-        return [ord(char) for char in text]
-
-    def token_bytes(self, token: int) -> bytes:
-        return b"" if token == EOG else chr(token).encode()
-
-    def token_text(self, token: int) -> str:
-        return "</s>" if token == EOG else chr(token)
-
-    def is_eog(self, token: int) -> bool:
-        return token == EOG
-
-    def check_token_ids(self, tokens: Sequence[int]) -> None:
-        if any(not 0 <= token < N_VOCAB for token in tokens):
-            raise LocalLLMError("token ids outside the vocabulary")
-
-    def metadata(self, key: str) -> str | None:
-        return None
-
-    def close(self) -> None:
-        pass
-
-
-@attrs.define
-class FakeBatch:
-    capacity: int
-    rows: list[tuple[int, int, int, bool]] = attrs.field(factory=list)  # (seq_id, token, pos, logits)
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.rows)
-
-    def add(self, token: int, pos: int, seq_id: int, logits: bool) -> int:
-        if len(self.rows) >= self.capacity:
-            raise IndexError("batch is full")
-        self.rows.append((seq_id, token, pos, logits))
-        return len(self.rows) - 1
-
-    def clear(self) -> None:
-        self.rows.clear()
-
-    def close(self) -> None:
-        pass
-
-
-@attrs.define
-class FakeContext:
-    n_ctx_seq: int
-    n_batch: int
-    decoded: list[tuple[tuple[int, int, int, bool], ...]] = attrs.field(factory=list)
-    kv: dict[int, dict[int, int]] = attrs.field(factory=dict)  # seq_id -> position -> token
-    removals: list[tuple[int, int]] = attrs.field(factory=list)
-
-    def decode(self, batch: Batch) -> int:
-        assert isinstance(batch, FakeBatch)
-        rows = tuple(batch.rows)
-        ends = {seq: max(cells, default=-1) for seq, cells in self.kv.items()}
-        for seq, _token, pos, _ in rows:
-            assert pos == ends.get(seq, -1) + 1, f"sequence {seq} continues at {pos}, not after {ends.get(seq)}"
-            assert pos < self.n_ctx_seq
-            ends[seq] = pos
-        self.decoded.append(rows)
-        for seq, token, pos, _ in rows:
-            self.kv.setdefault(seq, {})[pos] = token
-        return 0
-
-    def logits(self, index: int) -> npt.NDArray[np.float32]:
-        _, token, _, logits = self.decoded[-1][index]
-        assert logits, f"logits read at batch index {index}, which has none"
-        values = np.zeros(N_VOCAB, dtype=np.float32)
-        values[successor(token)] = 3.0
-        return values
-
-    def seq_rm(self, seq_id: int, p0: int) -> bool:
-        self.removals.append((seq_id, p0))
-        cells = self.kv.get(seq_id, {})
-        for pos in [pos for pos in cells if pos >= p0]:
-            del cells[pos]
-        return True
-
-    def seq_pos_min(self, seq_id: int) -> int:
-        return min(self.kv.get(seq_id) or [-1])
-
-    def cached(self, seq_id: int) -> str:
-        cells = self.kv.get(seq_id, {})
-        return "".join(chr(cells[pos]) for pos in sorted(cells))
-
-    def close(self) -> None:
-        pass
-
-
-@attrs.define
-class FakeSampler:
-    def sample(self, context: Context, index: int) -> int:
-        assert isinstance(context, FakeContext)
-        _, token, _, logits = context.decoded[-1][index]
-        assert logits, f"sampled at batch index {index}, which has no logits"
-        return successor(token)
-
-    def accept(self, token: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-@attrs.define
-class FakeBackend:
-    state_format: str = "fake"
-    contexts: list[FakeContext] = attrs.field(factory=list)
-
-    def load_model(self, config: LoadConfig, *, gpu_layers: int, tensor_split: Sequence[float] | None) -> FakeModel:
-        return FakeModel()
-
-    def new_context(self, model: Model, config: LoadConfig) -> FakeContext:
-        self.contexts.append(FakeContext(config.num_ctx, config.num_batch))
-        return self.contexts[-1]
-
-    def new_batch(self, capacity: int, n_seq_max: int) -> FakeBatch:
-        return FakeBatch(capacity)
-
-    def new_sampler(self, model: Model, options: Options, *, grammar: str | None, n_ctx: int) -> FakeSampler:
-        return FakeSampler()
-
-
 @attrs.define
 class ScriptedDrafter:
     """Drafts the true continuation, but `wrong_at` (a draft index) gets a wrong token."""
@@ -238,34 +91,19 @@ class ScriptedDrafter:
 
 
 @contextmanager
-def serving(drafter: ScriptedDrafter | None, **config: Any) -> Iterator[tuple[Runner, FakeContext]]:
-    backend = FakeBackend()
-    runner = Runner(LoadConfig("fake.gguf", **config), backend=backend, drafter=drafter)
-    try:
-        yield runner, backend.contexts[-1]
-    finally:
-        runner.close()
+def drafting(drafter: ScriptedDrafter | None, **config: Any) -> Iterator[tuple[Runner, FakeContext]]:
+    with serving(drafter=drafter, **config) as (runner, backend):
+        yield runner, backend.context
 
 
-def params(grammar: str | None = None, *, logprobs: bool = False, **options: Any) -> SamplingParams:
-    return SamplingParams(Options(**options), grammar=grammar, logprobs=logprobs)
-
-
-async def reply(handle: SequenceHandle) -> tuple[str, SequenceResult]:
-    text = ""
-    with anyio.fail_after(TIMEOUT):
-        while True:
-            for item in await handle.mailbox.get_all():
-                if isinstance(item, LocalLLMError):
-                    raise item
-                if isinstance(item, SequenceResult):
-                    return text, item
-                text += item if isinstance(item, str) else item.text
+def rows_of(context: FakeContext) -> list[tuple[tuple[int, int, int, bool], ...]]:
+    """The rows of each decode: (sequence, token, position, logits asked for)."""
+    return [decoded.rows for decoded in context.decoded]
 
 
 def generated_per_decode(context: FakeContext, seq: int) -> list[int]:
     """How many rows each decode held for the sequence."""
-    return [sum(1 for row in rows if row[0] == seq) for rows in context.decoded]
+    return [sum(1 for row in rows if row[0] == seq) for rows in rows_of(context)]
 
 
 # -- verification -------------------------------------------------------------------------
@@ -273,7 +111,7 @@ def generated_per_decode(context: FakeContext, seq: int) -> list[int]:
 
 async def test_accepted_drafts_give_several_tokens_per_decode() -> None:
     drafter = ScriptedDrafter()
-    with serving(drafter, num_parallel=1, draft_max=4) as (runner, context):
+    with drafting(drafter, num_parallel=1, draft_max=4) as (runner, context):
         text, result = await reply(runner.submit([ord("a")], params()))
     assert text == "bcdefghijklmnopqrstuvwxyz"
     assert result.done_reason == "stop" and result.eval_count == 25
@@ -287,7 +125,7 @@ async def test_accepted_drafts_give_several_tokens_per_decode() -> None:
 @pytest.mark.parametrize("wrong_at", [0, 2])
 async def test_a_wrong_draft_is_dropped_from_the_cache_and_changes_nothing(wrong_at: int) -> None:
     drafter = ScriptedDrafter(wrong_at=wrong_at)
-    with serving(drafter, num_parallel=1, draft_max=4) as (runner, context):
+    with drafting(drafter, num_parallel=1, draft_max=4) as (runner, context):
         text, result = await reply(runner.submit([ord("a")], params(num_predict=12)))
         assert text == "bcdefghijklm"
         assert result.eval_count == 12
@@ -304,7 +142,7 @@ async def test_a_wrong_draft_is_dropped_from_the_cache_and_changes_nothing(wrong
 @pytest.mark.parametrize("num_predict", [1, 2, 5, 6, 7, 11])
 async def test_num_predict_is_exact_with_drafts(num_predict: int) -> None:
     drafter = ScriptedDrafter()
-    with serving(drafter, num_parallel=1, draft_max=4) as (runner, context):
+    with drafting(drafter, num_parallel=1, draft_max=4) as (runner, context):
         text, result = await reply(runner.submit([ord("a")], params(num_predict=num_predict)))
         assert text == "bcdefghijklmnopqrstuvwxyz"[:num_predict]
         assert result.done_reason == "length" and result.eval_count == num_predict
@@ -320,7 +158,7 @@ async def test_num_predict_is_exact_with_drafts(num_predict: int) -> None:
 
 @pytest.mark.parametrize("stop", ["e", "ghi", "kl", "z"])
 async def test_a_stop_sequence_inside_accepted_drafts_ends_the_text_there(stop: str) -> None:
-    with serving(ScriptedDrafter(), num_parallel=1, draft_max=8) as (runner, context):
+    with drafting(ScriptedDrafter(), num_parallel=1, draft_max=8) as (runner, context):
         text, result = await reply(runner.submit([ord("a")], params(stop=[stop])))
         alphabet = "bcdefghijklmnopqrstuvwxyz"
         assert text == alphabet[: alphabet.index(stop)]
@@ -330,7 +168,7 @@ async def test_a_stop_sequence_inside_accepted_drafts_ends_the_text_there(stop: 
 
 
 async def test_the_context_length_is_never_passed_by_a_draft() -> None:
-    with serving(ScriptedDrafter(), num_parallel=1, num_ctx=10, draft_max=8) as (runner, context):
+    with drafting(ScriptedDrafter(), num_parallel=1, num_ctx=10, draft_max=8) as (runner, context):
         text, result = await reply(runner.submit([ord("a")], params()))
     assert result.done_reason == "length"
     assert text == "bcdefghij"[: result.eval_count]
@@ -339,16 +177,16 @@ async def test_the_context_length_is_never_passed_by_a_draft() -> None:
 
 async def test_drafts_fit_the_batch_and_leave_room_for_prompts() -> None:
     prompt = [ord(".")] * 30 + [ord("a")]
-    with serving(ScriptedDrafter(), num_parallel=2, num_batch=8, draft_max=8) as (runner, context):
+    with drafting(ScriptedDrafter(), num_parallel=2, num_batch=8, draft_max=8) as (runner, context):
         handles = [runner.submit([ord("a")], params(num_predict=20)), runner.submit(prompt, params(num_predict=20))]
         texts = [(await reply(handle))[0] for handle in handles]
     assert texts == ["bcdefghijklmnopqrstu"] * 2
-    assert max(len(rows) for rows in context.decoded) == 8  # drafts filled the batch, never more
+    assert max(len(rows) for rows in rows_of(context)) == 8  # drafts filled the batch, never more
     # Each decode gave the waiting prompt at least 3 of the 7 places the running sequence's next token
     # left (or all it still needed); drafts took the rest.
-    seq_of_prompt = next(row[0] for rows in context.decoded for row in rows if len(rows) > 1 and row[1] == ord("."))
+    seq_of_prompt = next(row[0] for rows in rows_of(context) for row in rows if len(rows) > 1 and row[1] == ord("."))
     left = len(prompt)
-    for rows in context.decoded:
+    for rows in rows_of(context):
         taken = sum(1 for row in rows if row[0] == seq_of_prompt and row[2] < len(prompt))
         if 0 < left:
             assert taken >= min(3, left)
@@ -357,7 +195,7 @@ async def test_drafts_fit_the_batch_and_leave_room_for_prompts() -> None:
 
 async def test_no_drafts_for_logprobs_or_grammars() -> None:
     drafter = ScriptedDrafter()
-    with serving(drafter, num_parallel=1) as (runner, _context):
+    with drafting(drafter, num_parallel=1) as (runner, _context):
         for asked in (params("root ::= [a-z]*", num_predict=5), params(logprobs=True, num_predict=5)):
             text, result = await reply(runner.submit([ord("a")], asked))
             assert text == "bcdef"
@@ -385,8 +223,8 @@ def test_a_draft_model_drafts_every_slot_in_the_same_decodes() -> None:
     drafts = drafter.propose({0: letters("xab"), 1: letters("k")}, {0: 3, 1: 4})
     assert drafts == {0: letters("cde"), 1: letters("lmno")}
     # One decode catches both sequences up (drafting each one's first token), then one per drafted position.
-    assert [len(rows) for rows in context.decoded] == [4, 2, 2, 1]
-    assert [sum(logits for *_, logits in rows) for rows in context.decoded] == [2, 2, 2, 1]
+    assert [len(rows) for rows in rows_of(context)] == [4, 2, 2, 1]
+    assert [sum(logits for *_, logits in rows) for rows in rows_of(context)] == [2, 2, 2, 1]
     drafter.close()
 
 
@@ -400,7 +238,7 @@ def test_a_draft_model_keeps_what_still_holds_and_evaluates_only_what_is_new() -
     decodes = len(context.decoded)
     assert drafter.propose({0: letters("abcdx")}, {0: 2}) == {0: letters("yz")}
     assert context.removals[-1] == (0, 4)
-    assert context.decoded[decodes][0][1:3] == (ord("x"), 4)  # evaluation resumed at the first new token
+    assert rows_of(context)[decodes][0][1:3] == (ord("x"), 4)  # evaluation resumed at the first new token
     assert context.cached(0) == "abcdxy"
     # A history the drafter holds all of, and more: only its last token is evaluated again, for its logits.
     assert drafter.propose({0: letters("abc")}, {0: 1}) == {0: [ord("d")]}
@@ -428,7 +266,7 @@ class OtherTexts(FakeModel):
     ("target", "problem"),
     [
         (FakeModel(n_vocab=N_VOCAB + 1), "it has 128 tokens where the model has 129"),
-        (FakeModel(eos_token=1), "its BOS/EOS tokens are -1/0 where the model's are -1/1"),
+        (FakeModel(eos_token=1), "its BOS/EOS tokens are 1/0 where the model's are 1/1"),
         (OtherTexts(), "token 0 is '</s>' in it but '?' in the model"),
     ],
 )
