@@ -341,9 +341,8 @@ class Runner:
         slot, prompt = active.slot, active.handle.prompt
         limit = len(prompt) - 1  # always evaluate one token, for its logits
         keep = min(_common_prefix(slot.cached, prompt), limit)
-        donor = self._best_donor(slot, prompt, limit)
+        donor, from_donor = self._best_donor(slot, prompt, limit, own=keep)
         hit = self.prompt_cache.lookup(self.cache_key, prompt) if self.prompt_cache is not None else None
-        from_donor = min(_common_prefix(donor.cached, prompt), limit) if donor is not None else 0
         from_cache = min(hit.common, limit) if hit is not None else 0
         if max(from_donor, from_cache) > keep:
             self._save(slot)  # what this slot held may serve a later request
@@ -370,15 +369,15 @@ class Runner:
             for token in prompt[-window:] if window > 0 else []:
                 active.sampler.accept(token)
 
-    def _best_donor(self, slot: _Slot, prompt: Sequence[int], limit: int) -> _Slot | None:
-        """Another slot holding a longer prefix of the prompt than this one does, worth copying over."""
-        own = min(_common_prefix(slot.cached, prompt), limit)
+    def _best_donor(self, slot: _Slot, prompt: Sequence[int], limit: int, *, own: int) -> tuple[_Slot | None, int]:
+        """Another slot holding a longer prefix of the prompt than this one's `own`, worth copying over,
+        and how much of the prompt it holds (0 without one)."""
         best, best_len = None, own + _WORTH_COPYING
         for other in self.slots:
             if other is not slot and (length := min(_common_prefix(other.cached, prompt), limit)) >= best_len:
                 if self.context.seq_pos_min(other.seq_id) == 0:  # a sliding window may have dropped its start
                     best, best_len = other, length
-        return best
+        return best, best_len if best is not None else 0
 
     def _save(self, slot: _Slot) -> None:
         """Keep what the slot holds in the prompt cache, before it is dropped or overwritten."""
