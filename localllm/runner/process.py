@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from .. import errors
-from ..errors import ContextLengthExceeded, EngineClosed, LocalLLMError, ModelLoadError, RunnerError
+from ..errors import EngineClosed, LocalLLMError, ModelLoadError, RunnerError
 from .mailbox import Mailbox
-from .protocol import LoadConfig, SamplingParams, ScoredText, SequenceHandle, SequenceResult
+from .protocol import LoadConfig, SamplingParams, ScoredText, SequenceHandle, SequenceResult, check_prompt_fits
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -182,13 +182,7 @@ class ProcessRunner:
 
     def submit(self, prompt: list[int], params: SamplingParams) -> SequenceHandle:
         """Queue a sequence in the child. Call from the event loop (the handle's mailbox binds to it)."""
-        if not prompt:
-            raise LocalLLMError("the prompt is empty after tokenization")
-        if len(prompt) >= self.n_ctx_seq:
-            raise ContextLengthExceeded(
-                f"the prompt has {len(prompt)} tokens but the context holds {self.n_ctx_seq}; "
-                "raise num_ctx or shorten the prompt"
-            )
+        check_prompt_fits(prompt, self.n_ctx_seq)
         with self._lock:
             self._check_usable()
             handle = _Sequence(self, prompt, params, next(self._ids))

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
-from ..errors import LocalLLMError
+from ..errors import ContextLengthExceeded, LocalLLMError
 from ..options import Options
 from ..types import Logprob
 from .mailbox import Mailbox
@@ -29,6 +29,7 @@ __all__ = [
     "SequenceHandle",
     "SequenceResult",
     "TextRunner",
+    "check_prompt_fits",
 ]
 
 KV_CACHE_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # ggml type ids
@@ -96,6 +97,17 @@ class SequenceResult:
     prompt_cached_count: int = 0
     draft_count: int = 0
     draft_accepted_count: int = 0
+
+
+def check_prompt_fits(prompt: Sequence[int], n_ctx_seq: int) -> None:
+    """Raise for a prompt a sequence cannot take: an empty one, or one that leaves no room to generate."""
+    if not prompt:
+        raise LocalLLMError("the prompt is empty after tokenization")
+    if len(prompt) >= n_ctx_seq:
+        raise ContextLengthExceeded(
+            f"the prompt has {len(prompt)} tokens but the context holds {n_ctx_seq}; "
+            "raise num_ctx or shorten the prompt"
+        )
 
 
 class _Withdraw(Protocol):

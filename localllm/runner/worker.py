@@ -33,13 +33,13 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import ContextLengthExceeded, EngineClosed, InvalidFormat, LocalLLMError, RunnerError
+from ..errors import EngineClosed, InvalidFormat, LocalLLMError, RunnerError
 from ..types import Logprob, TokenLogprob
 from .backend import Backend, Model, Sampler
 from .draft import Drafter, make_drafter
 from .mailbox import Mailbox
 from .prompt_cache import PromptCache
-from .protocol import LoadConfig, SamplingParams, ScoredText, SequenceHandle, SequenceResult
+from .protocol import LoadConfig, SamplingParams, ScoredText, SequenceHandle, SequenceResult, check_prompt_fits
 from .text import StopMatcher, Utf8Stream
 
 __all__ = ["Runner"]
@@ -219,13 +219,7 @@ class Runner:
             raise RunnerError(f"the runner failed: {self.failure}; retry to load it again")
         if self._stopping:
             raise EngineClosed("this model has been unloaded")
-        if not prompt:
-            raise LocalLLMError("the prompt is empty after tokenization")
-        if len(prompt) >= self.n_ctx_seq:
-            raise ContextLengthExceeded(
-                f"the prompt has {len(prompt)} tokens but the context holds {self.n_ctx_seq}; "
-                "raise num_ctx or shorten the prompt"
-            )
+        check_prompt_fits(prompt, self.n_ctx_seq)
         self.model.check_token_ids(prompt)
         handle = SequenceHandle(self, prompt, params, mailbox)
         with self._cond:
