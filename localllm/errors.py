@@ -25,7 +25,8 @@ Our exception hierarchy::
     ├── RunnerError: llama.cpp failed to load or run a model
     │   └── ModelLoadError
     ├── PullError: downloading a model failed
-    │   └── DigestMismatch
+    │   ├── DigestMismatch
+    │   └── RegistryUnreachable
     └── ConversionError
 
 Every class still takes a message alone, as ``ModelNotFound("...")``. Those
@@ -62,6 +63,7 @@ __all__ = [
     "NotFoundError",
     "PullError",
     "QueueFull",
+    "RegistryUnreachable",
     "ResourceError",
     "RunnerError",
     "TemplateError",
@@ -80,7 +82,7 @@ class LocalLLMError(Exception):
 
     @property
     def status_code(self) -> int:
-        """The HTTP status this error's category maps to (400, 404, 413, 503, else 500)."""
+        """The HTTP status this error's category maps to (400, 404, 413, 502, 503, else 500)."""
         return http_status(self)
 
     @property
@@ -257,12 +259,31 @@ class DigestMismatch(PullError):
         self.actual = actual
 
 
+class RegistryUnreachable(PullError):
+    """The registry (or the hub, or the storage it sends downloads to) could not be reached at all.
+
+    Its name did not resolve, nothing listened at its address, there was no route to it, or Hugging Face's
+    offline mode is on: the pull fails at once, without retrying, since the network or the name must change
+    first. Its status is 502 (Bad Gateway), what a proxy answers when its upstream cannot be reached: an HTTP
+    client of the shim can tell it from a model that does not exist (404) and from a failure here (500).
+    """
+
+    def __init__(self, message: str = "", *, host: str | None = None) -> None:
+        if not message and host is not None:
+            message = f"cannot reach the registry {host}: check the network connection, a proxy, and the host's name"
+        super().__init__(message)
+        #: The host that could not be reached (``name`` or ``name:port``).
+        self.host = host
+
+
 # --------------------------------------------------------------------------- HTTP statuses
 
 #: The HTTP status of each category (Ollama's choices), first match wins: 400 what the caller gave,
-#: 404 no such model, 503 turned away before any work (retry), 500 the rest (see `http_status`).
+#: 404 no such model, 503 turned away before any work (retry), 502 a registry out of reach, 500 the rest
+#: (see `http_status`).
 HTTP_STATUS: tuple[tuple[type[LocalLLMError], int], ...] = (
     (BlobTooLarge, 413),
+    (RegistryUnreachable, 502),
     (InputError, 400),
     (NotFoundError, 404),
     (UnavailableError, 503),

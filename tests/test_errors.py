@@ -35,7 +35,7 @@ CATEGORIES = {
     errors.UnavailableError: [errors.QueueFull, errors.EngineClosed],
     errors.ResourceError: [errors.InsufficientMemory],
     errors.RunnerError: [errors.ModelLoadError],
-    errors.PullError: [errors.DigestMismatch],
+    errors.PullError: [errors.DigestMismatch, errors.RegistryUnreachable],
     errors.ConversionError: [],
 }
 
@@ -126,12 +126,13 @@ def test_errors_survive_pickling_with_their_data() -> None:
 def test_http_status_follows_the_category(category: type[errors.LocalLLMError], status: int) -> None:
     assert status_for(category("x")) == status
     for cls in CATEGORIES[category]:
-        if cls is not errors.BlobTooLarge:
+        if cls not in (errors.BlobTooLarge, errors.RegistryUnreachable):
             assert status_for(cls("x")) == status, cls
 
 
 def test_http_statuses_of_the_rest() -> None:
     assert status_for(errors.BlobTooLarge(limit=1)) == 413
+    assert status_for(errors.RegistryUnreachable(host="registry.example")) == 502  # not 404: pulling again won't help
     assert status_for(errors.LocalLLMError("x")) == 500
     assert status_for(RuntimeError("x")) == 500
     assert status_for(APIError(418, "x")) == 418

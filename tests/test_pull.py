@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -12,7 +14,15 @@ from typing import Any
 import pytest
 from servers import HFHub, LoopbackServer, OCIRegistry, sha256_digest, tiny_gguf
 
-from localllm.errors import DigestMismatch, InvalidModelFile, ModelNotFound, PullError
+import localllm
+from localllm.errors import (
+    DigestMismatch,
+    InvalidModelFile,
+    InvalidRequest,
+    ModelNotFound,
+    PullError,
+    RegistryUnreachable,
+)
 from localllm.registry.names import ModelName
 from localllm.registry.pull import PullSettings, gguf_quant, pull, select_gguf
 from localllm.registry.store import MEDIA_MODEL, MEDIA_TEMPLATE, BlobStore
@@ -22,13 +32,24 @@ FAST = PullSettings(
     connections=4,
     stall_timeout=0.4,
     connect_timeout=2.0,
+    retry_timeout=30.0,
     max_retries=2,
     backoff=0.01,
     max_backoff=0.05,
 )
 SECRET = b"SECRET-BODY: internal metadata a server must never see relayed"
 SEQUENTIAL = PullSettings(
-    part_size=16 * 1024, connections=1, stall_timeout=2.0, connect_timeout=2.0, max_retries=0, backoff=0.01
+    part_size=16 * 1024,
+    connections=1,
+    stall_timeout=2.0,
+    connect_timeout=2.0,
+    retry_timeout=30.0,
+    max_retries=0,
+    backoff=0.01,
+)
+# Retries bounded only by a long time, with short backoffs: a retry that should not happen shows in the counts.
+PATIENT = PullSettings(
+    part_size=16 * 1024, connections=4, stall_timeout=2.0, connect_timeout=2.0, retry_timeout=60.0, backoff=0.01
 )
 
 
@@ -39,15 +60,41 @@ def registry() -> Iterator[OCIRegistry]:
         yield server
 
 
+def use_hub(monkeypatch: pytest.MonkeyPatch, server: HFHub) -> None:
+    """Point Hugging Face pulls at `server`, online, with a token."""
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+
+
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[HFHub]:
     server = HFHub()
     with server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-        monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+        use_hub(monkeypatch, server)
         yield server
+
+
+@pytest.fixture
+def lookups(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every (host, port) this process resolves from now on: one per connection attempt, whatever the library."""
+    seen: list[tuple[str, int]] = []
+    resolve = socket.getaddrinfo
+
+    def recording(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append((host.decode() if isinstance(host, bytes) else host, int(port) if port is not None else 0))
+        return resolve(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", recording)
+    return seen
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: it was just free, and is closed again."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -255,7 +302,8 @@ def test_stalled_server_times_out(registry: OCIRegistry, store: BlobStore) -> No
     elapsed = time.monotonic() - started
 
     # (1 + max_retries) stalls of stall_timeout each, plus short backoffs.
-    assert elapsed < (FAST.max_retries + 1) * FAST.stall_timeout + 2.0
+    assert elapsed < (2 + 1) * FAST.stall_timeout + 2.0
+    assert FAST.max_retries == 2
     assert not store.has_blob(digest)
 
 
@@ -368,6 +416,151 @@ def test_cancel_before_start(registry: OCIRegistry, store: BlobStore) -> None:
     assert registry.requests == []
 
 
+# ---------------------------------------------------------------------------------------- unreachable hosts, retries
+
+
+class FlakyRegistry(OCIRegistry):
+    """A registry whose first answers to some requests are errors: `flaky[kind]` = [(status, headers), ...]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flaky: dict[str, list[tuple[int, dict[str, str]]]] = {}
+
+    def handle(self, handler: Any, method: str) -> None:
+        match = re.search(r"/(manifests|blobs)/", handler.path)
+        with self.lock:
+            queue = self.flaky.get(match.group(1), []) if match else []
+            answer = queue.pop(0) if queue else None
+        if answer is not None:
+            status, headers = answer
+            self.send_status(handler, status, b"not now", headers)
+            return
+        super().handle(handler, method)
+
+
+@pytest.fixture
+def flaky() -> Iterator[FlakyRegistry]:
+    server = FlakyRegistry()
+    with server:
+        yield server
+
+
+def test_a_registry_whose_name_does_not_resolve_fails_at_once(store: BlobStore, lookups: list[tuple[str, int]]) -> None:
+    with pytest.raises(RegistryUnreachable) as caught:
+        pull(store, "nosuchhost.invalid/library/x:latest", settings=PATIENT)
+
+    error = caught.value
+    assert isinstance(error, PullError) and error.host == "nosuchhost.invalid"
+    assert error.status_code == 502 != 404  # "if e.status_code == 404: pull(...)" does not loop on it
+    message = str(error)
+    assert "cannot reach the registry nosuchhost.invalid" in message
+    assert "does not resolve" in message and "network" in message and "host in the model name" in message
+    assert lookups.count(("nosuchhost.invalid", 443)) == 1  # one try, no retry
+    assert leftovers(store) == []
+
+
+def test_a_registry_refusing_connections_fails_at_once(store: BlobStore, lookups: list[tuple[str, int]]) -> None:
+    port = closed_port()
+    with pytest.raises(RegistryUnreachable, match=rf"cannot reach the registry 127\.0\.0\.1:{port}: .*refused"):
+        pull(store, f"127.0.0.1:{port}/library/tiny", settings=PATIENT)
+    assert lookups.count(("127.0.0.1", port)) == 1
+
+
+def test_unreachable_blob_storage_is_named(
+    registry: OCIRegistry, store: BlobStore, lookups: list[tuple[str, int]]
+) -> None:
+    registry.add_model("library/tiny", "latest", tiny_gguf())
+    registry.redirect_blobs = True
+    registry.redirect_base = "http://blobs.nosuchhost.invalid"
+    with pytest.raises(RegistryUnreachable) as caught:
+        pull(store, f"{registry.host}/library/tiny", insecure=True, settings=PATIENT)
+    assert caught.value.host == "blobs.nosuchhost.invalid"
+    assert f"cannot reach blobs.nosuchhost.invalid (named by the registry {registry.host})" in str(caught.value)
+    assert lookups.count(("blobs.nosuchhost.invalid", 80)) == 1
+    assert len(registry.requests_to("/blobs/")) == 1
+
+
+def test_the_sync_client_raises_the_same_error(tmp_path: Path, lookups: list[tuple[str, int]]) -> None:
+    with localllm.Client(tmp_path / "home") as client:
+        with pytest.raises(localllm.RegistryUnreachable, match=r"nosuchhost\.invalid") as caught:
+            client.pull("nosuchhost.invalid/library/x:latest")
+    assert caught.value.status_code == 502
+    assert lookups.count(("nosuchhost.invalid", 443)) == 1
+
+
+@pytest.mark.parametrize(("kind", "status"), [("manifests", 503), ("manifests", 429), ("blobs", 503), ("blobs", 502)])
+def test_server_errors_a_few_times_then_success_still_pulls(
+    flaky: FlakyRegistry, store: BlobStore, big_gguf: bytes, kind: str, status: int
+) -> None:
+    manifest = flaky.add_model("library/big", "latest", big_gguf)
+    digest = manifest["layers"][0]["digest"]
+    flaky.flaky[kind] = [(status, {}), (status, {"Retry-After": "0"})]
+
+    pull(store, f"{flaky.host}/library/big", settings=PATIENT)
+
+    assert store.blob_path(digest).read_bytes() == big_gguf
+    assert flaky.flaky[kind] == []
+    assert len(flaky.requests_to("/manifests/latest")) == (3 if kind == "manifests" else 1)
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 408, 410, 451])
+@pytest.mark.parametrize("kind", ["manifests", "blobs"])
+def test_a_client_error_is_never_retried(registry: OCIRegistry, store: BlobStore, kind: str, status: int) -> None:
+    registry.add_model("library/tiny", "latest", tiny_gguf())
+    registry.errors[kind] = (status, b"no")
+    with pytest.raises((PullError, ModelNotFound)) as caught:
+        pull(store, f"{registry.host}/library/tiny", settings=PATIENT)
+    assert not isinstance(caught.value, RegistryUnreachable)
+    assert len(registry.requests_to(f"/{kind}/")) == 1
+    assert isinstance(caught.value, ModelNotFound) == (kind == "manifests" and status == 404)
+
+
+def test_retries_stop_after_the_time_set_in_the_environment(
+    registry: OCIRegistry, store: BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry.add_model("library/tiny", "latest", tiny_gguf())
+    registry.errors["manifests"] = (503, b"down for maintenance")
+    monkeypatch.setenv("LOCALLLM_PULL_TIMEOUT", "0.2")
+    settings = PullSettings(backoff=0.01, max_backoff=0.02)  # no limit on the number of retries: only time
+    assert settings.retry_timeout == 0.2
+
+    with pytest.raises(PullError) as caught:
+        pull(store, f"{registry.host}/library/tiny", settings=settings)
+
+    message = str(caught.value)
+    found = re.search(r"gave up after (\d+) tries", message)
+    assert found is not None, message
+    tries = int(found.group(1))
+    assert tries == len(registry.requests_to("/manifests/")) > 1
+    assert f"HTTP 503 from {registry.host}" in message and "LOCALLLM_PULL_TIMEOUT" in message
+    assert not isinstance(caught.value, RegistryUnreachable)
+
+
+def test_no_retry_when_the_time_is_zero_or_the_wait_asked_is_too_long(
+    flaky: FlakyRegistry, store: BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flaky.add_model("library/tiny", "latest", tiny_gguf())
+    monkeypatch.setenv("LOCALLLM_PULL_TIMEOUT", "0")
+    flaky.flaky["manifests"] = [(503, {})]
+    with pytest.raises(PullError, match="gave up after 1 try"):
+        pull(store, f"{flaky.host}/library/tiny", settings=PullSettings(backoff=0.01))
+    assert len(flaky.requests_to("/manifests/")) == 1
+
+    # A server that asks for an hour's wait is not waited for when the pull retries for a minute.
+    monkeypatch.setenv("LOCALLLM_PULL_TIMEOUT", "60")
+    flaky.flaky["manifests"] = [(429, {"Retry-After": "3600"})]
+    with pytest.raises(PullError, match=r"HTTP 429.*gave up after 1 try"):
+        pull(store, f"{flaky.host}/library/tiny", settings=PullSettings(backoff=0.01))
+    assert len(flaky.requests_to("/manifests/")) == 2
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "nan"])
+def test_a_bad_pull_timeout_is_named(store: BlobStore, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("LOCALLLM_PULL_TIMEOUT", value)
+    with pytest.raises(InvalidRequest, match="LOCALLLM_PULL_TIMEOUT must be a number of seconds"):
+        pull(store, "nosuchhost.invalid/library/x:latest")
+
+
 # --------------------------------------------------------------------------------------------------- Hugging Face
 
 
@@ -453,7 +646,7 @@ def test_hf_unknown_repo_is_model_not_found(hub: HFHub, store: BlobStore) -> Non
         pull(store, "hf.co/owner/Missing:Q4_K_M", settings=FAST)
 
 
-def test_hf_file_outside_lfs_goes_through_huggingface_hub(hub: HFHub, store: BlobStore) -> None:
+def test_hf_file_outside_lfs_is_downloaded_into_the_store(hub: HFHub, store: BlobStore) -> None:
     files = _quant_repo(hub, "owner/Plain-GGUF", lfs=False)
 
     pull(store, "hf.co/owner/Plain-GGUF:F16", settings=FAST)
@@ -461,8 +654,30 @@ def test_hf_file_outside_lfs_goes_through_huggingface_hub(hub: HFHub, store: Blo
     manifest = store.read_manifest(ModelName.parse("hf.co/owner/Plain-GGUF:F16"))
     layer = manifest.layer_of(MEDIA_MODEL)
     assert layer is not None and store.blob_path(layer.digest).read_bytes() == files["tiny-F16.gguf"]
-    assert hub.requests_to("/resolve/", "HEAD")  # huggingface-hub's metadata request
-    assert (store.root / ".hf-cache").is_dir()
+    downloads = hub.requests_to("/owner/Plain-GGUF/resolve/")
+    assert [r.method for r in downloads] == ["GET"]  # one request, with the token (the hub's own host)
+    assert downloads[0].headers.get("authorization") == "Bearer hf_test_token"
+    assert sorted(p.name for p in store.root.iterdir()) == ["blobs", "manifests"]  # no second copy anywhere
+    assert leftovers(store) == []
+
+
+def test_hf_file_outside_lfs_is_checked_against_its_git_blob_id(
+    store: BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Tampering(HFHub):
+        """Serves every file with its last byte changed, while the listing names the true one."""
+
+        def send_body(self, handler: Any, key: str, data: bytes, **kwargs: Any) -> None:
+            super().send_body(handler, key, data[:-1] + bytes([data[-1] ^ 1]), **kwargs)
+
+    tampering = Tampering()
+    with tampering:
+        use_hub(monkeypatch, tampering)
+        files = _quant_repo(tampering, "owner/Plain-GGUF", lfs=False)
+        with pytest.raises(DigestMismatch, match="git blob id"):
+            pull(store, "hf.co/owner/Plain-GGUF:F16", settings=FAST)
+    assert not any(store.blob_path(sha256_digest(data)).exists() for data in files.values())
+    assert leftovers(store) == []
 
 
 def test_hf_file_that_is_not_gguf_is_invalid(hub: HFHub, store: BlobStore) -> None:
@@ -483,20 +698,59 @@ def test_a_hub_error_names_status_and_host_never_the_body(hub: HFHub, store: Blo
     assert b"SECRET" not in str(caught.value).encode()
 
 
-def test_hf_unreachable_is_pull_error(store: BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    with HFHub() as gone:
-        endpoint = gone.url
-    monkeypatch.setenv("HF_ENDPOINT", endpoint)  # nothing listens there any more
-    with pytest.raises(PullError, match="cannot reach"):
-        pull(store, "hf.co/owner/Tiny-GGUF", settings=FAST)
+def test_hf_hub_refusing_connections_fails_at_once(
+    store: BlobStore, monkeypatch: pytest.MonkeyPatch, lookups: list[tuple[str, int]]
+) -> None:
+    port = closed_port()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")  # nothing listens there
+    with pytest.raises(RegistryUnreachable, match="cannot reach") as caught:
+        pull(store, "hf.co/owner/Tiny-GGUF", settings=PATIENT)
+    message = str(caught.value)
+    assert f"the Hugging Face hub 127.0.0.1:{port}" in message and "HF_ENDPOINT" in message
+    assert "refused" in message
+    assert lookups.count(("127.0.0.1", port)) == 1  # one connection attempt, no retry
+
+
+def test_hf_hub_whose_name_does_not_resolve_fails_at_once(
+    store: BlobStore, monkeypatch: pytest.MonkeyPatch, lookups: list[tuple[str, int]]
+) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.nosuchhost.invalid")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(RegistryUnreachable) as caught:
+        pull(store, "hf.co/owner/Tiny-GGUF", settings=PATIENT)
+    assert caught.value.host == "hub.nosuchhost.invalid"
+    assert "does not resolve" in str(caught.value) and "HF_ENDPOINT" in str(caught.value)
+    assert [lookup for lookup in lookups if lookup[0] == "hub.nosuchhost.invalid"] == [("hub.nosuchhost.invalid", 443)]
 
 
 def test_hf_offline_mode_refuses(hub: HFHub, store: BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
     _quant_repo(hub)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(PullError, match="offline"):
+    with pytest.raises(RegistryUnreachable, match=r"offline mode is on \(HF_HUB_OFFLINE\).*unset HF_HUB_OFFLINE"):
         pull(store, "hf.co/owner/Tiny-GGUF", settings=FAST)
     assert hub.requests == []
+
+
+def test_hf_server_errors_on_the_listing_are_retried(store: BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Flaky(HFHub):
+        """Answers the first two listings with 503."""
+
+        failures = 2
+
+        def handle(self, handler: Any, method: str) -> None:
+            if handler.path.startswith("/api/") and self.failures > 0:
+                self.failures -= 1
+                self.send_status(handler, 503, b"try again")
+                return
+            super().handle(handler, method)
+
+    flaky = Flaky()
+    with flaky:
+        use_hub(monkeypatch, flaky)
+        files = _quant_repo(flaky)
+        pull(store, "hf.co/owner/Tiny-GGUF", settings=PATIENT)
+        assert len(flaky.requests_to("/api/models/owner/Tiny-GGUF")) == 3
+    assert store.has_blob(sha256_digest(files["tiny-Q4_K_M.gguf"]))
 
 
 @pytest.mark.parametrize(

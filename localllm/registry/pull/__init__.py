@@ -16,6 +16,12 @@ against their sha256 before they take their real name (`download`). Blobs the
 store already holds intact are not downloaded again; the manifest is written
 under the store's lock once every blob it names is there.
 
+A host that cannot be reached (a name that does not resolve, a refused
+connection) fails the pull at once with `RegistryUnreachable`; failures a retry
+can fix (timeouts, a connection cut, 429 and 5xx answers) are retried with
+backoff for at most ``$LOCALLLM_PULL_TIMEOUT`` seconds in all, 60 by default
+(`retry`).
+
 The call is synchronous and meant to run in a worker thread; progress callbacks
 are made from that same thread. Setting the `cancel` event stops the pull
 promptly and leaves only resumable partial files behind.
@@ -53,11 +59,12 @@ def pull(
     Plain http (to the registry, the hub, or wherever they redirect) needs `insecure`, except to a local
     registry (a loopback address with a port).
 
-    Raises ModelNotFound when the registry has no such model, DigestMismatch when
-    a blob's bytes do not hash to its digest, InvalidModelFile when a model file,
-    adapter or projector is not a GGUF llama.cpp can load safely (then no manifest
-    is written), and PullError for every other failure (including cancellation
-    through `cancel`).
+    Raises ModelNotFound when the registry has no such model, RegistryUnreachable (at once, without
+    retrying) when the registry, the hub or the storage they send downloads to cannot be reached,
+    DigestMismatch when a blob's bytes do not hash to its digest, InvalidModelFile when a model file,
+    adapter or projector is not a GGUF llama.cpp can load safely (then no manifest is written),
+    InvalidRequest when ``$LOCALLLM_PULL_TIMEOUT`` is not a number of seconds, and PullError for every
+    other failure (including retries given up on, and cancellation through `cancel`).
     """
     model = ModelName.parse(name)
     settings = settings or PullSettings()

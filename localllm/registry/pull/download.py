@@ -3,8 +3,9 @@
 A blob is downloaded into the store's ``-partial`` file. One larger than a
 part is fetched in parallel byte ranges, each written at its own offset; how
 far each range has come is kept in ``<partial>.json``, so an interrupted pull
-resumes where it stopped. Connection errors, server errors and stalled
-connections are retried with exponential backoff. `commit_blob` then checks
+resumes where it stopped. Failures a retry can fix (a connection cut or stalled,
+a 429 or 5xx answer) are retried as `retry` says; a host out of reach fails at
+once. `commit_blob` then checks
 the bytes against their sha256 before they take their real name, and
 `commit_pull` writes the manifest once every blob it names is in the store.
 
@@ -19,7 +20,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import re
 import socket
 import threading
@@ -35,6 +35,7 @@ import httpx
 from ...errors import DigestMismatch, InvalidModelFile, LocalLLMError, PullError
 from ..names import ModelName
 from ..store import GGUF_MEDIA_TYPES, BlobStore, Layer, Manifest, normalize_digest
+from .retry import Origin, Retries, TransientError, host_of, pull_timeout_from_env, retry_after_seconds, wait_to_retry
 
 __all__ = [
     "DIGEST_RE",
@@ -51,7 +52,6 @@ __all__ = [
     "http_client",
     "loopback_with_port",
     "short_digest",
-    "sleep_backoff",
 ]
 
 log = logging.getLogger("localllm.registry.pull")
@@ -79,8 +79,12 @@ class PullSettings:
     #: A connection that delivers no byte for this many seconds is dropped and retried.
     stall_timeout: float = 30.0
     connect_timeout: float = 30.0
-    #: Retries of one request (or byte range) after a failure that made no progress.
-    max_retries: int = attrs.field(default=6, validator=attrs.validators.ge(0))
+    #: Seconds one request (or byte range) is retried after a failure, all tries together, before the pull gives
+    #: up; a try that makes progress starts the count again, and the try under way is not cut short. 0: no retry.
+    #: By default ``$LOCALLLM_PULL_TIMEOUT``, else 60 (`retry.DEFAULT_PULL_TIMEOUT`).
+    retry_timeout: float = attrs.field(factory=pull_timeout_from_env, validator=attrs.validators.ge(0.0))
+    #: At most this many retries of one request after failures that made no progress; None: as time allows.
+    max_retries: int | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(0)))
     #: First backoff delay in seconds; doubled at each retry (with jitter), capped at `max_backoff`.
     backoff: float = 1.0
     max_backoff: float = 30.0
@@ -88,10 +92,6 @@ class PullSettings:
 
 class _Cancelled(Exception):
     pass
-
-
-class _Retry(Exception):
-    """A transient failure: try again after a backoff."""
 
 
 def short_digest(digest: str) -> str:
@@ -169,18 +169,9 @@ def http_client(settings: PullSettings, *, insecure: bool) -> httpx.Client:
     )
 
 
-def _backoff_delay(settings: PullSettings, attempt: int) -> float:
-    delay = min(settings.backoff * (2 ** max(attempt - 1, 0)), settings.max_backoff)
-    return delay * (0.5 + random.random())
-
-
 def describe_status(status: int, url: object) -> str:
     """``HTTP <status> from <host>``: all an error says of a server's answer."""
-    parts = urlsplit(str(url))
-    host = parts.hostname or "the server"
-    with contextlib.suppress(ValueError):
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
+    host = host_of(url) if urlsplit(str(url)).hostname else "the server"
     return f"HTTP {status} from {host}"
 
 
@@ -192,15 +183,6 @@ def describe_error(exc: BaseException) -> str:
         return describe_status(status, getattr(response, "url", ""))
     text = str(exc) or type(exc).__name__
     return text if len(text) < 300 else text[:297] + "..."
-
-
-def sleep_backoff(settings: PullSettings, attempt: int, cancel: threading.Event | None, what: str) -> None:
-    delay = _backoff_delay(settings, attempt)
-    if cancel is not None:
-        cancel.wait(delay)
-        check_cancel(cancel, what)
-    else:
-        time.sleep(delay)
 
 
 def commit_blob(store: BlobStore, digest: str, what: str) -> None:
@@ -312,6 +294,7 @@ class BlobDownload:
         cancel: threading.Event | None,
         emit: Progress,
         what: str,
+        origin: Origin,
     ) -> None:
         self.client = client
         self.digest = normalize_digest(digest)
@@ -322,6 +305,7 @@ class BlobDownload:
         self.cancel = cancel
         self.emit = emit
         self.what = what
+        self.origin = origin
         self.partial = store.partial_path(self.digest)
         self.sidecar = _sidecar_path(self.partial)
         self.parts: list[_Part] = []
@@ -484,30 +468,36 @@ class BlobDownload:
             raise
 
     def _fetch_part_retrying(self, part: _Part) -> None:
-        failures = 0
+        retries = Retries(self.settings)
         while not part.done:
             if self.stop.is_set():
                 raise _Cancelled
             before = part.completed
+            after = None
             try:
                 self._stream(part)
                 continue
-            except _Retry as exc:
-                reason = str(exc)
+            except TransientError as exc:
+                reason, after = str(exc), exc.after
             except httpx.TimeoutException:
                 reason = f"no data for {self.settings.stall_timeout:g} seconds (stalled)"
             except httpx.TransportError as exc:
+                if self.stop.is_set():
+                    raise _Cancelled from None
+                self.origin.check(exc, self.what, self.direct_url)
                 reason = describe_error(exc)
             if self.stop.is_set():
                 raise _Cancelled
-            failures = 1 if part.completed > before else failures + 1
-            if failures > self.settings.max_retries:
+            if part.completed > before:
+                retries.progressed()
+            delay = retries.delay(after)
+            if delay is None:
                 raise PullError(
-                    f"pulling '{self.what}': downloading blob {short_digest(self.digest)} failed after"
-                    f" {failures} attempt{'s' if failures != 1 else ''}: {reason}"
+                    f"pulling '{self.what}': downloading blob {short_digest(self.digest)} failed: {reason};"
+                    f" {retries.gave_up()}"
                 )
             log.info("blob %s bytes %d-%d: %s; retrying", short_digest(self.digest), part.start, part.end - 1, reason)
-            if self.stop.wait(_backoff_delay(self.settings, failures)):
+            if self.stop.wait(delay):
                 raise _Cancelled
 
     def _range_headers(self, url: str, part: _Part) -> dict[str, str]:
@@ -568,17 +558,17 @@ class BlobDownload:
             if part.done:
                 return
         if not part.done:
-            raise _Retry(f"the connection closed after {part.completed} of {part.size} bytes")
+            raise TransientError(f"the connection closed after {part.completed} of {part.size} bytes")
 
     def _status_error(self, response: httpx.Response) -> None:
         status = response.status_code
         answer = describe_status(status, response.url)
-        if status >= 500 or status in (408, 429):
-            raise _Retry(answer)
+        if status >= 500 or status == 429:  # the server's trouble, or too many requests: the rest of 4xx stays so
+            raise TransientError(answer, retry_after_seconds(response.headers))
         if self.direct_url != self.url and status in (401, 403, 404, 410):
             # A signed CDN address may have expired: ask the registry for a new one.
             self.direct_url = self.url
-            raise _Retry(f"{answer}, the blob's download address")
+            raise TransientError(f"{answer}, the blob's download address")
         if status == 404:
             raise PullError(f"pulling '{self.what}': there is no blob {self.digest} ({answer})")
         if status in (401, 403):
@@ -593,22 +583,26 @@ class BlobDownload:
         The blob address usually redirects to a CDN. Resolving it once spares every
         range a round trip to the registry, and credentials are not forwarded there.
         """
-        failures = 0
+        retries = Retries(self.settings)
         while True:
-            if self.cancel is not None and self.cancel.is_set():
-                raise PullError(f"pull of '{self.what}' was cancelled")
+            check_cancel(self.cancel, self.what)
+            after = None
             try:
                 return self._resolve_once()
-            except _Retry as exc:
-                reason = str(exc)
+            except TransientError as exc:
+                reason, after = str(exc), exc.after
             except httpx.TimeoutException:
                 reason = f"no answer for {self.settings.stall_timeout:g} seconds"
             except httpx.TransportError as exc:
+                self.origin.check(exc, self.what, self.url)
                 reason = describe_error(exc)
-            failures += 1
-            if failures > self.settings.max_retries:
-                raise PullError(f"pulling '{self.what}': blob {short_digest(self.digest)}: {reason}")
-            sleep_backoff(self.settings, failures, self.cancel, self.what)
+            delay = retries.delay(after)
+            if delay is None:
+                raise PullError(
+                    f"pulling '{self.what}': blob {short_digest(self.digest)}: {reason}; {retries.gave_up()}"
+                )
+            log.info("blob %s: %s; retrying", short_digest(self.digest), reason)
+            wait_to_retry(delay, self.cancel, self.what)
 
     def _resolve_once(self) -> bool:
         url = self.url
@@ -647,4 +641,4 @@ def _check_content_range(response: httpx.Response, part: _Part) -> None:
     value = response.headers.get("content-range", "")
     match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", value.strip())
     if match is None or int(match.group(1)) != part.start:
-        raise _Retry(f"the server sent the wrong byte range ({value or 'no Content-Range'})")
+        raise TransientError(f"the server sent the wrong byte range ({value or 'no Content-Range'})")

@@ -3,19 +3,28 @@
 The repository's files are listed through huggingface-hub; the GGUF file
 whose quantization matches the tag (``Q4_K_M`` when there is none) is
 downloaded, and a manifest written with the model layer and a config blob.
+
+The file comes down through our own downloader (resumable, checked against
+the sha256 or git blob id the hub lists), so a hub out of reach fails the pull
+at once (`RegistryUnreachable`) and failures are retried as `retry` says,
+rather than as huggingface-hub would.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import re
 import threading
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from ...errors import ModelNotFound, PullError
+import attrs
+import httpx
+
+from ...errors import DigestMismatch, ModelNotFound, PullError, RegistryUnreachable
 from ..names import ModelName
 from ..store import MEDIA_CONFIG, MEDIA_MODEL, BlobStore, Layer, Manifest, go_json
 from .download import (
@@ -27,13 +36,20 @@ from .download import (
     commit_blob,
     commit_pull,
     describe_error,
+    describe_status,
     holding,
     http_client,
     loopback_with_port,
     short_digest,
 )
+from .retry import Origin, Retries, TransientError, host_of, is_transient, retry_after_seconds, wait_to_retry
+
+if TYPE_CHECKING:
+    from huggingface_hub.hf_api import ModelInfo
 
 __all__ = ["HF_HOSTS", "gguf_quant", "pull_hf", "select_gguf"]
+
+log = logging.getLogger("localllm.registry.pull")
 
 HF_HOSTS = frozenset({"hf.co", "huggingface.co", "www.huggingface.co"})
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -130,7 +146,94 @@ def pull_hf(
     cancel: threading.Event | None,
     settings: PullSettings,
 ) -> None:
-    from huggingface_hub import HfApi, hf_hub_url
+    from huggingface_hub import hf_hub_url
+
+    repo = f"{model.namespace}/{model.model}"
+    endpoint = _hf_endpoint()
+    if _hf_offline():
+        raise _offline_error(model, endpoint)
+    hub = urlsplit(endpoint)
+    if hub.scheme == "http" and not insecure and not loopback_with_port(hub.netloc):
+        raise PullError(
+            f"cannot pull '{model.display}': the Hugging Face endpoint {endpoint} (HF_ENDPOINT) is plain http;"
+            " pass insecure=True to allow it"
+        )
+    origin = Origin(label="the Hugging Face hub", url=endpoint, hint="HF_ENDPOINT (the hub's address, for a mirror)")
+    emit({"status": "pulling manifest"})
+    info = _model_info(repo, endpoint, model, origin, settings, cancel)
+    siblings = {s.rfilename: s for s in info.siblings or []}
+    filename = select_gguf(list(siblings), model.tag, repo)
+    sibling = siblings[filename]
+    url = hf_hub_url(repo, filename, revision=info.sha or "main", endpoint=endpoint)
+    headers_for = _hub_headers(endpoint)
+    check_cancel(cancel, model.display)
+
+    with http_client(settings, insecure=insecure) as client:
+
+        def fetch_lfs(digest: str, size: int) -> bool:
+            """Download the file unless the store has it; whether it did."""
+            with holding(store, [digest], cancel, model.display):
+                if store.has_blob(digest):
+                    emit(
+                        {
+                            "status": f"pulling {short_digest(digest)}",
+                            "digest": digest,
+                            "total": size,
+                            "completed": size,
+                        }
+                    )
+                    return False
+                BlobDownload(
+                    client=client,
+                    store=store,
+                    digest=digest,
+                    size=size,
+                    url=url,
+                    headers_for=headers_for,
+                    settings=settings,
+                    cancel=cancel,
+                    emit=emit,
+                    what=model.display,
+                    origin=origin,
+                ).run()
+                emit({"status": "verifying sha256 digest"})
+                commit_blob(store, digest, model.display)
+                return True
+
+        def fetch() -> tuple[list[Layer], list[str]]:
+            if sibling.lfs is not None and DIGEST_RE.fullmatch("sha256:" + str(sibling.lfs.sha256).lower()):
+                digest = "sha256:" + str(sibling.lfs.sha256).lower()
+                size = int(sibling.lfs.size)
+                downloaded = fetch_lfs(digest, size)
+            else:
+                small = _GitFile(url, filename, repo, sibling.size, sibling.blob_id)
+                digest, size = _download_git_file(client, store, small, headers_for, model, origin, settings, cancel)
+                emit({"status": f"pulling {short_digest(digest)}", "digest": digest, "total": size, "completed": size})
+                emit({"status": "verifying sha256 digest"})
+                downloaded = True
+            return [Layer(media_type=MEDIA_MODEL, digest=digest, size=size)], [digest] if downloaded else []
+
+        commit_pull(store, model, fetch, lambda layers: _hf_manifest(store, layers[0]), emit)
+
+
+def _offline_error(model: ModelName, endpoint: str) -> RegistryUnreachable:
+    return RegistryUnreachable(
+        f"cannot pull '{model.display}': Hugging Face offline mode is on (HF_HUB_OFFLINE), so the hub is not"
+        " contacted; unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE) to pull",
+        host=host_of(endpoint),
+    )
+
+
+def _model_info(
+    repo: str,
+    endpoint: str,
+    model: ModelName,
+    origin: Origin,
+    settings: PullSettings,
+    cancel: threading.Event | None,
+) -> ModelInfo:
+    """The repository's description with its files' sizes and hashes; failures a retry can fix are retried."""
+    from huggingface_hub import HfApi
     from huggingface_hub.utils import (
         GatedRepoError,
         HfHubHTTPError,
@@ -139,128 +242,139 @@ def pull_hf(
         RevisionNotFoundError,
     )
 
-    repo = f"{model.namespace}/{model.model}"
-    if _hf_offline():
-        raise PullError(f"cannot pull '{model.display}': Hugging Face offline mode is on (HF_HUB_OFFLINE)")
-    endpoint = _hf_endpoint()
-    hub = urlsplit(endpoint)
-    if hub.scheme == "http" and not insecure and not loopback_with_port(hub.netloc):
-        raise PullError(
-            f"cannot pull '{model.display}': the Hugging Face endpoint {endpoint} (HF_ENDPOINT) is plain http;"
-            " pass insecure=True to allow it"
-        )
-    emit({"status": "pulling manifest"})
     api = HfApi(endpoint=endpoint, library_name="localllm")
-    try:
-        info = api.model_info(repo, files_metadata=True)
-    except (RepositoryNotFoundError, RevisionNotFoundError):
-        raise ModelNotFound(
-            f"model '{model.display}' not found: Hugging Face has no repository '{repo}'"
-            " (or it is private: set HF_TOKEN)",
-            model=model.display,
-        ) from None
-    except GatedRepoError:
-        raise PullError(
-            f"the Hugging Face repository '{repo}' is gated: accept its terms on the website and set HF_TOKEN"
-        ) from None
-    except OfflineModeIsEnabled:
-        raise PullError(f"cannot pull '{model.display}': Hugging Face offline mode is on (HF_HUB_OFFLINE)") from None
-    except HfHubHTTPError as exc:
-        raise PullError(f"listing the files of '{repo}' on {endpoint} failed: {describe_error(exc)}") from None
-    except Exception as exc:  # the hub client's transport errors are of its own HTTP library
-        raise PullError(f"cannot reach {endpoint} to list the files of '{repo}': {describe_error(exc)}") from None
-    siblings = {s.rfilename: s for s in info.siblings or []}
-    filename = select_gguf(list(siblings), model.tag, repo)
-    sibling = siblings[filename]
-    revision = info.sha or "main"
-    check_cancel(cancel, model.display)
-
-    def fetch_lfs(digest: str, size: int) -> bool:
-        """Download the file unless the store has it; whether it did."""
-        with holding(store, [digest], cancel, model.display):
-            if store.has_blob(digest):
-                emit({"status": f"pulling {short_digest(digest)}", "digest": digest, "total": size, "completed": size})
-                return False
-            url = hf_hub_url(repo, filename, revision=revision, endpoint=endpoint)
-            _download_lfs(store, url, endpoint, digest, size, model, emit, cancel, settings, insecure)
-            emit({"status": "verifying sha256 digest"})
-            commit_blob(store, digest, model.display)
-            return True
-
-    def fetch() -> tuple[list[Layer], list[str]]:
-        if sibling.lfs is not None and DIGEST_RE.fullmatch("sha256:" + str(sibling.lfs.sha256).lower()):
-            digest = "sha256:" + str(sibling.lfs.sha256).lower()
-            size = int(sibling.lfs.size)
-            downloaded = fetch_lfs(digest, size)
-        else:
-            digest, size = _hf_download_small(store, repo, filename, revision, endpoint, model, emit)
-            emit({"status": "verifying sha256 digest"})
-            downloaded = True
-        return [Layer(media_type=MEDIA_MODEL, digest=digest, size=size)], [digest] if downloaded else []
-
-    commit_pull(store, model, fetch, lambda layers: _hf_manifest(store, layers[0]), emit)
+    retries = Retries(settings)
+    while True:
+        check_cancel(cancel, model.display)
+        after = None
+        try:
+            return api.model_info(repo, files_metadata=True, timeout=settings.stall_timeout)
+        except GatedRepoError:  # (a kind of RepositoryNotFoundError)
+            raise PullError(
+                f"the Hugging Face repository '{repo}' is gated: accept its terms on the website and set HF_TOKEN"
+            ) from None
+        except (RepositoryNotFoundError, RevisionNotFoundError):
+            raise ModelNotFound(
+                f"model '{model.display}' not found: Hugging Face has no repository '{repo}'"
+                " (or it is private: set HF_TOKEN)",
+                model=model.display,
+            ) from None
+        except OfflineModeIsEnabled:
+            raise _offline_error(model, endpoint) from None
+        except HfHubHTTPError as exc:
+            status = getattr(exc.response, "status_code", None)
+            if not isinstance(status, int) or (status < 500 and status != 429):
+                raise PullError(f"listing the files of '{repo}' on {endpoint} failed: {describe_error(exc)}") from None
+            reason, after = describe_error(exc), retry_after_seconds(exc.response.headers)
+        except Exception as exc:  # the hub client's transport errors are of its own HTTP library
+            origin.check(exc, model.display, endpoint)
+            if not is_transient(exc):
+                raise PullError(
+                    f"cannot reach {endpoint} to list the files of '{repo}': {describe_error(exc)}"
+                ) from None
+            reason = describe_error(exc)
+        delay = retries.delay(after)
+        if delay is None:
+            raise PullError(f"listing the files of '{repo}' on {endpoint} failed: {reason}; {retries.gave_up()}")
+        log.info("listing the files of %s failed (%s); retrying", repo, reason)
+        wait_to_retry(delay, cancel, model.display)
 
 
-def _download_lfs(
-    store: BlobStore,
-    url: str,
-    endpoint: str,
-    digest: str,
-    size: int,
-    model: ModelName,
-    emit: Progress,
-    cancel: threading.Event | None,
-    settings: PullSettings,
-    insecure: bool,
-) -> None:
+def _hub_headers(endpoint: str) -> Callable[[str], dict[str, str]]:
+    """The headers of a request to an address: the token goes to the hub only, never to the storage it redirects to."""
     from huggingface_hub.utils import build_hf_headers
 
     hub_headers = build_hf_headers(library_name="localllm")
     hub_host = urlsplit(endpoint).netloc
 
     def headers_for(target: str) -> dict[str, str]:
-        """The token goes to the hub only, never to the storage it redirects to."""
         if urlsplit(target).netloc == hub_host:
             return dict(hub_headers)
         return {k: v for k, v in hub_headers.items() if k.lower() != "authorization"}
 
-    with http_client(settings, insecure=insecure) as client:
-        BlobDownload(
-            client=client,
-            store=store,
-            digest=digest,
-            size=size,
-            url=url,
-            headers_for=headers_for,
-            settings=settings,
-            cancel=cancel,
-            emit=emit,
-            what=model.display,
-        ).run()
+    return headers_for
 
 
-def _hf_download_small(
-    store: BlobStore, repo: str, filename: str, revision: str, endpoint: str, model: ModelName, emit: Progress
+@attrs.frozen
+class _GitFile:
+    """A file the hub keeps in git rather than LFS: no sha256 is published, but its size and git blob id are."""
+
+    url: str
+    name: str
+    repo: str
+    size: int | None
+    blob_id: str | None
+
+
+def _download_git_file(
+    client: httpx.Client,
+    store: BlobStore,
+    file: _GitFile,
+    headers_for: Callable[[str], dict[str, str]],
+    model: ModelName,
+    origin: Origin,
+    settings: PullSettings,
+    cancel: threading.Event | None,
 ) -> tuple[str, int]:
-    """A file kept in git rather than LFS (so no sha256 is published): through huggingface-hub's own download."""
-    from huggingface_hub import hf_hub_download
+    """Download `file` (in one request: such files are small) into the store; its digest and size."""
+    retries = Retries(settings)
+    while True:
+        check_cancel(cancel, model.display)
+        after = None
+        try:
+            return _get_git_file(client, store, file, headers_for, model, cancel)
+        except TransientError as exc:
+            reason, after = str(exc), exc.after
+        except httpx.TimeoutException:
+            reason = f"no data for {settings.stall_timeout:g} seconds (stalled)"
+        except httpx.TransportError as exc:
+            origin.check(exc, model.display, file.url)
+            reason = describe_error(exc)
+        delay = retries.delay(after)
+        if delay is None:
+            raise PullError(f"downloading {file.name} from '{file.repo}' failed: {reason}; {retries.gave_up()}")
+        log.info("downloading %s failed (%s); retrying", file.name, reason)
+        wait_to_retry(delay, cancel, model.display)
 
-    try:
-        local = hf_hub_download(
-            repo,
-            filename,
-            revision=revision,
-            cache_dir=store.root / ".hf-cache",
-            endpoint=endpoint,
-            library_name="localllm",
-        )
-    except Exception as exc:
-        raise PullError(f"downloading {filename} from '{repo}' failed: {describe_error(exc)}") from None
-    path = Path(str(local)).resolve()
-    digest = store.add_file(path)
-    size = path.stat().st_size
-    emit({"status": f"pulling {short_digest(digest)}", "digest": digest, "total": size, "completed": size})
-    return digest, size
+
+def _get_git_file(
+    client: httpx.Client,
+    store: BlobStore,
+    file: _GitFile,
+    headers_for: Callable[[str], dict[str, str]],
+    model: ModelName,
+    cancel: threading.Event | None,
+) -> tuple[str, int]:
+    headers = {"Accept-Encoding": "identity", **headers_for(file.url)}
+    with client.stream("GET", file.url, headers=headers, follow_redirects=True) as response:
+        status = response.status_code
+        if status != 200:
+            answer = describe_status(status, response.url)
+            if status >= 500 or status == 429:
+                raise TransientError(answer, retry_after_seconds(response.headers))
+            raise PullError(f"downloading {file.name} from '{file.repo}' failed: {answer}")
+        # Git names a file by the sha1 of "blob <size>\0" and its bytes: that is what the hub lists as its blob id.
+        git = hashlib.sha1(b"blob %d\0" % file.size, usedforsecurity=False) if file.size is not None else None
+        with store.blob_writer() as out:
+            for chunk in response.iter_bytes():
+                check_cancel(cancel, model.display)
+                if file.size is not None and out.size + len(chunk) > file.size:
+                    raise PullError(
+                        f"the hub sent more of {file.name} from '{file.repo}' than the {file.size} bytes it lists"
+                    )
+                out.write(chunk)
+                if git is not None:
+                    git.update(chunk)
+            if file.size is not None and out.size < file.size:
+                raise TransientError(f"the connection closed after {out.size} of {file.size} bytes")
+            if git is not None and file.blob_id and git.hexdigest() != file.blob_id.lower():
+                raise DigestMismatch(
+                    f"pulling '{model.display}': {file.name} from '{file.repo}' does not hash to the git blob id"
+                    f" the hub lists ({file.blob_id}); the download was discarded",
+                    expected=file.blob_id,
+                    actual=git.hexdigest(),
+                )
+            return out.commit(), out.size
 
 
 def _hf_manifest(store: BlobStore, model_layer: Layer) -> Manifest:

@@ -2,7 +2,8 @@
 
 The manifest comes from ``/v2/<namespace>/<model>/manifests/<tag>``, then
 every blob it lists from ``/v2/<namespace>/<model>/blobs/<digest>``; an
-anonymous Bearer token is fetched when the registry asks for one.
+anonymous Bearer token is fetched when the registry asks for one. A registry
+that cannot be reached fails the pull at once (`RegistryUnreachable`).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from .download import (
     http_client,
     loopback_with_port,
     short_digest,
-    sleep_backoff,
 )
+from .retry import Origin, Retries, retry_after_seconds, wait_to_retry
 
 __all__ = ["pull_oci"]
 
@@ -57,8 +58,13 @@ class _Registry:
     repository: str  # namespace/model
     settings: PullSettings
     cancel: threading.Event | None
+    what: str  # the model's name, for errors
     headers: dict[str, str] = attrs.Factory(dict)  # sent to the registry's own host only
     token_tried: bool = False
+
+    @property
+    def origin(self) -> Origin:
+        return Origin(label="the registry", url=self.base, hint="the host in the model name")
 
     def url(self, kind: str, ref: str) -> str:
         return f"{self.base}/v2/{self.repository}/{kind}/{ref}"
@@ -87,6 +93,7 @@ class _Registry:
             answer.raise_for_status()
             token = answer.json().get("token") or answer.json().get("access_token")
         except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            self.origin.check(exc, self.what, realm)  # the token service may live on a host of its own
             log.info("could not get a registry token from %s: %s", realm, exc)
             return False
         if not token:
@@ -123,6 +130,7 @@ def pull_oci(
             repository=f"{model.namespace}/{model.model}",
             settings=settings,
             cancel=cancel,
+            what=model.display,
         )
         manifest = _parse_manifest(_fetch_manifest(registry, model), model)
         layers = (*manifest.layers, manifest.config)
@@ -161,6 +169,7 @@ def _fetch_blobs(
                 cancel=registry.cancel,
                 emit=emit,
                 what=model.display,
+                origin=registry.origin,
             ).run()
             fetched.append(digest)
         emit({"status": "verifying sha256 digest"})
@@ -177,13 +186,15 @@ def _fetch_blobs(
 
 def _fetch_manifest(registry: _Registry, model: ModelName) -> bytes:
     url = registry.url("manifests", model.tag)
-    attempt = 0
+    retries = Retries(registry.settings)
     while True:
         check_cancel(registry.cancel, model.display)
         headers = {"Accept": _ACCEPT_MANIFEST, **registry.headers_for(url)}
+        after = None
         try:
             response = registry.client.get(url, headers=headers, follow_redirects=True)
         except httpx.TransportError as exc:
+            registry.origin.check(exc, model.display, url)
             reason = f"cannot reach {registry.base}: {describe_error(exc)}"
         else:
             status = response.status_code
@@ -203,14 +214,14 @@ def _fetch_manifest(registry: _Registry, model: ModelName) -> bytes:
                     f"the registry {model.host} refused access to '{model.display}' ({answer}):"
                     " the model may be private, or the registry needs credentials"
                 )
-            if status < 500 and status != 429:
+            if status < 500 and status != 429:  # no retry changes what the registry answers to this request
                 raise PullError(f"pulling the manifest of '{model.display}' failed: {answer}")
-            reason = answer
-        attempt += 1
-        if attempt > registry.settings.max_retries:
-            raise PullError(f"pulling the manifest of '{model.display}' failed: {reason}")
+            reason, after = answer, retry_after_seconds(response.headers)
+        delay = retries.delay(after)
+        if delay is None:
+            raise PullError(f"pulling the manifest of '{model.display}' failed: {reason}; {retries.gave_up()}")
         log.info("manifest request failed (%s); retrying", reason)
-        sleep_backoff(registry.settings, attempt, registry.cancel, model.display)
+        wait_to_retry(delay, registry.cancel, model.display)
 
 
 def _parse_manifest(raw: bytes, model: ModelName) -> Manifest:
