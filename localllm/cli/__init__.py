@@ -1,13 +1,11 @@
-"""The ``localllm`` command: Ollama's command line over an in-process Engine.
+"""The ``localllm`` command: Ollama's command line, through a running server or in this process.
 
-Each command opens an Engine on ``$LOCALLLM_HOME`` (default ``~/.localllm``)
-in this process. ``serve`` runs the HTTP shim; ``run``, ``embed``, ``ps`` and
-``stop`` ask a running server (``$LOCALLLM_HOST``, else ``$OLLAMA_HOST``,
-default ``127.0.0.1:11434``) when one answers, since a fresh process has
-nothing loaded and keeps nothing warm.
+Every command but ``serve`` talks to the server at ``$LOCALLLM_HOST`` (else ``$OLLAMA_HOST``) in
+Ollama's API; with neither set, to one answering on ``127.0.0.1:11434``, and when none does, it runs an
+Engine on ``$LOCALLLM_HOME`` (default ``~/.localllm``) in this process, as ``--local`` always does
+(see `models`). A set host that does not answer is an error. ``serve`` runs the HTTP shim.
 
-This module runs a parsed command and turns its failures into ``Error: ...``
-and an exit status.
+This module runs a parsed command and turns its failures into ``Error: ...`` and an exit status.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""One handler per subcommand: read the parsed arguments, call the Engine, print the result, return the status."""
+"""One handler per subcommand: read the parsed arguments, call the models (`open_models`), print, return the status."""
 
 from __future__ import annotations
 
@@ -8,28 +8,15 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import CLIError
 from .format import human_bytes, human_time, processor, show_info, table, until
 from .models import Models, open_models
-from .portal import open_engine, wait
 from .progress import Progress, progress_callback
-from .remote import (
-    DEFAULT_HOST,
-    DEFAULT_PORT,
-    JSONObject,
-    host_setting,
-    parse_host,
-    running_models,
-    running_server,
-    stop_model,
-)
+from .remote import DEFAULT_HOST, DEFAULT_PORT, host_setting, parse_host
 from .repl import interactive, print_history
 from .session import Session
-
-if TYPE_CHECKING:
-    from ..types import ProcessModel
 
 __all__ = [
     "cmd_cp",
@@ -51,11 +38,11 @@ __all__ = [
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    with open_engine() as (engine, portal):
-        models = portal.call(engine.list).models
+    with open_models(local=args.local) as models:
+        listed = models.list().models
     rows = [["NAME", "ID", "SIZE", "MODIFIED"]]
     prefix = (args.prefix or "").lower()
-    for m in models:
+    for m in listed:
         if prefix and not m.name.lower().startswith(prefix):
             continue
         rows.append([m.name, m.digest[:12], human_bytes(m.size), human_time(m.modified_at)])
@@ -64,22 +51,16 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    client = running_server()
-    models: Sequence[ProcessModel | JSONObject]
-    if client is not None:
-        models = running_models(client)
-    else:
-        with open_engine() as (engine, portal):
-            models = portal.call(engine.ps).models
+    with open_models(local=args.local) as models:
+        running = models.ps().models
     rows = [["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]]
-    for m in models:
-        size, vram = int(m.size or 0), int(m.size_vram or 0)
+    for m in running:
         rows.append(
             [
                 m.name,
-                (m.digest or "")[:12],
-                human_bytes(size),
-                processor(size, vram),
+                m.digest[:12],
+                human_bytes(m.size),
+                processor(m.size, m.size_vram),
                 str(m.context_length or ""),
                 until(m.expires_at),
             ]
@@ -89,46 +70,45 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    with open_engine() as (engine, portal):
+    with open_models(local=args.local) as models:
         for name in args.models:
-            portal.call(engine.delete, name)
+            models.delete(name)
             print(f"deleted '{name}'")
     return 0
 
 
 def cmd_cp(args: argparse.Namespace) -> int:
-    with open_engine() as (engine, portal):
-        portal.call(engine.copy, args.source, args.destination)
+    with open_models(local=args.local) as models:
+        models.copy(args.source, args.destination)
     print(f"copied '{args.source}' to '{args.destination}'")
     return 0
 
 
-def cmd_stop(args: argparse.Namespace) -> int:
-    not_found = CLIError(f'couldn\'t find model "{args.model}" to stop')
-    client = running_server()
-    if client is not None:
-        if not stop_model(client, args.model):
-            raise not_found
-        return 0
-    from ..errors import ModelNotFound
+def _same_model(a: str, b: str) -> bool:
+    """Whether two names name one model (``smollm2`` is ``smollm2:latest``); paths are compared as written."""
+    from ..errors import LocalLLMError
+    from ..registry.names import ModelName
 
-    with open_engine() as (engine, portal):
-        try:
-            portal.call(engine.unload, args.model)
-        except ModelNotFound:
-            raise not_found from None
+    try:
+        return ModelName.parse(a) == ModelName.parse(b)
+    except LocalLLMError:
+        return a == b
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    with open_models(local=args.local) as models:
+        if not any(_same_model(m.name, args.model) or _same_model(m.model, args.model) for m in models.ps().models):
+            raise CLIError(f'couldn\'t find model "{args.model}" to stop')
+        for _chunk in models.generate(args.model, keep_alive=0, stream=True):  # an empty request: unload it now
+            pass
     return 0
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
     display = Progress()
     try:
-        with open_engine() as (engine, portal):
-            wait(
-                portal.start_task_soon(
-                    lambda: engine.pull(args.model, progress=progress_callback(display), insecure=args.insecure)
-                )
-            )
+        with open_models(local=args.local) as models:
+            models.pull(args.model, insecure=args.insecure, progress=progress_callback(display))
     finally:
         display.close()
     return 0
@@ -147,19 +127,13 @@ def cmd_create(args: argparse.Namespace) -> int:
         if args.file:
             raise CLIError(f"no such Modelfile: {args.file}")
         raise CLIError("no Modelfile found in the current folder; give one with -f")
-    display = Progress()
-    display.update({"status": "gathering model components"})
-    try:
-        with open_engine() as (engine, portal):
-            wait(
-                portal.start_task_soon(
-                    lambda: engine.create(
-                        args.model, modelfile=modelfile, quantize=args.quantize, progress=progress_callback(display)
-                    )
-                )
-            )
-    finally:
-        display.close()
+    with open_models(local=args.local) as models:
+        display = Progress()
+        display.update({"status": "gathering model components"})
+        try:
+            models.create(args.model, modelfile=modelfile, quantize=args.quantize, progress=progress_callback(display))
+        finally:
+            display.close()
     return 0
 
 
@@ -169,8 +143,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         raise CLIError(
             "only one of '--license', '--modelfile', '--parameters', '--system', or '--template' can be specified"
         )
-    with open_engine() as (engine, portal):
-        info = portal.call(lambda: engine.show(args.model, verbose=args.verbose))
+    with open_models(local=args.local) as models:
+        info = models.show(args.model, verbose=args.verbose)
     if not chosen:
         show_info(info, verbose=args.verbose)
         return 0
@@ -206,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     chat = sys.stdin.isatty() or args.interactive  # else standard input is the prompt, not the chat
     prompt = words if chat else _with_piped_input(args.prompt)
     one_shot = bool(words) or not chat
-    with open_models() as models:
+    with open_models(local=args.local) as models:
         info = models.show(args.model)
         capabilities = info.capabilities or ()
         if "embedding" in capabilities and "completion" not in capabilities:
@@ -223,7 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    with open_models() as models:
+    with open_models(local=args.local) as models:
         _print_embedding(models, args, _with_piped_input(args.text))
     return 0
 

@@ -1,28 +1,66 @@
-"""Where ``run`` and ``embed`` find models: a running server when one answers, else an in-process Client.
+"""Where the commands find models: a server when one is set or answers on the default port, else this process.
 
-Through a server, ``--keepalive`` keeps the model warm for the next command, as ``ollama run`` does;
-without one, the models live as long as the command.
+Every command but ``serve`` makes its calls on one `Models`: `RemoteModels` speaks Ollama's API to the
+server at ``$LOCALLLM_HOST`` (else ``$OLLAMA_HOST``, else ``127.0.0.1:11434`` when something answers
+there), `localllm.Client` runs an Engine on ``$LOCALLLM_HOME`` in this process (``--local``, or no server).
+Through a server, ``--keepalive`` keeps a model warm for the next command, as ``ollama run`` does; in this
+process, models live as long as the command.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from .remote import RemoteModels, running_server
+from .remote import ProgressCallback, find_server
 
 if TYPE_CHECKING:
     from ..embeddings import EmbedResponse
-    from ..types import ChatResponse, GenerateResponse, MessageLike, ProgressResponse, ShowResponse
+    from ..types import (
+        ChatResponse,
+        GenerateResponse,
+        ListResponse,
+        MessageLike,
+        ProcessResponse,
+        ProgressResponse,
+        ShowResponse,
+        StatusResponse,
+    )
 
 __all__ = ["Models", "open_models"]
 
 
 class Models(Protocol):
-    """The calls ``run`` makes: `localllm.Client` answers them in this process, `RemoteModels` through a server."""
+    """The calls the commands make: `localllm.Client` answers them in this process, `RemoteModels` through a server."""
 
-    def show(self, model: str) -> ShowResponse: ...
+    def list(self) -> ListResponse: ...
+
+    def show(self, model: str, *, verbose: bool = False) -> ShowResponse: ...
+
+    def ps(self) -> ProcessResponse: ...
+
+    def copy(self, source: str, destination: str) -> StatusResponse: ...
+
+    def delete(self, model: str) -> StatusResponse: ...
+
+    def pull(
+        self, model: str, *, insecure: bool = False, progress: ProgressCallback | None = None
+    ) -> ProgressResponse: ...
+
+    def create(
+        self,
+        model: str,
+        *,
+        from_: str | None = None,
+        system: str | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        messages: Iterable[MessageLike] | None = None,
+        quantize: str | None = None,
+        modelfile: os.PathLike[str] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> ProgressResponse: ...
 
     def generate(
         self,
@@ -58,26 +96,16 @@ class Models(Protocol):
         dimensions: int | None = None,
     ) -> EmbedResponse: ...
 
-    def create(
-        self,
-        model: str,
-        *,
-        from_: str | None = None,
-        system: str | None = None,
-        parameters: Mapping[str, Any] | None = None,
-        messages: Iterable[MessageLike] | None = None,
-    ) -> ProgressResponse: ...
-
 
 @contextlib.contextmanager
-def open_models() -> Iterator[Models]:
-    """The server's models at ``$LOCALLLM_HOST`` (or ``$OLLAMA_HOST``) when one answers, else this process's."""
-    client = running_server()
-    if client is not None:
-        with RemoteModels(client) as remote:
-            yield remote
+def open_models(*, local: bool = False) -> Iterator[Models]:
+    """The server's models (see `find_server`), or with `local` (or no server) this process's."""
+    server = None if local else find_server()
+    if server is not None:
+        with server:
+            yield server
         return
     from .. import Client
 
-    with Client() as local:
-        yield local
+    with Client() as client:
+        yield client

@@ -69,13 +69,23 @@ def _add_embedding_options(parser: argparse.ArgumentParser, scope: str = "") -> 
     _add_flag_values(parser, "--truncate", {"true": True, "false": False})
 
 
+LOCAL_HELP = "run in this process, on the local store, even when a server is set or running"
+
+
+def _add_local_flag(parser: argparse.ArgumentParser) -> None:
+    """``--local`` among a command's words too; left unset there unless given, so one before the command counts."""
+    parser.add_argument("--local", action="store_true", default=argparse.SUPPRESS, help=LOCAL_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser; each subcommand sets ``handler``, the function that runs it."""
     parser = argparse.ArgumentParser(
         prog="localllm",
-        description="Large language models, run in this process (Ollama's engine as a Python library).",
+        description="Large language models: through a running server, or in this process (Ollama's engine as a "
+        "Python library).",
     )
     parser.add_argument("-v", "--version", action="store_true", help="show the version")
+    parser.add_argument("--local", action="store_true", help=LOCAL_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=IntermixedParser)
 
     serve = commands.add_parser("serve", help="serve Ollama's API and the OpenAI-compatible API over HTTP")
@@ -164,4 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     rm = commands.add_parser("rm", help="remove models")
     rm.add_argument("models", metavar="MODEL", nargs="+")
     rm.set_defaults(handler=cmd_rm)
+
+    for name, command in commands.choices.items():
+        if name != "serve":  # the server is this process
+            _add_local_flag(command)
     return parser

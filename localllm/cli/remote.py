@@ -1,15 +1,18 @@
-"""The server's address (``$LOCALLLM_HOST``, else ``$OLLAMA_HOST``) and what the commands ask a running server.
+"""The server a command talks to: where it is (``$LOCALLLM_HOST``, else ``$OLLAMA_HOST``), whether it answers,
+and `RemoteModels`, the commands' calls spoken to it in Ollama's REST API.
 
-A fresh process has nothing loaded, so ``ps``, ``stop`` and ``run`` use the server when one answers;
-they speak Ollama's API, so the server may be ``localllm serve`` or Ollama itself.
+The server may be ``localllm serve`` or Ollama itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import ipaddress
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
@@ -17,33 +20,51 @@ import attrs
 
 from ..embeddings import EmbedResponse
 from ..errors import ModelNotFound
-from ..types import ChatResponse, GenerateResponse, Message, ProgressResponse, ShowResponse, as_dict
+from ..registry.registry import ModelDetails
+from ..types import (
+    ChatResponse,
+    GenerateResponse,
+    ListResponse,
+    Message,
+    ProcessModel,
+    ProcessResponse,
+    ProgressResponse,
+    ShowResponse,
+    StatusResponse,
+    StoredModel,
+    as_dict,
+)
 from .errors import CLIError
 from .format import parse_time
+from .upload import modelfile_request
 
 if TYPE_CHECKING:
     import httpx
 
-    from ..registry.registry import ModelDetails
     from ..types import MessageLike
 
 __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_PORT",
-    "JSONObject",
+    "ProgressCallback",
     "RemoteModels",
+    "find_server",
     "host_setting",
     "parse_host",
-    "running_models",
-    "running_server",
     "server_url",
-    "stop_model",
 ]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 11434
+#: Seconds to wait for a server to take a connection, and to answer the first question: a refused connection
+#: fails at once, a host that takes connections but never answers fails after this.
+ANSWER_TIMEOUT = 3.0
 
 T = TypeVar("T")
+ProgressCallback = Callable[[dict[str, Any]], Any]
+
+
+# --------------------------------------------------------------------------- where the server is
 
 
 def host_setting() -> tuple[str, str] | None:
@@ -55,47 +76,85 @@ def host_setting() -> tuple[str, str] | None:
     return None
 
 
-def server_url() -> str:
-    """The base URL of the server named by ``$LOCALLLM_HOST`` or ``$OLLAMA_HOST`` (default ``http://127.0.0.1:11434``)."""
-    setting = host_setting()
-    value = setting[1] if setting else f"{DEFAULT_HOST}:{DEFAULT_PORT}"
-    if "://" not in value:
-        value = "http://" + value
-    scheme, _, rest = value.partition("://")
-    if ":" not in rest.rsplit("]", 1)[-1]:
-        rest = f"{rest}:{DEFAULT_PORT}"
-    return f"{scheme}://{rest}".rstrip("/")
+def _split_host(value: str) -> tuple[str, str, int, str]:
+    """(scheme, host, port, path) of a host setting, read as Ollama reads ``OLLAMA_HOST``.
+
+    ``host``, ``host:port``, ``[v6]:port``, ``:port`` or a URL; the port defaults to 11434, or to 80 and 443
+    for a URL written with ``http://`` or ``https://``. ValueError for a port that is not one.
+    """
+    text = value.strip()
+    scheme, written, rest = text.partition("://")
+    if written:
+        scheme = scheme.lower()
+        port = {"http": 80, "https": 443}.get(scheme, DEFAULT_PORT)
+    else:
+        scheme, rest, port = "http", text, DEFAULT_PORT
+    hostport, _, path = rest.partition("/")
+    if hostport.startswith("["):
+        host, _, after = hostport[1:].partition("]")
+        port_text = after.removeprefix(":")
+    elif hostport.count(":") == 1:
+        host, port_text = hostport.split(":")
+    else:
+        host, port_text = hostport, ""  # a name, or a bare IPv6 address
+    if port_text:
+        if not port_text.isdigit() or int(port_text) > 65535:
+            raise ValueError(f"{port_text!r} is not a port number")
+        port = int(port_text)
+    return scheme, host or DEFAULT_HOST, port, path.strip("/")
 
 
 def parse_host(value: str) -> tuple[str, int]:
-    """Host and port from ``host``, ``host:port``, ``[v6]:port`` or a URL; ValueError for a bad port."""
-    text = value.strip()
-    if "://" in text:
-        text = text.split("://", 1)[1]
-    text = text.rstrip("/")
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest.lstrip(":")
-        return host, int(port) if port else DEFAULT_PORT
-    if text.count(":") == 1:
-        host, port = text.split(":")
-        return host or DEFAULT_HOST, int(port)
-    return text or DEFAULT_HOST, DEFAULT_PORT
+    """Host and port from a host setting (see `_split_host`); ValueError for a bad port."""
+    _scheme, host, port, _path = _split_host(value)
+    return host, port
 
 
-def running_server() -> httpx.Client | None:
-    """An httpx client for a server answering at the address `server_url` names, or None."""
-    import httpx
+def server_url(value: str) -> str:
+    """The base URL of the server a host setting names, e.g. ``http://127.0.0.1:11434``."""
+    scheme, host, port, path = _split_host(value)
+    shown = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{shown}:{port}" + (f"/{path}" if path else "")
 
-    client = httpx.Client(base_url=server_url(), timeout=httpx.Timeout(30.0, connect=0.5))
+
+def _is_loopback(url: str) -> bool:
+    host = _split_host(url)[1]
+    if host == "localhost":
+        return True
     try:
-        answer = client.get("/")
-        if answer.status_code == 200 and "running" in answer.text:
-            return client
-    except httpx.HTTPError:
-        pass
-    client.close()
-    return None
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def not_answering(url: str) -> CLIError:
+    return CLIError(
+        f"could not connect to the localllm server at {url} "
+        "(is `localllm serve` running? --local runs the command in this process)"
+    )
+
+
+def find_server() -> RemoteModels | None:
+    """The server the commands use: the one the host setting names, else one answering on 127.0.0.1:11434.
+
+    None when no host is set and nothing answers on the default port (the command then runs in this process);
+    a set host that does not answer is an error, never a reason to run elsewhere.
+    """
+    setting = host_setting()
+    if setting is None:
+        return RemoteModels.connect(f"http://{DEFAULT_HOST}:{DEFAULT_PORT}")
+    variable, value = setting
+    try:
+        url = server_url(value)
+    except ValueError as exc:
+        raise CLIError(f"invalid {variable} {value!r}: {exc}") from None
+    server = RemoteModels.connect(url)
+    if server is None:
+        raise not_answering(url)
+    return server
+
+
+# --------------------------------------------------------------------------- reading answers
 
 
 def _server_error(response: httpx.Response) -> str:
@@ -109,43 +168,6 @@ def _failure(response: httpx.Response) -> Exception:
     """The error a failed answer stands for: not found as the Engine says it, anything else as the server said it."""
     message = _server_error(response)
     return ModelNotFound(message) if response.status_code == 404 else CLIError(message)
-
-
-class JSONObject:
-    """Attribute access to a JSON object (missing fields are None), read as the Engine's result types are."""
-
-    def __init__(self, data: dict[str, Any]) -> None:
-        self._data = data
-
-    def __getattr__(self, name: str) -> Any:
-        return self._data.get(name)
-
-
-def running_models(client: httpx.Client) -> list[JSONObject]:
-    """The server's loaded models (its ``/api/ps``); closes the client."""
-    try:
-        answer = client.get("/api/ps")
-    finally:
-        client.close()
-    if answer.status_code != 200:
-        raise CLIError(_server_error(answer))
-    return [JSONObject(m) for m in answer.json().get("models", [])]
-
-
-def stop_model(client: httpx.Client, model: str) -> bool:
-    """Ask the server to unload a model now; False when it has no such model. Closes the client."""
-    try:
-        answer = client.post("/api/generate", json={"model": model, "keep_alive": 0, "stream": False})
-    finally:
-        client.close()
-    if answer.status_code == 404:
-        return False
-    if answer.status_code != 200:
-        raise CLIError(_server_error(answer))
-    return True
-
-
-# --------------------------------------------------------------------------- run through a server
 
 
 def _body(**fields: Any) -> dict[str, Any]:
@@ -163,14 +185,47 @@ def _known_fields(cls: type[T], data: Mapping[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in data.items() if name in names}
 
 
+def _details(data: Mapping[str, Any] | None) -> ModelDetails:
+    fields = _known_fields(ModelDetails, data or {})
+    if fields.get("families") is not None:
+        fields["families"] = tuple(fields["families"])
+    return ModelDetails(**fields)
+
+
+_NEVER = _dt.datetime(1, 1, 1, tzinfo=_dt.timezone.utc)  # what a missing time reads as ("Never")
+
+
+# --------------------------------------------------------------------------- the server's models
+
+
 class RemoteModels:
-    """The calls ``run`` makes (see `Models`), spoken to a running server in Ollama's API.
+    """The calls the commands make (see `Models`), spoken to a running server in Ollama's API.
 
     Answers come back as the Engine's own types; a failure as the server words it.
     """
 
-    def __init__(self, client: httpx.Client) -> None:
+    def __init__(self, client: httpx.Client, url: str) -> None:
         self.client = client
+        self.url = url
+
+    @classmethod
+    def connect(cls, url: str) -> RemoteModels | None:
+        """The server at `url` when it answers as Ollama's API does within `ANSWER_TIMEOUT`, else None."""
+        import httpx
+
+        # No time limit on answers once connected: a server may first load (or create) a model.
+        # Proxies are for other hosts: this machine's own server is reached directly, as Ollama's client does.
+        client = httpx.Client(
+            base_url=url, timeout=httpx.Timeout(None, connect=ANSWER_TIMEOUT), trust_env=not _is_loopback(url)
+        )
+        try:
+            answer = client.get("/", timeout=ANSWER_TIMEOUT)
+            if answer.status_code == 200 and "running" in answer.text:
+                return cls(client, url)
+        except httpx.HTTPError:
+            pass
+        client.close()
+        return None
 
     def __enter__(self) -> RemoteModels:
         return self
@@ -180,16 +235,28 @@ class RemoteModels:
     ) -> None:
         self.client.close()
 
-    def _post(self, path: str, body: dict[str, Any]) -> Any:
-        # No time limit: the server may first load (or create) a model, which takes as long as it takes.
-        answer = self.client.post(path, json=body, timeout=None)
-        if answer.status_code != 200:
+    @contextlib.contextmanager
+    def _talking(self) -> Iterator[None]:
+        """A connection that fails on the way is an error saying so, not a traceback."""
+        import httpx
+
+        try:
+            yield
+        except httpx.ConnectError:
+            raise not_answering(self.url) from None
+        except httpx.TransportError as exc:
+            raise CLIError(f"lost the connection to the server at {self.url}: {exc or type(exc).__name__}") from None
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
+        with self._talking():
+            answer = self.client.request(method, path, json=body)
+        if answer.status_code not in (200, 201):
             raise _failure(answer)
-        return answer.json()
+        return answer
 
     def _stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """The NDJSON lines of a streamed answer; leaving early closes the connection, which stops the request."""
-        with self.client.stream("POST", path, json={**body, "stream": True}, timeout=None) as answer:
+        with self._talking(), self.client.stream("POST", path, json={**body, "stream": True}) as answer:
             if answer.status_code != 200:
                 answer.read()
                 raise _failure(answer)
@@ -201,20 +268,126 @@ class RemoteModels:
                     raise CLIError(str(data["error"]))
                 yield data
 
-    def show(self, model: str) -> ShowResponse:
-        data = self._post("/api/show", {"model": model})
+    def _progress(self, path: str, body: dict[str, Any], progress: ProgressCallback | None) -> ProgressResponse:
+        last: dict[str, Any] = {"status": "success"}
+        for event in self._stream(path, body):
+            if progress is not None:
+                progress(event)
+            last = event
+        return ProgressResponse.from_event(last)
+
+    # -- the store
+
+    def list(self) -> ListResponse:
+        data = self._request("GET", "/api/tags").json()
+        models = [
+            StoredModel(
+                model=str(m.get("model") or m.get("name") or ""),
+                name=str(m.get("name") or m.get("model") or ""),
+                modified_at=parse_time(m.get("modified_at")) or _NEVER,
+                digest=str(m.get("digest") or ""),
+                size=int(m.get("size") or 0),
+                details=_details(m.get("details")),
+            )
+            for m in data.get("models") or ()
+        ]
+        return ListResponse(models=models)
+
+    def show(self, model: str, *, verbose: bool = False) -> ShowResponse:
+        data = self._request("POST", "/api/show", _body(model=model, verbose=verbose or None)).json()
         return ShowResponse(
-            modified_at=parse_time(data.get("modified_at")) or _dt.datetime.now(_dt.timezone.utc),
+            modified_at=parse_time(data.get("modified_at")) or _NEVER,
             template=data.get("template") or "",
             modelfile=data.get("modelfile") or "",
             license=data.get("license") or "",
-            details=cast("ModelDetails", JSONObject(data.get("details") or {})),  # read by attribute only
+            details=_details(data.get("details")),
             modelinfo=data.get("model_info") or {},
             parameters=data.get("parameters") or "",
             capabilities=list(data.get("capabilities") or ()),
             system=data.get("system") or "",
             messages=list(data.get("messages") or ()),
         )
+
+    def ps(self) -> ProcessResponse:
+        data = self._request("GET", "/api/ps").json()
+        models = [
+            ProcessModel(
+                name=str(m.get("name") or m.get("model") or ""),
+                model=str(m.get("model") or m.get("name") or ""),
+                size=int(m.get("size") or 0),
+                size_vram=int(m.get("size_vram") or 0),
+                digest=str(m.get("digest") or ""),
+                details=_details(m.get("details")),
+                expires_at=parse_time(m.get("expires_at")),
+                context_length=int(m.get("context_length") or 0),
+            )
+            for m in data.get("models") or ()
+        ]
+        return ProcessResponse(models=models)
+
+    def copy(self, source: str, destination: str) -> StatusResponse:
+        self._request("POST", "/api/copy", {"source": source, "destination": destination})
+        return StatusResponse(status="success")
+
+    def delete(self, model: str) -> StatusResponse:
+        self._request("DELETE", "/api/delete", {"model": model})
+        return StatusResponse(status="success")
+
+    def pull(self, model: str, *, insecure: bool = False, progress: ProgressCallback | None = None) -> ProgressResponse:
+        return self._progress("/api/pull", _body(model=model, insecure=insecure or None), progress)
+
+    def create(
+        self,
+        model: str,
+        *,
+        from_: str | None = None,
+        system: str | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        messages: Iterable[MessageLike] | None = None,
+        quantize: str | None = None,
+        modelfile: os.PathLike[str] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> ProgressResponse:
+        """Create a model on the server; the files a Modelfile names are uploaded first, as blobs."""
+        body = _body(
+            model=model,
+            system=system,
+            parameters=parameters,
+            messages=_messages_json(messages),
+            quantize=quantize,
+            **{"from": from_},
+        )
+        if modelfile is not None:
+            fields, uploads = modelfile_request(Path(modelfile))
+            for digest, path in uploads.items():
+                self._upload(digest, path, progress)
+            body.update(fields)
+        return self._progress("/api/create", body, progress)
+
+    def _upload(self, digest: str, path: Path, progress: ProgressCallback | None) -> None:
+        """Send a file to the server's blobs, unless it has it already; reports progress as copying it."""
+        with self._talking():
+            if self.client.head(f"/api/blobs/{digest}").status_code == 200:
+                return
+        size = path.stat().st_size
+
+        def chunks() -> Iterator[bytes]:
+            done = 0
+            with path.open("rb") as file:
+                while chunk := file.read(1 << 20):
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(
+                            {"status": f"copying file {digest}", "digest": digest, "total": size, "completed": done}
+                        )
+                    yield chunk
+
+        with self._talking():
+            answer = self.client.post(f"/api/blobs/{digest}", content=chunks(), headers={"Content-Length": str(size)})
+        if answer.status_code not in (200, 201):
+            raise CLIError(f"uploading {path}: {_server_error(answer)}")
+
+    # -- models at work
 
     def generate(
         self,
@@ -266,23 +439,4 @@ class RemoteModels:
         body = _body(
             model=model, input=input, truncate=truncate, options=options, keep_alive=keep_alive, dimensions=dimensions
         )
-        return EmbedResponse(**_known_fields(EmbedResponse, self._post("/api/embed", body)))
-
-    def create(
-        self,
-        model: str,
-        *,
-        from_: str | None = None,
-        system: str | None = None,
-        parameters: Mapping[str, Any] | None = None,
-        messages: Iterable[MessageLike] | None = None,
-    ) -> ProgressResponse:
-        body = _body(
-            model=model,
-            system=system,
-            parameters=parameters,
-            messages=_messages_json(messages),
-            stream=False,
-            **{"from": from_},
-        )
-        return ProgressResponse.from_event(self._post("/api/create", body))
+        return EmbedResponse(**_known_fields(EmbedResponse, self._request("POST", "/api/embed", body).json()))
