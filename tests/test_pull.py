@@ -466,6 +466,18 @@ def test_a_registry_refusing_connections_fails_at_once(store: BlobStore, lookups
     assert lookups.count(("127.0.0.1", port)) == 1
 
 
+def test_an_unreachable_proxy_is_named(
+    store: BlobStore, monkeypatch: pytest.MonkeyPatch, lookups: list[tuple[str, int]]
+) -> None:
+    port = closed_port()
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RegistryUnreachable, match=r"refused.*the proxy set in HTTPS_PROXY"):
+        pull(store, "registry.nosuchhost.invalid/library/x", settings=PATIENT)
+    assert lookups.count(("127.0.0.1", port)) == 1
+
+
 def test_unreachable_blob_storage_is_named(
     registry: OCIRegistry, store: BlobStore, lookups: list[tuple[str, int]]
 ) -> None:
@@ -696,6 +708,20 @@ def test_a_hub_error_names_status_and_host_never_the_body(hub: HFHub, store: Blo
         pull(store, "hf.co/owner/Tiny-GGUF", settings=FAST)
     assert f"HTTP {status} from {hub.host}" in str(caught.value)
     assert b"SECRET" not in str(caught.value).encode()
+    assert len(hub.requests_to("/api/")) == (1 if status == 400 else 3)  # a 5xx is retried (twice, in FAST)
+
+
+def test_hf_gated_repo_says_so_at_once(store: BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Gated(HFHub):
+        def handle(self, handler: Any, method: str) -> None:
+            self.send_json(handler, {"error": "gated"}, 403, {"X-Error-Code": "GatedRepo"})
+
+    gated = Gated()
+    with gated:
+        use_hub(monkeypatch, gated)
+        with pytest.raises(PullError, match="is gated: accept its terms on the website and set HF_TOKEN"):
+            pull(store, "hf.co/owner/Gated-GGUF", settings=PATIENT)
+        assert len(gated.requests) == 1
 
 
 def test_hf_hub_refusing_connections_fails_at_once(

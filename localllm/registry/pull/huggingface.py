@@ -1,25 +1,29 @@
 """Pulling from Hugging Face: ``hf.co/<owner>/<repo>[:<quant>]``.
 
-The repository's files are listed through huggingface-hub; the GGUF file
-whose quantization matches the tag (``Q4_K_M`` when there is none) is
-downloaded, and a manifest written with the model layer and a config blob.
+The repository's files are listed through the hub's API (``HF_ENDPOINT``,
+else huggingface.co); the GGUF file whose quantization matches the tag
+(``Q4_K_M`` when there is none) is downloaded, and a manifest written with
+the model layer and a config blob.
 
-The file comes down through our own downloader (resumable, checked against
-the sha256 or git blob id the hub lists), so a hub out of reach fails the pull
-at once (`RegistryUnreachable`) and failures are retried as `retry` says,
-rather than as huggingface-hub would.
+Both requests go through our own client, not huggingface-hub's (of which only
+the token, the offline switch and the file address are used): a hub out of
+reach fails the pull at once (`RegistryUnreachable`), failures are retried as
+`retry` says, and no request goes anywhere but the hub and the storage it
+redirects to. Files in LFS come down resumably and are checked against their
+sha256; a file kept in git is checked against its git blob id.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
 import threading
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import quote, urlsplit
 
 import attrs
 import httpx
@@ -42,10 +46,7 @@ from .download import (
     loopback_with_port,
     short_digest,
 )
-from .retry import Origin, Retries, TransientError, host_of, is_transient, retry_after_seconds, wait_to_retry
-
-if TYPE_CHECKING:
-    from huggingface_hub.hf_api import ModelInfo
+from .retry import Origin, Retries, TransientError, host_of, retry_after_seconds, wait_to_retry
 
 __all__ = ["HF_HOSTS", "gguf_quant", "pull_hf", "select_gguf"]
 
@@ -159,16 +160,14 @@ def pull_hf(
             " pass insecure=True to allow it"
         )
     origin = Origin(label="the Hugging Face hub", url=endpoint, hint="HF_ENDPOINT (the hub's address, for a mirror)")
-    emit({"status": "pulling manifest"})
-    info = _model_info(repo, endpoint, model, origin, settings, cancel)
-    siblings = {s.rfilename: s for s in info.siblings or []}
-    filename = select_gguf(list(siblings), model.tag, repo)
-    sibling = siblings[filename]
-    url = hf_hub_url(repo, filename, revision=info.sha or "main", endpoint=endpoint)
     headers_for = _hub_headers(endpoint)
-    check_cancel(cancel, model.display)
-
+    emit({"status": "pulling manifest"})
     with http_client(settings, insecure=insecure) as client:
+        listing = _list_repo(client, endpoint, repo, headers_for, model, origin, settings, cancel)
+        filename = select_gguf(list(listing.files), model.tag, repo)
+        file = listing.files[filename]
+        url = hf_hub_url(repo, filename, revision=listing.sha or "main", endpoint=endpoint)
+        check_cancel(cancel, model.display)
 
         def fetch_lfs(digest: str, size: int) -> bool:
             """Download the file unless the store has it; whether it did."""
@@ -201,13 +200,14 @@ def pull_hf(
                 return True
 
         def fetch() -> tuple[list[Layer], list[str]]:
-            if sibling.lfs is not None and DIGEST_RE.fullmatch("sha256:" + str(sibling.lfs.sha256).lower()):
-                digest = "sha256:" + str(sibling.lfs.sha256).lower()
-                size = int(sibling.lfs.size)
+            if file.sha256 is not None and file.size is not None:
+                digest = file.sha256
+                size = file.size
                 downloaded = fetch_lfs(digest, size)
             else:
-                small = _GitFile(url, filename, repo, sibling.size, sibling.blob_id)
-                digest, size = _download_git_file(client, store, small, headers_for, model, origin, settings, cancel)
+                digest, size = _download_git_file(
+                    client, store, url, file, headers_for, model, origin, settings, cancel
+                )
                 emit({"status": f"pulling {short_digest(digest)}", "digest": digest, "total": size, "completed": size})
                 emit({"status": "verifying sha256 digest"})
                 downloaded = True
@@ -224,55 +224,86 @@ def _offline_error(model: ModelName, endpoint: str) -> RegistryUnreachable:
     )
 
 
-def _model_info(
-    repo: str,
+def _hub_headers(endpoint: str) -> Callable[[str], dict[str, str]]:
+    """The headers of a request to an address: the token goes to the hub only, never to the storage it redirects to.
+
+    The token is huggingface-hub's (``HF_TOKEN``, else the one ``hf auth login`` saved), unless
+    ``HF_HUB_DISABLE_IMPLICIT_TOKEN`` is set.
+    """
+    from huggingface_hub import constants, get_token
+
+    token = None if constants.HF_HUB_DISABLE_IMPLICIT_TOKEN else get_token()
+    hub_host = urlsplit(endpoint).netloc
+
+    def headers_for(target: str) -> dict[str, str]:
+        if token and urlsplit(target).netloc == hub_host:
+            return {"Authorization": f"Bearer {token}"}
+        return {}
+
+    return headers_for
+
+
+@attrs.frozen
+class _HubFile:
+    """A file of a repository as the hub lists it."""
+
+    #: ``sha256:<hex>`` of a file kept in LFS; None for one kept in git (no sha256 is published then).
+    sha256: str | None
+    size: int | None
+    #: The git blob id (a sha1 of "blob <size>\0" and the bytes), which the hub lists for every file.
+    blob_id: str | None
+
+
+@attrs.frozen
+class _Listing:
+    sha: str | None
+    files: dict[str, _HubFile]
+
+
+def _list_repo(
+    client: httpx.Client,
     endpoint: str,
+    repo: str,
+    headers_for: Callable[[str], dict[str, str]],
     model: ModelName,
     origin: Origin,
     settings: PullSettings,
     cancel: threading.Event | None,
-) -> ModelInfo:
-    """The repository's description with its files' sizes and hashes; failures a retry can fix are retried."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.utils import (
-        GatedRepoError,
-        HfHubHTTPError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    api = HfApi(endpoint=endpoint, library_name="localllm")
+) -> _Listing:
+    """The repository's files with their sizes and hashes (``/api/models/<repo>?blobs=true``, as huggingface-hub
+    asks for them); failures a retry can fix are retried."""
+    url = f"{endpoint}/api/models/{quote(repo)}"
     retries = Retries(settings)
     while True:
         check_cancel(cancel, model.display)
         after = None
         try:
-            return api.model_info(repo, files_metadata=True, timeout=settings.stall_timeout)
-        except GatedRepoError:  # (a kind of RepositoryNotFoundError)
-            raise PullError(
-                f"the Hugging Face repository '{repo}' is gated: accept its terms on the website and set HF_TOKEN"
-            ) from None
-        except (RepositoryNotFoundError, RevisionNotFoundError):
-            raise ModelNotFound(
-                f"model '{model.display}' not found: Hugging Face has no repository '{repo}'"
-                " (or it is private: set HF_TOKEN)",
-                model=model.display,
-            ) from None
-        except OfflineModeIsEnabled:
-            raise _offline_error(model, endpoint) from None
-        except HfHubHTTPError as exc:
-            status = getattr(exc.response, "status_code", None)
-            if not isinstance(status, int) or (status < 500 and status != 429):
-                raise PullError(f"listing the files of '{repo}' on {endpoint} failed: {describe_error(exc)}") from None
-            reason, after = describe_error(exc), retry_after_seconds(exc.response.headers)
-        except Exception as exc:  # the hub client's transport errors are of its own HTTP library
-            origin.check(exc, model.display, endpoint)
-            if not is_transient(exc):
-                raise PullError(
-                    f"cannot reach {endpoint} to list the files of '{repo}': {describe_error(exc)}"
-                ) from None
+            response = client.get(url, params={"blobs": "true"}, headers=headers_for(url), follow_redirects=True)
+        except httpx.TimeoutException:
+            reason = f"no answer for {settings.stall_timeout:g} seconds"
+        except httpx.TransportError as exc:
+            origin.check(exc, model.display, url)
             reason = describe_error(exc)
+        else:
+            status = response.status_code
+            if status == 200:
+                return _parse_listing(response.content, repo, endpoint)
+            answer = describe_status(status, response.url)
+            error_code = response.headers.get("x-error-code", "")
+            if error_code == "GatedRepo":
+                raise PullError(
+                    f"the Hugging Face repository '{repo}' is gated: accept its terms on the website and set HF_TOKEN"
+                )
+            if error_code in ("RepoNotFound", "RevisionNotFound") or status in (401, 404):
+                # (The hub answers 401 for a private repository as for one that does not exist.)
+                raise ModelNotFound(
+                    f"model '{model.display}' not found: Hugging Face has no repository '{repo}'"
+                    " (or it is private: set HF_TOKEN)",
+                    model=model.display,
+                )
+            if status < 500 and status != 429:
+                raise PullError(f"listing the files of '{repo}' on {endpoint} failed: {answer}")
+            reason, after = answer, retry_after_seconds(response.headers)
         delay = retries.delay(after)
         if delay is None:
             raise PullError(f"listing the files of '{repo}' on {endpoint} failed: {reason}; {retries.gave_up()}")
@@ -280,88 +311,93 @@ def _model_info(
         wait_to_retry(delay, cancel, model.display)
 
 
-def _hub_headers(endpoint: str) -> Callable[[str], dict[str, str]]:
-    """The headers of a request to an address: the token goes to the hub only, never to the storage it redirects to."""
-    from huggingface_hub.utils import build_hf_headers
+def _parse_listing(raw: bytes, repo: str, endpoint: str) -> _Listing:
+    bad = PullError(f"{endpoint} sent a listing of '{repo}' that is not what the Hugging Face API answers")
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        raise bad from None
+    if not isinstance(info, dict) or not isinstance(info.get("siblings", []), list):
+        raise bad
+    files: dict[str, _HubFile] = {}
+    for entry in info.get("siblings") or []:
+        name = entry.get("rfilename") if isinstance(entry, dict) else None
+        if not isinstance(name, str):
+            raise bad
+        lfs = entry.get("lfs")
+        sha256 = None
+        size = _count(entry.get("size"))
+        if isinstance(lfs, dict):
+            digest = "sha256:" + str(lfs.get("sha256", "")).lower()
+            if DIGEST_RE.fullmatch(digest) and _count(lfs.get("size")) is not None:
+                sha256, size = digest, _count(lfs.get("size"))
+        blob_id = entry.get("blobId")
+        files[name] = _HubFile(sha256=sha256, size=size, blob_id=blob_id if isinstance(blob_id, str) else None)
+    sha = info.get("sha")
+    return _Listing(sha=sha if isinstance(sha, str) and sha else None, files=files)
 
-    hub_headers = build_hf_headers(library_name="localllm")
-    hub_host = urlsplit(endpoint).netloc
 
-    def headers_for(target: str) -> dict[str, str]:
-        if urlsplit(target).netloc == hub_host:
-            return dict(hub_headers)
-        return {k: v for k, v in hub_headers.items() if k.lower() != "authorization"}
-
-    return headers_for
-
-
-@attrs.frozen
-class _GitFile:
-    """A file the hub keeps in git rather than LFS: no sha256 is published, but its size and git blob id are."""
-
-    url: str
-    name: str
-    repo: str
-    size: int | None
-    blob_id: str | None
+def _count(value: object) -> int | None:
+    """`value` if it is a whole number of bytes (not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _download_git_file(
     client: httpx.Client,
     store: BlobStore,
-    file: _GitFile,
+    url: str,
+    file: _HubFile,
     headers_for: Callable[[str], dict[str, str]],
     model: ModelName,
     origin: Origin,
     settings: PullSettings,
     cancel: threading.Event | None,
 ) -> tuple[str, int]:
-    """Download `file` (in one request: such files are small) into the store; its digest and size."""
+    """Download a file kept in git (in one request: such files are small) into the store; its digest and size."""
     retries = Retries(settings)
     while True:
         check_cancel(cancel, model.display)
         after = None
         try:
-            return _get_git_file(client, store, file, headers_for, model, cancel)
+            return _get_git_file(client, store, url, file, headers_for, model, cancel)
         except TransientError as exc:
             reason, after = str(exc), exc.after
         except httpx.TimeoutException:
             reason = f"no data for {settings.stall_timeout:g} seconds (stalled)"
         except httpx.TransportError as exc:
-            origin.check(exc, model.display, file.url)
+            origin.check(exc, model.display, url)
             reason = describe_error(exc)
         delay = retries.delay(after)
         if delay is None:
-            raise PullError(f"downloading {file.name} from '{file.repo}' failed: {reason}; {retries.gave_up()}")
-        log.info("downloading %s failed (%s); retrying", file.name, reason)
+            raise PullError(f"pulling '{model.display}': downloading {url} failed: {reason}; {retries.gave_up()}")
+        log.info("downloading %s failed (%s); retrying", url, reason)
         wait_to_retry(delay, cancel, model.display)
 
 
 def _get_git_file(
     client: httpx.Client,
     store: BlobStore,
-    file: _GitFile,
+    url: str,
+    file: _HubFile,
     headers_for: Callable[[str], dict[str, str]],
     model: ModelName,
     cancel: threading.Event | None,
 ) -> tuple[str, int]:
-    headers = {"Accept-Encoding": "identity", **headers_for(file.url)}
-    with client.stream("GET", file.url, headers=headers, follow_redirects=True) as response:
+    headers = {"Accept-Encoding": "identity", **headers_for(url)}
+    with client.stream("GET", url, headers=headers, follow_redirects=True) as response:
         status = response.status_code
         if status != 200:
             answer = describe_status(status, response.url)
             if status >= 500 or status == 429:
                 raise TransientError(answer, retry_after_seconds(response.headers))
-            raise PullError(f"downloading {file.name} from '{file.repo}' failed: {answer}")
+            raise PullError(f"pulling '{model.display}': downloading {url} failed: {answer}")
         # Git names a file by the sha1 of "blob <size>\0" and its bytes: that is what the hub lists as its blob id.
         git = hashlib.sha1(b"blob %d\0" % file.size, usedforsecurity=False) if file.size is not None else None
         with store.blob_writer() as out:
             for chunk in response.iter_bytes():
                 check_cancel(cancel, model.display)
                 if file.size is not None and out.size + len(chunk) > file.size:
-                    raise PullError(
-                        f"the hub sent more of {file.name} from '{file.repo}' than the {file.size} bytes it lists"
-                    )
+                    raise PullError(f"pulling '{model.display}': the hub sent more than the {file.size} bytes it lists")
                 out.write(chunk)
                 if git is not None:
                     git.update(chunk)
@@ -369,8 +405,8 @@ def _get_git_file(
                 raise TransientError(f"the connection closed after {out.size} of {file.size} bytes")
             if git is not None and file.blob_id and git.hexdigest() != file.blob_id.lower():
                 raise DigestMismatch(
-                    f"pulling '{model.display}': {file.name} from '{file.repo}' does not hash to the git blob id"
-                    f" the hub lists ({file.blob_id}); the download was discarded",
+                    f"pulling '{model.display}': {url} does not hash to the git blob id the hub lists"
+                    f" ({file.blob_id}); the download was discarded",
                     expected=file.blob_id,
                     actual=git.hexdigest(),
                 )

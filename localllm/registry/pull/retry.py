@@ -38,7 +38,6 @@ __all__ = [
     "Retries",
     "TransientError",
     "host_of",
-    "is_transient",
     "pull_timeout_from_env",
     "retry_after_seconds",
     "unreachable_reason",
@@ -51,11 +50,7 @@ PULL_TIMEOUT_VARIABLE = "LOCALLLM_PULL_TIMEOUT"
 
 # Errors of a connection that never opened, for which no retry helps: no route to the host or its network.
 _UNREACHABLE_ERRNOS = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH})
-# Failures a retry can fix, as the socket reports them and as HTTP libraries (httpx, requests) name theirs.
-_TRANSIENT_OS_ERRORS = (TimeoutError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
-_TRANSIENT_NAMES = frozenset(
-    {"TimeoutException", "Timeout", "NetworkError", "RemoteProtocolError", "ChunkedEncodingError"}
-)
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 class TransientError(Exception):
@@ -123,16 +118,6 @@ def unreachable_reason(exc: BaseException) -> str | None:
     return None
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Whether `exc`, from whichever HTTP library, is a timeout or a connection lost: a retry may fix it."""
-    for error in _causes(exc):
-        if isinstance(error, _TRANSIENT_OS_ERRORS):
-            return True
-        if any(kind.__name__ in _TRANSIENT_NAMES for kind in type(error).__mro__):
-            return True
-    return False
-
-
 def _failed_url(exc: BaseException, fallback: str) -> str:
     """The address of the request that failed (after redirects), else `fallback`."""
     try:
@@ -185,9 +170,10 @@ class Origin:
         checks = ["the network connection"]
         proxy = _proxy_variable(failed)
         if proxy is not None:
-            checks.append(f"the proxy in {proxy}")
-        checks.append(self.hint)
-        advice = ", ".join(checks[:-1]) + f" and {checks[-1]}"
+            checks.append(f"the proxy set in {proxy}")
+        elif urlsplit(failed).hostname not in _LOOPBACK:  # a network that reaches out only through a proxy
+            checks.append(f"whether it needs a proxy ({(urlsplit(failed).scheme or 'https').upper()}_PROXY)")
+        advice = ", ".join(checks) + f" and {self.hint}"
         raise RegistryUnreachable(
             f"cannot pull '{what}': cannot reach {where}: {reason}. Check {advice}", host=host
         ) from exc
