@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from servers import OCIRegistry, tiny_gguf
+from test_lora import write_lora
 
 import localllm
 from localllm.cli.format import parse_time
@@ -484,12 +485,13 @@ def test_show_through_a_server(served: dict[str, str], served_model: str) -> Non
 
 
 def test_create_from_a_model_through_a_server(served: dict[str, str], served_model: str, tmp_path: Path) -> None:
-    """A FROM naming a model stays a name: the server builds on its own copy, nothing is uploaded."""
-    (tmp_path / "Modelfile").write_text(f"FROM {served_model}\nSYSTEM You are terse.\n")
+    """A FROM naming a model stays a name, found in the server's store; an ADAPTER file goes up as a blob."""
+    write_lora(tmp_path / "zero.gguf", b_scale=0.0)
+    (tmp_path / "Modelfile").write_text(f"FROM {served_model}\nADAPTER ./zero.gguf\nSYSTEM You are terse.\n")
     result = cli(served, "create", "terse", "-f", str(tmp_path / "Modelfile"))
     assert result.returncode == 0, result.stderr
-    assert not any(line.startswith("copying file") for line in result.stderr.splitlines()), result.stderr
     assert cli(served, "show", "terse", "--system").stdout == "You are terse."
+    assert re.search(r"^ADAPTER ", cli(served, "show", "terse", "--modelfile").stdout, re.M)
     assert cli(served, "rm", "terse").returncode == 0
 
     (tmp_path / "Modelfile").write_text("FROM no-such-model\n")
