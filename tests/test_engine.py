@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import anyio
@@ -296,3 +298,44 @@ async def test_engine_without_a_context_manager_as_in_a_notebook(smollm2_path: P
     assert not [t for t in threading.enumerate() if t.name.startswith("localllm-")]
     with pytest.raises(localllm.EngineClosed):
         await engine.generate(str(smollm2_path), "Hi")
+
+
+def runner_threads(ignore: frozenset[threading.Thread] = frozenset()) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("localllm-runner") and t not in ignore]
+
+
+async def test_an_engine_dropped_unclosed_unloads_its_models(smollm2_path: Path, home: Path) -> None:
+    """A notebook cell `engine = Engine(); await engine.generate(...)` run again holds one model loaded, not more."""
+    others = frozenset(runner_threads())  # another test's default client may hold runners of its own
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the dropped engine is not "another engine on the store"
+        for _ in range(3):
+            engine = Engine(home)
+            gc.collect()  # CPython drops the old engine as the name is rebound; a cycle would wait for the collector
+            reply = await engine.generate(str(smollm2_path), "Hi", options={**GREEDY, "num_predict": 3})
+            assert reply.done
+            assert len(runner_threads(others)) == 1
+    del engine
+    gc.collect()
+    assert runner_threads(others) == []
+
+
+async def test_a_request_keeps_its_engine(smollm2_path: Path, home: Path) -> None:
+    """`await Engine().generate(...)` on an engine nobody names: the request holds its engine until it is done."""
+    others = frozenset(runner_threads())
+    reply = await Engine(home).generate(str(smollm2_path), "Hi", options={**GREEDY, "num_predict": 3})
+    assert reply.done and reply.eval_count == 3
+    gc.collect()
+    assert runner_threads(others) == []
+
+
+async def test_a_second_open_engine_on_the_same_store_warns(smollm2_path: Path, home: Path) -> None:
+    options = {**GREEDY, "num_predict": 1}
+    async with Engine(home) as first, Engine(home) as second:
+        await first.generate(str(smollm2_path), "Hi", options=options)
+        with pytest.warns(RuntimeWarning, match="another Engine in this process already runs models from"):
+            await second.generate(str(smollm2_path), "Hi", options=options)
+    async with Engine(home) as third:  # the others are closed: nothing to say
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            await third.generate(str(smollm2_path), "Hi", options=options)

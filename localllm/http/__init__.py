@@ -13,11 +13,12 @@ Ollama. See docs/http.md for the endpoints and fields supported.
 """
 
 try:
+    import sniffio  # noqa: F401
     import starlette  # noqa: F401
     import uvicorn  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError(
-        "localllm.http needs the optional HTTP dependencies (starlette and uvicorn): pip install 'localllm[http]'"
+        f"localllm.http needs the optional HTTP dependencies ({exc.name} is missing): pip install 'localllm[http]'"
     ) from exc
 
 from .app import create_app

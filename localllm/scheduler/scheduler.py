@@ -351,6 +351,23 @@ class Scheduler(Generic[K, R]):
             for model in list(self.loaded.values()):
                 await self._unload(model)
 
+    def release(self) -> None:
+        """Close every runner now, from any thread, without the event loop: for an engine dropped unclosed.
+
+        Nobody can be using the runners (their requests hold the engine), so nothing waits for them.
+        The reaper is told to stop but not joined: it may be waiting on the event loop this runs in.
+        """
+        self._closed = True
+        if self._reaper is not None:
+            self._reaper.stop(wait=False)
+        for model in list(self.loaded.values()):
+            model.closing = True
+            self.loaded.pop(model.key, None)
+            try:
+                model.runner.close()
+            except Exception:
+                logger.exception("closing %s failed", model.name)
+
 
 class _Reaper(Generic[K, R]):
     """The thread that unloads runners when their keep_alive runs out."""
@@ -370,11 +387,12 @@ class _Reaper(Generic[K, R]):
                 self._deadline = deadline
                 self._cond.notify()
 
-    def stop(self) -> None:
+    def stop(self, *, wait: bool = True) -> None:
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        self._thread.join()
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join()
 
     def _run(self) -> None:
         while True:
