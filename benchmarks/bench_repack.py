@@ -1,6 +1,6 @@
 """What llama.cpp's weight repacking is worth: prompt eval and decode with it on and off.
 
-localllm turns repacking off only where a build with AMX kernels meets an AMX CPU (see the README's
+localllm turns repacking off only where a build with AMX kernels meets an AMX CPU (see docs/reference.md,
 "CPU kernels"). This measures what that costs: SmolLM2 Q4_1 and Gemma 3 Q4_K_M, one stream, greedy,
 2 threads, a 400-token prompt then 128 new tokens. Each measurement runs in a fresh process, on and
 off alternating, and the table gives min / median / max of each figure and of the on/off ratio.

@@ -103,7 +103,7 @@ async def test_four_concurrent_chats_interleave_and_agree_with_solo(smollm2_path
     questions = ["Why is the sky blue?", "What is a prime number?", "Name three fruits.", "How do birds fly?"]
     options = {**GREEDY, "num_predict": 48}
     # Without flash attention, a sequence's logits hardly depend on what else is in its batch: greedy
-    # output agrees for 48 tokens. With it, near-ties flip within a dozen or so (see the README).
+    # output agrees for 48 tokens. With it, near-ties flip within a dozen or so (docs/benchmarks.md).
     async with Engine(home, num_parallel=4, flash_attention=False) as engine:
         solo = []
         for question in questions:

@@ -1,4 +1,4 @@
-"""The rooms of the package and the rules between them (DESIGN.md), checked on the source itself.
+"""The rooms of the package and the rules between them (docs/design.md), checked on the source itself.
 
 Imports are read with `ast`; imports under `if TYPE_CHECKING:` are types only and do not count.
 """
