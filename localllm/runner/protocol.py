@@ -62,12 +62,17 @@ class LoadConfig:
 @attrs.frozen
 class SamplingParams:
     """How one sequence is sampled: the request's options, a grammar its output must follow, and
-    whether to report each token's logprob (with the `top_logprobs` most likely tokens at its position)."""
+    whether to report each token's logprob (with the `top_logprobs` most likely tokens at its position).
+
+    `truncate`: a prompt longer than the context is cut (keeping `num_keep` tokens) instead of refused;
+    `shift`: generation that reaches the end of the context shifts it and goes on, as Ollama does."""
 
     options: Options = attrs.field(factory=Options)
     grammar: str | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    truncate: bool = True
+    shift: bool = True
 
 
 @attrs.frozen
