@@ -462,6 +462,15 @@ def test_the_server_has_its_own_store(
     assert missing.returncode == 1 and "not found" in missing.stderr, missing.stderr
 
 
+def test_version_with_a_server(served: dict[str, str], server: str) -> None:
+    """The server answers Ollama's version to its clients; `--version` still names localllm's own."""
+    from localllm.http.ollama_api import OLLAMA_API_VERSION
+
+    assert httpx.get(f"http://{server}/api/version").json() == {"version": OLLAMA_API_VERSION}
+    result = cli(served, "--version")
+    assert result.returncode == 0 and result.stdout == f"localllm version is {localllm.__version__}\n", result.stderr
+
+
 def test_show_through_a_server(served: dict[str, str], served_model: str) -> None:
     result = cli(served, "show", served_model)
     assert result.returncode == 0, result.stderr

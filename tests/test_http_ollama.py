@@ -12,8 +12,8 @@ import ollama
 import pytest
 from servers import OCIRegistry, localllm_shim, tiny_gguf
 
-import localllm
 from localllm.http import ServerThread
+from localllm.http.ollama_api import OLLAMA_API_VERSION
 
 GREEDY = {"temperature": 0, "num_predict": 12, "repeat_penalty": 1.0}
 
@@ -60,7 +60,8 @@ def test_root_version_and_blob_checks(server: ServerThread, model: str, smollm2_
     with httpx.Client(base_url=server.url) as raw:
         assert raw.get("/").text == "Ollama is running"
         assert raw.head("/").status_code == 200
-        assert raw.get("/api/version").json() == {"version": localllm.__version__}
+        # Ollama's version, which clients compare to decide what to send; localllm's own is `localllm --version`'s
+        assert raw.get("/api/version").json() == {"version": OLLAMA_API_VERSION}
         digest = "sha256:" + "0" * 64
         assert raw.head(f"/api/blobs/{digest}").status_code == 404
         assert raw.head("/api/blobs/sha256:nothex").status_code == 400

@@ -46,9 +46,14 @@ from .common import (
 )
 from .names import checked_modelfile, checked_options, model_name, model_to_build_on, model_to_run
 
-__all__ = ["ollama_error", "progress_events", "routes"]
+__all__ = ["OLLAMA_API_VERSION", "ollama_error", "progress_events", "routes"]
 
 logger = logging.getLogger("localllm.http")
+
+#: What ``/api/version`` answers: the Ollama release whose API this module serves, not localllm's own version
+#: (``localllm --version``), which clients that gate features on Ollama's version would misread. 0.30.0 is the
+#: first release listing each model's ``capabilities`` in ``/api/tags``, the newest field served here.
+OLLAMA_API_VERSION = "0.30.0"
 
 
 # --------------------------------------------------------------------------- errors and helpers
@@ -606,9 +611,7 @@ async def root(request: Request) -> Response:
 
 
 async def version(request: Request) -> Response:
-    from .. import __version__
-
-    return JSON({"version": __version__})
+    return JSON({"version": OLLAMA_API_VERSION})
 
 
 def routes() -> list[Route]:
