@@ -649,6 +649,7 @@ class Engine:
                     digest=entry.digest,
                     size=entry.size,
                     details=entry.details,
+                    capabilities=list(entry.capabilities),
                 )
                 for entry in entries
             ]

@@ -323,6 +323,7 @@ class StoredModel(_Subscriptable):
     digest: str
     size: int
     details: ModelDetails
+    capabilities: list[str] = attrs.field(factory=list)  # as show()'s: "completion", "tools", "embedding", ...
 
 
 @attrs.frozen

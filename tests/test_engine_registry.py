@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import localllm
-from localllm import Engine
+from localllm import Engine, gguf
 
 
 async def test_create_chat_by_name_list_show_copy_delete(smollm2_path: Path, home: Path) -> None:
@@ -74,3 +74,31 @@ async def test_unknown_option_in_a_request_warns_and_is_ignored(smollm2_path: Pa
             reply = await engine.generate(str(smollm2_path), "Hi", options={"num_predict": 2, "mirostat_x": 1})
     assert reply.done
     assert any("mirostat_x" in str(w.message) for w in caught)
+
+
+async def test_list_tells_each_models_capabilities_as_show_does(
+    smollm2_path: Path, minilm_gguf: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with Engine(home) as engine:
+        await engine.create("smollm2", from_=smollm2_path)
+        await engine.create("minilm", from_=minilm_gguf)
+        await engine.create("tooled", modelfile='FROM smollm2\nTEMPLATE """{{ .Tools }}{{ .Prompt }}"""\n')
+        listed = {m.name: m.capabilities for m in (await engine.list()).models}
+        assert listed == {
+            "smollm2:latest": ["completion"],
+            "minilm:latest": ["embedding"],
+            "tooled:latest": ["completion", "tools"],  # the model's own TEMPLATE, not the GGUF's
+        }
+        for name, capabilities in listed.items():
+            assert (await engine.show(name)).capabilities == capabilities
+
+        reads: list[object] = []
+        read_info = gguf.read_info
+
+        def counted(path: str) -> gguf.GGUFInfo:
+            reads.append(path)
+            return read_info(path)
+
+        monkeypatch.setattr(gguf, "read_info", counted)
+        assert {m.name: m.capabilities for m in (await engine.list()).models} == listed
+        assert reads == []  # a model's files are read once, not at every listing

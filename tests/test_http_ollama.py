@@ -86,6 +86,16 @@ def test_list_and_show(client: ollama.Client, model: str) -> None:
     assert info.details is not None and info.details.format == "gguf"
 
 
+def test_tags_list_capabilities(server: ServerThread, model: str, minilm: str) -> None:
+    """Each model's capabilities in /api/tags, as Ollama lists them, so a client picks models without a show each."""
+    with httpx.Client(base_url=server.url) as raw:
+        listed = {m["name"]: m for m in raw.get("/api/tags").json()["models"]}
+        assert listed["smollm2:latest"]["capabilities"] == ["completion"]
+        assert listed["minilm:latest"]["capabilities"] == ["embedding"]
+        for name, entry in listed.items():
+            assert raw.post("/api/show", json={"model": name}).json()["capabilities"] == entry["capabilities"]
+
+
 def test_generate_whole_and_streamed(client: ollama.Client, model: str) -> None:
     whole = client.generate(model, "Name a color.", options=GREEDY)
     assert whole.done and whole.done_reason in ("stop", "length")

@@ -288,6 +288,7 @@ class RemoteModels:
                 digest=str(m.get("digest") or ""),
                 size=int(m.get("size") or 0),
                 details=_details(m.get("details")),
+                capabilities=[str(c) for c in m.get("capabilities") or ()],
             )
             for m in data.get("models") or ()
         ]

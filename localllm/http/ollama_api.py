@@ -352,8 +352,11 @@ async def embeddings(request: Request) -> Response:
 
 @endpoint
 async def tags(request: Request) -> Response:
-    models = (await engine_of(request).list()).models
-    return JSON({"models": [as_dict(m) for m in models]})
+    models = [as_dict(m) for m in (await engine_of(request).list()).models]
+    for model in models:  # as Ollama's, left out when there are none to tell
+        if not model.get("capabilities"):
+            model.pop("capabilities", None)
+    return JSON({"models": models})
 
 
 @endpoint

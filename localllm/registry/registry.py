@@ -121,6 +121,7 @@ class ModelEntry(_Subscriptable):
     digest: str
     modified_at: str
     details: ModelDetails
+    capabilities: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -247,6 +248,9 @@ class Registry:
         self.store = BlobStore(self.models_dir)
         #: Held while the store changes (create, copy, delete, prune, the last step of a pull): the store's lock.
         self.lock = self.store.lock
+        #: Capabilities of stored models by manifest digest: a digest names the model's files and template, so an
+        #: entry never goes stale, and `list` reads each model's GGUF metadata once, not on every call.
+        self._capabilities: dict[str, tuple[str, ...]] = {}
 
     # ---- lookup
 
@@ -720,11 +724,37 @@ class Registry:
                         digest=manifest.digest,
                         modified_at=_iso(mtime),
                         details=self._details(self._config(manifest), manifest),
+                        capabilities=self._stored_capabilities(manifest),
                     ),
                 )
             )
         entries.sort(key=lambda pair: pair[0], reverse=True)
         return [entry for _, entry in entries]
+
+    def _stored_capabilities(self, manifest: Manifest) -> tuple[str, ...]:
+        """What a stored model can do, as `show` says; empty for a model whose files cannot be read (show says why)."""
+        known = self._capabilities.get(manifest.digest)
+        if known is not None:
+            return known
+        from ..gguf import read_info
+
+        model_layer = manifest.layer_of(MEDIA_MODEL)
+        if model_layer is None:
+            return ()
+        template: str | None = None
+        projector: Path | None = None
+        try:
+            info = read_info(self.store.blob_path(model_layer.digest))
+            for layer in manifest.layers:
+                if layer.media_type in (MEDIA_TEMPLATE, "application/vnd.ollama.image.prompt"):
+                    template = self.store.read_blob(layer.digest).decode("utf-8", "replace")
+                elif layer.media_type == MEDIA_PROJECTOR and projector is None:
+                    projector = self.store.blob_path(layer.digest)
+        except (LocalLLMError, OSError):
+            return ()
+        capabilities = model_capabilities(info, template if template is not None else info.chat_template, projector)
+        self._capabilities[manifest.digest] = capabilities
+        return capabilities
 
     def show(self, name: str, *, verbose: bool = False) -> ShowResponse:
         """Details of a model (a name, or a path to a GGUF file), like ``ollama show``."""
@@ -757,13 +787,16 @@ class Registry:
         model_info.pop("general.name", None)
         model_info.pop("tokenizer.chat_template", None)
         template = resolved.template if resolved.template is not None else (info.chat_template or "")
+        capabilities = model_capabilities(info, template, resolved.projector)
+        if manifest is not None:
+            self._capabilities[manifest.digest] = capabilities
         return ShowResponse(
             modelfile=self._show_modelfile(resolved, short),
             parameters=format_parameters(resolved.params),
             template=template,
             details=details,
             model_info=model_info,
-            capabilities=model_capabilities(info, template, resolved.projector),
+            capabilities=capabilities,
             modified_at=_iso(mtime),
             system=resolved.system or "",
             license=resolved.license or "",
