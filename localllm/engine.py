@@ -669,6 +669,8 @@ class Engine:
             capabilities=list(info.capabilities),
             system=info.system,
             messages=list(info.messages),
+            tensors=[ShowResponse.Tensor(t.name, t.type_name, list(t.shape)) for t in info.tensors],
+            projector_info=info.projector_info,
         )
 
     async def copy(self, source: str, destination: str) -> StatusResponse:

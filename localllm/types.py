@@ -22,6 +22,7 @@ __all__ = [
     "Message",
     "MessageLike",
     "ModelDumpable",
+    "ModelTensor",
     "ProcessModel",
     "ProcessResponse",
     "ProgressResponse",
@@ -336,8 +337,19 @@ class ListResponse(_Subscriptable):
 
 
 @attrs.frozen
+class ModelTensor(_Subscriptable):
+    """One tensor of a model's GGUF file, as `show()` lists it: its name, data type ("Q4_1", "F32", ...) and shape."""
+
+    name: str
+    type: str
+    shape: list[int]  # GGUF order: the row length first
+
+
+@attrs.frozen
 class ShowResponse(_Subscriptable):
     """What `show()` tells about a model."""
+
+    Tensor: ClassVar[type[ModelTensor]] = ModelTensor
 
     modified_at: _dt.datetime
     template: str
@@ -349,6 +361,8 @@ class ShowResponse(_Subscriptable):
     capabilities: list[str]
     system: str = ""
     messages: list[dict[str, Any]] = attrs.field(factory=list)
+    tensors: list[ModelTensor] = attrs.field(factory=list)  # every tensor of the model's GGUF, as Ollama lists them
+    projector_info: dict[str, Any] | None = None  # the metadata of the model's projector, when it has one
 
     #: Fields whose name in Ollama's JSON differs (the ollama client reads `model_info` into `modelinfo`).
     json_names: ClassVar[Mapping[str, str]] = {"modelinfo": "model_info"}

@@ -480,7 +480,10 @@ def test_show_through_a_server(served: dict[str, str], served_model: str) -> Non
     assert "  Capabilities\n    completion" in result.stdout
     assert "  System\n    You are served." in result.stdout
     assert "general.architecture" not in result.stdout
-    assert re.search(r"^    general\.architecture\s+llama$", cli(served, "show", served_model, "-v").stdout, re.M)
+    verbose = cli(served, "show", served_model, "-v").stdout
+    assert re.search(r"^    general\.architecture\s+llama$", verbose, re.M)
+    assert re.search(r"^  Tensors\n    token_embd\.weight\s+Q8_0\s+\[576 49152\]$", verbose, re.M)
+    assert "Tensors" not in result.stdout
 
     assert cli(served, "show", served_model, "--system").stdout == "You are served."
     assert cli(served, "show", served_model, "--license").stdout == "served-license\n"

@@ -102,3 +102,13 @@ async def test_list_tells_each_models_capabilities_as_show_does(
         monkeypatch.setattr(gguf, "read_info", counted)
         assert {m.name: m.capabilities for m in (await engine.list()).models} == listed
         assert reads == []  # a model's files are read once, not at every listing
+
+
+async def test_show_lists_the_tensors_of_the_models_file(smollm2_path: Path, home: Path) -> None:
+    async with Engine(home) as engine:
+        await engine.create("smollm2", from_=smollm2_path)
+        shown = await engine.show("smollm2")
+    in_file = gguf.read_info(smollm2_path).tensors
+    assert [(t.name, t.type, t.shape) for t in shown.tensors] == [(t.name, t.type_name, list(t.shape)) for t in in_file]
+    assert shown.tensors[0] == localllm.ShowResponse.Tensor("token_embd.weight", "Q8_0", [576, 49152])
+    assert shown.projector_info is None  # no projector

@@ -96,6 +96,36 @@ def test_tags_list_capabilities(server: ServerThread, model: str, minilm: str) -
             assert raw.post("/api/show", json={"model": name}).json()["capabilities"] == entry["capabilities"]
 
 
+def test_show_lists_tensors_and_a_projectors_metadata(
+    client: ollama.Client, server: ServerThread, model: str, tmp_path: Path
+) -> None:
+    """As Ollama's /api/show: every tensor's name, type and shape; `projector_info` only for a model with one."""
+    from test_validation_routes import projector_gguf
+
+    from localllm.registry.store import MEDIA_PROJECTOR
+
+    with httpx.Client(base_url=server.url) as raw:
+        shown = raw.post("/api/show", json={"model": model, "verbose": True}).json()
+        tensors = {t["name"]: t for t in shown["tensors"]}
+        assert len(tensors) == len(shown["tensors"]) > 100
+        assert tensors["token_embd.weight"] == {"name": "token_embd.weight", "type": "Q8_0", "shape": [576, 49152]}
+        assert tensors["output_norm.weight"]["type"] == "F32"
+        assert "projector_info" not in shown
+        assert raw.post("/api/show", json={"model": model}).json()["tensors"] == shown["tensors"]  # as Ollama
+
+        with OCIRegistry() as registry:
+            registry.add_model(
+                "library/seeing", "latest", tiny_gguf(seed=4), extra=[(MEDIA_PROJECTOR, projector_gguf(tmp_path))]
+            )
+            name = f"{registry.host}/library/seeing:latest"
+            assert client.pull(name, insecure=True).status == "success"
+        seeing = raw.post("/api/show", json={"model": name}).json()
+        assert seeing["projector_info"]["general.architecture"] == "clip"
+        assert "vision" in seeing["capabilities"]
+        assert [t["name"] for t in seeing["tensors"]] == ["token_embd.weight", "output_norm.weight"]
+        client.delete(name)
+
+
 def test_generate_whole_and_streamed(client: ollama.Client, model: str) -> None:
     whole = client.generate(model, "Name a color.", options=GREEDY)
     assert whole.done and whole.done_reason in ("stop", "length")

@@ -196,6 +196,8 @@ def show_info(info: ShowResponse, *, verbose: bool = False, out: TextIO | None =
                 text = json.dumps(value) if isinstance(value, bool) or value is None else str(value)
             rows.append(["", key, text])
         section("Metadata", rows)
+    if verbose and info.tensors:
+        section("Tensors", [["", t.name, t.type, "[" + " ".join(str(n) for n in t.shape) + "]"] for t in info.tensors])
     if info.system:
         section("System", _head(info.system, 2))
     if info.license:

@@ -307,6 +307,12 @@ class RemoteModels:
             capabilities=list(data.get("capabilities") or ()),
             system=data.get("system") or "",
             messages=list(data.get("messages") or ()),
+            tensors=[
+                ShowResponse.Tensor(str(t.get("name") or ""), str(t.get("type") or ""), list(t.get("shape") or ()))
+                for t in data.get("tensors") or ()
+                if isinstance(t, dict)
+            ],
+            projector_info=data.get("projector_info") or None,
         )
 
     def ps(self) -> ProcessResponse:

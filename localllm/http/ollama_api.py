@@ -366,8 +366,9 @@ async def show(request: Request) -> Response:
     verbose = fields.flag("verbose", False)
     info = await engine_of(request).show(model, verbose=verbose)
     data = as_dict(info)
-    if not data.get("messages"):
-        data.pop("messages", None)
+    for key in ("messages", "tensors", "projector_info"):  # as Ollama's, left out when empty
+        if not data.get(key):
+            data.pop(key, None)
     for key in ("system", "license"):
         if data.get(key) == "":
             data.pop(key)

@@ -54,7 +54,7 @@ from .store import (
 )
 
 if TYPE_CHECKING:
-    from ..gguf import GGUFInfo
+    from ..gguf import GGUFInfo, TensorInfo
 
 __all__ = [
     "ModelDetails",
@@ -138,6 +138,8 @@ class ShowResponse(_Subscriptable):
     system: str = ""
     license: str = ""
     messages: tuple[dict[str, Any], ...] = ()
+    tensors: tuple[TensorInfo, ...] = ()
+    projector_info: dict[str, Any] | None = None  # the projector's metadata, as model_info, when there is one
 
 
 # --------------------------------------------------------------------------- helpers
@@ -187,6 +189,18 @@ def model_capabilities(info: GGUFInfo, template: str | None, projector: Path | N
     if projector is not None:
         caps.append("vision")
     return tuple(caps)
+
+
+def _projector_info(path: Path, verbose: bool) -> dict[str, Any]:
+    """A projector's metadata as Ollama's show gives it: every key, its name included."""
+    from ..gguf import read_info
+
+    info = read_info(path)
+    metadata = info.model_info(verbose)
+    name = info.get("general.name")
+    if name is not None:
+        metadata["general.name"] = name
+    return dict(sorted(metadata.items()))
 
 
 def _typed_params(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -801,6 +815,8 @@ class Registry:
             system=resolved.system or "",
             license=resolved.license or "",
             messages=tuple({"role": m.get("role", ""), "content": m.get("content", "")} for m in resolved.messages),
+            tensors=info.tensors,
+            projector_info=_projector_info(resolved.projector, verbose) if resolved.projector is not None else None,
         )
 
     @staticmethod
