@@ -282,6 +282,29 @@ def test_prefix_names_are_not_matched_early() -> None:
     assert simple(calls) == [("say_hello_world", {})]
 
 
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        # Qwen 2.5 as it sometimes closes a call: one brace too many, inside the tags or after them
+        ["<tool_call>", "\n", '{"name": "get_temperature", "arguments": {"city": "Paris"}}', "}", "\n", "</tool_call>"],
+        ["<tool_call>", '{"name": "get_temperature", ', '"arguments": {"city": "Paris"}}}', "</tool_call>"],
+        ["<tool_call>", '{"name": "get_temperature", "arguments": {"city": "Paris"}}', "</tool_call>", "}"],
+        ["<tool_call>", '{"name": "get_temperature", "arguments": {"city": "Paris"}}', "}"],  # and no closing tag
+        ['{"name": "get_temperature", "arguments": {"city": "Paris"}}', "}"],  # a call as bare JSON
+    ],
+)
+def test_a_stray_bracket_after_a_call_is_not_content(tokens: list[str]) -> None:
+    """As Ollama's parser: the call, and no "}" left over as the reply's text."""
+    expected = ("", [("get_temperature", {"city": "Paris"})])
+    assert run_chunks(tokens, prefix="<tool_call>") == expected
+    check_all_splits("".join(tokens), *expected, prefix="<tool_call>")
+
+
+def test_brackets_are_content_when_no_call_came_before_them() -> None:
+    assert run_chunks(["} and ]"]) == ("} and ]", [])
+    assert run_chunks(["<tool_call>", "}", " no call"]) == ("<tool_call>} no call", [])
+
+
 def test_content_streams_before_the_call_and_partial_tags_are_held() -> None:
     parser = ToolCallParser(TOOLS)
     assert parser.feed("Checking the weather <tool") == ("Checking the weather ", [])

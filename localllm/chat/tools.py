@@ -236,6 +236,7 @@ class ToolCallParser:
         self._pending_marker = False
         self._expect_name = False
         self._count = 0
+        self._called = False  # whether the current tool-call region has yielded a call yet
 
     @property
     def calls_found(self) -> int:
@@ -281,6 +282,7 @@ class ToolCallParser:
 
     def _enter_calls(self, pending: str, *, marker: bool, expect_name: bool = False) -> None:
         self._in_calls = True
+        self._called = False
         self._pending = pending
         self._pending_marker = marker
         self._expect_name = expect_name
@@ -309,6 +311,7 @@ class ToolCallParser:
                 ToolCall(function=ToolCallFunction(name=name, arguments=arguments, index=self._count), id=new_call_id())
             )
             self._count += 1
+        self._called = True
         self._buf = self._buf[consumed:]
         self._pending = ""
         self._pending_marker = False
@@ -370,8 +373,11 @@ class ToolCallParser:
 
     def _calls_step(self, out: list[str], calls: list[ToolCall], final: bool) -> bool:
         buf = self._buf
+        # Between calls, separators; after a call, also the stray closing brackets models write (Qwen's extra
+        # "}"), which Ollama's parser drops too.
+        noise = " \t\r\n,;}]" if self._called else " \t\r\n,;"
         skip = 0
-        while skip < len(buf) and buf[skip] in " \t\r\n,;":
+        while skip < len(buf) and buf[skip] in noise:
             skip += 1
         if skip:
             self._pending += buf[:skip]
