@@ -333,7 +333,7 @@ def test_cp_and_rm(env: dict[str, str], model: str) -> None:
 
 
 def test_errors_are_one_line(env: dict[str, str], model: str) -> None:
-    for args in (("run", "no-such-model", "hi"), ("show", "no-such-model"), ("rm", "no-such-model"), ("cp", "x", "y")):
+    for args in (("show", "no-such-model"), ("rm", "no-such-model"), ("cp", "x", "y")):
         result = local(env, *args)
         assert result.returncode == 1, args
         assert result.stderr.startswith("Error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -589,8 +589,36 @@ def test_run_through_a_server(served: dict[str, str], server: str, served_model:
     assert [m["role"] for m in shown["messages"]] == ["user", "assistant", "user", "assistant"]
     assert cli(served, "rm", "from-server").returncode == 0
 
-    missing = cli(served, "run", "no-such-model", "hi")
-    assert missing.returncode == 1 and "not found" in missing.stderr
+
+def test_run_pulls_a_missing_model_first(served: dict[str, str], smollm2_path: Path) -> None:
+    """As `ollama run`: a model not in the store is pulled, with pull's progress, then run, here or by a server."""
+    from localllm.registry.store import MEDIA_PARAMS
+
+    params = {"temperature": 0, "num_predict": 4, "num_ctx": 1024, "num_thread": 1, "stop": ["<|im_end|>"]}
+    with OCIRegistry() as registry:
+        registry.add_model(
+            "library/smol", "latest", smollm2_path.read_bytes(), extra=[(MEDIA_PARAMS, json.dumps(params).encode())]
+        )
+        name = f"{registry.host}/library/smol:latest"
+        for where in (["--local"], []):  # in this process, then through the server
+            result = cli(served, "run", name, "--insecure", "Hi", *where)
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.strip()  # the model's answer
+            lines = result.stderr.splitlines()
+            assert lines[0] == "pulling manifest" and "success" in lines, lines
+            assert any(re.match(r"pulling [0-9a-f]{12}: 100% ▕█+▏ 98 MB$", line) for line in lines), lines
+            assert name in cli(served, "list", *where).stdout
+            again = cli(served, "run", name, "--insecure", "Hi", *where)
+            assert again.returncode == 0 and again.stdout == result.stdout, again.stderr  # greedy: the same answer
+            assert "pulling manifest" not in again.stderr  # stored now
+            assert cli(served, "rm", name, *where).returncode == 0
+
+        missing = cli(served, "run", f"{registry.host}/library/missing", "--insecure", "hi", "--local")
+        assert missing.returncode == 1 and "not found" in missing.stderr.splitlines()[-1], missing.stderr
+        through_server = cli(served, "run", f"{registry.host}/library/missing", "--insecure", "hi")
+        assert through_server.returncode == 1 and through_server.stderr.splitlines()[-1].startswith("Error: ")
+    path = cli(served, "run", "./no-such-file.gguf", "hi", "--local")  # a path is not pulled
+    assert path.returncode == 1 and "pulling" not in path.stderr and path.stderr.startswith("Error: ")
 
 
 # --------------------------------------------------------------------------- when the server does not answer

@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import CLIError
 from .format import human_bytes, human_time, processor, show_info, table, until
@@ -17,6 +17,9 @@ from .progress import Progress, progress_callback
 from .remote import DEFAULT_HOST, DEFAULT_PORT, host_setting, parse_host
 from .repl import interactive, print_history
 from .session import Session
+
+if TYPE_CHECKING:
+    from ..types import ShowResponse
 
 __all__ = [
     "cmd_cp",
@@ -104,13 +107,18 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pull(args: argparse.Namespace) -> int:
+def _pull(models: Models, model: str, *, insecure: bool) -> None:
+    """Pull a model, drawing its progress as ``ollama pull`` does."""
     display = Progress()
     try:
-        with open_models(local=args.local) as models:
-            models.pull(args.model, insecure=args.insecure, progress=progress_callback(display))
+        models.pull(model, insecure=insecure, progress=progress_callback(display))
     finally:
         display.close()
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    with open_models(local=args.local) as models:
+        _pull(models, args.model, insecure=args.insecure)
     return 0
 
 
@@ -175,13 +183,29 @@ def _print_embedding(models: Models, args: argparse.Namespace, text: str) -> Non
     print(json.dumps([float(x) for x in result.embeddings[0]], separators=(",", ":")))
 
 
+def _show_or_pull(models: Models, model: str, *, insecure: bool) -> ShowResponse:
+    """The model's details; a model not in the store is pulled first, as ``ollama run`` does (a path is not)."""
+    from ..errors import LocalLLMError, ModelNotFound
+    from ..registry.names import ModelName
+
+    try:
+        return models.show(model)
+    except ModelNotFound as missing:
+        try:
+            ModelName.parse(model)
+        except LocalLLMError:
+            raise missing from None  # not a name a registry has, such as the path of a missing file
+    _pull(models, model, insecure=insecure)
+    return models.show(model)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     words = " ".join(args.prompt)
     chat = sys.stdin.isatty() or args.interactive  # else standard input is the prompt, not the chat
     prompt = words if chat else _with_piped_input(args.prompt)
     one_shot = bool(words) or not chat
     with open_models(local=args.local) as models:
-        info = models.show(args.model)
+        info = _show_or_pull(models, args.model, insecure=args.insecure)
         capabilities = info.capabilities or ()
         if "embedding" in capabilities and "completion" not in capabilities:
             _print_embedding(models, args, prompt)

@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flag_values(run, "--think", THINK_VALUES)
     run.add_argument("--hidethinking", action="store_true", help="think, but do not print the thinking")
     run.add_argument("--nowordwrap", action="store_true", help="do not wrap words (output is never wrapped)")
-    run.add_argument("--insecure", action="store_true", help=argparse.SUPPRESS)
+    run.add_argument("--insecure", action="store_true", help="allow a plain http registry when the model is pulled")
     run.add_argument("-i", "--interactive", action="store_true", help="chat even when standard input is not a terminal")
     _add_embedding_options(run, "embedding models: ")
     run.set_defaults(handler=cmd_run)
