@@ -126,6 +126,45 @@ def test_show_lists_tensors_and_a_projectors_metadata(
         client.delete(name)
 
 
+def test_debug_render_only_answers_the_prompt_without_running_the_model(
+    server: ServerThread, client: ollama.Client, model: str
+) -> None:
+    """Ollama's `_debug_render_only`: the rendered prompt under `_debug_info`, one JSON object, nothing generated."""
+    client.generate(model, keep_alive=0)  # unloaded, to see that rendering loads nothing
+    chat = [{"role": "user", "content": "Name a color."}]
+    expected = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"  # the model's SYSTEM
+        "<|im_start|>user\nName a color.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    with httpx.Client(base_url=server.url, timeout=120) as raw:
+        answer = raw.post("/api/chat", json={"model": model, "messages": chat, "_debug_render_only": True})
+        assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
+        body = answer.json()
+        assert body["message"] == {"role": "", "content": ""} and body["done"] is False
+        assert body["_debug_info"] == {"rendered_template": expected}
+        generated = raw.post(
+            "/api/generate", json={"model": model, "prompt": "Hi", "system": "Be brief.", "_debug_render_only": True}
+        ).json()
+        assert generated["response"] == "" and generated["done"] is False
+        assert generated["_debug_info"]["rendered_template"] == (
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        )
+        as_is = {"model": model, "prompt": "x y", "raw": True, "_debug_render_only": True}
+        assert raw.post("/api/generate", json=as_is).json()["_debug_info"] == {"rendered_template": "x y"}
+        tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+        with_tools = {"model": model, "messages": chat, "tools": [tool], "_debug_render_only": True}
+        assert "get_weather" in raw.post("/api/chat", json=with_tools).json()["_debug_info"]["rendered_template"]
+        assert raw.get("/api/ps").json()["models"] == []  # nothing was loaded, let alone run
+
+        with_image = [{"role": "user", "content": "What is this?", "images": ["aGk="]}]
+        refused = raw.post("/api/chat", json={"model": model, "messages": with_image, "_debug_render_only": True})
+        assert refused.status_code == 400 and "images" in refused.json()["error"]  # as a request with images is
+
+    # The rendered prompt is the one the model runs on: sent raw, it gets the same greedy reply.
+    reply = client.chat(model, chat, options=GREEDY)
+    assert client.generate(model, expected, raw=True, options=GREEDY).response == reply.message.content
+
+
 def test_generate_whole_and_streamed(client: ollama.Client, model: str) -> None:
     whole = client.generate(model, "Name a color.", options=GREEDY)
     assert whole.done and whole.done_reason in ("stop", "length")

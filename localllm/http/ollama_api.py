@@ -24,9 +24,9 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from ..errors import ConversionError, DigestMismatch
+from ..errors import CapabilityError, ConversionError, DigestMismatch
 from ..registry.modelfile import Modelfile
-from ..types import Message, as_dict
+from ..types import Message, as_dict, now_iso
 from .common import (
     CREATE_FOLDER_PREFIX,
     JSON,
@@ -202,6 +202,100 @@ async def progress_events(operation: Callable[[Emit], Awaitable[Any]], put: Put)
         raise failure[0]
 
 
+# --------------------------------------------------------------------------- the rendered prompt only
+# Ollama's `_debug_render_only`: what a request's prompt renders to, answered without running the model.
+# The prompt is built as a request builds it (the model's SYSTEM and MESSAGEs, tools, thinking), from what
+# `show` tells, so nothing is loaded; the conversation is not cut to the context, which takes a loaded model.
+
+
+def debug_response(model: str, text: str, images: int, **empty: Any) -> Response:
+    """Ollama's answer: an empty, unfinished response (`response`, or `message`, as `empty` gives) and the prompt."""
+    info: dict[str, Any] = {"rendered_template": text}
+    if images:
+        info["image_count"] = images
+    return JSON({"model": model, "created_at": now_iso(), **empty, "done": False, "_debug_info": info})
+
+
+async def _template_of(engine: Any, model: str, source: str | None) -> tuple[Any, Any]:
+    """The template a request to `model` is rendered with (the request's own, when given), and show's answer."""
+    from ..chat.template import PlainTemplate, load_template
+
+    info = await engine.show(model, verbose=True)  # verbose: the vocabulary, for the BOS and EOS tokens' text
+    if "completion" not in info.capabilities:
+        raise CapabilityError(f"'{model}' does not generate text: it is an embedding model")
+    if source:
+        return await anyio.to_thread.run_sync(load_template, source), info
+    if not info.template:
+        return PlainTemplate(), info
+    metadata = info.modelinfo
+    tokens = metadata.get("tokenizer.ggml.tokens") or []
+
+    def token(key: str) -> str:
+        index = metadata.get(key)
+        return str(tokens[index]) if isinstance(index, int) and 0 <= index < len(tokens) else ""
+
+    bos, eos = token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id")
+    return await anyio.to_thread.run_sync(lambda: load_template(info.template, bos_token=bos, eos_token=eos)), info
+
+
+def _refuse_images(model: str, info: Any) -> None:
+    """Images are refused as a request with them is (no runner reads them yet)."""
+    if info.projector_info is None:
+        raise CapabilityError(f"'{model}' does not support images: it is not a vision model")
+    raise CapabilityError(f"'{model}' is a vision model, but localllm cannot run its projector yet; send text only")
+
+
+async def rendered_generate(engine: Any, model: str, prompt: str, kwargs: Mapping[str, Any]) -> tuple[str, int]:
+    """The prompt `/api/generate` would run, and how many images it carries."""
+    from ..chat.prompt import prepare_chat_in_thread
+
+    images = len(kwargs.get("images") or ())
+    if kwargs.get("raw"):
+        return prompt, images
+    template, info = await _template_of(engine, model, kwargs.get("template"))
+    if images:
+        _refuse_images(model, info)
+    if kwargs.get("suffix"):
+        if not template.supports_suffix:
+            raise CapabilityError("this model does not support insert (a prompt with a suffix)")
+        return await anyio.to_thread.run_sync(template.render_suffix, prompt, kwargs["suffix"]), images
+    system = kwargs.get("system") if kwargs.get("system") is not None else info.system
+    messages = [
+        *([{"role": "system", "content": system}] if system else []),
+        *([] if kwargs.get("context") else [dict(m) for m in info.messages]),
+        {"role": "user", "content": prompt},
+    ]
+    prepared = await prepare_chat_in_thread(template, messages, think=kwargs.get("think"), format=kwargs.get("format"))
+    return prepared.prompt, images
+
+
+async def rendered_chat(
+    engine: Any, model: str, messages: list[dict[str, Any]], kwargs: Mapping[str, Any]
+) -> tuple[str, int]:
+    """The prompt `/api/chat` would run, and how many images its messages carry."""
+    from ..chat.prompt import prepare_chat_in_thread
+    from ..tools import normalize_tools
+
+    given = [Message.from_any(m) for m in messages]
+    images = sum(len(m.images or ()) for m in given)
+    template, info = await _template_of(engine, model, None)
+    if images:
+        _refuse_images(model, info)
+    prefix = [Message.from_any(m) for m in info.messages]  # the model's MESSAGEs, then its SYSTEM when none is given
+    if info.system and not any(m.role == "system" for m in (*given, *prefix)):
+        prefix.insert(0, Message(role="system", content=info.system))
+    tools = [t.to_dict() for t in normalize_tools(kwargs.get("tools"))] if kwargs.get("tools") else []
+    prepared = await prepare_chat_in_thread(
+        template,
+        [m.to_template_dict() for m in (*prefix, *given)],
+        tools=tools,
+        tool_choice=kwargs.get("tool_choice"),
+        think=kwargs.get("think"),
+        format=kwargs.get("format"),
+    )
+    return prepared.prompt, images
+
+
 # --------------------------------------------------------------------------- generation
 
 
@@ -227,6 +321,9 @@ async def generate(request: Request) -> Response:
         "top_logprobs": fields.integer("top_logprobs", 0),
     }
     engine = engine_of(request)
+    if fields.flag("_debug_render_only", False) and (prompt or context):  # an empty one loads, as in Ollama
+        text, images = await rendered_generate(engine, model, prompt, kwargs)
+        return debug_response(model, text, images, response="")
 
     if stream:
 
@@ -271,6 +368,9 @@ async def chat(request: Request) -> Response:
     if fields.has("tool_choice"):
         kwargs["tool_choice"] = fields.data["tool_choice"]
     engine = engine_of(request)
+    if fields.flag("_debug_render_only", False) and messages:  # no messages: the model is loaded, as in Ollama
+        text, images = await rendered_chat(engine, model, messages, kwargs)
+        return debug_response(model, text, images, message={"role": "", "content": ""})
 
     if stream:
 
