@@ -7,7 +7,7 @@ Same model (SmolLM2 135M Q4_1), same prompt, greedy, 2 threads, one stream at a 
   is constrained/free >= 0.8 (the grammar checks the chosen token, and masks the whole
   vocabulary only when that token is not allowed);
 - the cost of the repeat penalty: Ollama's default sampling (temperature 0.8, top_k 40, top_p 0.9,
-  fixed seed) with its default `repeat_penalty` 1.1 against 1.0, free output.
+  fixed seed) with `repeat_penalty` 1.1 (Ollama's default until it moved to 1.0) against 1.0, free output.
 
     python benchmarks/bench_grammar.py
 """

@@ -66,7 +66,7 @@ class Options:
     typical_p: float = _option(1.0, valid=lambda v: 0 < v <= 1)
     repeat_last_n: int = _option(64, valid=lambda v: v >= -1)
     temperature: float = _option(0.8, valid=lambda v: v >= 0)
-    repeat_penalty: float = _option(1.1)
+    repeat_penalty: float = _option(1.0)
     presence_penalty: float = _option(0.0)
     frequency_penalty: float = _option(0.0)
     penalize_newline: bool = _option(True)

@@ -94,7 +94,7 @@ class ModelService:
                 loader=self.factory.load,
                 sizer=self.factory.size,
                 memory_budget=self.factory.memory_budget,
-                max_loaded=self.settings.max_loaded_models,
+                max_loaded=self.factory.max_loaded_models(),
                 max_queue=self.settings.max_queue,
             )
         return self._scheduler
@@ -165,7 +165,8 @@ class ModelService:
         raise CapabilityError(f"'{model}' is a vision model, but localllm cannot run its projector yet; send text only")
 
     def options(self, resolved: ResolvedModel, request: OptionValues | None) -> Options:
-        return merge_options(resolved.params, request)
+        # The engine's default num_ctx (context_length, else by GPU memory) under the model's and the request's.
+        return merge_options({"num_ctx": self.factory.default_num_ctx()}, resolved.params, request)
 
     def keep_alive(self, value: float | str | None) -> float:
         return parse_keep_alive(value, self.settings.keep_alive)

@@ -204,8 +204,9 @@ def test_the_grammar_forces_what_the_model_would_not_say(llama: Llama) -> None:
 @pytest.mark.parametrize("seed", [1, 2, 3])
 @pytest.mark.parametrize(("fmt", "prompt"), [(f, p) for _, f, p in FORMATS], ids=[name for name, _, _ in FORMATS])
 def test_sampled_output_follows_the_grammar(llama: Llama, fmt: Any, prompt: str, seed: int) -> None:
-    # Temperature 1 with Ollama's other defaults (top_k 40, top_p 0.9, repeat_penalty 1.1).
-    sampler = SamplerChain(llama.model, Options(temperature=1.0, seed=seed), grammar=format_to_grammar(fmt), n_ctx=512)
+    # Temperature 1 with Ollama's top_k 40 and top_p 0.9, and a repeat penalty: every sampler stage runs.
+    options = Options(temperature=1.0, seed=seed, repeat_penalty=1.1)
+    sampler = SamplerChain(llama.model, options, grammar=format_to_grammar(fmt), n_ctx=512)
     try:
         tokens, done = llama.generate(prompt, sampler.sample, 64)
     finally:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from ..options import Options
 from ..runner.protocol import LoadConfig, ModelRunner
+from ..settings import default_context_length
 from .devices import DeviceInventory, InventorySource, resolve_inventory
 from .memory import LayerPlan, MemoryEstimate, estimate_memory, format_bytes, plan_layers
 from .scheduler import Loaded
@@ -43,6 +44,7 @@ class RunnerFactory:
         self.settings = settings
         self._devices = devices
         self._prompt_cache: PromptCache | None = None
+        self._default_num_ctx: int | None = None
 
     @property
     def prompt_cache(self) -> PromptCache:
@@ -61,6 +63,22 @@ class RunnerFactory:
     def inventory(self) -> DeviceInventory:
         return resolve_inventory(self._devices)
 
+    def default_num_ctx(self) -> int:
+        """num_ctx where neither the model nor the request sets it: the context_length setting, else Ollama's
+        choice by the GPUs' total memory (4096 without a GPU), looked at once."""
+        if self.settings.context_length:
+            return self.settings.context_length
+        if self._default_num_ctx is None:
+            totals = [gpu.total_memory for gpu in self.inventory().gpus]
+            self._default_num_ctx = default_context_length(totals, self.settings.gpu_overhead)
+        return self._default_num_ctx
+
+    def max_loaded_models(self) -> int:
+        """The max_loaded_models setting, else (0) 3 per GPU and 3 without one, as Ollama."""
+        if self.settings.max_loaded_models:
+            return self.settings.max_loaded_models
+        return 3 * max(len(self.inventory().gpus), 1)
+
     def config_for(
         self,
         model_path: str,
@@ -73,14 +91,17 @@ class RunnerFactory:
         """The load configuration; `draft_model_path` is the file `options.draft_model` names, if any.
 
         Embedding runners never draft. A draft model takes the place of prompt lookup. The memory
-        estimate leaves the draft model out (it is meant to be a small fraction of the model).
+        estimate leaves the draft model out (it is meant to be a small fraction of the model). num_ctx
+        beyond the context the model was trained for is cut to it, as Ollama does.
         """
+        trained = _info(model_path).context_length or 0
+        num_ctx = min(options.num_ctx, trained) if trained > 0 else options.num_ctx
         return LoadConfig(
             draft_model_path=None if embeddings else draft_model_path or None,
             draft_max=options.draft_max,
             prompt_lookup=options.prompt_lookup and not embeddings and not draft_model_path,
             model_path=model_path,
-            num_ctx=options.num_ctx,
+            num_ctx=num_ctx,
             num_batch=options.num_batch,
             num_parallel=1 if embeddings else self.settings.num_parallel,
             num_thread=options.num_thread,
@@ -112,6 +133,8 @@ class RunnerFactory:
             inventory if inventory is not None else self.inventory(),
             num_gpu=config.num_gpu,
             main_gpu=config.main_gpu,
+            overhead=self.settings.gpu_overhead,
+            spread=self.settings.sched_spread,
         )
 
     def size(self, config: LoadConfig) -> tuple[int, int]:

@@ -21,16 +21,15 @@ and whatever does not fit stays on the CPU.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import attrs
 from attrs import validators as v
 
-from localllm.errors import InsufficientMemory, InvalidOptions
+from localllm.errors import InsufficientMemory, InvalidOptions, InvalidRequest
 from localllm.scheduler.devices import DeviceInventory, GpuDevice, InventorySource, resolve_inventory
 
 MiB = 1024 * 1024
@@ -535,17 +534,13 @@ def format_bytes(n: int | float) -> str:
 
 
 def gpu_overhead_from_env() -> int:
-    """Bytes to keep free on every GPU, from LOCALLLM_GPU_OVERHEAD (0 when unset)."""
-    raw = os.environ.get(GPU_OVERHEAD_ENV, "").strip()
-    if not raw:
-        return 0
+    """Bytes to keep free on every GPU, from LOCALLLM_GPU_OVERHEAD, else OLLAMA_GPU_OVERHEAD (0 when unset)."""
+    from ..settings import read_setting
+
     try:
-        value = int(float(raw))
-    except ValueError:
-        raise InvalidOptions(f"{GPU_OVERHEAD_ENV} must be a number of bytes, got {raw!r}") from None
-    if value < 0 or not math.isfinite(float(raw)):
-        raise InvalidOptions(f"{GPU_OVERHEAD_ENV} must be a non-negative number of bytes, got {raw!r}")
-    return value
+        return cast(int, read_setting("gpu_overhead"))
+    except InvalidRequest as exc:
+        raise InvalidOptions(str(exc)) from None
 
 
 @attrs.frozen
@@ -600,14 +595,16 @@ def plan_layers(
     main_gpu: int = 0,
     overhead: int | None = None,
     reserve: int = GPU_RESERVE,
+    spread: bool = False,
 ) -> LayerPlan:
     """Decide how many layers go to which GPU, and check the rest fits in system memory.
 
     `num_gpu` caps the layers offloaded (-1: as many as fit, 0: CPU only). `main_gpu` is tried first and wins
     ties; it holds the output layer when it has layers. A model that fits on one GPU goes on one GPU (the
     main GPU if it fits there); otherwise as few GPUs as hold it, otherwise every GPU with room, and the rest
-    stays on the CPU. Each GPU keeps `overhead` (default: LOCALLLM_GPU_OVERHEAD) plus `reserve` bytes free and
-    room for its compute buffer.
+    stays on the CPU. With `spread` (OLLAMA_SCHED_SPREAD) a model goes across every GPU with room, even when
+    one would hold it. Each GPU keeps `overhead` (default: LOCALLLM_GPU_OVERHEAD, else OLLAMA_GPU_OVERHEAD) plus
+    `reserve` bytes free and room for its compute buffer.
 
     Raises InsufficientMemory when the part left for the CPU does not fit in free system memory (and swap).
     """
@@ -629,7 +626,7 @@ def plan_layers(
     placement: _Placement | None = None
     graph = 0
     if inv.gpus and target > 0:
-        placement, graph = _choose_gpus(estimate, inv, target, main_gpu, overhead, reserve)
+        placement, graph = _choose_gpus(estimate, inv, target, main_gpu, overhead, reserve, spread)
 
     if placement is None or placement.layers == 0:
         placement, graph = _Placement(counts={}, used={}, repeating=0, output_gpu=None), 0
@@ -637,7 +634,13 @@ def plan_layers(
 
 
 def _choose_gpus(
-    estimate: MemoryEstimate, inv: DeviceInventory, target: int, main_gpu: int, overhead: int, reserve: int
+    estimate: MemoryEstimate,
+    inv: DeviceInventory,
+    target: int,
+    main_gpu: int,
+    overhead: int,
+    reserve: int,
+    spread: bool = False,
 ) -> tuple[_Placement, int]:
     main = inv.gpu(main_gpu)
     others = sorted((g for g in inv.gpus if g.index != main_gpu), key=lambda g: (-g.free_memory, g.index))
@@ -648,6 +651,8 @@ def _choose_gpus(
         rooms = {index: room for index, room in rooms.items() if room > 0}
         return _place(estimate, gpus, rooms, target, main_gpu)
 
+    if spread and len(order) > 1:
+        return attempt(order, estimate.graph_gpu_partial), estimate.graph_gpu_partial
     # One GPU if any holds everything asked for: the main GPU first, then by free memory.
     for gpu in order:
         graph = estimate.graph_gpu_full if target > estimate.block_count else estimate.graph_gpu_partial
