@@ -8,10 +8,21 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A machine set up for Ollama (OLLAMA_MODELS, OLLAMA_NUM_PARALLEL, ...) must not steer the engines under test."""
+    from localllm.settings import SETTINGS
+
+    for setting in SETTINGS:
+        for variable in setting.variables:
+            if variable.startswith("OLLAMA_"):
+                os.environ.pop(variable, None)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -18,7 +18,7 @@ import pytest
 
 from localllm import Engine, InputError, InvalidRequest, Options
 from localllm.options import merge_options
-from localllm.scheduler.devices import DeviceInventory, GpuDevice, SystemMemory
+from localllm.scheduler.devices import DeviceInventory, GpuDevice, SystemMemory, discover
 from localllm.scheduler.loader import RunnerFactory
 from localllm.scheduler.memory import estimate_file_memory, gpu_overhead_from_env, plan_layers
 from localllm.settings import NOT_READ, SETTINGS, EngineSettings, default_context_length
@@ -276,6 +276,14 @@ def test_gpu_overhead_and_spread_reach_the_layer_plan(smollm2_path: Path, monkey
     assert len(spread.plan(config).layers_per_device) == 2
 
 
+def test_four_slots_cost_what_the_readme_says(smollm2_path: Path) -> None:
+    sizes = []
+    for parallel in (1, 4):
+        factory = RunnerFactory(resolved({}, num_parallel=parallel), devices=inventory())
+        sizes.append(round(factory.size(factory.config_for(str(smollm2_path), (), Options()))[0] / (1 << 20)))
+    assert f"for {sizes[1]} instead of {sizes[0]} MiB loaded at num_ctx 4096" in readme_section("Settings")
+
+
 def test_repeat_penalty_defaults_to_ollamas_one() -> None:
     assert Options().repeat_penalty == 1.0
     assert merge_options({"temperature": 0}).repeat_penalty == 1.0
@@ -295,7 +303,8 @@ async def test_ps_shows_the_capped_context_and_defaults_match_ollama(smollm2_pat
     prompt = "Repeat after me: one two one two one two"
     async with Engine(home, num_parallel=1) as engine:
         default = await engine.generate(model, prompt, options={"temperature": 0, "num_predict": 16})
-        assert [p.context_length for p in (await engine.ps()).models] == [4096]  # no GPU: Ollama's 4096
+        expected = default_context_length([gpu.total_memory for gpu in discover().gpus], 0)  # 4096 without a GPU
+        assert [p.context_length for p in (await engine.ps()).models] == [min(expected, 8192)]
         plain = await engine.generate(model, prompt, options={"temperature": 0, "num_predict": 16, "repeat_penalty": 1})
         assert default.response == plain.response  # no repeat penalty unless asked, as Ollama
         await engine.generate(model, "", options={"num_ctx": 16384})
