@@ -186,6 +186,8 @@ class Client:
         think: bool | str | None = None,
         logprobs: bool = False,
         top_logprobs: int = 0,
+        truncate: bool = True,
+        shift: bool = True,
         stream: Literal[False] = False,
     ) -> GenerateResponse: ...
 
@@ -207,6 +209,8 @@ class Client:
         think: bool | str | None = None,
         logprobs: bool = False,
         top_logprobs: int = 0,
+        truncate: bool = True,
+        shift: bool = True,
         stream: Literal[True],
     ) -> Iterator[GenerateResponse]: ...
 
@@ -228,6 +232,8 @@ class Client:
         think: bool | str | None = None,
         logprobs: bool = False,
         top_logprobs: int = 0,
+        truncate: bool = True,
+        shift: bool = True,
         stream: bool,
     ) -> GenerateResponse | Iterator[GenerateResponse]: ...
 
@@ -248,6 +254,8 @@ class Client:
         think: bool | str | None = None,
         logprobs: bool = False,
         top_logprobs: int = 0,
+        truncate: bool = True,
+        shift: bool = True,
         stream: bool = False,
     ) -> GenerateResponse | Iterator[GenerateResponse]:
         """Complete a prompt: the whole response, or with ``stream=True`` an iterator of chunks."""
@@ -266,6 +274,8 @@ class Client:
             think=think,
             logprobs=logprobs,
             top_logprobs=top_logprobs,
+            truncate=truncate,
+            shift=shift,
             stream=stream,
         )
         if isinstance(response, ChunkStream):
@@ -286,6 +296,8 @@ class Client:
         tool_choice: str | Mapping[str, Any] | None = None,
         logprobs: bool = False,
         top_logprobs: int = 0,
+        truncate: bool = True,
+        shift: bool = True,
         stream: Literal[False] = False,
     ) -> ChatResponse: ...
 
@@ -303,6 +315,8 @@ class Client:
         tool_choice: str | Mapping[str, Any] | None = None,
         logprobs: bool = False,
         top_logprobs: int = 0,
+        truncate: bool = True,
+        shift: bool = True,
         stream: Literal[True],
     ) -> Iterator[ChatResponse]: ...
 
@@ -320,6 +334,8 @@ class Client:
         tool_choice: str | Mapping[str, Any] | None = None,
         logprobs: bool = False,
         top_logprobs: int = 0,
+        truncate: bool = True,
+        shift: bool = True,
         stream: bool,
     ) -> ChatResponse | Iterator[ChatResponse]: ...
 
@@ -336,6 +352,8 @@ class Client:
         tool_choice: str | Mapping[str, Any] | None = None,
         logprobs: bool = False,
         top_logprobs: int = 0,
+        truncate: bool = True,
+        shift: bool = True,
         stream: bool = False,
     ) -> ChatResponse | Iterator[ChatResponse]:
         """Continue a conversation: the whole response, or with ``stream=True`` an iterator of chunks."""
@@ -350,6 +368,8 @@ class Client:
             tool_choice=tool_choice,
             logprobs=logprobs,
             top_logprobs=top_logprobs,
+            truncate=truncate,
+            shift=shift,
             stream=stream,
         )
         if isinstance(response, ChunkStream):

@@ -191,6 +191,8 @@ class Engine:
         think: bool | str | None = None,
         logprobs: bool = False,
         top_logprobs: int = 0,
+        truncate: bool = True,
+        shift: bool = True,
         stream: Literal[False] = False,
     ) -> ResponseStream[GenerateResponse]: ...
 
@@ -212,6 +214,8 @@ class Engine:
         think: bool | str | None = None,
         logprobs: bool = False,
         top_logprobs: int = 0,
+        truncate: bool = True,
+        shift: bool = True,
         stream: Literal[True],
     ) -> ChunkStream[GenerateResponse]: ...
 
@@ -233,6 +237,8 @@ class Engine:
         think: bool | str | None = None,
         logprobs: bool = False,
         top_logprobs: int = 0,
+        truncate: bool = True,
+        shift: bool = True,
         stream: bool,
     ) -> ResponseStream[GenerateResponse] | ChunkStream[GenerateResponse]: ...
 
@@ -253,6 +259,8 @@ class Engine:
         think: bool | str | None = None,
         logprobs: bool = False,
         top_logprobs: int = 0,
+        truncate: bool = True,
+        shift: bool = True,
         stream: bool = False,
     ) -> ResponseStream[GenerateResponse] | ChunkStream[GenerateResponse]:
         """Complete a prompt. Iterate for chunks, or await for the whole response.
@@ -261,6 +269,11 @@ class Engine:
         With ``logprobs=True`` each chunk carries the logprobs of its tokens, each with the
         ``top_logprobs`` (0-20) most likely tokens at its position, and the final response has them all;
         as in Ollama, ``top_logprobs`` without ``logprobs`` adds nothing.
+
+        As in Ollama, ``truncate`` (on by default) fits a prompt too long for the context: the model's
+        MESSAGE history loses its oldest messages, then the runner cuts the prompt keeping ``num_keep``
+        tokens; off, such a prompt raises `ContextLengthExceeded`. ``shift`` (on by default) lets
+        generation that reaches the end of the context drop old tokens and go on.
         """
         if prompt is None:
             prompt = ""
@@ -281,6 +294,8 @@ class Engine:
             think=think,
             logprobs=logprobs,
             top_logprobs=top_logprobs,
+            truncate=truncate,
+            shift=shift,
         )
         return self._respond(lambda: requests.open_generate(self._service, request), requests.combine_generate, stream)
 
@@ -298,6 +313,8 @@ class Engine:
         tool_choice: str | Mapping[str, Any] | None = None,
         logprobs: bool = False,
         top_logprobs: int = 0,
+        truncate: bool = True,
+        shift: bool = True,
         stream: Literal[False] = False,
     ) -> ResponseStream[ChatResponse]: ...
 
@@ -315,6 +332,8 @@ class Engine:
         tool_choice: str | Mapping[str, Any] | None = None,
         logprobs: bool = False,
         top_logprobs: int = 0,
+        truncate: bool = True,
+        shift: bool = True,
         stream: Literal[True],
     ) -> ChunkStream[ChatResponse]: ...
 
@@ -332,6 +351,8 @@ class Engine:
         tool_choice: str | Mapping[str, Any] | None = None,
         logprobs: bool = False,
         top_logprobs: int = 0,
+        truncate: bool = True,
+        shift: bool = True,
         stream: bool,
     ) -> ResponseStream[ChatResponse] | ChunkStream[ChatResponse]: ...
 
@@ -348,6 +369,8 @@ class Engine:
         tool_choice: str | Mapping[str, Any] | None = None,
         logprobs: bool = False,
         top_logprobs: int = 0,
+        truncate: bool = True,
+        shift: bool = True,
         stream: bool = False,
     ) -> ResponseStream[ChatResponse] | ChunkStream[ChatResponse]:
         """Continue a conversation. Iterate for chunks, or await for the whole response.
@@ -355,6 +378,10 @@ class Engine:
         With ``stream=True``, awaiting gives an async iterator of chunks, as ``AsyncClient.chat`` does.
         Messages and tools may be dicts or the ollama client's `Message` and `Tool` objects.
         ``logprobs`` and ``top_logprobs`` are as for `generate`.
+
+        As in Ollama, ``truncate`` (on by default) drops the oldest messages of a conversation too long
+        for the context, keeping the system messages and the latest message; off, such a conversation
+        raises `ContextLengthExceeded`. ``shift`` is as for `generate`.
         """
         request = requests.ChatRequest(
             model=model,
@@ -367,6 +394,8 @@ class Engine:
             tool_choice=tool_choice,
             logprobs=logprobs,
             top_logprobs=top_logprobs,
+            truncate=truncate,
+            shift=shift,
         )
         return self._respond(lambda: requests.open_chat(self._service, request), requests.combine_chat, stream)
 

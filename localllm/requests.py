@@ -10,7 +10,7 @@ import anyio
 import attrs
 
 from .chat.template import load_template
-from .errors import CapabilityError, InvalidRequest, LocalLLMError
+from .errors import CapabilityError, ContextLengthExceeded, InvalidRequest, LocalLLMError
 from .options import Options
 from .runner.protocol import LoadConfig, SamplingParams, ScoredText, SequenceHandle, SequenceResult, TextRunner
 from .scheduler.scheduler import Lease
@@ -45,6 +45,11 @@ def _check_top_logprobs(instance: object, attribute: attrs.Attribute[int], value
         raise InvalidRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {value!r}")
 
 
+def _check_flag(instance: object, attribute: attrs.Attribute[bool], value: bool) -> None:
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{attribute.name} must be true or false, got {value!r}")
+
+
 @attrs.frozen
 class GenerateRequest:
     model: str
@@ -61,6 +66,10 @@ class GenerateRequest:
     think: bool | str | None = None
     logprobs: bool = False
     top_logprobs: int = attrs.field(default=0, validator=_check_top_logprobs)  # applies only with logprobs
+    # A conversation too long for the context loses its oldest messages rather than being refused.
+    truncate: bool = attrs.field(default=True, validator=_check_flag)
+    # Generation that reaches the end of the context shifts it and goes on.
+    shift: bool = attrs.field(default=True, validator=_check_flag)
 
 
 @attrs.frozen
@@ -75,10 +84,52 @@ class ChatRequest:
     tool_choice: Any = None
     logprobs: bool = False
     top_logprobs: int = attrs.field(default=0, validator=_check_top_logprobs)  # applies only with logprobs
+    # A conversation too long for the context loses its oldest messages rather than being refused.
+    truncate: bool = attrs.field(default=True, validator=_check_flag)
+    # Generation that reaches the end of the context shifts it and goes on.
+    shift: bool = attrs.field(default=True, validator=_check_flag)
 
 
 def _sampling(request: GenerateRequest | ChatRequest, options: Options, grammar: str | None) -> SamplingParams:
-    return SamplingParams(options, grammar, logprobs=request.logprobs, top_logprobs=request.top_logprobs)
+    return SamplingParams(
+        options,
+        grammar,
+        logprobs=request.logprobs,
+        top_logprobs=request.top_logprobs,
+        truncate=request.truncate,
+        shift=request.shift,
+    )
+
+
+class PromptCounter:
+    """Whether a rendered prompt fits one sequence's context, as Ollama's chat truncation counts it
+    (the prompt's tokens against the context, `<=`); it keeps the tokens of what it counted, so the
+    prompt that is sent is not tokenized twice. Called from the thread that renders the prompt."""
+
+    def __init__(self, runner: TextRunner) -> None:
+        self._runner = runner
+        self.limit = runner.n_ctx_seq
+        self._counted: dict[str, list[int]] = {}
+
+    def fits(self, prompt: str) -> bool:
+        tokens = self._runner.tokenize(prompt)
+        self._counted[prompt] = tokens
+        return len(tokens) <= self.limit
+
+    async def tokens(self, prompt: str) -> list[int]:
+        counted = self._counted.get(prompt)
+        return counted if counted is not None else await _tokenize(self._runner, prompt)
+
+
+def _check_untruncated(tokens: Sequence[int], runner: TextRunner) -> None:
+    """With `truncate` off, a prompt the context cannot take is refused before anything runs, as Ollama does."""
+    if len(tokens) >= runner.n_ctx_seq:
+        raise ContextLengthExceeded(
+            f"the prompt has {len(tokens)} tokens but the context holds {runner.n_ctx_seq}; "
+            "raise num_ctx, shorten the prompt, or leave truncate on to drop the oldest messages",
+            tokens=len(tokens),
+            limit=runner.n_ctx_seq,
+        )
 
 
 class RunJob(Job[T]):
@@ -169,6 +220,7 @@ async def open_generate(service: ModelService, request: GenerateRequest) -> Job[
         )
     lease = await service.lease_text(resolved, options, request.keep_alive)
     runner = lease.runner
+    counter: PromptCounter | None = None
     try:
         parser = None
         if request.raw:
@@ -181,7 +233,9 @@ async def open_generate(service: ModelService, request: GenerateRequest) -> Job[
                 template = await anyio.to_thread.run_sync(load_template, request.template)
             system = request.system if request.system is not None else resolved.system
             messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": request.prompt}
+                # The model's MESSAGE history, as Ollama sends it unless the request carries a context.
+                *([] if request.context else [Message.from_any(m).to_template_dict() for m in resolved.messages]),
+                {"role": "user", "content": request.prompt},
             ]
             if request.suffix:
                 if not template.supports_suffix:
@@ -189,7 +243,15 @@ async def open_generate(service: ModelService, request: GenerateRequest) -> Job[
                 text = await anyio.to_thread.run_sync(template.render_suffix, request.prompt, request.suffix)
                 grammar = _grammar_for(request.format)
             else:
-                prepared = await prepare_chat_in_thread(template, messages, think=request.think, format=request.format)
+                # As in Ollama, a request's own template is run as it is; the model's loses old messages to fit.
+                counter = PromptCounter(runner) if request.truncate and not request.template else None
+                prepared = await prepare_chat_in_thread(
+                    template,
+                    messages,
+                    think=request.think,
+                    format=request.format,
+                    fits=counter.fits if counter is not None else None,
+                )
                 text, grammar = prepared.prompt, prepared.grammar
                 if prepared.thinking_tags:
                     parser = prepared.parser()
@@ -198,7 +260,9 @@ async def open_generate(service: ModelService, request: GenerateRequest) -> Job[
                 runner.check_token_ids(request.context)
             except InvalidRequest as exc:
                 raise InvalidRequest(f"invalid value for 'context': {exc}") from None
-        tokens = list(request.context or ()) + await _tokenize(runner, text)
+        tokens = list(request.context or ()) + await (counter.tokens(text) if counter else _tokenize(runner, text))
+        if not request.truncate:
+            _check_untruncated(tokens, runner)
         handle = runner.submit(tokens, _sampling(request, options, grammar))
     except BaseException:
         lease.release()
@@ -280,6 +344,7 @@ async def open_chat(service: ModelService, request: ChatRequest) -> Job[ChatResp
     try:
         template = await service.template(resolved, runner)
         messages = [m.to_template_dict() for m in _with_model_messages(resolved, request.messages)]
+        counter = PromptCounter(runner) if request.truncate else None
         prepared = await prepare_chat_in_thread(
             template,
             messages,
@@ -287,8 +352,11 @@ async def open_chat(service: ModelService, request: ChatRequest) -> Job[ChatResp
             tool_choice=request.tool_choice,
             think=request.think,
             format=request.format,
+            fits=counter.fits if counter is not None else None,
         )
-        tokens = await _tokenize(runner, prepared.prompt)
+        tokens = await (counter.tokens(prepared.prompt) if counter else _tokenize(runner, prepared.prompt))
+        if not request.truncate:
+            _check_untruncated(tokens, runner)
         text_reply = prepared.text_reply
         text_tokens = await _tokenize(runner, text_reply.prompt) if text_reply is not None else []
         handle = runner.submit(tokens, _sampling(request, options, prepared.grammar))

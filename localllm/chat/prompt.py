@@ -9,14 +9,16 @@ This is where tools, thinking and structured outputs meet the template:
 - `tool_choice="required"` (or a named function) forces a call with a grammar for any model;
 - a template that can think thinks unless `think` is false, and its thinking is split from the
   content with the template's tags; asking a template that cannot think to think is an error;
-- `format` ("json" or a JSON schema) constrains the whole reply.
+- `format` ("json" or a JSON schema) constrains the whole reply;
+- a conversation longer than the context loses its oldest messages, as Ollama's `/api/chat` does
+  (`fit_conversation`): system messages and the latest message always stay.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -28,7 +30,7 @@ from .grammar import format_to_grammar, tool_call_grammar
 from .thinking import prompt_opens_thinking
 from .tools import ChatOutputParser
 
-__all__ = ["PreparedChat", "prepare_chat", "prepare_chat_in_thread"]
+__all__ = ["PreparedChat", "fit_conversation", "prepare_chat", "prepare_chat_in_thread"]
 
 TOOL_CHOICES = ("auto", "none", "required")
 THINK_LEVELS = ("low", "medium", "high", "max")
@@ -93,6 +95,48 @@ def _chosen_tools(tools: Sequence[Mapping[str, Any]], tool_choice: Any) -> tuple
     raise InvalidRequest(f"tool_choice must be a string or a function object, got {tool_choice!r}")
 
 
+Conversation = list[Mapping[str, Any]]
+
+
+def _cut(messages: Sequence[Mapping[str, Any]], start: int) -> Conversation:
+    """The conversation from `start` on, after the system messages before it (which are never dropped)."""
+    return [m for m in messages[:start] if m.get("role") == "system"] + list(messages[start:])
+
+
+def fit_conversation(
+    messages: Sequence[Mapping[str, Any]],
+    render: Callable[[Conversation], str],
+    fits: Callable[[str], bool],
+) -> tuple[Conversation, str]:
+    """The messages to prompt with, and their prompt: as Ollama's chat truncation chooses them.
+
+    The whole conversation when its prompt fits; else the oldest messages are dropped, as few as make
+    it fit. System messages and the latest message always stay, so when even the latest alone does not
+    fit, that is what is sent (and the runner cuts the prompt itself, or refuses it). Ollama tries each
+    cut from the oldest on; dropping a message never lengthens the prompt, so a bisection finds the same
+    cut with a handful of renders however long the conversation is.
+    """
+    conversation = list(messages)
+    prompt = render(conversation)
+    last = len(conversation) - 1
+    if last <= 0 or fits(prompt):
+        return conversation, prompt
+    shortest = _cut(conversation, last)
+    shortest_prompt = render(shortest)
+    if not fits(shortest_prompt):
+        return shortest, shortest_prompt
+    too_long, long_enough, kept = 0, last, (shortest, shortest_prompt)  # the cut at `long_enough` fits
+    while long_enough - too_long > 1:
+        middle = (too_long + long_enough) // 2
+        candidate = _cut(conversation, middle)
+        candidate_prompt = render(candidate)
+        if fits(candidate_prompt):
+            long_enough, kept = middle, (candidate, candidate_prompt)
+        else:
+            too_long = middle
+    return kept
+
+
 def _thinking(template: ChatTemplate, think: Think) -> tuple[Think, tuple[str, str] | None]:
     """The `think` to render with, and the tags to split thinking off with (None when not thinking).
 
@@ -119,9 +163,12 @@ def prepare_chat(
     tool_choice: Any = None,
     think: Think = None,
     format: Any = None,
+    fits: Callable[[str], bool] | None = None,
 ) -> PreparedChat:
-    """Render the prompt and decide the grammar and output parsing for one chat request."""
-    rendered: list[dict[str, Any]] = [dict(m) for m in messages]
+    """Render the prompt and decide the grammar and output parsing for one chat request.
+
+    `fits` says whether a prompt fits the context; given, the conversation is cut to fit (`fit_conversation`).
+    """
     choice, callable_tools = _chosen_tools(tools, tool_choice) if tools else ("none", [])
     if choice == "none":
         callable_tools = []
@@ -129,11 +176,22 @@ def prepare_chat(
     think, tags = _thinking(template, think)
 
     grammar = format_to_grammar(format)
+    description = _describe_tools(callable_tools) if callable_tools and not native else None
+    shown_tools = list(callable_tools) if native else None
+
+    def render(conversation: Conversation) -> str:
+        shown = [dict(m) for m in conversation]
+        if description is not None:
+            shown = _with_tool_system(shown, description)
+        return template.render(shown, tools=shown_tools, add_generation_prompt=True, think=think)
+
+    if fits is None:
+        kept, prompt = list(messages), render(list(messages))
+    else:
+        kept, prompt = fit_conversation(messages, render, fits)
     text_reply = None
-    if callable_tools and not native:
-        rendered = _with_tool_system(rendered, _describe_tools(callable_tools))
-        if choice == "auto" and grammar is None:  # the grammar below lets the reply be text
-            text_reply = prepare_chat(template, messages, think=think)
+    if description is not None and choice == "auto" and grammar is None:  # the grammar below lets the reply be text
+        text_reply = prepare_chat(template, kept, think=think)  # shorter than `prompt`, so it fits too
     if callable_tools and grammar is None:
         call = tool_call_grammar(callable_tools)
         if choice == "required":
@@ -141,9 +199,6 @@ def prepare_chat(
         elif not native:
             # A call, when the model starts one, is always well-formed; anything else is free text.
             grammar = call.replace("root ::=", "call-root ::=", 1) + f"\nroot ::= call-root | free-text\n{_TEXT_RULE}\n"
-    prompt = template.render(
-        rendered, tools=list(callable_tools) if native else None, add_generation_prompt=True, think=think
-    )
     return PreparedChat(
         prompt=prompt,
         grammar=grammar,
@@ -163,12 +218,13 @@ async def prepare_chat_in_thread(
     tool_choice: Any = None,
     think: Think = None,
     format: Any = None,
+    fits: Callable[[str], bool] | None = None,
 ) -> PreparedChat:
     """`prepare_chat` in a worker thread: a template is untrusted code, and its render must never stall the event loop.
 
     The render stops itself at its `TemplateLimits`; cancelling waits for that, since a thread cannot be killed.
     """
     prepare = functools.partial(
-        prepare_chat, template, messages, tools=tools, tool_choice=tool_choice, think=think, format=format
+        prepare_chat, template, messages, tools=tools, tool_choice=tool_choice, think=think, format=format, fits=fits
     )
     return await anyio.to_thread.run_sync(prepare)

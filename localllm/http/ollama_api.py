@@ -319,6 +319,8 @@ async def generate(request: Request) -> Response:
         "think": fields.think(),
         "logprobs": fields.flag("logprobs", False),
         "top_logprobs": fields.integer("top_logprobs", 0),
+        "truncate": fields.flag("truncate", True),
+        "shift": fields.flag("shift", True),
     }
     engine = engine_of(request)
     if fields.flag("_debug_render_only", False) and (prompt or context):  # an empty one loads, as in Ollama
@@ -364,6 +366,8 @@ async def chat(request: Request) -> Response:
         "think": fields.think(),
         "logprobs": fields.flag("logprobs", False),
         "top_logprobs": fields.integer("top_logprobs", 0),
+        "truncate": fields.flag("truncate", True),
+        "shift": fields.flag("shift", True),
     }
     if fields.has("tool_choice"):
         kwargs["tool_choice"] = fields.data["tool_choice"]
