@@ -18,12 +18,13 @@ from nbformat import NotebookNode
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "notebook.ipynb"
 
-# Prints the kernel's resident memory (MiB) and its thread count as one JSON line.
+# Prints the kernel's resident memory (MiB) and how many runner threads it holds, as one JSON line.
 MEMORY_PROBE = """
 import json, threading
 with open("/proc/self/status") as status:
     rss_kib = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-print(json.dumps({"rss_mib": rss_kib / 1024, "threads": threading.active_count()}))
+ours = [t.name for t in threading.enumerate() if t.name.startswith("localllm-runner")]
+print(json.dumps({"rss_mib": rss_kib / 1024, "threads": len(ours)}))
 """
 
 # Waits (bounded) for the interrupted request to leave its slot, then prints what the runner holds.
@@ -96,8 +97,10 @@ def test_the_example_notebook_runs_reruns_and_survives_an_interrupt(
             for _ in range(4):
                 assert text_of(await run_cell(engine_cell)).strip()
                 memory.append(await probe(MEMORY_PROBE))
-            assert memory[-1]["rss_mib"] <= memory[0]["rss_mib"] * 1.10, memory
-            assert memory[-1]["threads"] <= memory[0]["threads"], memory
+            # A model left loaded would add its weights and cache (about 200 MiB) each time. From the second run
+            # on, what remains is the allocator settling: within 10%.
+            assert memory[-1]["rss_mib"] <= memory[1]["rss_mib"] * 1.10, memory
+            assert [m["threads"] for m in memory] == [1, 1, 1, 1], memory  # one runner thread: the model once
 
             streaming = cell_with(cells, "async for chunk in engine.chat(")
             assert text_of(await run_cell(streaming)).strip()
