@@ -111,6 +111,22 @@ async def _run(
     keep_alive: float | str | None,
 ) -> tuple[list[list[float]], int, int, str]:
     """Embed `texts`; returns (vectors, load_duration, prompt_eval_count, model name)."""
+    with service.admit():  # counted under max_queue for the whole request
+        return await _embed_texts(
+            service, model, texts, truncate=truncate, normalize=normalize, options=options, keep_alive=keep_alive
+        )
+
+
+async def _embed_texts(
+    service: ModelService,
+    model: str,
+    texts: list[str],
+    *,
+    truncate: bool,
+    normalize: bool,
+    options: OptionValues | None,
+    keep_alive: float | str | None,
+) -> tuple[list[list[float]], int, int, str]:
     resolved = await service.resolve(model, "embed")
     opts = service.options(resolved, options)
     if not texts:  # an empty request loads the model (or, with keep_alive 0, unloads it), as in Ollama

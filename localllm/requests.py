@@ -14,7 +14,7 @@ from .errors import CapabilityError, ContextLengthExceeded, InvalidRequest, Loca
 from .options import Options
 from .runner.protocol import LoadConfig, SamplingParams, ScoredText, SequenceHandle, SequenceResult, TextRunner
 from .scheduler.scheduler import Lease
-from .service import off_loop_if_long
+from .service import Admitted, off_loop_if_long
 from .stream import Job
 from .types import ChatResponse, GenerateResponse, Logprob, Message, ToolCall, now_iso
 
@@ -207,6 +207,11 @@ def _durations(result: SequenceResult, total: int, load: int) -> dict[str, Any]:
 
 
 async def open_generate(service: ModelService, request: GenerateRequest) -> Job[GenerateResponse]:
+    with service.admit() as admission:  # counted under max_queue from here until its job is closed
+        return Admitted(await _open_generate(service, request), admission)
+
+
+async def _open_generate(service: ModelService, request: GenerateRequest) -> Job[GenerateResponse]:
     started = time.perf_counter()
     resolved = await service.resolve(request.model, "generate")
     if request.images:
@@ -317,6 +322,11 @@ def _chat_chunk(
 
 
 async def open_chat(service: ModelService, request: ChatRequest) -> Job[ChatResponse]:
+    with service.admit() as admission:  # counted under max_queue from here until its job is closed
+        return Admitted(await _open_chat(service, request), admission)
+
+
+async def _open_chat(service: ModelService, request: ChatRequest) -> Job[ChatResponse]:
     from .chat.prompt import prepare_chat_in_thread
     from .tools import normalize_tools
 

@@ -2,9 +2,12 @@
 
 A request names a model; the service resolves the name in the registry, checks the model can do what
 is asked (generate or embed), merges the options (defaults < model parameters < request), and leases
-the runner for that model and those load options from the scheduler — or, for an empty request,
-just loads or unloads it, as Ollama does. The request pipelines (`requests.py`, `embeddings.py`) talk
-only to this service; the `Engine` owns one and delegates to it.
+the model's runner, loaded with those load options, from the scheduler — or, for an empty request,
+just loads or unloads it, as Ollama does. One runner per model file, as in Ollama: adapters, context
+size, draft model and the other load options are the runner's, and a request asking for others
+reloads the model once its running requests finish. The request pipelines (`requests.py`,
+`embeddings.py`) talk only to this service, each inside an `admit()` that counts it under `max_queue`
+for its whole life; the `Engine` owns one service and delegates to it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import functools
 import logging
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar, cast
 
@@ -26,14 +29,15 @@ from .options import Options, OptionValues, merge_options
 from .runner.protocol import EmbedRunner, LoadConfig, ModelRunner, TextRunner
 from .scheduler.keepalive import parse_keep_alive
 from .scheduler.loader import RunnerFactory
-from .scheduler.scheduler import Lease, LoadedModel, Scheduler
+from .scheduler.scheduler import Admission, Lease, LoadedModel, Scheduler
 from .settings import EngineSettings
+from .stream import Job
 
 if TYPE_CHECKING:
     from .registry.registry import Registry, ResolvedModel
     from .scheduler.devices import InventorySource
 
-__all__ = ["INLINE_WORK_CHARS", "ModelService", "Purpose", "off_loop_if_long"]
+__all__ = ["INLINE_WORK_CHARS", "Admitted", "ModelService", "Purpose", "model_identity", "off_loop_if_long"]
 
 Purpose = Literal["generate", "embed"]
 
@@ -53,6 +57,29 @@ async def off_loop_if_long(size: int, work: Callable[[], T]) -> T:
     if size > INLINE_WORK_CHARS:
         return await anyio.to_thread.run_sync(work)
     return work()
+
+
+def model_identity(config: LoadConfig) -> Hashable:
+    """Which model a load configuration runs: its file (Ollama keys its runners by the model path)."""
+    return config.model_path
+
+
+class Admitted(Job[T]):
+    """A request's job that holds the request's place under `max_queue` until the job is closed."""
+
+    def __init__(self, job: Job[T], admission: Admission) -> None:
+        admission.keep()
+        self._job = job
+        self._admission = admission
+
+    async def next_chunks(self) -> tuple[list[T], bool]:
+        return await self._job.next_chunks()
+
+    def close(self) -> None:
+        try:
+            self._job.close()
+        finally:
+            self._admission.release()
 
 
 @attrs.frozen
@@ -96,6 +123,7 @@ class ModelService:
                 memory_budget=self.factory.memory_budget,
                 max_loaded=self.factory.max_loaded_models(),
                 max_queue=self.settings.max_queue,
+                identity=model_identity,
             )
         return self._scheduler
 
@@ -134,6 +162,11 @@ class ModelService:
                 return
 
     # -- the steps of a request ---------------------------------------------------
+
+    def admit(self) -> Admission:
+        """Accept a request (QueueFull when `max_queue` are in flight), as a context manager around its
+        pipeline; hand the place to the request's job with `Admitted` when the job outlives the block."""
+        return self.scheduler.admit()
 
     async def resolve(self, model: str, purpose: Purpose) -> ResolvedModel:
         """The model by that name (or GGUF path), checked to be able to do `purpose`."""
@@ -213,7 +246,7 @@ class ModelService:
         return lease
 
     async def unload(self, resolved: ResolvedModel) -> None:
-        """Unload every runner of the model's file (each once its requests finish)."""
+        """Unload the model's runner (once its requests finish)."""
         path = str(resolved.model_path)
         await self.scheduler.unload_where(lambda m: m.key.model_path == path)
 

@@ -1,4 +1,5 @@
-"""Scheduler unit tests with a fake runner (named as such): queue limits, keep_alive, eviction order."""
+"""Scheduler unit tests with a fake runner (named as such): one runner per model, queue limits, keep_alive,
+eviction order."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ class FakeRunner:
     def __init__(self, key: Any) -> None:
         self.key = key
         self.closed = False
-        self.pending_count = 0
         self.busy = False
         self.healthy = True
 
@@ -137,33 +137,47 @@ async def test_eviction_prefers_the_shortest_keep_alive_and_waits_for_busy_runne
     await scheduler.close()
 
 
-async def test_queue_limit_applies_to_loaded_models_too() -> None:
+async def test_the_queue_bound_counts_every_accepted_request_until_it_ends() -> None:
     loader = FakeLoader()
     scheduler = Scheduler(loader=loader, max_queue=2)
-    lease = await scheduler.acquire("a", name="a", keep_alive=60)
-    lease.runner.pending_count = 2  # two requests already wait for a slot on the loaded runner
-    with pytest.raises(QueueFull, match="max_queue=2"):
-        await scheduler.acquire("a", name="a", keep_alive=60)
-    lease.runner.pending_count = 1
-    other = await scheduler.acquire("a", name="a", keep_alive=60)
-    other.release()
+    running = scheduler.admit()
+    lease = await scheduler.acquire("a", name="a", keep_alive=60)  # running on a loaded runner: still counted
+    with scheduler.admit():  # accepted, not yet leased
+        with pytest.raises(QueueFull, match=r"maximum pending requests exceeded .*max_queue=2"):
+            scheduler.admit()
+    with scheduler.admit() as kept:  # a place handed on outlives its block
+        kept.keep()
+    with pytest.raises(QueueFull):
+        scheduler.admit()
+    kept.release()
+    kept.release()  # idempotent: gives back one place only
     lease.release()
+    running.release()
+    assert scheduler.in_flight == 0
     await scheduler.close()
 
 
-async def test_a_cancelled_waiter_leaves_the_queue() -> None:
-    loader = FakeLoader()
-    scheduler = Scheduler(loader=loader, max_loaded=1, max_queue=1)
-    busy = await scheduler.acquire("a", name="a", keep_alive=60)
-    with anyio.move_on_after(0.1):
-        await scheduler.acquire("b", name="b", keep_alive=60)  # waits for room, then is cancelled
-    # The cancelled waiter no longer counts: another request may queue.
-    async with anyio.create_task_group() as group:
-        group.start_soon(lambda: scheduler.acquire("b", name="b", keep_alive=60))
-        await anyio.sleep(0.05)
-        with pytest.raises(QueueFull):
-            await scheduler.acquire("c", name="c", keep_alive=60)
-        busy.release()
+async def test_a_request_failing_or_cancelled_inside_its_admission_gives_its_place_back() -> None:
+    scheduler = Scheduler(loader=FakeLoader(), max_queue=1)
+    with pytest.raises(RuntimeError), scheduler.admit():
+        raise RuntimeError("the request failed")
+    with anyio.CancelScope() as scope, scheduler.admit():
+        scope.cancel()
+        await anyio.sleep_forever()
+    assert scheduler.in_flight == 0
+    scheduler.admit().release()  # the place is free again
+    await scheduler.close()
+
+
+async def test_an_admission_released_from_another_thread_is_counted_once() -> None:
+    scheduler = Scheduler(loader=FakeLoader(), max_queue=64)
+    admissions = [scheduler.admit() for _ in range(64)]
+    threads = [threading.Thread(target=a.release) for a in admissions for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert scheduler.in_flight == 0
     await scheduler.close()
 
 
@@ -193,7 +207,7 @@ async def test_close_unloads_everything_from_worker_threads() -> None:
             threads.append(threading.current_thread().name)
             super().close()
 
-    scheduler = Scheduler(loader=lambda key: Loaded(ThreadRecordingRunner(key), 1))
+    scheduler: Scheduler[str, FakeRunner] = Scheduler(loader=lambda key: Loaded(ThreadRecordingRunner(key), 1))
     for key in ("a", "b"):
         (await scheduler.acquire(key, name=key, keep_alive=-1)).release()
     await scheduler.close()
@@ -269,6 +283,98 @@ async def test_a_failed_runner_is_dropped_and_the_next_request_loads_afresh() ->
     assert lease.runner is not first and loader.loads == ["a", "a"]
     assert [m.runner for m in await scheduler.running()] == [lease.runner]
     lease.release()
+    await scheduler.close()
+
+
+# -- one runner per model ----------------------------------------------------------
+
+
+def by_model(key: tuple[str, int]) -> str:
+    """Keys are (model, num_ctx): the model is what identifies a runner, num_ctx is a load option."""
+    return key[0]
+
+
+async def test_other_load_options_wait_for_the_busy_runner_then_reload_once() -> None:
+    loader = FakeLoader()
+    scheduler = Scheduler(loader=loader, identity=by_model)
+    first = await scheduler.acquire(("m", 256), name="m", keep_alive=60)
+    old = first.runner
+    got: list[Any] = []
+    async with anyio.create_task_group() as group:
+        group.start_soon(_append, got, scheduler.acquire(("m", 512), name="m", keep_alive=60))
+        await anyio.wait_all_tasks_blocked()
+        assert not got and loader.loads == [("m", 256)], "the busy runner is never unloaded under a request"
+        # As in Ollama, a request the old runner suits still uses it meanwhile.
+        same = await scheduler.acquire(("m", 256), name="m", keep_alive=60)
+        assert same.runner is old
+        first.release()
+        await anyio.wait_all_tasks_blocked()
+        assert not got, "the reload waits for every request on the old runner"
+        same.release()
+    (reloaded,) = got
+    assert old.closed and reloaded.runner.key == ("m", 512)
+    assert loader.loads == [("m", 256), ("m", 512)]
+    assert list(scheduler.loaded) == ["m"] and [m.key for m in await scheduler.running()] == [("m", 512)]
+    reloaded.release()
+    await scheduler.close()
+
+
+async def test_requests_with_the_same_load_options_share_and_others_queue_for_reloads() -> None:
+    loader = FakeLoader()
+    scheduler = Scheduler(loader=loader, identity=by_model, max_loaded=3)
+    leases: list[Any] = []
+    live: list[int] = []
+
+    async def use(num_ctx: int) -> None:
+        lease = await scheduler.acquire(("m", num_ctx), name="m", keep_alive=60)
+        live.append(sum(not r.closed for r in loader.runners.values()))  # runners of "m" open right now
+        leases.append(lease)
+        await anyio.wait_all_tasks_blocked()
+        lease.release()
+
+    async with anyio.create_task_group() as group:
+        for num_ctx in (256, 256, 512, 512, 256):
+            group.start_soon(use, num_ctx)
+    assert max(live) == 1, "never two runners of one model at once"
+    assert len(leases) == 5 and len(scheduler.loaded) == 1
+    assert loader.loads.count(("m", 256)) >= 1 and loader.loads.count(("m", 512)) == 1
+    await scheduler.close()
+
+
+async def test_a_load_in_flight_with_other_options_is_waited_for_then_reloaded() -> None:
+    gate = threading.Event()
+    loader = FakeLoader(gates={("m", 256): gate})
+    scheduler = Scheduler(loader=loader, identity=by_model)
+    got: list[Any] = []
+    async with anyio.create_task_group() as group:
+        group.start_soon(_append, got, scheduler.acquire(("m", 256), name="m", keep_alive=60))
+        await anyio.to_thread.run_sync(loader.started.wait)
+        group.start_soon(_append, got, scheduler.acquire(("m", 512), name="m", keep_alive=60))
+        await anyio.wait_all_tasks_blocked()
+        gate.set()
+        with anyio.fail_after(5):
+            while not got:
+                await anyio.sleep(0.01)
+        got[0].release()
+    assert [lease.runner.key for lease in got] == [("m", 256), ("m", 512)]
+    assert loader.runners[("m", 256)].closed and list(scheduler.loaded) == ["m"]
+    got[1].release()
+    await scheduler.close()
+
+
+async def test_a_reload_is_planned_without_the_old_runner_and_other_models_stay() -> None:
+    loader = FakeLoader(sizes={("m", 256): 400, ("m", 512): 600, ("n", 256): 300})
+    scheduler: Scheduler[tuple[str, int], FakeRunner] = Scheduler(
+        loader=loader, identity=by_model, sizer=loader.size, memory_budget=lambda: 1_000 - used()
+    )
+
+    def used() -> int:
+        return sum(m.size for m in scheduler.loaded.values())
+
+    for key in (("m", 256), ("n", 256), ("m", 512)):
+        (await scheduler.acquire(key, name=key[0], keep_alive=60)).release()
+    assert not loader.runners[("n", 256)].closed, "the reload freed the room it needed by unloading the old runner"
+    assert sorted(m.key for m in scheduler.loaded.values()) == [("m", 512), ("n", 256)]
     await scheduler.close()
 
 

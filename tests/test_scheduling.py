@@ -1,14 +1,15 @@
-"""The scheduler on the real models: two models at once, eviction, keep_alive, reloads, queue limits, stress."""
+"""The scheduler on the real models: two models at once, eviction, keep_alive, one runner per model and its
+reloads, stress. (The queue bound: test_queue.py.)"""
 
 from __future__ import annotations
 
 import random
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
-import pytest
 
 import localllm
 from localllm import Engine
@@ -87,28 +88,38 @@ async def test_load_options_reload_and_sampling_options_do_not(smollm2_path: Pat
         assert engine.scheduler.load_count == 1
         await engine.generate(model, "Hi", options={**SHORT, "num_ctx": 2048})
         assert engine.scheduler.load_count == 2
-        contexts = sorted(p.context_length for p in (await engine.ps()).models)
-        assert contexts[-1] == 2048
+        assert [p.context_length for p in (await engine.ps()).models] == [2048]
 
 
-async def test_queue_full_while_the_first_requests_complete(smollm2_path: Path, home: Path) -> None:
+async def test_one_runner_per_model_other_num_ctx_reloads_it(smollm2_path: Path, home: Path) -> None:
     model = str(smollm2_path)
-    results: list[localllm.GenerateResponse] = []
-    async with Engine(home, num_parallel=1, max_queue=2) as engine:
-        await engine.generate(model, "")  # loaded, so the queue is all that is measured
+    async with Engine(home) as engine:
+        await engine.generate(model, "Hi", options={**SHORT, "num_ctx": 256})
+        await engine.generate(model, "Hi", options={**SHORT, "num_ctx": 512})
+        (running,) = (await engine.ps()).models  # the 256 runner made way for the 512 one, as in Ollama
+        assert running.name == model and running.context_length == 512
 
-        async def run(prompt: str) -> None:
-            results.append(await engine.generate(model, prompt, options={"temperature": 0, "num_predict": 24}))
+
+async def test_a_reload_waits_for_the_running_request(smollm2_path: Path, home: Path) -> None:
+    model = str(smollm2_path)
+    async with Engine(home, num_parallel=1) as engine:
+        first = await engine.generate(
+            model, "Tell a long story.", options={"temperature": 0, "num_predict": 2000, "num_ctx": 256}, stream=True
+        )
+        await first.__anext__()
+        replies: list[localllm.GenerateResponse] = []
+
+        async def other_num_ctx() -> None:
+            replies.append(await engine.generate(model, "Hi", options={**SHORT, "num_ctx": 512}))
 
         async with anyio.create_task_group() as group:
-            group.start_soon(run, "One")
-            await anyio.sleep(0.1)  # the first holds the only slot
-            group.start_soon(run, "Two")
-            group.start_soon(run, "Three")
-            await anyio.sleep(0.1)  # two requests now wait
-            with pytest.raises(localllm.QueueFull):
-                await engine.generate(model, "Four", options=SHORT)
-    assert len(results) == 3 and all(r.done for r in results)
+            group.start_soon(other_num_ctx)
+            more = [(await first.__anext__()).response for _ in range(3)]  # the first goes on meanwhile
+            assert all(more) and not replies and engine.scheduler.load_count == 1
+            await first.aclose()  # its runner is now idle: unloaded, and the model loaded with num_ctx 512
+        assert replies[0].done and engine.scheduler.load_count == 2
+        (running,) = (await engine.ps()).models
+        assert running.context_length == 512
 
 
 async def test_cancelling_queued_and_running_requests(smollm2_path: Path, home: Path) -> None:
@@ -117,20 +128,27 @@ async def test_cancelling_queued_and_running_requests(smollm2_path: Path, home: 
         await engine.generate(model, "")
         runner = next(iter(engine.scheduler.loaded.values())).runner
 
-        async def long_story() -> None:
-            await engine.generate(model, "Tell a long story.", options={"num_predict": 400})
+        async def queued() -> None:
+            await engine.generate(model, "Queued", options=SHORT)
 
         async with anyio.create_task_group() as group:
-            group.start_soon(long_story)
-            await anyio.sleep(0.1)
-            with anyio.move_on_after(0.2):  # queued behind the running one, then cancelled
-                await engine.generate(model, "Queued", options=SHORT)
-            assert runner.pending_count == 0, "a cancelled waiting request leaves the queue"
-            group.cancel_scope.cancel()  # cancels the running one
-        await anyio.sleep(0.1)
-        assert runner.active_count == 0
+            story = await engine.generate(model, "Tell a long story.", options={"num_predict": 400}, stream=True)
+            await story.__anext__()  # running: it holds the only slot
+            group.start_soon(queued)
+            await until(lambda: runner.pending_count == 1)  # queued behind the running one
+            group.cancel_scope.cancel()
+        await until(lambda: runner.pending_count == 0)  # a cancelled waiting request leaves the queue
+        await story.aclose()  # the running one stops
+        await until(lambda: runner.active_count == 0)
         reply = await engine.generate(model, "Hi", options=SHORT)
         assert reply.done
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait for the runner's thread to reach a state (it gets there in milliseconds; the bound is for a hang)."""
+    with anyio.fail_after(30):
+        while not condition():
+            await anyio.sleep(0.01)
 
 
 async def test_two_hundred_requests_with_random_cancellations(

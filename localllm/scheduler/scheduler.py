@@ -2,14 +2,20 @@
 
 Events, as in Ollama's server/sched.go:
 
-- *pending*: a request asks for a runner (`acquire`). It gets the loaded one
-  with the same load configuration, or one is loaded for it — after evicting
-  idle runners (shortest keep_alive first) when the new one does not fit, or
-  waiting for busy ones to finish.
+- *pending*: a request asks for a runner (`acquire`). One runner per model: the
+  `identity` of a key says which model it loads, the rest of the key are load
+  options. A request gets the model's runner when its options match; when they
+  differ (Ollama's needsReload) it waits for the runner's requests to finish,
+  unloads it, and loads the model again with its own options. A model not
+  loaded is loaded for it — after evicting idle runners (shortest keep_alive
+  first) when it does not fit, or waiting for busy ones to finish.
 - *finished*: a request ends (`release`); the runner's keep_alive timer starts
   once no request is using it.
 - *expired*: an idle runner's timer ran out; the reaper unloads it.
 - *unloaded*: a runner was closed; anything waiting for room tries again.
+
+The queue bound (`max_queue`) counts every accepted request from `admit` until it ends, running or
+waiting, so a burst beyond it fails at once with `QueueFull`.
 
 Runner loading and closing are blocking, so they run in worker threads. Expiry needs a timer
 that outlives any one request, so the scheduler owns one thread for it, the *reaper*: it sleeps
@@ -34,7 +40,7 @@ from ..errors import EngineClosed, InsufficientMemory, QueueFull
 from ..loop import EventLoop
 from .memory import LayerPlan
 
-__all__ = ["Lease", "Loaded", "LoadedModel", "Loader", "RunnerLike", "Scheduler", "Sizer"]
+__all__ = ["Admission", "Identity", "Lease", "Loaded", "LoadedModel", "Loader", "RunnerLike", "Scheduler", "Sizer"]
 
 logger = logging.getLogger("localllm.scheduler")
 
@@ -47,9 +53,6 @@ class RunnerLike(Protocol):
 
     @property
     def healthy(self) -> bool: ...
-
-    @property
-    def pending_count(self) -> int: ...
 
     def close(self) -> None: ...
 
@@ -76,6 +79,7 @@ class LoadedModel(Generic[K, R]):
     key: K
     name: str
     loaded: Loaded[R]
+    model_id: Hashable = None  # which model this runs: the scheduler's `identity` of the key
     keep_alive: float = 300.0
     users: int = 0
     expires_at: float | None = None  # monotonic deadline while idle
@@ -131,11 +135,47 @@ class Lease(Generic[K, R]):
             self.scheduler._finished(self, keep_alive)
 
 
+class Admission:
+    """A request's place under the queue bound, from acceptance to its end.
+
+    As a context manager it gives the place back when the block ends, unless `keep` handed it on to
+    whatever outlives the block (the request's job), which then calls `release`. Releasing is
+    idempotent and safe from any thread (a stream may be dropped in another one).
+    """
+
+    def __init__(self, give_back: Callable[[], None]) -> None:
+        self._give_back = give_back
+        self._lock = threading.Lock()
+        self._kept = False
+        self._released = False
+
+    def keep(self) -> None:
+        """The block's end no longer releases the place: whoever called this calls `release` later."""
+        self._kept = True
+
+    def release(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        self._give_back()
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._kept:
+            self.release()
+
+
 Loader = Callable[[K], Loaded[R]]
 """Loads a runner for a key (blocking)."""
 
 Sizer = Callable[[K], tuple[int, int]]
 """Estimates (total bytes, VRAM bytes) a key would need once loaded (blocking)."""
+
+Identity = Callable[[K], Hashable]
+"""Which model a key loads: keys with the same identity share one runner slot (their other fields are load options)."""
 
 
 class Scheduler(Generic[K, R]):
@@ -147,67 +187,106 @@ class Scheduler(Generic[K, R]):
         max_queue: int = 512,
         memory_budget: Callable[[], int] | None = None,
         sizer: Sizer[K] | None = None,
+        identity: Identity[K] | None = None,
     ) -> None:
         self._loader = loader
         self._sizer = sizer
         self._memory_budget = memory_budget
+        self._identity: Identity[K] = identity if identity is not None else _itself
         self.max_loaded = max_loaded
         self.max_queue = max_queue
-        self.loaded: dict[K, LoadedModel[K, R]] = {}
-        self._loading: dict[K, _Loading] = {}
+        self.loaded: dict[Hashable, LoadedModel[K, R]] = {}  # by model identity: one runner per model
+        self._loading: dict[Hashable, _Loading] = {}  # by model identity, like `loaded`
         self.load_count = 0
-        self._waiting = 0
+        self._admitted = 0  # requests accepted and not yet ended (waiting or running)
+        self._admitted_lock = threading.Lock()  # admissions end from any thread
         self._lock = anyio.Lock()
         self._changed = anyio.Event()  # set (and replaced) whenever a runner is released or unloaded
         self._closed = False
         self._reaper: _Reaper[K, R] | None = None
         self._loop: EventLoop | None = None
 
+    # -- the queue bound ----------------------------------------------------------
+
+    def admit(self) -> Admission:
+        """Accept a request, or raise QueueFull when `max_queue` requests are already in flight.
+
+        The place is held until the returned admission is released: every accepted request counts,
+        waiting for a runner or running, so a burst beyond the bound is refused at once.
+        """
+        if self._closed:
+            raise EngineClosed("the engine is closed")
+        with self._admitted_lock:
+            if self._admitted >= self.max_queue:
+                raise QueueFull(
+                    "server busy, please try again.  maximum pending requests exceeded "
+                    f"({self._admitted} requests in flight, max_queue={self.max_queue})"
+                )
+            self._admitted += 1
+        return Admission(self._end_admission)
+
+    def _end_admission(self) -> None:
+        with self._admitted_lock:
+            self._admitted -= 1
+
+    @property
+    def in_flight(self) -> int:
+        """Requests accepted and not yet ended."""
+        return self._admitted
+
     # -- events -----------------------------------------------------------------
 
     async def acquire(self, key: K, *, name: str, keep_alive: float) -> Lease[K, R]:
-        """pending: get a lease on the runner for `key`, loading it if needed."""
+        """pending: get a lease on the runner for `key`, loading (or reloading) the model if needed."""
         if self._closed:
             raise EngineClosed("the engine is closed")
         if self._reaper is None:
             self._loop = EventLoop()
             self._reaper = _Reaper(self, self._loop)
-        queued = self._waiting + sum(m.runner.pending_count for m in self.loaded.values())
-        if queued >= self.max_queue:
-            raise QueueFull(f"{queued} requests are already waiting (max_queue={self.max_queue}); retry later")
-        self._waiting += 1
-        try:
-            return await self._acquire(key, name=name, keep_alive=keep_alive)
-        finally:
-            self._waiting -= 1
-
-    async def _acquire(self, key: K, *, name: str, keep_alive: float) -> Lease[K, R]:
+        model_id = self._identity(key)
         while True:
             if self._closed:
                 raise EngineClosed("the engine is closed")
             await self.forget_failed()
-            model = self.loaded.get(key)
+            model = self.loaded.get(model_id)
             if model is not None and not model.closing:
-                return self._lend(model, keep_alive, load_duration=0)
-            loading = self._loading.get(key)
-            if loading is not None:  # someone else is loading it: share their runner
+                if model.key == key:
+                    # As in Ollama, a request the runner suits uses it, even while another waits to reload it.
+                    return self._lend(model, keep_alive, load_duration=0)
+                await self._reload(model)
+                continue
+            loading = self._loading.get(model_id)
+            if loading is not None:  # someone else is loading this model: see what they loaded
                 await loading.done.wait()
                 continue
             # Room decisions are made one at a time; the load itself runs outside the lock, so
             # requests for runners already loaded never wait on it.
             async with self._lock:
-                if key in self.loaded or key in self._loading:
+                if model_id in self.loaded or model_id in self._loading:
                     continue
                 need = await self._make_room(key)
                 if need is not None:
-                    loading = self._loading[key] = _Loading(need)
+                    loading = self._loading[model_id] = _Loading(need)
                 changed = self._changed
             if loading is None:
                 await changed.wait()  # busy runners hold the room we need: wait for one to finish
                 continue
-            return await self._load(key, loading, name=name, keep_alive=keep_alive)
+            return await self._load(key, model_id, loading, name=name, keep_alive=keep_alive)
 
-    async def _load(self, key: K, loading: _Loading, *, name: str, keep_alive: float) -> Lease[K, R]:
+    async def _reload(self, model: LoadedModel[K, R]) -> None:
+        """needsReload: the model runs with other load options. Unload it once its requests have finished
+        (the caller then loads it with its own), or wait for the next of them to finish."""
+        if model.users > 0:
+            await self._changed.wait()
+            return
+        async with self._lock:
+            if self.loaded.get(model.model_id) is model and model.users == 0 and not model.closing:
+                logger.info("reloading %s with other load options", model.name)
+                await self._unload(model)
+
+    async def _load(
+        self, key: K, model_id: Hashable, loading: _Loading, *, name: str, keep_alive: float
+    ) -> Lease[K, R]:
         """Load a runner for `key` in a worker thread, and record it unless the engine closed meanwhile."""
         started = time.perf_counter()
         try:
@@ -218,12 +297,12 @@ class Scheduler(Generic[K, R]):
                     await anyio.to_thread.run_sync(loaded.runner.close)
                     raise EngineClosed("the engine was closed while the model was loading")
                 self.load_count += 1
-                model = LoadedModel(key=key, name=name, loaded=loaded)
-                self.loaded[key] = model
+                model = LoadedModel(key=key, name=name, loaded=loaded, model_id=model_id)
+                self.loaded[model_id] = model
                 logger.info("loaded %s (%d bytes, %d in VRAM)", name, loaded.size, loaded.size_vram)
                 lease = self._lend(model, keep_alive, load_duration=int((time.perf_counter() - started) * 1e9))
         finally:
-            del self._loading[key]
+            del self._loading[model_id]
             loading.done.set()
             self._notify()
         return lease
@@ -296,7 +375,7 @@ class Scheduler(Generic[K, R]):
         ]
         for model in due:
             model.closing = True
-            del self.loaded[model.key]
+            del self.loaded[model.model_id]
         self._schedule_expiry()
         return due
 
@@ -308,7 +387,8 @@ class Scheduler(Generic[K, R]):
     async def _unload(self, model: LoadedModel[K, R]) -> None:
         """unloaded: close a runner (nobody is using it) and wake whoever waits for room."""
         model.closing = True
-        self.loaded.pop(model.key, None)
+        if self.loaded.get(model.model_id) is model:
+            del self.loaded[model.model_id]
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(model.runner.close)
         logger.info("unloaded %s", model.name)
@@ -327,7 +407,7 @@ class Scheduler(Generic[K, R]):
         for model in [m for m in self.loaded.values() if predicate(m)]:
             if model.users == 0:
                 async with self._lock:
-                    if model.key in self.loaded and model.users == 0:
+                    if self.loaded.get(model.model_id) is model and model.users == 0:
                         await self._unload(model)
                         count += 1
             else:
@@ -362,7 +442,7 @@ class Scheduler(Generic[K, R]):
             self._reaper.stop(wait=False)
         for model in list(self.loaded.values()):
             model.closing = True
-            self.loaded.pop(model.key, None)
+            self.loaded.pop(model.model_id, None)
             try:
                 model.runner.close()
             except Exception:
@@ -421,6 +501,11 @@ class _Reaper(Generic[K, R]):
                     self._loop.call(self._scheduler._notify)
                 except Exception:
                     return
+
+
+def _itself(key: Hashable) -> Hashable:
+    """The default identity: every key is a model of its own."""
+    return key
 
 
 def _gib(n: int) -> str:
