@@ -6,10 +6,10 @@ context, `dimensions` cutting vectors shorter (and normalising them again).
 `embeddings` is the legacy single-prompt call (/api/embeddings): one raw,
 unnormalised vector in the `embedding` field.
 
-Like newer Ollama, only embedding models embed: a model whose GGUF declares a
-pooling type, or whose architecture is a BERT-style encoder. Asking a text
-generation model raises CapabilityError, and so does asking an embedding
-model to generate.
+As in Ollama, every model embeds: an embedding model (a GGUF that declares a
+pooling type, or a BERT-style encoder) as it says, a text generation model by
+the mean of its hidden states. Asking an embedding model to generate raises
+CapabilityError.
 """
 
 from __future__ import annotations

@@ -60,8 +60,11 @@ async def off_loop_if_long(size: int, work: Callable[[], T]) -> T:
 
 
 def model_identity(config: LoadConfig) -> Hashable:
-    """Which model a load configuration runs: its file (Ollama keys its runners by the model path)."""
-    return config.model_path
+    """Which model a load configuration runs: its file (Ollama keys its runners by the model path).
+
+    A text model asked for embeddings runs in an embedding runner beside its text runner: the two serve
+    different requests, so neither makes the other reload."""
+    return config.model_path, config.embeddings
 
 
 class Admitted(Job[T]):
@@ -183,12 +186,7 @@ class ModelService:
             raise CapabilityError(
                 f"'{model}' is an embedding model ({arch}) and cannot generate text; use engine.embed() with it"
             )
-        if purpose == "embed" and not embedding:
-            raise CapabilityError(
-                f"'{model}' does not support embeddings: it is a {arch or 'text'} generation model without a "
-                "pooling layer; use an embedding model (a BERT-family model such as all-MiniLM, or one with a "
-                "pooling type)"
-            )
+        # A text generation model embeds too, as in Ollama: its hidden states, mean-pooled.
         return resolved
 
     def check_images(self, model: str, resolved: ResolvedModel) -> None:

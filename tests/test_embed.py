@@ -178,8 +178,6 @@ async def test_capabilities(home: Path, minilm_gguf: Path, smollm2_path: Path) -
     async with localllm.Engine(home) as engine:
         assert is_embedding_model(minilm_gguf)
         assert not is_embedding_model(smollm2_path)
-        with pytest.raises(CapabilityError, match="does not support embeddings"):
-            await engine.embed(str(smollm2_path), "hello")
         with pytest.raises(CapabilityError, match="embedding model"):
             await engine.generate(str(minilm_gguf), "hello")
         with pytest.raises(CapabilityError, match="embedding model"):
@@ -249,3 +247,27 @@ async def test_causal_model_with_last_token_pooling(home: Path, tmp_path: Path) 
     assert response.prompt_eval_count == sum(len(p["token_ids"]) for p in prompts)
     assert cosines(response.embeddings, expected).min() >= 0.9999
     assert np.allclose(single.embeddings[0], response.embeddings[1], atol=1e-5)
+
+
+async def test_a_text_generation_model_embeds_by_the_mean_of_its_hidden_states(home: Path, smollm2_path: Path) -> None:
+    """As Ollama's /api/embed does with any model; the reference is llama.cpp's own mean pooling."""
+    from llama_cpp import LLAMA_POOLING_TYPE_MEAN
+
+    from localllm.runner.llama import reference_llama
+
+    texts = ["The cat sat on the mat.", "Stock prices fell sharply on Monday."]
+    async with localllm.Engine(home) as engine:
+        response = await engine.embed(str(smollm2_path), texts)
+        reply = await engine.generate(str(smollm2_path), "Hi", options={"temperature": 0, "num_predict": 2})
+        assert reply.done  # its text runner loads beside the embedding runner
+        assert len((await engine.ps()).models) == 2
+    reference = reference_llama(
+        str(smollm2_path), embedding=True, pooling_type=LLAMA_POOLING_TYPE_MEAN, n_ctx=512, verbose=False
+    )
+    expected = np.array([reference.embed(text, normalize=True) for text in texts])
+    vectors = np.array(response.embeddings)
+    assert vectors.shape == (2, 576)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # The mean and the last token's state are ~0.71 apart; llama.cpp's kernels here and in the reference's
+    # context differ by rounding only.
+    assert cosines(response.embeddings, expected).min() >= 0.998

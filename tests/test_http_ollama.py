@@ -269,8 +269,10 @@ def test_embed(client: ollama.Client, minilm: str, model: str) -> None:
     legacy = client.embeddings(minilm, prompt="The cat sits on the mat.")
     assert len(legacy.embedding) == 384
 
+    text_model = client.embed("smollm2", "a text generation model embeds too, as in Ollama")
+    assert len(text_model.embeddings[0]) == 576
     with pytest.raises(ollama.ResponseError) as failure:
-        client.embed("smollm2", "a text generation model")
+        client.generate(minilm, "an embedding model does not generate")
     assert failure.value.status_code == 400
 
 

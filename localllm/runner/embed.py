@@ -4,8 +4,8 @@ A request is a list of token sequences. The worker takes waiting sequences in
 order and puts as many as fit (up to the context's sequence slots and batch
 size) into one batch as separate sequences, runs the model once, and reads one
 pooled vector per sequence: pooled by llama.cpp as the GGUF says (mean, CLS or
-last token), or here when the model has no pooling (mean over the tokens for
-bidirectional encoders, the last token for causal models). Vectors are
+last token), or here when the model has no pooling (the mean over the tokens,
+as for a text generation model asked to embed). Vectors are
 L2-normalised unless the request asks for raw ones. A request whose inputs
 span several batches gets its answer when its last input is done.
 """
@@ -133,7 +133,6 @@ class EmbeddingRunner:
                 out(self.model.handle) if out is not None else llama_cpp.llama_model_n_embd(self.model.handle)
             )
             self.has_memory = bool(self.context.memory)
-            self.causal = not self.encoder and (self.model.metadata(f"{self.architecture}.attention.causal") != "false")
             self._special_tail = self._find_special_tail()
             self.batch = Batch(self.n_batch, self.n_seq_max)
         except BaseException:
@@ -294,7 +293,6 @@ class EmbeddingRunner:
         batch = self.batch
         batch.clear()
         placed: list[tuple[EmbedHandle, int, int]] = []
-        per_token = self.pooling == _POOLING_NONE
         while self._pending:
             handle = self._pending[0]
             if handle.cancelled.is_set():
@@ -305,11 +303,8 @@ class EmbeddingRunner:
             if len(placed) >= self.n_seq_max or batch.n_tokens + len(tokens) > batch.capacity:
                 break
             seq_id = len(placed)
-            last = len(tokens) - 1
             for pos, token in enumerate(tokens):
-                # With llama.cpp pooling every token feeds the pool; without it only what we pool is output.
-                wanted = not per_token or pos == last or not self.causal
-                batch.add(token, pos, seq_id, wanted)
+                batch.add(token, pos, seq_id, True)  # every token feeds the pool, llama.cpp's or ours
             placed.append((handle, handle._next, seq_id))
             if handle._started is None:
                 handle._started = time.perf_counter()
@@ -363,13 +358,8 @@ class EmbeddingRunner:
             if not pointer:
                 raise RunnerError(f"llama.cpp returned no pooled embedding for sequence {seq_id}")
             return _copy(pointer, self.n_embd)
-        # No pooling in the model: the last token for causal models, the mean for encoders (as Ollama does).
+        # No pooling in the model (a text generation model): the mean of its tokens' hidden states.
         start = self._batch_start(seq_id)
-        if self.causal:
-            pointer = llama_cpp.llama_get_embeddings_ith(ctx, start + len(tokens) - 1)
-            if not pointer:
-                raise RunnerError("llama.cpp returned no embedding for the last token")
-            return _copy(pointer, self.n_embd)
         total = np.zeros(self.n_embd, dtype=np.float64)
         for i in range(start, start + len(tokens)):
             pointer = llama_cpp.llama_get_embeddings_ith(ctx, i)
