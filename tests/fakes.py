@@ -124,6 +124,7 @@ class FakeContext:
     kv: dict[int, dict[int, int]] = attrs.field(factory=dict)  # seq_id -> position -> token
     removals: list[tuple[int, int]] = attrs.field(factory=list)  # seq_rm calls
     copies: list[tuple[int, int]] = attrs.field(factory=list)  # seq_cp calls
+    shifts: list[tuple[int, int, int]] = attrs.field(factory=list)  # shift calls: (seq_id, keep, discard)
     restores: list[int] = attrs.field(factory=list)  # state_set calls
     statuses: deque[int] = attrs.field(factory=deque)  # what the next decodes return (then 0)
     held: threading.Event = attrs.field(factory=threading.Event)  # set while a decode waits at the gate
@@ -181,6 +182,17 @@ class FakeContext:
         cells = self.kv.get(seq_id, {})
         for pos in [pos for pos in cells if pos >= p0]:
             del cells[pos]
+        return True
+
+    def shift(self, seq_id: int, keep: int, discard: int) -> bool:
+        self.shifts.append((seq_id, keep, discard))
+        cells = self.kv.get(seq_id, {})
+        assert 0 <= keep and 1 <= discard and keep + discard <= len(cells), "a shift past the sequence's end"
+        self.kv[seq_id] = {
+            pos if pos < keep else pos - discard: token
+            for pos, token in cells.items()
+            if not keep <= pos < keep + discard
+        }
         return True
 
     def seq_pos_min(self, seq_id: int) -> int:
@@ -280,9 +292,22 @@ def serving(
 
 
 def params(
-    grammar: str | None = None, *, logprobs: bool = False, top_logprobs: int = 0, **options: Any
+    grammar: str | None = None,
+    *,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
+    truncate: bool = True,
+    shift: bool = True,
+    **options: Any,
 ) -> SamplingParams:
-    return SamplingParams(Options(**options), grammar=grammar, logprobs=logprobs, top_logprobs=top_logprobs)
+    return SamplingParams(
+        Options(**options),
+        grammar=grammar,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        truncate=truncate,
+        shift=shift,
+    )
 
 
 async def reply(handle: SequenceHandle) -> tuple[str, SequenceResult]:

@@ -169,7 +169,7 @@ async def test_a_stop_sequence_inside_accepted_drafts_ends_the_text_there(stop: 
 
 async def test_the_context_length_is_never_passed_by_a_draft() -> None:
     with drafting(ScriptedDrafter(), num_parallel=1, num_ctx=10, draft_max=8) as (runner, context):
-        text, result = await reply(runner.submit([ord("a")], params()))
+        text, result = await reply(runner.submit([ord("a")], params(shift=False)))
     assert result.done_reason == "length"
     assert text == "bcdefghij"[: result.eval_count]
     assert max(context.kv[0]) < 10

@@ -84,14 +84,20 @@ async def test_num_predict_and_context_overflow(smollm2_path: Path, home: Path) 
         short = await engine.generate(model, "Count to twenty:", options={**GREEDY, "num_predict": 5})
         assert short.eval_count == 5 and short.done_reason == "length"
 
-        # The prompt fits but generation runs into the end of the context: `length`, no crash.
-        full = await engine.generate(model, "Tell me a very long story.", options={**GREEDY, "num_ctx": 48})
-        assert full.done_reason == "length"
-        assert full.prompt_eval_count + full.eval_count <= 48
+        # Generation that runs into the end of the context shifts it and goes on to num_predict, as in Ollama.
+        options = {**GREEDY, "num_ctx": 48, "num_predict": 100}
+        full = await engine.generate(model, "Tell me a very long story.", options=options)
+        assert (full.done_reason, full.eval_count) == ("length", 100)
+        # With shift off, it stops there instead: `length`, the context's worth of tokens.
+        stopped = await engine.generate(model, "Tell me a very long story.", options=options, shift=False)
+        assert stopped.done_reason == "length" and stopped.prompt_eval_count is not None
+        assert stopped.prompt_eval_count + (stopped.eval_count or 0) == 48
 
-        # A prompt longer than the context is a clear error.
+        # A prompt longer than the context is cut to fit, keeping its start and its end, and answered.
+        cut = await engine.generate(model, "word " * 200, options={**GREEDY, "num_ctx": 64, "num_predict": 4})
+        assert cut.done_reason == "length" and 0 < (cut.prompt_eval_count or 0) < 64
         with pytest.raises(localllm.ContextLengthExceeded, match="num_ctx"):
-            await engine.generate(model, "word " * 200, options={"num_ctx": 64})
+            await engine.generate(model, "word " * 200, options={"num_ctx": 64}, truncate=False)
 
         # The runner is still healthy afterwards.
         after = await engine.generate(model, "Count to twenty:", options={**GREEDY, "num_predict": 5})

@@ -246,7 +246,7 @@ async def test_cancelling_a_queued_sequence_withdraws_it() -> None:
         pytest.param("w", {}, {}, "xyz", "stop", 3, id="end-of-generation token"),
         pytest.param("a", {"stop": ["de"]}, {}, "bc", "stop", 4, id="stop sequence"),
         pytest.param("w", {"stop": ["z!"]}, {}, "xyz", "stop", 3, id="text held as a possible stop is flushed"),
-        pytest.param("a", {}, {"num_ctx": 8}, "bcdefgh", "length", 7, id="context full"),
+        pytest.param("a", {"shift": False}, {"num_ctx": 8}, "bcdefgh", "length", 7, id="context full, no shift"),
     ],
 )
 async def test_how_a_sequence_ends(
@@ -265,7 +265,7 @@ async def test_prompts_the_runner_refuses() -> None:
         with pytest.raises(LocalLLMError, match="empty"):
             runner.submit([], params())
         with pytest.raises(ContextLengthExceeded):
-            runner.submit(tokens("abcdefgh"), params())
+            runner.submit(tokens("abcdefgh"), params(truncate=False))
         with pytest.raises(LocalLLMError, match="vocabulary"):
             runner.submit([N_VOCAB], params())
 

@@ -103,6 +103,11 @@ class Context(Protocol):
         """Drop a sequence's cache entries from position `p0` on; False where it cannot."""
         ...
 
+    def shift(self, seq_id: int, keep: int, discard: int) -> bool:
+        """Drop a sequence's entries at positions [keep, keep + discard) and move those after them back by
+        `discard` (a context shift); False where this cache cannot."""
+        ...
+
     def seq_pos_min(self, seq_id: int) -> int:
         """The sequence's lowest cached position; -1 when it holds none."""
         ...

@@ -355,6 +355,15 @@ class LlamaContext:
     def seq_rm(self, seq_id: int, p0: int, p1: int = -1) -> bool:
         return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
 
+    def shift(self, seq_id: int, keep: int, discard: int) -> bool:
+        if keep < 0 or discard < 1 or not llama_cpp.llama_memory_can_shift(self.memory):
+            return False
+        if not llama_cpp.llama_memory_seq_rm(self.memory, seq_id, keep, keep + discard):
+            return False
+        # The positions after the gap move back over it; llama.cpp re-rotates their keys at the next decode.
+        llama_cpp.llama_memory_seq_add(self.memory, seq_id, keep + discard, -1, -discard)
+        return True
+
     def seq_pos_min(self, seq_id: int) -> int:
         return int(llama_cpp.llama_memory_seq_pos_min(self.memory, seq_id))
 

@@ -182,7 +182,7 @@ class ProcessRunner:
 
     def submit(self, prompt: list[int], params: SamplingParams) -> SequenceHandle:
         """Queue a sequence in the child. Call from the event loop (the handle's mailbox binds to it)."""
-        check_prompt_fits(prompt, self.n_ctx_seq)
+        check_prompt_fits(prompt, self.n_ctx_seq, truncate=params.truncate)  # a prompt to cut is cut in the child
         with self._lock:
             self._check_usable()
             handle = _Sequence(self, prompt, params, next(self._ids))

@@ -30,6 +30,8 @@ __all__ = [
     "SequenceResult",
     "TextRunner",
     "check_prompt_fits",
+    "cut_prompt",
+    "keep_count",
 ]
 
 KV_CACHE_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # ggml type ids
@@ -88,8 +90,9 @@ class ScoredText:
 class SequenceResult:
     """How a sequence ended, with Ollama's counters (durations in ns).
 
-    `prompt_eval_count` is the whole prompt, as Ollama counts it; `prompt_cached_count` is the part of
-    it whose KV entries a slot already held, so only the rest was evaluated. With speculative decoding,
+    `prompt_eval_count` is the whole prompt (what was left of it after a cut), as Ollama counts it;
+    `prompt_cached_count` is the part of it whose KV entries a slot already held, so only the rest was
+    evaluated. `eval_count` counts every token generated, across context shifts. With speculative decoding,
     `draft_count` tokens were drafted for the sequence and the model confirmed `draft_accepted_count`.
     """
 
@@ -104,15 +107,39 @@ class SequenceResult:
     draft_accepted_count: int = 0
 
 
-def check_prompt_fits(prompt: Sequence[int], n_ctx_seq: int) -> None:
-    """Raise for a prompt a sequence cannot take: an empty one, or one that leaves no room to generate."""
+def check_prompt_fits(prompt: Sequence[int], n_ctx_seq: int, *, truncate: bool) -> None:
+    """Raise for a prompt a sequence cannot take: an empty one, or one that leaves no room to generate
+    when it may not be cut (`truncate` false, or a context too small to cut it for)."""
     if not prompt:
         raise LocalLLMError("the prompt is empty after tokenization")
-    if len(prompt) >= n_ctx_seq:
+    if len(prompt) >= n_ctx_seq and (not truncate or n_ctx_seq < 2):
         raise ContextLengthExceeded(
             f"the prompt has {len(prompt)} tokens but the context holds {n_ctx_seq}; "
-            "raise num_ctx or shorten the prompt"
+            "raise num_ctx, shorten the prompt, or leave truncate on to cut it",
+            tokens=len(prompt),
+            limit=n_ctx_seq,
         )
+
+
+def keep_count(prompt: Sequence[int], num_keep: int, bos_token: int, n_ctx_seq: int) -> int:
+    """How many leading tokens a cut prompt or a shifted context keeps, as Ollama counts them: `num_keep`
+    (negative: the whole prompt), one more where the prompt starts with the BOS token, and always at least
+    one token fewer than the context holds, so that something can be discarded."""
+    keep = len(prompt) if num_keep < 0 else num_keep
+    if bos_token >= 0 and prompt and prompt[0] == bos_token:
+        keep += 1
+    return max(0, min(keep, n_ctx_seq - 1))
+
+
+def cut_prompt(prompt: Sequence[int], n_ctx_seq: int, keep: int) -> list[int]:
+    """A prompt that does not leave room to generate, cut as Ollama cuts it: the first `keep` tokens, then
+    the end of the prompt, so that about half of what follows the kept tokens is free for the answer."""
+    if len(prompt) < n_ctx_seq or n_ctx_seq < 2:
+        return list(prompt)
+    keep = max(0, min(keep, n_ctx_seq - 1))
+    limit = n_ctx_seq - max((n_ctx_seq - keep) // 2, 1)  # between keep and n_ctx_seq - 1, at least 1
+    tail = limit - keep
+    return [*prompt[:keep], *prompt[len(prompt) - tail :]] if tail > 0 else list(prompt[:keep])
 
 
 class _Withdraw(Protocol):

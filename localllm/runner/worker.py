@@ -10,6 +10,12 @@ With a drafter (speculative decoding), a sequence's next token goes into the bat
 drafted to follow it; the sequence keeps each drafted token its own sampler chooses, so one decode
 may yield several tokens, and drops the cache entries of the rest.
 
+The context window is handled as Ollama handles it: a prompt that leaves no room to generate is cut
+(keeping its first `num_keep` tokens), and a sequence whose next token would not fit shifts its context:
+it keeps `num_keep` tokens, drops half of the rest and goes on. Past the kept tokens, a shifted
+sequence's entries are not what evaluating its tokens from the start would give, so they are never
+reused, and are dropped once the sequence ends.
+
 A request reuses the longest prefix of its prompt that is already evaluated:
 its slot's own cache entries, another slot's (copied over), or a state saved
 in the `PromptCache` when a slot's contents were about to be dropped.
@@ -39,7 +45,16 @@ from .backend import Backend, Model, Sampler
 from .draft import Drafter, make_drafter
 from .mailbox import Mailbox
 from .prompt_cache import PromptCache
-from .protocol import LoadConfig, SamplingParams, ScoredText, SequenceHandle, SequenceResult, check_prompt_fits
+from .protocol import (
+    LoadConfig,
+    SamplingParams,
+    ScoredText,
+    SequenceHandle,
+    SequenceResult,
+    check_prompt_fits,
+    cut_prompt,
+    keep_count,
+)
 from .text import StopMatcher, Utf8Stream
 
 __all__ = ["Runner"]
@@ -86,6 +101,7 @@ class _Active:
     sampler: Sampler
     prompt_pos: int  # next prompt token to evaluate
     num_predict: int
+    num_keep: int = 0  # leading tokens a context shift keeps
     logprobs: _Logprobs | None = None  # None unless the request asked for logprobs
     utf8: Utf8Stream = attrs.field(factory=Utf8Stream)
     stops: StopMatcher = attrs.field(factory=lambda: StopMatcher(()))
@@ -106,6 +122,13 @@ class _Slot:
     cached: list[int] = attrs.field(factory=list)  # tokens whose KV entries this sequence holds
     active: _Active | None = None
     last_used: float = 0.0
+    # After a context shift: how many leading entries are still what evaluating `cached` would give.
+    plain: int | None = None
+
+    @property
+    def reusable(self) -> Sequence[int]:
+        """The tokens whose entries a request with the same prefix may reuse."""
+        return self.cached if self.plain is None else self.cached[: self.plain]
 
 
 class Runner:
@@ -219,13 +242,25 @@ class Runner:
             raise RunnerError(f"the runner failed: {self.failure}; retry to load it again")
         if self._stopping:
             raise EngineClosed("this model has been unloaded")
-        check_prompt_fits(prompt, self.n_ctx_seq)
+        check_prompt_fits(prompt, self.n_ctx_seq, truncate=params.truncate)
         self.model.check_token_ids(prompt)
+        prompt = self._cut(prompt, params)
         handle = SequenceHandle(self, prompt, params, mailbox)
         with self._cond:
             self._pending.append(handle)
             self._cond.notify()
         return handle
+
+    def _cut(self, prompt: list[int], params: SamplingParams) -> list[int]:
+        """The prompt, cut as Ollama cuts one that leaves no room to generate."""
+        if len(prompt) < self.n_ctx_seq:
+            return prompt
+        keep = keep_count(prompt, params.options.num_keep, self.model.bos_token, self.n_ctx_seq)
+        cut = cut_prompt(prompt, self.n_ctx_seq, keep)
+        logger.warning(
+            "truncating the prompt: %d tokens of %d kept, the first %d among them", len(cut), len(prompt), keep
+        )
+        return cut
 
     def _withdraw(self, handle: SequenceHandle) -> None:
         with self._cond:
@@ -301,20 +336,26 @@ class Runner:
                 break
             handle = self._pending.popleft()
             # Prefer the slot that already holds the longest prefix of this prompt.
-            slot = max(free, key=lambda s: (_common_prefix(s.cached, handle.prompt), -s.last_used))
+            slot = max(free, key=lambda s: (_common_prefix(s.reusable, handle.prompt), -s.last_used))
             try:
                 sampler = self._make_sampler(handle.params)
             except LocalLLMError as exc:
                 handle.finished = True
                 handle.mailbox.put(exc)
                 continue
+            # As Ollama: generation without a limit (or past it) stops after ten context windows, so a
+            # shifting sequence cannot run forever.
+            limit = _CONTEXT_WINDOWS * self.n_ctx_seq
             num_predict = handle.params.options.num_predict
             active = _Active(
                 handle=handle,
                 slot=slot,
                 sampler=sampler,
                 prompt_pos=0,
-                num_predict=num_predict if num_predict >= 0 else 1 << 62,
+                num_predict=num_predict if 0 <= num_predict <= limit else limit,
+                num_keep=keep_count(
+                    handle.prompt, handle.params.options.num_keep, self.model.bos_token, self.n_ctx_seq
+                ),
                 logprobs=_Logprobs(handle.params.top_logprobs) if handle.params.logprobs else None,
                 stops=StopMatcher(handle.params.options.stop),
             )
@@ -334,7 +375,7 @@ class Runner:
         """Start from the longest evaluated prefix of the prompt at hand; drop the rest of the slot's entries."""
         slot, prompt = active.slot, active.handle.prompt
         limit = len(prompt) - 1  # always evaluate one token, for its logits
-        keep = min(_common_prefix(slot.cached, prompt), limit)
+        keep = min(_common_prefix(slot.reusable, prompt), limit)
         donor, from_donor = self._best_donor(slot, prompt, limit, own=keep)
         hit = self.prompt_cache.lookup(self.cache_key, prompt) if self.prompt_cache is not None else None
         from_cache = min(hit.common, limit) if hit is not None else 0
@@ -368,7 +409,7 @@ class Runner:
         and how much of the prompt it holds (0 without one)."""
         best, best_len = None, own + _WORTH_COPYING
         for other in self.slots:
-            if other is not slot and (length := min(_common_prefix(other.cached, prompt), limit)) >= best_len:
+            if other is not slot and (length := min(_common_prefix(other.reusable, prompt), limit)) >= best_len:
                 if self.context.seq_pos_min(other.seq_id) == 0:  # a sliding window may have dropped its start
                     best, best_len = other, length
         return best, best_len if best is not None else 0
@@ -378,6 +419,8 @@ class Runner:
         cache = self.prompt_cache
         if cache is None or len(slot.cached) < _WORTH_SAVING or cache.covers(self.cache_key, slot.cached):
             return
+        if slot.plain is not None:
+            return  # shifted: the state is not that of its tokens evaluated from the start
         if self.context.seq_pos_min(slot.seq_id) != 0:
             return  # a sliding window dropped its start: the state could not be reused
         state = self.context.state_get(slot.seq_id)
@@ -400,6 +443,9 @@ class Runner:
         for active in actives:
             active.batch_index = None
             if active.next_token is not None:
+                if len(active.slot.cached) + 1 >= self.n_ctx_seq and not self._shift(active):
+                    self._finish(active, "length")  # this cache cannot shift: the context is full
+                    continue
                 cached, seq_id = active.slot.cached, active.slot.seq_id
                 active.batch_index = batch.add(active.next_token, len(cached), seq_id, True)
                 cached.append(active.next_token)
@@ -438,6 +484,22 @@ class Runner:
         for active in actives:
             if active.batch_index is not None:
                 self._sample(active, now)
+
+    def _shift(self, active: _Active) -> bool:
+        """Make room for the sequence's next token: keep its first `num_keep` tokens, drop half of the rest
+        and move what follows back over them. False where it cannot."""
+        slot = active.slot
+        held = len(slot.cached)
+        keep = min(active.num_keep, held - 1)
+        if keep < 0:
+            return False
+        discard = max((held - keep) // 2, 1)
+        if not self.context.shift(slot.seq_id, keep, discard):
+            logger.warning("this model's cache cannot shift the context: generation ends at its end")
+            return False
+        del slot.cached[keep : keep + discard]
+        slot.plain = keep if slot.plain is None else min(slot.plain, keep)
+        return True
 
     def _drafts(self, actives: Sequence[_Active]) -> dict[int, list[int]]:
         """Draft tokens for the sequences that take them (by slot), within the batch's spare room."""
@@ -512,8 +574,10 @@ class Runner:
         self._send(active, text, cut=stopped)
         if stopped:
             return "stop", False
-        if len(active.generated) >= active.num_predict or len(active.slot.cached) + 1 >= self.n_ctx_seq:
+        if len(active.generated) >= active.num_predict:
             return "length", True
+        if not active.handle.params.shift and len(active.slot.cached) + 1 >= self.n_ctx_seq:
+            return "length", True  # the context is full, and this sequence may not shift it
         return None
 
     def _send(self, active: _Active, text: str, *, cut: bool = False, final: bool = False) -> None:
@@ -565,8 +629,15 @@ class Runner:
 
     def _release(self, active: _Active) -> None:
         active.sampler.close()
-        active.slot.active = None
-        active.slot.last_used = time.monotonic()
+        slot = active.slot
+        slot.active = None
+        slot.last_used = time.monotonic()
+        if slot.plain is not None:  # a shifted sequence: only its kept part can serve a later request
+            if not self.context.seq_rm(slot.seq_id, slot.plain):
+                self.context.seq_rm(slot.seq_id, 0)
+                slot.plain = 0
+            del slot.cached[slot.plain :]
+            slot.plain = None
 
     def _drop_cancelled(self) -> None:
         for slot in self.slots:
@@ -590,6 +661,7 @@ class Runner:
 
 _WORTH_COPYING = 32  # tokens another slot must hold beyond this slot's prefix to copy its cache over
 _WORTH_SAVING = 64  # the fewest tokens worth keeping in the prompt cache
+_CONTEXT_WINDOWS = 10  # without num_predict, generation stops after this many context windows of tokens
 
 
 def state_key(config: LoadConfig, state_format: str) -> str:
@@ -649,8 +721,9 @@ def _scored(model: Model, token: int, logprobs: npt.NDArray[np.float64]) -> Toke
 
 
 def _may_draft(active: _Active) -> bool:
-    """Whether the sequence takes drafts: not with logprobs or a grammar, which the verification leaves out."""
-    return active.logprobs is None and not active.handle.params.grammar
+    """Whether the sequence takes drafts: not with logprobs or a grammar, which the verification leaves out,
+    nor once its context has shifted (a draft model would evaluate the shifted tokens over again)."""
+    return active.logprobs is None and not active.handle.params.grammar and active.slot.plain is None
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
