@@ -14,6 +14,7 @@ CapabilityError.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -112,39 +113,25 @@ async def _run(
 ) -> tuple[list[list[float]], int, int, str]:
     """Embed `texts`; returns (vectors, load_duration, prompt_eval_count, model name)."""
     with service.admit():  # counted under max_queue for the whole request
-        return await _embed_texts(
-            service, model, texts, truncate=truncate, normalize=normalize, options=options, keep_alive=keep_alive
-        )
-
-
-async def _embed_texts(
-    service: ModelService,
-    model: str,
-    texts: list[str],
-    *,
-    truncate: bool,
-    normalize: bool,
-    options: OptionValues | None,
-    keep_alive: float | str | None,
-) -> tuple[list[list[float]], int, int, str]:
-    resolved = await service.resolve(model, "embed")
-    opts = service.options(resolved, options)
-    if not texts:  # an empty request loads the model (or, with keep_alive 0, unloads it), as in Ollama
-        _reason, load = await service.load_or_unload(resolved, opts, keep_alive, "embed")
-        return [], load, 0, model
-    lease = await service.lease_embed(resolved, opts, keep_alive)
-    try:
-        runner = lease.runner
-        tokens = await off_loop_if_long(sum(len(t) for t in texts), lambda: _tokenize_all(runner, texts, truncate))
-        handle = runner.submit_embed(tokens, normalize=normalize)
+        resolved = await service.resolve(model, "embed")
+        opts = service.options(resolved, options)
+        if not texts:  # an empty request loads the model (or, with keep_alive 0, unloads it), as in Ollama
+            _reason, load = await service.load_or_unload(resolved, opts, keep_alive, "embed")
+            return [], load, 0, model
+        lease = await service.lease_embed(resolved, opts, keep_alive)
         try:
-            result = await handle.result()
-        except BaseException:
-            handle.cancel()
-            raise
-        return result.embeddings, lease.load_duration, result.prompt_eval_count, model
-    finally:
-        lease.release()
+            runner = lease.runner
+            tokenize = functools.partial(_tokenize_all, runner, texts, truncate)
+            tokens = await off_loop_if_long(sum(len(t) for t in texts), tokenize)
+            handle = runner.submit_embed(tokens, normalize=normalize)
+            try:
+                result = await handle.result()
+            except BaseException:
+                handle.cancel()
+                raise
+            return result.embeddings, lease.load_duration, result.prompt_eval_count, model
+        finally:
+            lease.release()
 
 
 async def embed(
