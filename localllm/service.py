@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Literal, TypeVar, cast
 import anyio
 import attrs
 
+from .chat.harmony import select_harmony
 from .chat.template import ChatTemplate, PlainTemplate, load_template
 from .errors import CapabilityError, EngineClosed, InvalidRequest, ModelNotFound
 from .options import Options, OptionValues, merge_options
@@ -262,10 +263,11 @@ class ModelService:
     async def template(self, resolved: ResolvedModel, runner: TextRunner) -> ChatTemplate:
         """The model's chat template: its own (Modelfile TEMPLATE), else the one its GGUF carries."""
         source = resolved.template or runner.chat_template()
-        if not source:
-            return PlainTemplate()
-        bos, eos = runner.special_token_text()
-        return await anyio.to_thread.run_sync(_compiled_template, source, bos, eos)
+        template: ChatTemplate = PlainTemplate()
+        if source:
+            bos, eos = runner.special_token_text()
+            template = await anyio.to_thread.run_sync(_compiled_template, source, bos, eos)
+        return select_harmony(template, renderer=resolved.renderer, parser=resolved.parser)
 
     async def running(self) -> list[Running]:
         records = await self.scheduler.running()

@@ -10,6 +10,8 @@ This is where tools, thinking and structured outputs meet the template:
 - a template that can think thinks unless `think` is false, and its thinking is split from the
   content with the template's tags; asking a template that cannot think to think is an error;
 - `format` ("json" or a JSON schema) constrains the whole reply;
+- a harmony model (gpt-oss: `RENDERER`/`PARSER harmony`, or a template in harmony's markers) has its
+  reply read by `HarmonyParser`, which finds thinking and calls in harmony's channels;
 - a conversation longer than the context loses its oldest messages, as Ollama's `/api/chat` does
   (`fit_conversation`): system messages and the latest message always stay.
 """
@@ -27,6 +29,7 @@ import attrs
 from ..errors import CapabilityError, InvalidRequest
 from .base import ChatTemplate, Think
 from .grammar import format_to_grammar, tool_call_grammar
+from .harmony import HarmonyParser, harmony_final_opened, harmony_reply_start, harmony_think, uses_harmony
 from .thinking import prompt_opens_thinking
 from .tools import ChatOutputParser
 
@@ -50,8 +53,12 @@ class PreparedChat:
     #: The request prepared without the tool instructions injected into its system prompt: when the
     #: reply does not open a call, it is written from this instead, so the instructions never reach it.
     text_reply: PreparedChat | None = None
+    #: For a harmony model: what the prompt leaves open of the reply, for `HarmonyParser`; None otherwise.
+    harmony_start: str | None = None
 
-    def parser(self) -> ChatOutputParser:
+    def parser(self) -> ChatOutputParser | HarmonyParser:
+        if self.harmony_start is not None:
+            return HarmonyParser(self.harmony_start)
         return ChatOutputParser(
             tools=list(self.tools) or None,
             tool_prefix=self.tool_prefix,
@@ -172,8 +179,10 @@ def prepare_chat(
     choice, callable_tools = _chosen_tools(tools, tool_choice) if tools else ("none", [])
     if choice == "none":
         callable_tools = []
-    native = bool(callable_tools) and template.supports_tools
-    think, tags = _thinking(template, think)
+    harmony = uses_harmony(template)
+    native = bool(callable_tools) and (template.supports_tools or harmony)
+    # Harmony writes thinking and calls in channels of its own: its parser reads them, with no grammar for calls.
+    think, tags = (harmony_think(think), None) if harmony else _thinking(template, think)
 
     grammar = format_to_grammar(format)
     description = _describe_tools(callable_tools) if callable_tools and not native else None
@@ -192,13 +201,16 @@ def prepare_chat(
     text_reply = None
     if description is not None and choice == "auto" and grammar is None:  # the grammar below lets the reply be text
         text_reply = prepare_chat(template, kept, think=think)  # shorter than `prompt`, so it fits too
-    if callable_tools and grammar is None:
+    if callable_tools and grammar is None and not harmony:
         call = tool_call_grammar(callable_tools)
         if choice == "required":
             grammar = call
         elif not native:
             # A call, when the model starts one, is always well-formed; anything else is free text.
             grammar = call.replace("root ::=", "call-root ::=", 1) + f"\nroot ::= call-root | free-text\n{_TEXT_RULE}\n"
+    harmony_start = harmony_reply_start(kept) if harmony else None
+    if harmony_start is not None and grammar is not None:  # a constrained reply cannot write harmony's headers
+        prompt, harmony_start = harmony_final_opened(prompt, harmony_start)
     return PreparedChat(
         prompt=prompt,
         grammar=grammar,
@@ -207,6 +219,7 @@ def prepare_chat(
         thinking_tags=tags,
         starts_inside_thinking=bool(tags) and prompt_opens_thinking(prompt, tags[0]) if tags else False,
         text_reply=text_reply,
+        harmony_start=harmony_start,
     )
 
 

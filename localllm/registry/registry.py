@@ -97,6 +97,9 @@ class ResolvedModel(_Subscriptable):
     projector: Path | None = None
     license: str | None = None
     details: Any = None  # ModelDetails for a stored model
+    #: The Modelfile's RENDERER and PARSER: a built-in prompt format used instead of the template (e.g. "harmony").
+    renderer: str | None = None
+    parser: str | None = None
 
 
 @attrs.frozen
@@ -381,6 +384,7 @@ class Registry:
         licenses: list[str] = []
         adapters: list[Path] = []
         projector: Path | None = None
+        config = self._config(manifest)
         for layer in manifest.layers:
             media = layer.media_type
             if media == MEDIA_PARAMS:
@@ -414,7 +418,9 @@ class Registry:
             adapters=tuple(adapters),
             projector=projector,
             license="\n".join(licenses) if licenses else None,
-            details=self._details(self._config(manifest), manifest),
+            details=self._details(config, manifest),
+            renderer=str(config.get("renderer") or "") or None,
+            parser=str(config.get("parser") or "") or None,
         )
 
     # ---- create
