@@ -691,14 +691,14 @@ def format_to_grammar(fmt: Any) -> str | None:
 
 def tool_call_grammar(tools: Sequence[Any], *, strict: bool = False) -> str:
     """A grammar forcing one `{"name": <tool>, "arguments": <its parameters>}` call to one of `tools`."""
-    from .tools import _tool_function
+    from .tools import tool_function
 
     rules: dict[str, str] = {}
     primitives: set[str] = {"ws"}
     alts: list[str] = []
     seen: set[str] = set()
     for i, tool in enumerate(tools):
-        fn = _tool_function(tool)
+        fn = tool_function(tool)
         name = fn.get("name")
         if not isinstance(name, str) or not name:
             raise InvalidFormat(f"tool {i} has no function name")

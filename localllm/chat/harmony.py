@@ -24,7 +24,7 @@ from ..gojson import go_json
 from ..types import ToolCall, ToolCallFunction
 from .base import ChatTemplate, TemplateMessage, Think, ToolSpec
 from .gotemplate.ollama import collate
-from .tools import new_call_id
+from .tools import new_call_id, tool_function
 
 __all__ = [
     "HARMONY",
@@ -99,20 +99,11 @@ def _typescript(schema: Any) -> str:
     return " | ".join(_TYPESCRIPT.get(k, "any") for k in kinds) if kinds else "any"
 
 
-def _function(tool: Any) -> Mapping[str, Any]:
-    if hasattr(tool, "to_dict") and not isinstance(tool, Mapping):
-        tool = tool.to_dict()
-    if not isinstance(tool, Mapping):
-        return {}
-    fn = tool.get("function")
-    return fn if isinstance(fn, Mapping) else tool
-
-
 def _functions_namespace(tools: Sequence[Any]) -> str:
     """The developer message's `# Tools` section: each function as a TypeScript type, properties by name."""
     out = ["# Tools\n\n## functions\n\nnamespace functions {"]
     for tool in tools:
-        fn = _function(tool)
+        fn = tool_function(tool)
         name = str(fn.get("name") or "")
         out.append("\n")
         if fn.get("description"):

@@ -35,7 +35,7 @@ from typing import Any
 from ..types import ToolCall, ToolCallFunction
 from .thinking import ThinkingParser
 
-__all__ = ["ChatOutputParser", "ToolCallParser", "new_call_id", "parse_tool_calls", "tool_names"]
+__all__ = ["ChatOutputParser", "ToolCallParser", "new_call_id", "parse_tool_calls", "tool_function", "tool_names"]
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 
@@ -84,7 +84,8 @@ def new_call_id() -> str:
     return "call_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(8))
 
 
-def _tool_function(tool: Any) -> Mapping[str, Any]:
+def tool_function(tool: Any) -> Mapping[str, Any]:
+    """The function part of a tool definition (an OpenAI-style tool, or the function itself)."""
     if hasattr(tool, "to_dict") and not isinstance(tool, Mapping):
         tool = tool.to_dict()
     if not isinstance(tool, Mapping):
@@ -97,7 +98,7 @@ def tool_names(tools: Iterable[Any]) -> list[str]:
     """The function names of tool definitions (OpenAI/Ollama shape, or objects with `to_dict`)."""
     names = []
     for tool in tools:
-        name = _tool_function(tool).get("name")
+        name = tool_function(tool).get("name")
         if isinstance(name, str) and name:
             names.append(name)
     return names
@@ -206,7 +207,7 @@ class ToolCallParser:
     def __init__(self, tools: Sequence[Any], *, prefix: str | None = None) -> None:
         self._tools: dict[str, Mapping[str, Any]] = {}
         for tool in tools:
-            fn = _tool_function(tool)
+            fn = tool_function(tool)
             name = fn.get("name")
             if isinstance(name, str) and name:
                 self._tools[name] = fn
