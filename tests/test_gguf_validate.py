@@ -16,11 +16,13 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+import anyio
 import attrs
 import gguf
 import numpy as np
 import pytest
 
+import localllm
 from localllm.errors import InvalidModelFile
 from localllm.gguf import is_gguf, read_info, validate_bytes, validate_file
 from localllm.gguf.validate import open_gguf
@@ -805,3 +807,27 @@ def test_accepted_mutants_load_and_generate(tmp_path: Path, smollm2_path: Path, 
     lines = result.stdout.splitlines()
     for path in paths:
         assert any(line.split(" ", 2)[1:2] == [path] for line in lines), (path, report)
+
+
+def _not_a_regular_file(kind: str, tmp_path: Path) -> str:
+    if kind == "device":
+        return "/dev/zero"  # reads without end: before, the check read it until memory ran out
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)  # blocks a reader until someone writes: before, the load hung
+    return str(fifo)
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+async def test_a_model_path_that_is_not_a_regular_file_is_refused(
+    kind: str, home: Path, smollm2_path: Path, tmp_path: Path
+) -> None:
+    path = _not_a_regular_file(kind, tmp_path)
+    async with localllm.Engine(home) as engine:
+        with anyio.fail_after(60):  # a hang detector: each refusal comes at once
+            with pytest.raises(localllm.InvalidModelFile, match="not a regular file"):
+                await engine.generate(path, "hi")
+            with pytest.raises(localllm.InvalidModelFile, match="not a regular file"):
+                await engine.create("bad", from_=path)
+            with pytest.raises(localllm.InvalidModelFile, match="not a regular file"):
+                await engine.generate(str(smollm2_path), "hi", options={"draft_model": path, "num_predict": 1})
+        assert (await engine.list()).models == []

@@ -37,6 +37,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS
 
 from localllm.errors import InvalidModelFile
+from localllm.files import open_regular
 
 __all__ = [
     "GGUF_MAGIC",
@@ -590,7 +591,7 @@ def open_gguf(path: str | os.PathLike[str]) -> Iterator[ParsedGGUF]:
     name = display_name(path)
     with contextlib.ExitStack() as stack:
         try:
-            handle = stack.enter_context(open(path, "rb"))
+            handle = stack.enter_context(open_regular(path))
             parsed = _parse_open_file(handle, name, stack)
         except OSError as exc:
             raise InvalidModelFile(f"{name}: cannot read the file: {exc.strerror or exc}") from exc
@@ -600,7 +601,7 @@ def open_gguf(path: str | os.PathLike[str]) -> Iterator[ParsedGGUF]:
 def _parse_open_file(handle: Any, name: str, stack: contextlib.ExitStack) -> ParsedGGUF:
     size = os.fstat(handle.fileno()).st_size
     if size < _HEADER_SIZE:
-        return _Parser(handle.read(), size, name).parse()
+        return _Parser(handle.read(size), size, name).parse()
     try:
         mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError):
@@ -1039,7 +1040,7 @@ def sha256_once(path: str | os.PathLike[str]) -> str:
     if known is not None:
         return known
     digest = hashlib.sha256()
-    with open(path, "rb") as file:
+    with open_regular(path) as file:
         while chunk := file.read(_HASH_CHUNK):
             digest.update(chunk)
     found = "sha256:" + digest.hexdigest()
@@ -1084,7 +1085,7 @@ def validate_bytes(
 def is_gguf(path: str | os.PathLike[str]) -> bool:
     """Whether the file at `path` starts with the GGUF magic (a cheap test, not a validation)."""
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             return handle.read(4) == GGUF_MAGIC
     except OSError:
         return False

@@ -35,6 +35,7 @@ import attrs
 
 from .. import gojson
 from ..errors import BlobTooLarge, DigestMismatch, InvalidModelFile, InvalidRequest, LocalLLMError, ModelNotFound
+from ..files import open_regular
 from .names import ModelName
 
 __all__ = [
@@ -459,7 +460,7 @@ class BlobStore:
         return path.name.startswith(_TEMP_PREFIX) and path.resolve().parent == self.blobs_dir.resolve()
 
     def _add_file(self, path: Path, st: os.stat_result, *, progress: Callable[[int, int], None] | None) -> str:
-        with self.blob_writer() as out, open(path, "rb") as src:
+        with self.blob_writer() as out, open_regular(path) as src:
             while chunk := src.read(_CHUNK):
                 out.write(chunk)
                 if progress is not None:
@@ -711,7 +712,7 @@ def _digests_in(data: bytes) -> set[str]:
 def _hash_file(path: Path, *, progress: Callable[[int, int], None] | None = None, total: int = 0) -> str:
     digest = hashlib.sha256()
     done = 0
-    with open(path, "rb") as src:
+    with open_regular(path) as src:
         while chunk := src.read(_CHUNK):
             digest.update(chunk)
             done += len(chunk)
