@@ -7,7 +7,6 @@ one line: the constructor.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import inspect
 import logging
 import math
@@ -28,6 +27,7 @@ from .embeddings import EmbeddingsResponse, EmbedResponse
 from .embeddings import embed as embed_texts
 from .embeddings import embeddings as embed_prompt
 from .errors import InvalidRequest, LocalLLMError
+from .files import sha256_of
 from .options import OptionValues, check_options
 from .service import ModelService
 from .settings import EngineSettings
@@ -80,14 +80,6 @@ def _from_iso(text: str) -> dt.datetime:
 
 def _str_or_path(value: str | os.PathLike[str] | None) -> str | Path | None:
     return Path(value) if isinstance(value, os.PathLike) else value
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
 
 
 async def _chunks_of(file: anyio.AsyncFile[bytes]) -> AsyncIterator[bytes]:
@@ -721,7 +713,7 @@ class Engine:
     async def create_blob(self, path: str | os.PathLike[str]) -> str:
         """Add a file to the store under its sha256 digest, as an upload does; the digest is for `create(files=...)`."""
         path = Path(path)
-        digest = await anyio.to_thread.run_sync(_sha256_of, path)
+        digest = await anyio.to_thread.run_sync(sha256_of, path)
         if not await self.has_blob(digest):
             async with await anyio.open_file(path, "rb") as file:
                 await self.add_blob(digest, _chunks_of(file))

@@ -9,11 +9,12 @@ the read), and only then read as usual.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 from typing import BinaryIO
 
-__all__ = ["open_regular"]
+__all__ = ["open_regular", "sha256_of"]
 
 _KINDS = {
     stat.S_IFDIR: "a directory",
@@ -37,3 +38,12 @@ def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def sha256_of(path: str | os.PathLike[str]) -> str:
+    """``sha256:<hex>`` of a regular file's bytes: the name a store (ours or Ollama's) keeps it under."""
+    digest = hashlib.sha256()
+    with open_regular(path) as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()

@@ -8,11 +8,11 @@ fields, so any server speaking Ollama's API can build the model.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..files import sha256_of
 from ..registry.modelfile import parse
 from .errors import CLIError
 
@@ -20,15 +20,6 @@ __all__ = ["modelfile_request"]
 
 #: The files of a model folder a server needs to convert it: weights, configuration, tokenizer, chat template.
 MODEL_FILE_SUFFIXES = frozenset({".safetensors", ".json", ".txt", ".model", ".jinja"})
-
-
-def _sha256_of(path: Path) -> str:
-    """``sha256:<hex>`` of a file's bytes, the name a server stores it under."""
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
 
 
 def _read(modelfile: Path) -> str:
@@ -66,7 +57,7 @@ def modelfile_request(modelfile: Path) -> tuple[dict[str, Any], dict[str, Path]]
     model_name: str | None = None
 
     def add(name: str, path: Path, into: dict[str, str]) -> None:
-        digest = _sha256_of(path)
+        digest = sha256_of(path)
         uploads[digest] = path
         into[name] = digest
 
