@@ -10,6 +10,7 @@ reply = localllm.chat("smollm2", [{"role": "user", "content": "hi"}])   # synchr
 """
 
 # The module-level calls, as in the ollama client; left out of __all__ (a star import would shadow list and copy).
+from .api import EngineAPI
 from .client import Client
 from .client import chat as chat
 from .client import copy as copy
@@ -23,6 +24,7 @@ from .client import list as list
 from .client import ps as ps
 from .client import pull as pull
 from .client import push as push
+from .client import send as send
 from .client import show as show
 from .embeddings import EmbeddingsResponse, EmbedResponse
 from .engine import Engine
@@ -55,6 +57,7 @@ from .errors import (
     UnavailableError,
 )
 from .options import Options
+from .request import ChatRequest, EmbedRequest, GenerateRequest, Request
 from .stream import ResponseStream
 from .tools import AgentEvent, Tool, ToolRegistry, agent_loop, tool
 from .types import (
@@ -80,15 +83,19 @@ __all__ = [
     "AgentEvent",
     "BlobTooLarge",
     "CapabilityError",
+    "ChatRequest",
     "ChatResponse",
     "Client",
     "ContextLengthExceeded",
     "ConversionError",
     "DigestMismatch",
+    "EmbedRequest",
     "EmbedResponse",
     "EmbeddingsResponse",
     "Engine",
+    "EngineAPI",
     "EngineClosed",
+    "GenerateRequest",
     "GenerateResponse",
     "InputError",
     "InsufficientMemory",
@@ -112,6 +119,7 @@ __all__ = [
     "PullError",
     "QueueFull",
     "RegistryUnreachable",
+    "Request",
     "ResourceError",
     "ResponseStream",
     "RunnerError",

@@ -28,13 +28,16 @@ import anyio.from_thread
 
 from .engine import Engine, ProgressCallback
 from .errors import EngineClosed
+from .request import ChatRequest, EmbedRequest, GenerateRequest, Request, takes_fields_of
 from .stream import ChunkStream
 
 if TYPE_CHECKING:
     from anyio.from_thread import BlockingPortal
+    from typing_extensions import Unpack
 
     from .embeddings import EmbeddingsResponse, EmbedResponse
     from .options import OptionValues
+    from .request import ChatFields, GenerateFields
     from .types import (
         ChatResponse,
         GenerateResponse,
@@ -62,10 +65,12 @@ __all__ = [
     "ps",
     "pull",
     "push",
+    "send",
     "show",
 ]
 
 T = TypeVar("T")
+R = TypeVar("R")
 P = ParamSpec("P")
 
 
@@ -169,26 +174,31 @@ class Client:
     # -- generation ----------------------------------------------------------------
 
     @overload
+    def send(self, request: Request[R], *, stream: Literal[False] = False) -> R: ...
+
+    @overload
+    def send(self, request: Request[R], *, stream: Literal[True]) -> Iterator[R]: ...
+
+    @overload
+    def send(self, request: Request[R], *, stream: bool) -> R | Iterator[R]: ...
+
+    def send(self, request: Request[R], *, stream: bool = False) -> R | Iterator[R]:
+        """Run a request (`GenerateRequest`, `ChatRequest` or `EmbedRequest`): its whole response, or
+        with ``stream=True`` an iterator of its chunks (leaving the loop early stops the request)."""
+        if stream:
+            return self._iterate(self._engine.send(request, stream=True))
+        response = self._engine.send(request)
+        return self._call(lambda: response)
+
+    @overload
     def generate(
         self,
         model: str,
         prompt: str | None = None,
         suffix: str | None = None,
         *,
-        system: str | None = None,
-        template: str | None = None,
-        context: Sequence[int] | None = None,
-        raw: bool = False,
-        format: str | Mapping[str, Any] | None = None,
-        images: Sequence[Any] | None = None,
-        options: OptionValues | ModelDumpable | None = None,
-        keep_alive: float | str | None = None,
-        think: bool | str | None = None,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
-        truncate: bool = True,
-        shift: bool = True,
         stream: Literal[False] = False,
+        **fields: Unpack[GenerateFields],
     ) -> GenerateResponse: ...
 
     @overload
@@ -198,20 +208,8 @@ class Client:
         prompt: str | None = None,
         suffix: str | None = None,
         *,
-        system: str | None = None,
-        template: str | None = None,
-        context: Sequence[int] | None = None,
-        raw: bool = False,
-        format: str | Mapping[str, Any] | None = None,
-        images: Sequence[Any] | None = None,
-        options: OptionValues | ModelDumpable | None = None,
-        keep_alive: float | str | None = None,
-        think: bool | str | None = None,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
-        truncate: bool = True,
-        shift: bool = True,
         stream: Literal[True],
+        **fields: Unpack[GenerateFields],
     ) -> Iterator[GenerateResponse]: ...
 
     @overload
@@ -221,66 +219,22 @@ class Client:
         prompt: str | None = None,
         suffix: str | None = None,
         *,
-        system: str | None = None,
-        template: str | None = None,
-        context: Sequence[int] | None = None,
-        raw: bool = False,
-        format: str | Mapping[str, Any] | None = None,
-        images: Sequence[Any] | None = None,
-        options: OptionValues | ModelDumpable | None = None,
-        keep_alive: float | str | None = None,
-        think: bool | str | None = None,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
-        truncate: bool = True,
-        shift: bool = True,
         stream: bool,
+        **fields: Unpack[GenerateFields],
     ) -> GenerateResponse | Iterator[GenerateResponse]: ...
 
+    @takes_fields_of(GenerateRequest)
     def generate(
         self,
         model: str,
         prompt: str | None = None,
         suffix: str | None = None,
         *,
-        system: str | None = None,
-        template: str | None = None,
-        context: Sequence[int] | None = None,
-        raw: bool = False,
-        format: str | Mapping[str, Any] | None = None,
-        images: Sequence[Any] | None = None,
-        options: OptionValues | ModelDumpable | None = None,
-        keep_alive: float | str | None = None,
-        think: bool | str | None = None,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
-        truncate: bool = True,
-        shift: bool = True,
         stream: bool = False,
+        **fields: Unpack[GenerateFields],
     ) -> GenerateResponse | Iterator[GenerateResponse]:
-        """Complete a prompt: the whole response, or with ``stream=True`` an iterator of chunks."""
-        response = self._engine.generate(
-            model,
-            prompt,
-            suffix,
-            system=system,
-            template=template,
-            context=context,
-            raw=raw,
-            format=format,
-            images=images,
-            options=options,
-            keep_alive=keep_alive,
-            think=think,
-            logprobs=logprobs,
-            top_logprobs=top_logprobs,
-            truncate=truncate,
-            shift=shift,
-            stream=stream,
-        )
-        if isinstance(response, ChunkStream):
-            return self._iterate(response)
-        return self._call(lambda: response)
+        """As `Engine.generate`: the whole response, or with ``stream=True`` an iterator of chunks."""
+        return self.send(GenerateRequest(model, prompt, suffix=suffix, **fields), stream=stream)
 
     @overload
     def chat(
@@ -288,17 +242,8 @@ class Client:
         model: str,
         messages: Iterable[MessageLike] | None = None,
         *,
-        tools: Sequence[Any] | None = None,
-        format: str | Mapping[str, Any] | None = None,
-        options: OptionValues | ModelDumpable | None = None,
-        keep_alive: float | str | None = None,
-        think: bool | str | None = None,
-        tool_choice: str | Mapping[str, Any] | None = None,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
-        truncate: bool = True,
-        shift: bool = True,
         stream: Literal[False] = False,
+        **fields: Unpack[ChatFields],
     ) -> ChatResponse: ...
 
     @overload
@@ -307,17 +252,8 @@ class Client:
         model: str,
         messages: Iterable[MessageLike] | None = None,
         *,
-        tools: Sequence[Any] | None = None,
-        format: str | Mapping[str, Any] | None = None,
-        options: OptionValues | ModelDumpable | None = None,
-        keep_alive: float | str | None = None,
-        think: bool | str | None = None,
-        tool_choice: str | Mapping[str, Any] | None = None,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
-        truncate: bool = True,
-        shift: bool = True,
         stream: Literal[True],
+        **fields: Unpack[ChatFields],
     ) -> Iterator[ChatResponse]: ...
 
     @overload
@@ -326,55 +262,21 @@ class Client:
         model: str,
         messages: Iterable[MessageLike] | None = None,
         *,
-        tools: Sequence[Any] | None = None,
-        format: str | Mapping[str, Any] | None = None,
-        options: OptionValues | ModelDumpable | None = None,
-        keep_alive: float | str | None = None,
-        think: bool | str | None = None,
-        tool_choice: str | Mapping[str, Any] | None = None,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
-        truncate: bool = True,
-        shift: bool = True,
         stream: bool,
+        **fields: Unpack[ChatFields],
     ) -> ChatResponse | Iterator[ChatResponse]: ...
 
+    @takes_fields_of(ChatRequest)
     def chat(
         self,
         model: str,
         messages: Iterable[MessageLike] | None = None,
         *,
-        tools: Sequence[Any] | None = None,
-        format: str | Mapping[str, Any] | None = None,
-        options: OptionValues | ModelDumpable | None = None,
-        keep_alive: float | str | None = None,
-        think: bool | str | None = None,
-        tool_choice: str | Mapping[str, Any] | None = None,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
-        truncate: bool = True,
-        shift: bool = True,
         stream: bool = False,
+        **fields: Unpack[ChatFields],
     ) -> ChatResponse | Iterator[ChatResponse]:
-        """Continue a conversation: the whole response, or with ``stream=True`` an iterator of chunks."""
-        response = self._engine.chat(
-            model,
-            messages,
-            tools=tools,
-            format=format,
-            options=options,
-            keep_alive=keep_alive,
-            think=think,
-            tool_choice=tool_choice,
-            logprobs=logprobs,
-            top_logprobs=top_logprobs,
-            truncate=truncate,
-            shift=shift,
-            stream=stream,
-        )
-        if isinstance(response, ChunkStream):
-            return self._iterate(response)
-        return self._call(lambda: response)
+        """As `Engine.chat`: the whole response, or with ``stream=True`` an iterator of chunks."""
+        return self.send(ChatRequest(model, messages, **fields), stream=stream)
 
     def embed(
         self,
@@ -386,7 +288,10 @@ class Client:
         dimensions: int | None = None,
     ) -> EmbedResponse:
         """Embed one text or several (packed into one batch); vectors are L2-normalised."""
-        return self._call(lambda: self._engine.embed(model, input, truncate, options, keep_alive, dimensions))
+        request = EmbedRequest(
+            model, input, truncate=truncate is not False, options=options, keep_alive=keep_alive, dimensions=dimensions
+        )
+        return self.send(request)
 
     def embeddings(
         self,
@@ -580,6 +485,7 @@ def _on_default_client(method: Callable[Concatenate[Client, P], T]) -> Callable[
     return call
 
 
+send = _on_default_client(Client.send)
 generate = _on_default_client(Client.generate)
 chat = _on_default_client(Client.chat)
 embed = _on_default_client(Client.embed)

@@ -7,6 +7,7 @@ one line: the constructor.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import inspect
 import logging
 import math
@@ -22,16 +23,17 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar, overload
 import anyio
 import attrs
 
-from . import requests
+from . import pipeline
 from .embeddings import EmbeddingsResponse, EmbedResponse
 from .embeddings import embed as embed_texts
 from .embeddings import embeddings as embed_prompt
 from .errors import InvalidRequest, LocalLLMError
 from .files import sha256_of
-from .options import OptionValues, check_options
+from .options import OptionValues
+from .request import ChatFields, ChatRequest, EmbedRequest, GenerateFields, GenerateRequest, Request, takes_fields_of
 from .service import ModelService
 from .settings import EngineSettings
-from .stream import ChunkStream, Job, ResponseStream, ThreadJob
+from .stream import AnswerJob, ChunkStream, Job, ResponseStream, ThreadJob
 from .types import (
     ChatResponse,
     GenerateResponse,
@@ -46,10 +48,14 @@ from .types import (
     StatusResponse,
     StoredModel,
     as_dict,
+    combine_chat,
+    combine_generate,
     plain_data,
 )
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from .registry.registry import Registry
     from .runner.protocol import LoadConfig, ModelRunner
     from .scheduler.scheduler import Scheduler
@@ -64,6 +70,23 @@ ProgressCallback = Callable[[dict[str, Any]], Any]
 Emit = Callable[[ProgressResponse], None]
 
 T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _last(chunks: Sequence[T]) -> T:
+    return chunks[-1]
+
+
+async def _open_embed(service: ModelService, request: EmbedRequest) -> Job[EmbedResponse]:
+    return AnswerJob(functools.partial(embed_texts, service, request))
+
+
+#: How each kind of request is opened on the model service, and how its chunks make its whole response.
+_RUNS: dict[type[Request[Any]], tuple[Callable[[ModelService, Any], Awaitable[Job[Any]]], Callable[[Any], Any]]] = {
+    GenerateRequest: (pipeline.open_generate, combine_generate),
+    ChatRequest: (pipeline.open_chat, combine_chat),
+    EmbedRequest: (_open_embed, _last),
+}
 
 
 def _wall_time(timestamp: float | None) -> dt.datetime | None:
@@ -166,26 +189,41 @@ class Engine:
     # -- generation ----------------------------------------------------------------
 
     @overload
+    def send(self, request: Request[R], *, stream: Literal[False] = False) -> ResponseStream[R]: ...
+
+    @overload
+    def send(self, request: Request[R], *, stream: Literal[True]) -> ChunkStream[R]: ...
+
+    @overload
+    def send(self, request: Request[R], *, stream: bool) -> ResponseStream[R] | ChunkStream[R]: ...
+
+    def send(self, request: Request[Any], *, stream: bool = False) -> ResponseStream[Any] | ChunkStream[Any]:
+        """Run a request (`GenerateRequest`, `ChatRequest` or `EmbedRequest`). Iterate the result for
+        chunks, or await it for the whole response; with ``stream=True``, awaiting gives an async
+        iterator of chunks. Nothing runs until then, and it runs once.
+
+        `generate`, `chat` and `embed` build a request and send it."""
+        if type(request) not in _RUNS:
+            raise InvalidRequest(
+                f"send() takes a GenerateRequest, ChatRequest or EmbedRequest, got {type(request).__name__}"
+            )
+        open_request, combine = _RUNS[type(request)]
+
+        async def open_job() -> Job[Any]:
+            # Through `self`: a request holds its engine, whose finalizer would otherwise unload the model under it.
+            return await open_request(self._service, request)
+
+        return ChunkStream(open_job) if stream else ResponseStream(open_job, combine)
+
+    @overload
     def generate(
         self,
         model: str,
         prompt: str | None = None,
         suffix: str | None = None,
         *,
-        system: str | None = None,
-        template: str | None = None,
-        context: Sequence[int] | None = None,
-        raw: bool = False,
-        format: str | Mapping[str, Any] | None = None,
-        images: Sequence[Any] | None = None,
-        options: OptionValues | ModelDumpable | None = None,
-        keep_alive: float | str | None = None,
-        think: bool | str | None = None,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
-        truncate: bool = True,
-        shift: bool = True,
         stream: Literal[False] = False,
+        **fields: Unpack[GenerateFields],
     ) -> ResponseStream[GenerateResponse]: ...
 
     @overload
@@ -195,20 +233,8 @@ class Engine:
         prompt: str | None = None,
         suffix: str | None = None,
         *,
-        system: str | None = None,
-        template: str | None = None,
-        context: Sequence[int] | None = None,
-        raw: bool = False,
-        format: str | Mapping[str, Any] | None = None,
-        images: Sequence[Any] | None = None,
-        options: OptionValues | ModelDumpable | None = None,
-        keep_alive: float | str | None = None,
-        think: bool | str | None = None,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
-        truncate: bool = True,
-        shift: bool = True,
         stream: Literal[True],
+        **fields: Unpack[GenerateFields],
     ) -> ChunkStream[GenerateResponse]: ...
 
     @overload
@@ -218,44 +244,22 @@ class Engine:
         prompt: str | None = None,
         suffix: str | None = None,
         *,
-        system: str | None = None,
-        template: str | None = None,
-        context: Sequence[int] | None = None,
-        raw: bool = False,
-        format: str | Mapping[str, Any] | None = None,
-        images: Sequence[Any] | None = None,
-        options: OptionValues | ModelDumpable | None = None,
-        keep_alive: float | str | None = None,
-        think: bool | str | None = None,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
-        truncate: bool = True,
-        shift: bool = True,
         stream: bool,
+        **fields: Unpack[GenerateFields],
     ) -> ResponseStream[GenerateResponse] | ChunkStream[GenerateResponse]: ...
 
+    @takes_fields_of(GenerateRequest)
     def generate(
         self,
         model: str,
         prompt: str | None = None,
         suffix: str | None = None,
         *,
-        system: str | None = None,
-        template: str | None = None,
-        context: Sequence[int] | None = None,
-        raw: bool = False,
-        format: str | Mapping[str, Any] | None = None,
-        images: Sequence[Any] | None = None,
-        options: OptionValues | ModelDumpable | None = None,
-        keep_alive: float | str | None = None,
-        think: bool | str | None = None,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
-        truncate: bool = True,
-        shift: bool = True,
         stream: bool = False,
+        **fields: Unpack[GenerateFields],
     ) -> ResponseStream[GenerateResponse] | ChunkStream[GenerateResponse]:
-        """Complete a prompt. Iterate for chunks, or await for the whole response.
+        """Complete a prompt: `send` a `GenerateRequest` of these fields. Iterate for chunks, or await for
+        the whole response.
 
         With ``stream=True``, awaiting gives an async iterator of chunks, as ``AsyncClient.generate`` does.
         With ``logprobs=True`` each chunk carries the logprobs of its tokens, each with the
@@ -267,29 +271,7 @@ class Engine:
         tokens; off, such a prompt raises `ContextLengthExceeded`. ``shift`` (on by default) lets
         generation that reaches the end of the context drop old tokens and go on.
         """
-        if prompt is None:
-            prompt = ""
-        if not isinstance(prompt, str):
-            raise InvalidRequest(f"prompt must be a string, got {type(prompt).__name__}")
-        request = requests.GenerateRequest(
-            model=model,
-            prompt=prompt,
-            suffix=suffix,
-            system=system,
-            template=template,
-            context=tuple(context) if context else None,
-            raw=raw,
-            format=format,
-            images=tuple(images) if images else None,
-            options=check_options(plain_data(options)) or None,  # warns at the caller's line
-            keep_alive=keep_alive,
-            think=think,
-            logprobs=logprobs,
-            top_logprobs=top_logprobs,
-            truncate=truncate,
-            shift=shift,
-        )
-        return self._respond(lambda: requests.open_generate(self._service, request), requests.combine_generate, stream)
+        return self.send(GenerateRequest(model, prompt, suffix=suffix, **fields), stream=stream)
 
     @overload
     def chat(
@@ -297,17 +279,8 @@ class Engine:
         model: str,
         messages: Iterable[MessageLike] | None = None,
         *,
-        tools: Sequence[Any] | None = None,
-        format: str | Mapping[str, Any] | None = None,
-        options: OptionValues | ModelDumpable | None = None,
-        keep_alive: float | str | None = None,
-        think: bool | str | None = None,
-        tool_choice: str | Mapping[str, Any] | None = None,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
-        truncate: bool = True,
-        shift: bool = True,
         stream: Literal[False] = False,
+        **fields: Unpack[ChatFields],
     ) -> ResponseStream[ChatResponse]: ...
 
     @overload
@@ -316,56 +289,26 @@ class Engine:
         model: str,
         messages: Iterable[MessageLike] | None = None,
         *,
-        tools: Sequence[Any] | None = None,
-        format: str | Mapping[str, Any] | None = None,
-        options: OptionValues | ModelDumpable | None = None,
-        keep_alive: float | str | None = None,
-        think: bool | str | None = None,
-        tool_choice: str | Mapping[str, Any] | None = None,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
-        truncate: bool = True,
-        shift: bool = True,
         stream: Literal[True],
+        **fields: Unpack[ChatFields],
     ) -> ChunkStream[ChatResponse]: ...
 
     @overload
     def chat(
-        self,
-        model: str,
-        messages: Iterable[MessageLike] | None = None,
-        *,
-        tools: Sequence[Any] | None = None,
-        format: str | Mapping[str, Any] | None = None,
-        options: OptionValues | ModelDumpable | None = None,
-        keep_alive: float | str | None = None,
-        think: bool | str | None = None,
-        tool_choice: str | Mapping[str, Any] | None = None,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
-        truncate: bool = True,
-        shift: bool = True,
-        stream: bool,
+        self, model: str, messages: Iterable[MessageLike] | None = None, *, stream: bool, **fields: Unpack[ChatFields]
     ) -> ResponseStream[ChatResponse] | ChunkStream[ChatResponse]: ...
 
+    @takes_fields_of(ChatRequest)
     def chat(
         self,
         model: str,
         messages: Iterable[MessageLike] | None = None,
         *,
-        tools: Sequence[Any] | None = None,
-        format: str | Mapping[str, Any] | None = None,
-        options: OptionValues | ModelDumpable | None = None,
-        keep_alive: float | str | None = None,
-        think: bool | str | None = None,
-        tool_choice: str | Mapping[str, Any] | None = None,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
-        truncate: bool = True,
-        shift: bool = True,
         stream: bool = False,
+        **fields: Unpack[ChatFields],
     ) -> ResponseStream[ChatResponse] | ChunkStream[ChatResponse]:
-        """Continue a conversation. Iterate for chunks, or await for the whole response.
+        """Continue a conversation: `send` a `ChatRequest` of these fields. Iterate for chunks, or await
+        for the whole response.
 
         With ``stream=True``, awaiting gives an async iterator of chunks, as ``AsyncClient.chat`` does.
         Messages and tools may be dicts or the ollama client's `Message` and `Tool` objects.
@@ -375,29 +318,7 @@ class Engine:
         for the context, keeping the system messages and the latest message; off, such a conversation
         raises `ContextLengthExceeded`. ``shift`` is as for `generate`.
         """
-        request = requests.ChatRequest(
-            model=model,
-            messages=tuple(Message.from_any(m) for m in messages or ()),
-            tools=tuple(plain_data(t) for t in tools) if tools else None,
-            format=format,
-            options=check_options(plain_data(options)) or None,  # warns at the caller's line
-            keep_alive=keep_alive,
-            think=think,
-            tool_choice=tool_choice,
-            logprobs=logprobs,
-            top_logprobs=top_logprobs,
-            truncate=truncate,
-            shift=shift,
-        )
-        return self._respond(lambda: requests.open_chat(self._service, request), requests.combine_chat, stream)
-
-    @staticmethod
-    def _respond(
-        open_job: Callable[[], Awaitable[Job[T]]],
-        combine: Callable[[Sequence[T]], T],
-        stream: bool,
-    ) -> ResponseStream[T] | ChunkStream[T]:
-        return ChunkStream(open_job) if stream else ResponseStream(open_job, combine)
+        return self.send(ChatRequest(model, messages, **fields), stream=stream)
 
     async def embed(
         self,
@@ -408,16 +329,11 @@ class Engine:
         keep_alive: float | str | None = None,
         dimensions: int | None = None,
     ) -> EmbedResponse:
-        """Embed one text or several (packed into one batch); vectors are L2-normalised."""
-        return await embed_texts(
-            self._service,
-            model,
-            input,
-            truncate=truncate is not False,
-            dimensions=dimensions,
-            options=plain_data(options),
-            keep_alive=keep_alive,
+        """Embed one text or several (packed into one batch): `send` an `EmbedRequest`. Vectors are L2-normalised."""
+        request = EmbedRequest(
+            model, input, truncate=truncate is not False, options=options, keep_alive=keep_alive, dimensions=dimensions
         )
+        return await self.send(request)
 
     async def embeddings(
         self,

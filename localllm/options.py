@@ -8,6 +8,8 @@ naming the key.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, cast
@@ -175,7 +177,9 @@ def check_options(values: OptionValues | None, *, source: str = "request") -> di
     checked: dict[str, Any] = {}
     for name, value in values.items():
         if name not in OPTION_TYPES:
-            warnings.warn(f"ignoring unknown option {name!r} in {source}", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"ignoring unknown option {name!r} in {source}", UserWarning, stacklevel=_outside_stacklevel()
+            )
             continue
         if value is None:
             continue
@@ -183,6 +187,21 @@ def check_options(values: OptionValues | None, *, source: str = "request") -> di
         _validate(name, coerced)
         checked[name] = coerced
     return checked
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # the localllm package's folder
+
+
+def _outside_stacklevel() -> int:
+    """The stack level of the first caller outside this package (and the code attrs generates), for
+    warnings that point at the user's line whichever front door the options came through."""
+    frame = sys._getframe(2)  # the caller of the function that warns
+    level = 2
+    while frame.f_back is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE) or frame.f_code.co_filename.startswith("<attrs generated")
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def merge_options(*layers: OptionValues | None) -> Options:

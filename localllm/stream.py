@@ -15,7 +15,7 @@ import anyio
 from .errors import InvalidRequest
 from .runner.mailbox import Mailbox
 
-__all__ = ["ChunkStream", "Job", "ResponseStream", "ThreadJob"]
+__all__ = ["AnswerJob", "ChunkStream", "Job", "ResponseStream", "ThreadJob"]
 
 T = TypeVar("T")
 
@@ -30,6 +30,19 @@ class Job(Generic[T]):
     def close(self) -> None:
         """Stop the request now (free its sequence slot) and release its runner. Idempotent, sync."""
         raise NotImplementedError
+
+
+class AnswerJob(Job[T]):
+    """A request answered whole by one call (an embedding): its one chunk is the answer."""
+
+    def __init__(self, answer: Callable[[], Awaitable[T]]) -> None:
+        self._answer = answer
+
+    async def next_chunks(self) -> tuple[list[T], bool]:
+        return [await self._answer()], True
+
+    def close(self) -> None:
+        pass
 
 
 class ChunkStream(AsyncIterator[T]):

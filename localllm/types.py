@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Union, cast
 
 import attrs
@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ChatResponse",
+    "EmbedResponse",
+    "EmbeddingsResponse",
     "GenerateResponse",
     "ListResponse",
     "Logprob",
@@ -34,6 +36,8 @@ __all__ = [
     "ToolCallFunction",
     "Usage",
     "as_dict",
+    "combine_chat",
+    "combine_generate",
     "iso_time",
     "now_iso",
     "plain_data",
@@ -413,3 +417,55 @@ def as_dict(value: Any) -> Any:
     if isinstance(value, _dt.datetime):
         return iso_time(value)
     return value
+
+
+@attrs.frozen
+class EmbedResponse(_Subscriptable):
+    """The answer of `embed` (Ollama's /api/embed): one L2-normalised vector per input, in order."""
+
+    model: str
+    embeddings: list[list[float]] = attrs.field(factory=list)
+    total_duration: int | None = None
+    load_duration: int | None = None
+    prompt_eval_count: int | None = None
+
+
+@attrs.frozen
+class EmbeddingsResponse(_Subscriptable):
+    """The answer of the legacy `embeddings` call (Ollama's /api/embeddings): one raw vector."""
+
+    embedding: list[float] = attrs.field(factory=list)
+
+
+# --------------------------------------------------------------------------- whole responses from their chunks
+
+
+def combine_generate(chunks: Sequence[GenerateResponse]) -> GenerateResponse:
+    """The whole response of a generate request, from its chunks (as a non-streamed request answers)."""
+    from .errors import LocalLLMError
+
+    if not chunks:
+        raise LocalLLMError("the model returned no response")
+    final = chunks[-1]
+    text = "".join(c.response for c in chunks)
+    thinking = "".join(c.thinking or "" for c in chunks) or None
+    return attrs.evolve(final, response=text, thinking=thinking, logprobs=_all_logprobs(chunks))
+
+
+def combine_chat(chunks: Sequence[ChatResponse]) -> ChatResponse:
+    """The whole response of a chat request, from its chunks (as a non-streamed request answers)."""
+    from .errors import LocalLLMError
+
+    if not chunks:
+        raise LocalLLMError("the model returned no response")
+    final = chunks[-1]
+    content = "".join(c.message.content for c in chunks)
+    thinking = "".join(c.message.thinking or "" for c in chunks) or None
+    calls: list[ToolCall] = [call for c in chunks for call in (c.message.tool_calls or ())]
+    message = Message(role="assistant", content=content, thinking=thinking, tool_calls=tuple(calls) or None)
+    return attrs.evolve(final, message=message, logprobs=_all_logprobs(chunks))
+
+
+def _all_logprobs(chunks: Sequence[GenerateResponse] | Sequence[ChatResponse]) -> tuple[Logprob, ...] | None:
+    """Every chunk's logprobs, in order: the whole response's, as Ollama gives them when not streaming."""
+    return tuple(logprob for chunk in chunks for logprob in chunk.logprobs or ()) or None

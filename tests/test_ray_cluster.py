@@ -122,9 +122,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Ite
     ray_cluster.add_node(**nodes)
     ray_cluster.wait_for_nodes()
     ray.init(address=ray_cluster.address, log_to_driver=False)
+    # Not started here: its first call starts it, as an Engine's does.
     engine = ClusterEngine(engine_options={"home": tmp_path_factory.mktemp("cluster")}, max_queue=64)
     try:
-        engine.start()
+        assert anyio.run(engine.list).models == []
         assert len(engine.nodes) == 2
         anyio.run(functools.partial(engine.create, "smollm2", from_=str(smollm2_path), node=engine.nodes[0]))
         yield engine
@@ -158,6 +159,18 @@ async def test_chat_awaited_and_streamed_match_a_local_engine(cluster: Any, loca
     assert "".join([c.message.content async for c in stream]) == local_reply
     generated = await cluster.generate("smollm2", "The sky is", options=GREEDY)
     assert generated.response and generated.done
+    # The frozen request goes to the node as it is.
+    sent = await cluster.send(localllm.ChatRequest("smollm2", messages, options=GREEDY))
+    assert sent.message.content == local_reply
+
+
+def test_a_closed_cluster_engine_cannot_start_again() -> None:
+    from localllm.ray import ClusterEngine
+
+    engine = ClusterEngine()
+    engine.close()  # never started: nothing to end, and Ray is not touched
+    with pytest.raises(localllm.EngineClosed, match="closed"):
+        engine.start()
 
 
 async def test_next_turn_goes_to_the_node_that_served_the_first(cluster: Any) -> None:
@@ -230,6 +243,12 @@ async def test_the_http_shim_serves_a_cluster(cluster: Any, local_reply: str) ->
         assert reply["message"]["content"] == local_reply
         tags = (await client.get("/api/tags")).json()
         assert [m["name"] for m in tags["models"]] == ["smollm2:latest"]
+
+
+async def test_embeddings_run_on_a_node(cluster: Any) -> None:
+    embedded = await cluster.embed("smollm2", ["a colour", "a sound"], dimensions=16)
+    assert [len(vector) for vector in embedded.embeddings] == [16, 16]
+    assert cluster.router.in_flight == 0
 
 
 async def test_a_dead_node_fails_its_requests_and_the_others_serve(cluster: Any) -> None:

@@ -83,7 +83,7 @@ def test_only_the_runner_calls_llama_cpp() -> None:
                 "localllm.registry",
                 "localllm.http",
                 "localllm.cli",
-                "localllm.requests",
+                "localllm.pipeline",
             ),
         ),
         (
@@ -94,7 +94,7 @@ def test_only_the_runner_calls_llama_cpp() -> None:
                 "localllm.registry",
                 "localllm.http",
                 "localllm.cli",
-                "localllm.requests",
+                "localllm.pipeline",
             ),
         ),
         # The registry knows nothing of runners; nothing below the engine sees the Engine.
@@ -132,7 +132,7 @@ def test_only_the_runner_calls_llama_cpp() -> None:
             ),
         ),
         ("localllm.service", ("localllm.engine", "localllm.http", "localllm.cli")),
-        ("localllm.requests", ("localllm.engine", "localllm.http", "localllm.cli")),
+        ("localllm.pipeline", ("localllm.engine", "localllm.http", "localllm.cli")),
         ("localllm.embeddings", ("localllm.engine", "localllm.http", "localllm.cli")),
     ],
 )

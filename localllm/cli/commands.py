@@ -99,10 +99,14 @@ def _same_model(a: str, b: str) -> bool:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
+    from ..request import GenerateRequest
+
     with open_models(local=args.local) as models:
         if not any(_same_model(m.name, args.model) or _same_model(m.model, args.model) for m in models.ps().models):
             raise CLIError(f'couldn\'t find model "{args.model}" to stop')
-        for _chunk in models.generate(args.model, keep_alive=0, stream=True):  # an empty request: unload it now
+        for _chunk in models.send(
+            GenerateRequest(args.model, keep_alive=0), stream=True
+        ):  # an empty request: unload it now
             pass
     return 0
 
@@ -177,9 +181,12 @@ def _print_embedding(models: Models, args: argparse.Namespace, text: str) -> Non
     if not text:
         usage = f'localllm {args.command} {args.model} "your text here"'
         raise CLIError(f"embedding models require input text. Usage: {usage}")
-    result = models.embed(
-        args.model, text, truncate=args.truncate, keep_alive=args.keepalive, dimensions=args.dimensions
+    from ..request import EmbedRequest
+
+    request = EmbedRequest(
+        args.model, text, truncate=args.truncate is not False, keep_alive=args.keepalive, dimensions=args.dimensions
     )
+    result = models.send(request)
     print(json.dumps([float(x) for x in result.embeddings[0]], separators=(",", ":")))
 
 

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, overload
 
 from .remote import ProgressCallback, find_server
 
 if TYPE_CHECKING:
-    from ..embeddings import EmbedResponse
+    from ..request import Request
     from ..types import (
-        ChatResponse,
-        GenerateResponse,
         ListResponse,
         MessageLike,
         ProcessResponse,
@@ -30,6 +28,8 @@ if TYPE_CHECKING:
     )
 
 __all__ = ["Models", "open_models"]
+
+R = TypeVar("R")
 
 
 class Models(Protocol):
@@ -62,39 +62,11 @@ class Models(Protocol):
         progress: ProgressCallback | None = None,
     ) -> ProgressResponse: ...
 
-    def generate(
-        self,
-        model: str,
-        prompt: str | None = None,
-        *,
-        format: str | None = None,
-        options: Mapping[str, Any] | None = None,
-        keep_alive: float | str | None = None,
-        think: bool | str | None = None,
-        stream: Literal[True],
-    ) -> Iterator[GenerateResponse]: ...
+    @overload
+    def send(self, request: Request[R], *, stream: Literal[False] = False) -> R: ...
 
-    def chat(
-        self,
-        model: str,
-        messages: Iterable[MessageLike] | None = None,
-        *,
-        format: str | None = None,
-        options: Mapping[str, Any] | None = None,
-        keep_alive: float | str | None = None,
-        think: bool | str | None = None,
-        stream: Literal[True],
-    ) -> Iterator[ChatResponse]: ...
-
-    def embed(
-        self,
-        model: str,
-        input: str | Sequence[str],
-        truncate: bool | None = True,
-        options: Mapping[str, Any] | None = None,
-        keep_alive: float | str | None = None,
-        dimensions: int | None = None,
-    ) -> EmbedResponse: ...
+    @overload
+    def send(self, request: Request[R], *, stream: Literal[True]) -> Iterator[R]: ...
 
 
 @contextlib.contextmanager

@@ -11,16 +11,17 @@ import datetime as _dt
 import ipaddress
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast, overload
 
 import attrs
 
 from ..embeddings import EmbedResponse
 from ..errors import ModelNotFound
 from ..registry.registry import ModelDetails
+from ..request import ChatRequest, EmbedRequest, Request, as_json
 from ..types import (
     ChatResponse,
     GenerateResponse,
@@ -33,6 +34,8 @@ from ..types import (
     StatusResponse,
     StoredModel,
     as_dict,
+    combine_chat,
+    combine_generate,
 )
 from .errors import CLIError
 from .format import parse_time
@@ -61,6 +64,7 @@ DEFAULT_PORT = 11434
 ANSWER_TIMEOUT = 3.0
 
 T = TypeVar("T")
+R = TypeVar("R")
 ProgressCallback = Callable[[dict[str, Any]], Any]
 
 
@@ -396,54 +400,29 @@ class RemoteModels:
 
     # -- models at work
 
-    def generate(
-        self,
-        model: str,
-        prompt: str | None = None,
-        *,
-        format: str | None = None,
-        options: Mapping[str, Any] | None = None,
-        keep_alive: float | str | None = None,
-        think: bool | str | None = None,
-        stream: Literal[True],
-    ) -> Iterator[GenerateResponse]:
-        body = _body(model=model, prompt=prompt, format=format, options=options, keep_alive=keep_alive, think=think)
-        for data in self._stream("/api/generate", body):
-            yield GenerateResponse(**_known_fields(GenerateResponse, data))
+    @overload
+    def send(self, request: Request[R], *, stream: Literal[False] = False) -> R: ...
 
-    def chat(
-        self,
-        model: str,
-        messages: Iterable[MessageLike] | None = None,
-        *,
-        format: str | None = None,
-        options: Mapping[str, Any] | None = None,
-        keep_alive: float | str | None = None,
-        think: bool | str | None = None,
-        stream: Literal[True],
-    ) -> Iterator[ChatResponse]:
-        body = _body(
-            model=model,
-            messages=_messages_json(messages) or [],
-            format=format,
-            options=options,
-            keep_alive=keep_alive,
-            think=think,
-        )
-        for data in self._stream("/api/chat", body):
-            message = Message.from_any(data.get("message") or {"role": "assistant"})
-            yield ChatResponse(**{**_known_fields(ChatResponse, data), "message": message})
+    @overload
+    def send(self, request: Request[R], *, stream: Literal[True]) -> Iterator[R]: ...
 
-    def embed(
-        self,
-        model: str,
-        input: str | Sequence[str],
-        truncate: bool | None = True,
-        options: Mapping[str, Any] | None = None,
-        keep_alive: float | str | None = None,
-        dimensions: int | None = None,
-    ) -> EmbedResponse:
-        body = _body(
-            model=model, input=input, truncate=truncate, options=options, keep_alive=keep_alive, dimensions=dimensions
-        )
-        return EmbedResponse(**_known_fields(EmbedResponse, self._request("POST", "/api/embed", body).json()))
+    def send(self, request: Request[Any], *, stream: bool = False) -> Any:
+        """Run a request on the server: its whole response, or with `stream` an iterator of its chunks."""
+        body = as_json(request)
+        if isinstance(request, EmbedRequest):
+            answer = EmbedResponse(**_known_fields(EmbedResponse, self._request("POST", "/api/embed", body).json()))
+            return iter([answer]) if stream else answer
+        chunks = self._chunks(request, body)
+        if stream:
+            return chunks
+        collected = list(chunks)
+        return combine_chat(collected) if isinstance(request, ChatRequest) else combine_generate(collected)
+
+    def _chunks(self, request: Request[Any], body: dict[str, Any]) -> Iterator[Any]:
+        if isinstance(request, ChatRequest):
+            for data in self._stream("/api/chat", body):
+                message = Message.from_any(data.get("message") or {"role": "assistant"})
+                yield ChatResponse(**{**_known_fields(ChatResponse, data), "message": message})
+        else:
+            for data in self._stream("/api/generate", body):
+                yield GenerateResponse(**_known_fields(GenerateResponse, data))

@@ -100,7 +100,9 @@ class Session:
         self._load(self.model)
 
     def _load(self, model: str) -> None:
-        for _chunk in self.models.generate(model, keep_alive=self.keep_alive, stream=True):
+        from ..request import GenerateRequest
+
+        for _chunk in self.models.send(GenerateRequest(model, keep_alive=self.keep_alive), stream=True):
             pass
 
     def clear(self) -> None:
@@ -133,18 +135,22 @@ class Session:
         )
 
     def _generate(self, prompt: str) -> GenerateResponse | None:
+        from ..request import GenerateRequest
+
         final = None
-        for chunk in self.models.generate(self.model, prompt, stream=True, **self._common()):
+        for chunk in self.models.send(GenerateRequest(self.model, prompt, **self._common()), stream=True):
             self.printer.write(chunk.response, chunk.thinking)
             final = chunk
         return final
 
     def _chat(self) -> tuple[ChatResponse | None, dict[str, Any]]:
+        from ..request import ChatRequest
+
         content: list[str] = []
         thinking: list[str] = []
         calls: list[ToolCall] = []
         final = None
-        for chunk in self.models.chat(self.model, self.messages, stream=True, **self._common()):
+        for chunk in self.models.send(ChatRequest(self.model, self.messages, **self._common()), stream=True):
             message = chunk.message
             self.printer.write(message.content, message.thinking)
             content.append(message.content)

@@ -24,8 +24,10 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from ..api import EngineAPI
 from ..errors import CapabilityError, ConversionError, DigestMismatch
 from ..registry.modelfile import Modelfile
+from ..request import ChatRequest, EmbedRequest, GenerateRequest
 from ..types import Message, as_dict, now_iso
 from .common import (
     CREATE_FOLDER_PREFIX,
@@ -90,8 +92,8 @@ def deferred(compute: Callable[[], Awaitable[Response]]) -> DisconnectAware:
 endpoint = error_boundary(ollama_error)
 
 
-def engine_of(request: Request) -> Any:
-    engine = getattr(request.app.state, "engine", None)
+def engine_of(request: Request) -> EngineAPI:
+    engine: EngineAPI | None = getattr(request.app.state, "engine", None)
     if engine is None:
         raise APIError(503, "the engine is not running")
     return engine
@@ -216,7 +218,7 @@ def debug_response(model: str, text: str, images: int, **empty: Any) -> Response
     return JSON({"model": model, "created_at": now_iso(), **empty, "done": False, "_debug_info": info})
 
 
-async def _template_of(engine: Any, model: str, source: str | None) -> tuple[Any, Any]:
+async def _template_of(engine: EngineAPI, model: str, source: str | None) -> tuple[Any, Any]:
     """The template a request to `model` is rendered with (the request's own, when given), and show's answer."""
     from ..chat.template import PlainTemplate, load_template
 
@@ -245,53 +247,48 @@ def _refuse_images(model: str, info: Any) -> None:
     raise CapabilityError(f"'{model}' is a vision model, but localllm cannot run its projector yet; send text only")
 
 
-async def rendered_generate(engine: Any, model: str, prompt: str, kwargs: Mapping[str, Any]) -> tuple[str, int]:
+async def rendered_generate(engine: EngineAPI, request: GenerateRequest) -> tuple[str, int]:
     """The prompt `/api/generate` would run, and how many images it carries."""
     from ..chat.prompt import prepare_chat_in_thread
 
-    images = len(kwargs.get("images") or ())
-    if kwargs.get("raw"):
-        return prompt, images
-    template, info = await _template_of(engine, model, kwargs.get("template"))
+    images = len(request.images or ())
+    if request.raw:
+        return request.prompt, images
+    template, info = await _template_of(engine, request.model, request.template)
     if images:
-        _refuse_images(model, info)
-    if kwargs.get("suffix"):
+        _refuse_images(request.model, info)
+    if request.suffix:
         if not template.supports_suffix:
             raise CapabilityError("this model does not support insert (a prompt with a suffix)")
-        return await anyio.to_thread.run_sync(template.render_suffix, prompt, kwargs["suffix"]), images
-    system = kwargs.get("system") if kwargs.get("system") is not None else info.system
+        return await anyio.to_thread.run_sync(template.render_suffix, request.prompt, request.suffix), images
+    system = request.system if request.system is not None else info.system
     messages = [
         *([{"role": "system", "content": system}] if system else []),
-        *([] if kwargs.get("context") else [dict(m) for m in info.messages]),
-        {"role": "user", "content": prompt},
+        *([] if request.context else [dict(m) for m in info.messages]),
+        {"role": "user", "content": request.prompt},
     ]
-    prepared = await prepare_chat_in_thread(template, messages, think=kwargs.get("think"), format=kwargs.get("format"))
+    prepared = await prepare_chat_in_thread(template, messages, think=request.think, format=request.format)
     return prepared.prompt, images
 
 
-async def rendered_chat(
-    engine: Any, model: str, messages: list[dict[str, Any]], kwargs: Mapping[str, Any]
-) -> tuple[str, int]:
+async def rendered_chat(engine: EngineAPI, request: ChatRequest) -> tuple[str, int]:
     """The prompt `/api/chat` would run, and how many images its messages carry."""
     from ..chat.prompt import prepare_chat_in_thread
-    from ..tools import normalize_tools
 
-    given = [Message.from_any(m) for m in messages]
-    images = sum(len(m.images or ()) for m in given)
-    template, info = await _template_of(engine, model, None)
+    images = sum(len(m.images or ()) for m in request.messages)
+    template, info = await _template_of(engine, request.model, None)
     if images:
-        _refuse_images(model, info)
+        _refuse_images(request.model, info)
     prefix = [Message.from_any(m) for m in info.messages]  # the model's MESSAGEs, then its SYSTEM when none is given
-    if info.system and not any(m.role == "system" for m in (*given, *prefix)):
+    if info.system and not any(m.role == "system" for m in (*request.messages, *prefix)):
         prefix.insert(0, Message(role="system", content=info.system))
-    tools = [t.to_dict() for t in normalize_tools(kwargs.get("tools"))] if kwargs.get("tools") else []
     prepared = await prepare_chat_in_thread(
         template,
-        [m.to_template_dict() for m in (*prefix, *given)],
-        tools=tools,
-        tool_choice=kwargs.get("tool_choice"),
-        think=kwargs.get("think"),
-        format=kwargs.get("format"),
+        [m.to_template_dict() for m in (*prefix, *request.messages)],
+        tools=list(request.tools or ()),
+        tool_choice=request.tool_choice,
+        think=request.think,
+        format=request.format,
     )
     return prepared.prompt, images
 
@@ -299,45 +296,53 @@ async def rendered_chat(
 # --------------------------------------------------------------------------- generation
 
 
-@endpoint
-async def generate(request: Request) -> Response:
-    fields = await read_request(request)
-    model = await model_to_serve(request, model_field(fields))
-    stream = fields.flag("stream", True)
-    prompt = fields.text("prompt", "")
-    context = fields.token_ids("context")
-    kwargs: dict[str, Any] = {
-        "suffix": fields.text("suffix"),
-        "system": fields.text("system"),
-        "template": fields.text("template"),
-        "context": context,
-        "raw": fields.flag("raw", False),
-        "format": fields.format(),
-        "images": fields.texts("images"),
-        "options": await options_to_serve(request, fields),
-        "keep_alive": fields.duration("keep_alive"),
-        "think": fields.think(),
-        "logprobs": fields.flag("logprobs", False),
-        "top_logprobs": fields.integer("top_logprobs", 0),
-        "truncate": fields.flag("truncate", True),
-        "shift": fields.flag("shift", True),
-    }
-    engine = engine_of(request)
-    if fields.flag("_debug_render_only", False) and (prompt or context):  # an empty one loads, as in Ollama
-        text, images = await rendered_generate(engine, model, prompt, kwargs)
-        return debug_response(model, text, images, response="")
-
+def respond(
+    engine: EngineAPI,
+    request: GenerateRequest | ChatRequest | EmbedRequest,
+    stream: bool,
+    to_json: Callable[[Any], dict[str, Any]],
+) -> Response:
+    """The response to a request: NDJSON lines as chunks come, or one JSON object once it is done."""
     if stream:
 
         async def produce(put: Put) -> None:
-            await pump(engine.generate(model, prompt, **kwargs), put, lambda chunk: [generate_json(chunk)])
+            await pump(engine.send(request, stream=True), put, lambda chunk: [to_json(chunk)])
 
         return ndjson(produce)
 
     async def compute() -> Response:
-        return JSON(generate_json(await engine.generate(model, prompt, **kwargs)))
+        return JSON(to_json(await engine.send(request)))
 
     return deferred(compute)
+
+
+@endpoint
+async def generate(request: Request) -> Response:
+    fields = await read_request(request)
+    generate_request = GenerateRequest(
+        await model_to_serve(request, model_field(fields)),
+        fields.text("prompt", ""),
+        suffix=fields.text("suffix"),
+        system=fields.text("system"),
+        template=fields.text("template"),
+        context=fields.token_ids("context"),
+        raw=fields.flag("raw", False),
+        format=fields.format(),
+        images=fields.texts("images"),
+        options=await options_to_serve(request, fields),
+        keep_alive=fields.duration("keep_alive"),
+        think=fields.think(),
+        logprobs=fields.flag("logprobs", False),
+        top_logprobs=fields.integer("top_logprobs", 0),
+        truncate=fields.flag("truncate", True),
+        shift=fields.flag("shift", True),
+    )
+    engine = engine_of(request)
+    # An empty request loads the model, as in Ollama, even when only its prompt is asked for.
+    if fields.flag("_debug_render_only", False) and not generate_request.is_empty:
+        text, images = await rendered_generate(engine, generate_request)
+        return debug_response(generate_request.model, text, images, response="")
+    return respond(engine, generate_request, fields.flag("stream", True), generate_json)
 
 
 def chat_messages(fields: Fields) -> list[dict[str, Any]]:
@@ -354,39 +359,26 @@ def chat_messages(fields: Fields) -> list[dict[str, Any]]:
 @endpoint
 async def chat(request: Request) -> Response:
     fields = await read_request(request)
-    model = await model_to_serve(request, model_field(fields))
-    stream = fields.flag("stream", True)
-    messages = chat_messages(fields)
-    tools = fields.array("tools")
-    kwargs: dict[str, Any] = {
-        "tools": tools or None,
-        "format": fields.format(),
-        "options": await options_to_serve(request, fields),
-        "keep_alive": fields.duration("keep_alive"),
-        "think": fields.think(),
-        "logprobs": fields.flag("logprobs", False),
-        "top_logprobs": fields.integer("top_logprobs", 0),
-        "truncate": fields.flag("truncate", True),
-        "shift": fields.flag("shift", True),
-    }
-    if fields.has("tool_choice"):
-        kwargs["tool_choice"] = fields.data["tool_choice"]
+    chat_request = ChatRequest(
+        await model_to_serve(request, model_field(fields)),
+        chat_messages(fields),
+        tools=fields.array("tools"),
+        format=fields.format(),
+        options=await options_to_serve(request, fields),
+        keep_alive=fields.duration("keep_alive"),
+        think=fields.think(),
+        tool_choice=fields.data.get("tool_choice"),
+        logprobs=fields.flag("logprobs", False),
+        top_logprobs=fields.integer("top_logprobs", 0),
+        truncate=fields.flag("truncate", True),
+        shift=fields.flag("shift", True),
+    )
     engine = engine_of(request)
-    if fields.flag("_debug_render_only", False) and messages:  # no messages: the model is loaded, as in Ollama
-        text, images = await rendered_chat(engine, model, messages, kwargs)
-        return debug_response(model, text, images, message={"role": "", "content": ""})
-
-    if stream:
-
-        async def produce(put: Put) -> None:
-            await pump(engine.chat(model, messages, **kwargs), put, lambda chunk: [chat_json(chunk)])
-
-        return ndjson(produce)
-
-    async def compute() -> Response:
-        return JSON(chat_json(await engine.chat(model, messages, **kwargs)))
-
-    return deferred(compute)
+    # No messages loads the model, as in Ollama, even when only the prompt is asked for.
+    if fields.flag("_debug_render_only", False) and not chat_request.is_empty:
+        text, images = await rendered_chat(engine, chat_request)
+        return debug_response(chat_request.model, text, images, message={"role": "", "content": ""})
+    return respond(engine, chat_request, fields.flag("stream", True), chat_json)
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -406,19 +398,19 @@ def _embed_input(fields: Fields) -> str | list[str]:
 @endpoint
 async def embed(request: Request) -> Response:
     fields = await read_request(request)
-    model = await model_to_serve(request, model_field(fields))
-    text = _embed_input(fields)
-    truncate = fields.flag("truncate", True)
-    dimensions = fields.integer("dimensions")
-    options = fields.options()
-    keep_alive = fields.duration("keep_alive")
+    embed_request = EmbedRequest(
+        await model_to_serve(request, model_field(fields)),
+        _embed_input(fields),
+        truncate=fields.flag("truncate", True),
+        dimensions=fields.integer("dimensions"),
+        options=fields.options(),
+        keep_alive=fields.duration("keep_alive"),
+    )
     engine = engine_of(request)
 
     async def compute() -> Response:
-        result = await engine.embed(
-            model, text, truncate=truncate, dimensions=dimensions, options=options, keep_alive=keep_alive
-        )
-        body: dict[str, Any] = {"model": model, "embeddings": [_floats(v) for v in result.embeddings]}
+        result = await engine.send(embed_request)
+        body: dict[str, Any] = {"model": embed_request.model, "embeddings": [_floats(v) for v in result.embeddings]}
         for name in ("total_duration", "load_duration", "prompt_eval_count"):
             value = getattr(result, name, None)
             if value is not None:
@@ -430,7 +422,7 @@ async def embed(request: Request) -> Response:
 
 @endpoint
 async def embeddings(request: Request) -> Response:
-    """The older single-prompt endpoint: ``{"prompt": ...}`` -> ``{"embedding": [...]}``."""
+    """The older single-prompt endpoint: ``{"prompt": ...}`` -> ``{"embedding": [...]}`` (not normalised)."""
     fields = await read_request(request)
     model = await model_to_serve(request, model_field(fields))
     prompt = fields.text("prompt", "")
@@ -441,12 +433,8 @@ async def embeddings(request: Request) -> Response:
     async def compute() -> Response:
         if not prompt:
             return JSON({"embedding": []})
-        legacy = getattr(engine, "embeddings", None)
-        if legacy is not None:  # not normalised, as Ollama's /api/embeddings
-            result = await legacy(model, prompt, options=options, keep_alive=keep_alive)
-            return JSON({"embedding": _floats(result.embedding)})
-        result = await engine.embed(model, [prompt], options=options, keep_alive=keep_alive)
-        return JSON({"embedding": _floats(result.embeddings[0])})
+        result = await engine.embeddings(model, prompt, options=options, keep_alive=keep_alive)
+        return JSON({"embedding": _floats(result.embedding)})
 
     return deferred(compute)
 

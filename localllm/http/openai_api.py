@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ..request import ChatRequest, EmbedRequest, GenerateRequest
 from ..types import Logprob, TokenLogprob, ToolCall
 from .common import (
     JSON,
@@ -327,19 +328,18 @@ async def chat_completions(request: Request) -> Response:
     stream = fields.flag("stream", False)
     include_usage = _include_usage(fields)
     logprobs = fields.flag("logprobs", False)
-    kwargs: dict[str, Any] = {
-        "options": sampling_options(fields),
-        "format": response_format(fields),
-        "tools": fields.array("tools") or None,
-        "logprobs": logprobs,
-        "top_logprobs": fields.integer("top_logprobs", 0),
-    }
-    think = reasoning(fields)
-    if think is not None:
-        kwargs["think"] = think
-    tool_choice = fields.data.get("tool_choice")
-    if tool_choice is not None and kwargs["tools"]:
-        kwargs["tool_choice"] = tool_choice
+    tools = fields.array("tools")
+    chat_request = ChatRequest(
+        model,
+        messages,
+        options=sampling_options(fields),
+        format=response_format(fields),
+        tools=tools,
+        logprobs=logprobs,
+        top_logprobs=fields.integer("top_logprobs", 0),
+        think=reasoning(fields),
+        tool_choice=fields.data.get("tool_choice") if tools else None,
+    )
     engine = engine_of(request)
     completion_id = _id("chatcmpl")
     created = int(time.time())
@@ -347,7 +347,7 @@ async def chat_completions(request: Request) -> Response:
     if not stream:
 
         async def compute() -> Response:
-            reply = await engine.chat(model, messages, **kwargs)
+            reply = await engine.send(chat_request)
             calls = _tool_calls_json(reply.message.tool_calls)
             message: dict[str, Any] = {"role": "assistant", "content": reply.message.content}
             if calls:
@@ -409,7 +409,7 @@ async def chat_completions(request: Request) -> Response:
                 return [chunk(delta, scored=_chat_logprobs(part.logprobs))]
             return [chunk(delta)] if delta else []
 
-        last = await pump(engine.chat(model, messages, **kwargs), put, convert)
+        last = await pump(engine.send(chat_request, stream=True), put, convert)
         if last is None:
             return
         await put(chunk({}, _finish_reason(last.done_reason, state["calls"] > 0)))
@@ -448,12 +448,14 @@ async def completions(request: Request) -> Response:
     top = fields.integer("logprobs")  # OpenAI's legacy field: how many alternatives each token lists
     if top is not None and not 0 <= top <= 20:
         raise APIError(400, "logprobs must be between 0 and 20", param="logprobs")
-    kwargs: dict[str, Any] = {
-        "options": sampling_options(fields),
-        "suffix": fields.text("suffix"),
-        "logprobs": top is not None,
-        "top_logprobs": top or 0,
-    }
+    generate_request = GenerateRequest(
+        model,
+        prompt,
+        options=sampling_options(fields),
+        suffix=fields.text("suffix"),
+        logprobs=top is not None,
+        top_logprobs=top or 0,
+    )
     engine = engine_of(request)
     completion_id = _id("cmpl")
     created = int(time.time())
@@ -477,7 +479,7 @@ async def completions(request: Request) -> Response:
     if not stream:
 
         async def compute() -> Response:
-            reply = await engine.generate(model, prompt, **kwargs)
+            reply = await engine.send(generate_request)
             data = body(reply.response, _finish_reason(reply.done_reason, False), reply.logprobs or ())
             data["usage"] = _usage(reply)
             return JSON(data)
@@ -490,7 +492,7 @@ async def completions(request: Request) -> Response:
                 return [body(part.response, _finish_reason(part.done_reason, False), part.logprobs)]
             return [body(part.response, None, part.logprobs)] if part.response or part.logprobs else []
 
-        last = await pump(engine.generate(model, prompt, **kwargs), put, convert)
+        last = await pump(engine.send(generate_request, stream=True), put, convert)
         if last is not None and include_usage:
             usage_chunk = body("", None)
             usage_chunk["choices"] = []
@@ -531,7 +533,7 @@ async def embeddings(request: Request) -> Response:
     engine = engine_of(request)
 
     async def compute() -> Response:
-        result = await engine.embed(model, inputs, dimensions=dimensions)
+        result = await engine.send(EmbedRequest(model, inputs, dimensions=dimensions))
         data = []
         for index, vector in enumerate(result.embeddings):
             value: Any = _base64_floats(vector) if encoding == "base64" else [float(x) for x in vector]

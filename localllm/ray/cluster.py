@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import anyio
 import attrs
@@ -15,28 +17,39 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .. import requests
 from ..embeddings import EmbeddingsResponse, EmbedResponse
-from ..errors import InvalidRequest, LocalLLMError, ModelNotFound, RunnerError, UnavailableError
-from ..options import check_options
+from ..errors import EngineClosed, InvalidRequest, LocalLLMError, ModelNotFound, RunnerError, UnavailableError
+from ..request import ChatRequest, EmbedRequest, GenerateRequest, Request, takes_fields_of
 from ..stream import ChunkStream, Job, ResponseStream
 from ..types import (
     ChatResponse,
     GenerateResponse,
     ListResponse,
-    Message,
+    MessageLike,
     ProcessResponse,
     ProgressResponse,
     ShowResponse,
     StatusResponse,
-    plain_data,
+    combine_chat,
+    combine_generate,
 )
 from .node import NodeEngine
 from .router import Router, chat_prefix_keys, generate_prefix_keys, model_key
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from ..request import ChatFields, GenerateFields
+
 __all__ = ["ClusterEngine"]
 
 T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _last(chunks: Sequence[T]) -> T:
+    return chunks[-1]
+
 
 _END = object()
 
@@ -61,6 +74,10 @@ class ClusterEngine:
     model loaded (preferring the one that served the same conversation before), else to the least
     loaded node; a node that lacks the model gets a copy from one that has it. More than
     ``max_queue`` requests in flight across the cluster fail with `QueueFull`.
+
+    As an `Engine`, it starts on first use (connecting to the cluster and starting the node actors)
+    and is closed by `aclose()`, by leaving ``async with``, or when it is garbage-collected or the
+    interpreter exits.
     """
 
     def __init__(
@@ -91,11 +108,14 @@ class ClusterEngine:
         self._refreshing = False
         self._owns_ray = False
         self._started = False
+        self._closed = False
+        self._start_lock = threading.Lock()
+        self._finalizer: weakref.finalize[Any, Any] | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
     async def __aenter__(self) -> ClusterEngine:
-        await anyio.to_thread.run_sync(self.start)
+        await self._refresh()
         return self
 
     async def __aexit__(
@@ -104,39 +124,39 @@ class ClusterEngine:
         await self.aclose()
 
     def start(self) -> None:
-        """Connect to the cluster and start an engine actor on each alive node (blocking)."""
-        if self._started:
-            return
-        if not ray.is_initialized():
-            ray.init(address=self.address, **self.ray_init_options)
-            self._owns_ray = True
-        self._started = True
-        self._refresh_sync()
-        if not self._actors:
-            raise UnavailableError("the Ray cluster has no alive node to run an engine on")
+        """Connect to the cluster and start an engine actor on each alive node (blocking); the first
+        request does this itself."""
+        with self._start_lock:
+            if self._closed:
+                raise EngineClosed("this cluster engine is closed; open a new one")
+            if self._started:
+                return
+            if not ray.is_initialized():
+                ray.init(address=self.address, **self.ray_init_options)
+                self._owns_ray = True
+            self._started = True
+            # Dropped unclosed (a notebook cell run again) or left open at exit: its actors still end.
+            self._finalizer = weakref.finalize(self, _end_actors, self._actors, self._owns_ray)
+            self._refresh_sync()
+            if not self._actors:
+                raise UnavailableError("the Ray cluster has no alive node to run an engine on")
 
     async def aclose(self) -> None:
         await anyio.to_thread.run_sync(self.close)
 
     def close(self) -> None:
-        """Close every node's engine and end the actors (and Ray, when this engine started it)."""
-        if not self._started:
-            return
-        self._started = False
-        actors = dict(self._actors)
-        self._actors.clear()
-        closing = [actor.close.remote() for actor in actors.values()]
-        try:
-            ray.get(closing, timeout=30)
-        except Exception:
-            pass
-        for actor in actors.values():
-            try:
-                ray.kill(actor)
-            except Exception:
-                pass
-        if self._owns_ray:
-            ray.shutdown()
+        """Close every node's engine and end the actors (and Ray, when this engine started it).
+        The engine cannot be used afterwards."""
+        with self._start_lock:
+            self._closed = True
+            if not self._started:
+                return
+            self._started = False
+            if self._finalizer is not None:
+                self._finalizer.detach()
+            actors = dict(self._actors)
+            self._actors.clear()
+        _end_actors(actors, self._owns_ray)
 
     # -- nodes -----------------------------------------------------------------------
 
@@ -195,8 +215,9 @@ class ClusterEngine:
         self._refreshed = time.monotonic()
 
     async def _refresh(self) -> None:
+        """Start on first use; then, at most every `refresh_interval`, look at the nodes again."""
         if not self._started:
-            raise UnavailableError("the cluster engine is not started: use `async with ClusterEngine(...)`")
+            await anyio.to_thread.run_sync(self.start)
         if self._refreshing or time.monotonic() - self._refreshed < self.refresh_interval:
             return
         self._refreshing = True
@@ -227,6 +248,7 @@ class ClusterEngine:
 
     async def _each(self, method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """`method` on every node at once: node id -> result, or the exception it raised."""
+        await self._refresh()
         results: dict[str, Any] = {}
 
         async def one(node_id: str) -> None:
@@ -303,20 +325,35 @@ class ClusterEngine:
 
     # -- generation --------------------------------------------------------------------
 
-    def _respond(
-        self,
-        model: str,
-        method: str,
-        kwargs: dict[str, Any],
-        keys: tuple[list[str], str],
-        combine: Callable[[Sequence[T]], T],
-        stream: bool,
-    ) -> ResponseStream[T] | ChunkStream[T]:
-        async def open_job() -> Job[T]:
-            node_id = await self._route(model, keys[0], keys[1])
+    @overload
+    def send(self, request: Request[R], *, stream: Literal[False] = False) -> ResponseStream[R]: ...
+
+    @overload
+    def send(self, request: Request[R], *, stream: Literal[True]) -> ChunkStream[R]: ...
+
+    @overload
+    def send(self, request: Request[R], *, stream: bool) -> ResponseStream[R] | ChunkStream[R]: ...
+
+    def send(self, request: Request[Any], *, stream: bool = False) -> ResponseStream[Any] | ChunkStream[Any]:
+        """As `Engine.send`, on a node of the cluster: the frozen request goes to the node as it is."""
+        combine: Callable[[Sequence[Any]], Any]
+        if isinstance(request, ChatRequest):
+            keys = chat_prefix_keys(request.model, [(m.role, m.content or "") for m in request.messages])
+            combine = combine_chat
+        elif isinstance(request, GenerateRequest):
+            keys = generate_prefix_keys(request.model, request.system, request.prompt)
+            combine = combine_generate
+        elif isinstance(request, EmbedRequest):
+            keys, combine = ([], ""), _last
+        else:
+            raise InvalidRequest(
+                f"send() takes a GenerateRequest, ChatRequest or EmbedRequest, got {type(request).__name__}"
+            )
+
+        async def open_job() -> Job[Any]:
+            node_id = await self._route(request.model, keys[0], keys[1] or None)
             try:
-                actor = self.actor(node_id)
-                generator = getattr(actor, method).options(num_returns="streaming").remote(kwargs)
+                generator = self.actor(node_id).send_stream.options(num_returns="streaming").remote(request)
             except BaseException:
                 self._release(node_id)
                 raise
@@ -324,47 +361,45 @@ class ClusterEngine:
 
         return ChunkStream(open_job) if stream else ResponseStream(open_job, combine)
 
+    @takes_fields_of(GenerateRequest)
     def generate(
         self,
         model: str,
         prompt: str | None = None,
         suffix: str | None = None,
         *,
-        system: str | None = None,
-        options: Any = None,
         stream: bool = False,
-        **kwargs: Any,
+        **fields: Unpack[GenerateFields],
     ) -> ResponseStream[GenerateResponse] | ChunkStream[GenerateResponse]:
-        """As `Engine.generate` (the same keyword arguments), on a node of the cluster."""
-        prompt = prompt or ""
-        if not isinstance(prompt, str):
-            raise InvalidRequest(f"prompt must be a string, got {type(prompt).__name__}")
-        request = {"model": model, "prompt": prompt, "suffix": suffix, "system": system, **kwargs}
-        request["options"] = check_options(plain_data(options)) or None
-        keys = generate_prefix_keys(model, system, prompt)
-        return self._respond(model, "generate_stream", request, keys, requests.combine_generate, stream)
+        """As `Engine.generate`, on a node of the cluster."""
+        return self.send(GenerateRequest(model, prompt, suffix=suffix, **fields), stream=stream)
 
+    @takes_fields_of(ChatRequest)
     def chat(
         self,
         model: str,
-        messages: Iterable[Any] | None = None,
+        messages: Iterable[MessageLike] | None = None,
         *,
-        tools: Sequence[Any] | None = None,
-        options: Any = None,
         stream: bool = False,
-        **kwargs: Any,
+        **fields: Unpack[ChatFields],
     ) -> ResponseStream[ChatResponse] | ChunkStream[ChatResponse]:
-        """As `Engine.chat` (the same keyword arguments), on a node of the cluster."""
-        conversation = [Message.from_any(m) for m in messages or ()]
-        request = {
-            "model": model,
-            "messages": conversation,
-            "tools": [plain_data(t) for t in tools] if tools else None,
-            "options": check_options(plain_data(options)) or None,
-            **kwargs,
-        }
-        keys = chat_prefix_keys(model, [(m.role, m.content or "") for m in conversation])
-        return self._respond(model, "chat_stream", request, keys, requests.combine_chat, stream)
+        """As `Engine.chat`, on a node of the cluster."""
+        return self.send(ChatRequest(model, messages, **fields), stream=stream)
+
+    async def embed(
+        self,
+        model: str,
+        input: str | Sequence[str],
+        truncate: bool | None = True,
+        options: Any = None,
+        keep_alive: float | str | None = None,
+        dimensions: int | None = None,
+    ) -> EmbedResponse:
+        """As `Engine.embed`, on a node of the cluster."""
+        request = EmbedRequest(
+            model, input, truncate=truncate is not False, options=options, keep_alive=keep_alive, dimensions=dimensions
+        )
+        return await self.send(request)
 
     async def _on_routed(self, model: str, method: str, *args: Any, **kwargs: Any) -> Any:
         node_id = await self._route(model)
@@ -372,11 +407,6 @@ class ClusterEngine:
             return await self._call(node_id, method, *args, **kwargs)
         finally:
             self._release(node_id)
-
-    async def embed(self, model: str, input: str | Sequence[str], **kwargs: Any) -> EmbedResponse:
-        """As `Engine.embed`, on a node of the cluster."""
-        result: EmbedResponse = await self._on_routed(model, "embed", model, input, **kwargs)
-        return result
 
     async def embeddings(self, model: str, prompt: str, **kwargs: Any) -> EmbeddingsResponse:
         result: EmbeddingsResponse = await self._on_routed(model, "embeddings", model, prompt, **kwargs)
@@ -458,6 +488,7 @@ class ClusterEngine:
 
     async def show(self, model: str, **kwargs: Any) -> ShowResponse:
         """As `Engine.show`, from the first node that has the model."""
+        await self._refresh()
         error: BaseException = ModelNotFound(model=model)
         for node_id in self.nodes:
             try:
@@ -497,6 +528,9 @@ class ClusterEngine:
     async def has_blob(self, digest: str) -> bool:
         return False
 
+    async def create_blob(self, path: str | os.PathLike[str]) -> str:
+        raise InvalidRequest("a cluster does not take uploaded blobs: create the model on a node from its files")
+
     async def add_blob(self, digest: str, chunks: Any, *, max_size: int | None = None) -> None:
         raise InvalidRequest("a cluster does not take uploaded blobs: create the model on a node from its files")
 
@@ -508,8 +542,25 @@ class ClusterEngine:
         await self._forget(model)
         if node is None:
             return await self._on_holders("delete", model)
+        await self._refresh()
         result: StatusResponse = await self._call(node, "delete", model)
         return result
+
+
+def _end_actors(actors: Mapping[str, Any], owns_ray: bool) -> None:
+    """Close each node's engine (waiting a while), end its actor, and shut Ray down when we started it."""
+    actors = dict(actors)
+    try:
+        ray.get([actor.close.remote() for actor in actors.values()], timeout=30)
+    except Exception:
+        pass
+    for actor in actors.values():
+        try:
+            ray.kill(actor)
+        except Exception:
+            pass
+    if owns_ray:
+        ray.shutdown()
 
 
 @attrs.define

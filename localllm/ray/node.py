@@ -13,8 +13,8 @@ from typing import Any
 
 from ..engine import Engine
 from ..errors import ModelNotFound
+from ..request import Request
 from ..scheduler.devices import discover
-from ..types import ChatResponse, GenerateResponse
 
 __all__ = ["BLOB_CHUNK", "NodeEngine", "free_memory"]
 
@@ -63,16 +63,9 @@ class NodeEngine:
 
     # -- generation
 
-    async def chat_stream(self, kwargs: dict[str, Any]) -> AsyncIterator[ChatResponse]:
-        stream = self.engine.chat(**kwargs, stream=True)
-        try:
-            async for chunk in stream:
-                yield chunk
-        finally:
-            stream.close()
-
-    async def generate_stream(self, kwargs: dict[str, Any]) -> AsyncIterator[GenerateResponse]:
-        stream = self.engine.generate(**kwargs, stream=True)
+    async def send_stream(self, request: Request[Any]) -> AsyncIterator[Any]:
+        """The chunks of a request (`Engine.send` with ``stream=True``), as the client consumes them."""
+        stream = self.engine.send(request, stream=True)
         try:
             async for chunk in stream:
                 yield chunk
@@ -156,5 +149,5 @@ class NodeEngine:
 
 
 _CALLS = frozenset(
-    ["embed", "embeddings", "list", "show", "ps", "create", "pull", "copy", "delete", "load", "unload", "has_blob"]
+    ["embeddings", "list", "show", "ps", "create", "pull", "copy", "delete", "load", "unload", "has_blob"]
 )

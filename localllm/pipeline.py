@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import anyio
 import attrs
 
 from .chat.template import load_template
-from .errors import CapabilityError, ContextLengthExceeded, InvalidRequest, LocalLLMError
+from .errors import CapabilityError, ContextLengthExceeded, InvalidRequest
 from .options import Options
+from .request import ChatRequest, GenerateRequest
 from .runner.protocol import LoadConfig, SamplingParams, ScoredText, SequenceHandle, SequenceResult, TextRunner
 from .scheduler.scheduler import Lease
 from .service import Admitted, off_loop_if_long
@@ -19,75 +20,18 @@ from .stream import Job
 from .types import ChatResponse, GenerateResponse, Logprob, Message, ToolCall, now_iso
 
 if TYPE_CHECKING:
+    from .chat.harmony import HarmonyParser
+    from .chat.prompt import PreparedChat
+    from .chat.tools import ChatOutputParser
     from .registry.registry import ResolvedModel
     from .service import ModelService
 
-__all__ = [
-    "MAX_TOP_LOGPROBS",
-    "ChatRequest",
-    "GenerateRequest",
-    "combine_chat",
-    "combine_generate",
-    "open_chat",
-    "open_generate",
-]
+__all__ = ["open_chat", "open_generate"]
 
 T = TypeVar("T")
 
-MAX_TOP_LOGPROBS = 20  # Ollama's and OpenAI's limit
-
 Logprobs = tuple[Logprob, ...] | None
 """The logprobs of a piece of text: None unless the request asked for them."""
-
-
-def _check_top_logprobs(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
-        raise InvalidRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {value!r}")
-
-
-def _check_flag(instance: object, attribute: attrs.Attribute[bool], value: bool) -> None:
-    if not isinstance(value, bool):
-        raise InvalidRequest(f"{attribute.name} must be true or false, got {value!r}")
-
-
-@attrs.frozen
-class GenerateRequest:
-    model: str
-    prompt: str
-    suffix: str | None = None
-    system: str | None = None
-    template: str | None = None
-    context: tuple[int, ...] | None = None
-    raw: bool = False
-    format: Any = None
-    images: tuple[Any, ...] | None = None
-    options: dict[str, Any] | None = None
-    keep_alive: float | str | None = None
-    think: bool | str | None = None
-    logprobs: bool = False
-    top_logprobs: int = attrs.field(default=0, validator=_check_top_logprobs)  # applies only with logprobs
-    # A conversation too long for the context loses its oldest messages rather than being refused.
-    truncate: bool = attrs.field(default=True, validator=_check_flag)
-    # Generation that reaches the end of the context shifts it and goes on.
-    shift: bool = attrs.field(default=True, validator=_check_flag)
-
-
-@attrs.frozen
-class ChatRequest:
-    model: str
-    messages: tuple[Message, ...]
-    tools: tuple[Any, ...] | None = None
-    format: Any = None
-    options: dict[str, Any] | None = None
-    keep_alive: float | str | None = None
-    think: bool | str | None = None
-    tool_choice: Any = None
-    logprobs: bool = False
-    top_logprobs: int = attrs.field(default=0, validator=_check_top_logprobs)  # applies only with logprobs
-    # A conversation too long for the context loses its oldest messages rather than being refused.
-    truncate: bool = attrs.field(default=True, validator=_check_flag)
-    # Generation that reaches the end of the context shifts it and goes on.
-    shift: bool = attrs.field(default=True, validator=_check_flag)
 
 
 def _sampling(request: GenerateRequest | ChatRequest, options: Options, grammar: str | None) -> SamplingParams:
@@ -132,22 +76,23 @@ def _check_untruncated(tokens: Sequence[int], runner: TextRunner) -> None:
         )
 
 
-class RunJob(Job[T]):
-    """A submitted sequence: turns its text and result into chunks, and owns its lease."""
+class Output(Protocol[T]):
+    """One request's output state: what its sequence's text becomes, and its last chunks."""
+
+    def text(self, piece: str, logprobs: Logprobs, job: RunJob[Any]) -> list[T]: ...
+
+    def done(self, result: SequenceResult, total: int, load_duration: int) -> list[T]: ...
+
+
+class RunJob(Job[T], Generic[T]):
+    """A submitted sequence: its text goes through the request's `Output` into chunks; it owns its lease."""
 
     def __init__(
-        self,
-        lease: Lease[LoadConfig, TextRunner],
-        handle: SequenceHandle,
-        *,
-        on_text: Callable[[str, Logprobs], list[T]],
-        on_done: Callable[[SequenceResult, int], list[T]],
-        started: float,
+        self, lease: Lease[LoadConfig, TextRunner], handle: SequenceHandle, output: Output[T], *, started: float
     ) -> None:
         self.lease = lease
         self.handle = handle
-        self._on_text = on_text
-        self._on_done = on_done
+        self.output = output
         self._started = started
 
     def switch(self, handle: SequenceHandle) -> None:
@@ -160,15 +105,15 @@ class RunJob(Job[T]):
         handle = self.handle
         for item in await handle.mailbox.get_all():
             if self.handle is not handle:
-                break  # `on_text` switched to another sequence
+                break  # the output switched to another sequence
             if isinstance(item, str):
-                chunks.extend(self._on_text(item, None))
+                chunks.extend(self.output.text(item, None, self))
             elif isinstance(item, ScoredText):
-                chunks.extend(self._on_text(item.text, item.logprobs))
+                chunks.extend(self.output.text(item.text, item.logprobs, self))
             elif isinstance(item, SequenceResult):
                 total = int((time.perf_counter() - self._started) * 1e9)
                 self.close()
-                chunks.extend(self._on_done(item, total))
+                chunks.extend(self.output.done(item, total, self.lease.load_duration))
                 return chunks, True
             else:
                 self.close()
@@ -206,6 +151,48 @@ def _durations(result: SequenceResult, total: int, load: int) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- generate
+
+
+@attrs.define
+class GenerateOutput:
+    """A generate request's output: its text, split by the thinking parser when the template thinks; last,
+    the context (prompt and reply tokens) and the counts."""
+
+    name: str
+    prompt_tokens: tuple[int, ...]
+    parser: ChatOutputParser | HarmonyParser | None = None
+
+    def text(self, piece: str, logprobs: Logprobs, job: RunJob[Any]) -> list[GenerateResponse]:
+        thinking = ""
+        if self.parser is not None:
+            thinking, piece, _calls = self.parser.feed(piece)
+        if not (piece or thinking or logprobs):  # logprobs go out even while a parser holds text back, as in Ollama
+            return []
+        return [self._chunk(piece, thinking, logprobs)]
+
+    def done(self, result: SequenceResult, total: int, load_duration: int) -> list[GenerateResponse]:
+        chunks = []
+        if self.parser is not None:
+            thinking, content, _calls = self.parser.finish()
+            if thinking or content:
+                chunks.append(self._chunk(content, thinking, None))
+        final = GenerateResponse(
+            model=self.name,
+            created_at=now_iso(),
+            done=True,
+            done_reason=result.done_reason,
+            context=self.prompt_tokens + result.tokens,
+            **_durations(result, total, load_duration),
+        )
+        return [*chunks, final]
+
+    def _chunk(self, piece: str, thinking: str, logprobs: Logprobs) -> GenerateResponse:
+        return GenerateResponse(
+            model=self.name, created_at=now_iso(), response=piece, thinking=thinking or None, logprobs=logprobs or None
+        )
+
+
 async def open_generate(service: ModelService, request: GenerateRequest) -> Job[GenerateResponse]:
     with service.admit() as admission:  # counted under max_queue from here until its job is closed
         return Admitted(await _open_generate(service, request), admission)
@@ -217,11 +204,12 @@ async def _open_generate(service: ModelService, request: GenerateRequest) -> Job
     if request.images:
         service.check_images(request.model, resolved)
     options = service.options(resolved, request.options)
-    name = request.model
-    if not request.prompt and not request.context:
+    if request.is_empty:
         reason, load = await service.load_or_unload(resolved, options, request.keep_alive, "generate")
         return DoneJob(
-            GenerateResponse(model=name, created_at=now_iso(), done=True, done_reason=reason, load_duration=load)
+            GenerateResponse(
+                model=request.model, created_at=now_iso(), done=True, done_reason=reason, load_duration=load
+            )
         )
     lease = await service.lease_text(resolved, options, request.keep_alive)
     runner = lease.runner
@@ -272,38 +260,7 @@ async def _open_generate(service: ModelService, request: GenerateRequest) -> Job
     except BaseException:
         lease.release()
         raise
-
-    def on_text(piece: str, logprobs: Logprobs) -> list[GenerateResponse]:
-        thinking = ""
-        if parser is not None:
-            thinking, piece, _calls = parser.feed(piece)
-        if not (piece or thinking or logprobs):  # logprobs go out even while a parser holds text back, as in Ollama
-            return []
-        return [
-            GenerateResponse(
-                model=name, created_at=now_iso(), response=piece, thinking=thinking or None, logprobs=logprobs or None
-            )
-        ]
-
-    def on_done(result: SequenceResult, total: int) -> list[GenerateResponse]:
-        chunks = []
-        if parser is not None:
-            thinking, content, _calls = parser.finish()
-            if thinking or content:
-                chunks.append(
-                    GenerateResponse(model=name, created_at=now_iso(), response=content, thinking=thinking or None)
-                )
-        final = GenerateResponse(
-            model=name,
-            created_at=now_iso(),
-            done=True,
-            done_reason=result.done_reason,
-            context=tuple(tokens) + result.tokens,
-            **_durations(result, total, lease.load_duration),
-        )
-        return [*chunks, final]
-
-    return RunJob(lease, handle, on_text=on_text, on_done=on_done, started=started)
+    return RunJob(lease, handle, GenerateOutput(request.model, tuple(tokens), parser), started=started)
 
 
 def _grammar_for(format: Any) -> str | None:
@@ -312,13 +269,57 @@ def _grammar_for(format: Any) -> str | None:
     return format_to_grammar(format)
 
 
-def _chat_chunk(
-    name: str, thinking: str, content: str, calls: list[ToolCall], logprobs: Logprobs = None
-) -> ChatResponse:
-    message = Message(
-        role="assistant", content=content, thinking=thinking or None, tool_calls=tuple(calls) if calls else None
-    )
-    return ChatResponse(model=name, created_at=now_iso(), message=message, logprobs=logprobs or None)
+# --------------------------------------------------------------------------- chat
+
+
+@attrs.define
+class ChatOutput:
+    """A chat request's output: its text read by the parser into thinking, content and tool calls.
+
+    With `text_reply`, a reply that may be a call or text has yet to show which: its first piece decides,
+    and text is written again from the conversation without the injected tool instructions, so that
+    they can never reach the reply."""
+
+    name: str
+    parser: ChatOutputParser | HarmonyParser
+    request: ChatRequest
+    options: Options
+    text_reply: PreparedChat | None = None
+    text_tokens: list[int] = attrs.field(factory=list)
+
+    def text(self, piece: str, logprobs: Logprobs, job: RunJob[Any]) -> list[ChatResponse]:
+        if self.text_reply is not None and piece:
+            text_reply, self.text_reply = self.text_reply, None
+            if not piece.startswith("{"):  # the grammar starts every call with "{"
+                self.parser = text_reply.parser()
+                sampling = _sampling(self.request, self.options, text_reply.grammar)
+                job.switch(job.lease.runner.submit(self.text_tokens, sampling))
+                return []
+        thinking, content, calls = self.parser.feed(piece)
+        if not (thinking or content or calls or logprobs):  # logprobs go out even while the parser holds text back
+            return []
+        return [self._chunk(thinking, content, calls, logprobs)]
+
+    def done(self, result: SequenceResult, total: int, load_duration: int) -> list[ChatResponse]:
+        thinking, content, calls = self.parser.finish()
+        chunks = [self._chunk(thinking, content, calls)] if thinking or content or calls else []
+        chunks.append(
+            ChatResponse(
+                model=self.name,
+                created_at=now_iso(),
+                message=Message(role="assistant", content=""),
+                done=True,
+                done_reason=result.done_reason,
+                **_durations(result, total, load_duration),
+            )
+        )
+        return chunks
+
+    def _chunk(self, thinking: str, content: str, calls: list[ToolCall], logprobs: Logprobs = None) -> ChatResponse:
+        message = Message(
+            role="assistant", content=content, thinking=thinking or None, tool_calls=tuple(calls) if calls else None
+        )
+        return ChatResponse(model=self.name, created_at=now_iso(), message=message, logprobs=logprobs or None)
 
 
 async def open_chat(service: ModelService, request: ChatRequest) -> Job[ChatResponse]:
@@ -328,19 +329,17 @@ async def open_chat(service: ModelService, request: ChatRequest) -> Job[ChatResp
 
 async def _open_chat(service: ModelService, request: ChatRequest) -> Job[ChatResponse]:
     from .chat.prompt import prepare_chat_in_thread
-    from .tools import normalize_tools
 
     started = time.perf_counter()
     resolved = await service.resolve(request.model, "generate")
     if any(m.images for m in request.messages):
         service.check_images(request.model, resolved)
     options = service.options(resolved, request.options)
-    name = request.model
-    if not request.messages:
+    if request.is_empty:
         reason, load = await service.load_or_unload(resolved, options, request.keep_alive, "generate")
         return DoneJob(
             ChatResponse(
-                model=name,
+                model=request.model,
                 created_at=now_iso(),
                 message=Message(role="assistant"),
                 done=True,
@@ -348,7 +347,6 @@ async def _open_chat(service: ModelService, request: ChatRequest) -> Job[ChatRes
                 load_duration=load,
             )
         )
-    tools = [t.to_dict() for t in normalize_tools(request.tools)] if request.tools else []
     lease = await service.lease_text(resolved, options, request.keep_alive)
     runner = lease.runner
     try:
@@ -358,7 +356,7 @@ async def _open_chat(service: ModelService, request: ChatRequest) -> Job[ChatRes
         prepared = await prepare_chat_in_thread(
             template,
             messages,
-            tools=tools,
+            tools=list(request.tools or ()),
             tool_choice=request.tool_choice,
             think=request.think,
             format=request.format,
@@ -373,41 +371,8 @@ async def _open_chat(service: ModelService, request: ChatRequest) -> Job[ChatRes
     except BaseException:
         lease.release()
         raise
-    parser = prepared.parser()
-    undecided = text_reply is not None  # whether a reply that may be a call or text has yet to show which
-
-    def on_text(piece: str, logprobs: Logprobs) -> list[ChatResponse]:
-        nonlocal parser, undecided
-        if undecided and piece:
-            undecided = False
-            if text_reply is not None and not piece.startswith("{"):  # the grammar starts every call with "{"
-                # Text, not a call: written again from the conversation without the injected tool
-                # instructions, so that they can never reach the reply.
-                parser = text_reply.parser()
-                job.switch(runner.submit(text_tokens, _sampling(request, options, text_reply.grammar)))
-                return []
-        thinking, content, calls = parser.feed(piece)
-        if not (thinking or content or calls or logprobs):  # logprobs go out even while the parser holds text back
-            return []
-        return [_chat_chunk(name, thinking, content, calls, logprobs)]
-
-    def on_done(result: SequenceResult, total: int) -> list[ChatResponse]:
-        thinking, content, calls = parser.finish()
-        chunks = [_chat_chunk(name, thinking, content, calls)] if thinking or content or calls else []
-        chunks.append(
-            ChatResponse(
-                model=name,
-                created_at=now_iso(),
-                message=Message(role="assistant", content=""),
-                done=True,
-                done_reason=result.done_reason,
-                **_durations(result, total, lease.load_duration),
-            )
-        )
-        return chunks
-
-    job = RunJob(lease, handle, on_text=on_text, on_done=on_done, started=started)
-    return job
+    output = ChatOutput(request.model, prepared.parser(), request, options, text_reply, text_tokens)
+    return RunJob(lease, handle, output, started=started)
 
 
 async def _tokenize(runner: TextRunner, text: str) -> list[int]:
@@ -422,28 +387,3 @@ def _with_model_messages(resolved: ResolvedModel, messages: Sequence[Message]) -
     if system and not has_system and not any(m.role == "system" for m in prefix):
         prefix.insert(0, Message(role="system", content=system))
     return prefix + list(messages)
-
-
-def combine_generate(chunks: Sequence[GenerateResponse]) -> GenerateResponse:
-    if not chunks:
-        raise LocalLLMError("the model returned no response")
-    final = chunks[-1]
-    text = "".join(c.response for c in chunks)
-    thinking = "".join(c.thinking or "" for c in chunks) or None
-    return attrs.evolve(final, response=text, thinking=thinking, logprobs=_all_logprobs(chunks))
-
-
-def combine_chat(chunks: Sequence[ChatResponse]) -> ChatResponse:
-    if not chunks:
-        raise LocalLLMError("the model returned no response")
-    final = chunks[-1]
-    content = "".join(c.message.content for c in chunks)
-    thinking = "".join(c.message.thinking or "" for c in chunks) or None
-    calls: list[ToolCall] = [call for c in chunks for call in (c.message.tool_calls or ())]
-    message = Message(role="assistant", content=content, thinking=thinking, tool_calls=tuple(calls) or None)
-    return attrs.evolve(final, message=message, logprobs=_all_logprobs(chunks))
-
-
-def _all_logprobs(chunks: Sequence[GenerateResponse] | Sequence[ChatResponse]) -> Logprobs:
-    """Every chunk's logprobs, in order: the whole response's, as Ollama gives them when not streaming."""
-    return tuple(logprob for chunk in chunks for logprob in chunk.logprobs or ()) or None
