@@ -18,7 +18,16 @@ import attrs
 
 from .errors import InvalidOptions
 
-__all__ = ["LOAD_OPTIONS", "OPTION_TYPES", "OptionValues", "Options", "merge_options", "parse_option_value"]
+__all__ = [
+    "LOAD_OPTIONS",
+    "OPTION_TYPES",
+    "RUNNER_LOAD_OPTIONS",
+    "OptionValues",
+    "Options",
+    "merge_options",
+    "parse_option_value",
+    "runner_load_values",
+]
 
 
 #: llama.cpp takes integer options as C ints and real ones as C floats: beyond those, a value would
@@ -31,12 +40,18 @@ MAX_THREADS = 512
 
 
 def _option(
-    default: object, *, load: bool = False, valid: Callable[[Any], bool] | None = None, wraps: bool = False
+    default: object,
+    *,
+    load: bool = False,
+    resolved: bool = False,
+    valid: Callable[[Any], bool] | None = None,
+    wraps: bool = False,
 ) -> Any:
     """One option's specification: its default (Ollama's), whether a change needs another runner
-    (`load`), which values are in range (`valid`), and whether an integer may exceed a C int because
-    only its low 32 bits are used (`wraps`). The field's annotation is its type."""
-    return attrs.field(default=default, metadata={"load": load, "valid": valid, "wraps": wraps})
+    (`load`), whether a runner gets not the value but what it resolves to (`resolved`: a model name
+    becomes a file), which values are in range (`valid`), and whether an integer may exceed a C int
+    because only its low 32 bits are used (`wraps`). The field's annotation is its type."""
+    return attrs.field(default=default, metadata={"load": load, "resolved": resolved, "valid": valid, "wraps": wraps})
 
 
 @attrs.frozen
@@ -53,7 +68,7 @@ class Options:
     use_mlock: bool = _option(False, load=True)
     # Speculative decoding: a small draft model (name or path, same vocabulary; "" for none), how many
     # tokens it may draft per step, and drafting from the sequence's own text when there is no draft model.
-    draft_model: str = _option("", load=True)
+    draft_model: str = _option("", load=True, resolved=True)  # the runner gets the file it names
     draft_max: int = _option(8, load=True, valid=lambda v: 1 <= v <= 64)
     prompt_lookup: bool = _option(False, load=True)
     numa: bool = _option(False)  # accepted as Ollama does; llama.cpp's NUMA mode is process-wide
@@ -96,6 +111,18 @@ OPTION_TYPES: dict[str, type] = {
 
 #: Options that change how a model is loaded: a different value needs another runner.
 LOAD_OPTIONS: frozenset[str] = frozenset(name for name, field in _FIELDS.items() if field.metadata["load"])
+
+#: The load options a runner is loaded with as they are: `LoadConfig` has a field of the same name for each,
+#: and takes their values from here (the resolved ones reach it as what they resolve to).
+RUNNER_LOAD_OPTIONS: tuple[str, ...] = tuple(
+    name for name, field in _FIELDS.items() if field.metadata["load"] and not field.metadata["resolved"]
+)
+
+
+def runner_load_values(options: Options) -> dict[str, Any]:
+    """The values of `options`' runner load options, by name: the LoadConfig fields of the same names."""
+    return {name: getattr(options, name) for name in RUNNER_LOAD_OPTIONS}
+
 
 OptionValues = Mapping[str, Any] | Options
 """What the API takes as options: a (partial) mapping of Ollama's option names, or a complete `Options`."""

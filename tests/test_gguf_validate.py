@@ -246,13 +246,13 @@ def test_validate_bytes_of_a_header_prefix(smollm2_path: Path) -> None:
 def test_files_that_cannot_be_memory_mapped(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, smollm2_path: Path
 ) -> None:
-    import localllm.gguf.validate as validate_module
+    import localllm.gguf.parser as parser_module
 
     def no_mmap(*args: Any, **kwargs: Any) -> Any:
         raise OSError("mmap not supported here")
 
-    monkeypatch.setattr(validate_module.mmap, "mmap", no_mmap)
-    monkeypatch.setattr(validate_module, "_FIRST_READ", 4096)  # the header needs several larger reads
+    monkeypatch.setattr(parser_module.mmap, "mmap", no_mmap)
+    monkeypatch.setattr(parser_module, "_FIRST_READ", 4096)  # the header needs several larger reads
     validate_file(smollm2_path)
     assert read_info(smollm2_path).block_count == 30
     rejects(tmp_path, build(version=7), "unsupported GGUF version 7")

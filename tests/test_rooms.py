@@ -166,6 +166,20 @@ def test_the_shim_and_the_cli_use_only_the_public_engine_api(room: str) -> None:
     assert crossings == []
 
 
+MAX_MODULE_LINES = 1000
+
+
+def modules_over(limit: int) -> dict[str, int]:
+    """The modules longer than `limit` lines, with their line counts."""
+    counts = {name: len(path.read_text().splitlines()) for name, path in MODULES.items()}
+    return {name: count for name, count in counts.items() if count > limit}
+
+
+def test_no_module_is_over_a_thousand_lines() -> None:
+    """Small modules with one job: a module that grows past the limit is split by what it does."""
+    assert modules_over(MAX_MODULE_LINES) == {}
+
+
 def test_no_import_cycles() -> None:
     graph = {name: {i for i in imports_of(name) if i in MODULES and i != "localllm"} for name in MODULES}
     index: dict[str, int] = {}

@@ -17,7 +17,8 @@ import attrs
 import pytest
 
 from localllm import Engine, InputError, InvalidRequest, Options
-from localllm.options import merge_options
+from localllm.options import LOAD_OPTIONS, RUNNER_LOAD_OPTIONS, merge_options
+from localllm.runner.protocol import LoadConfig
 from localllm.scheduler.devices import DeviceInventory, GpuDevice, SystemMemory, discover
 from localllm.scheduler.loader import RunnerFactory
 from localllm.scheduler.memory import estimate_file_memory, gpu_overhead_from_env, plan_layers
@@ -425,3 +426,31 @@ def test_every_ollama_variable_is_read_or_said_not_to_be() -> None:
     section = section[: section.index("\n## ", 1)]
     for variable in NOT_READ:
         assert f"`{variable}`" in section, variable
+
+
+def test_every_load_option_is_a_load_configuration_field_and_back() -> None:
+    """A load option LoadConfig lacked would not reach the runner, nor load another one when it changes."""
+    config_fields = {field.name: field for field in attrs.fields(attrs.resolve_types(LoadConfig))}
+    option_fields = {field.name: field for field in attrs.fields(Options)}
+    assert set(RUNNER_LOAD_OPTIONS) == set(config_fields) & set(option_fields)
+    # The one load option a runner does not take as it is: the model a draft_model names, as a file.
+    assert LOAD_OPTIONS - set(RUNNER_LOAD_OPTIONS) == {"draft_model"}
+    assert "draft_model_path" in config_fields
+    for name in RUNNER_LOAD_OPTIONS:
+        assert (config_fields[name].type, config_fields[name].default) == (
+            option_fields[name].type,
+            option_fields[name].default,
+        ), name
+
+
+def test_every_load_option_of_a_request_reaches_the_load_configuration(smollm2_path: Path) -> None:
+    defaults = Options()
+    changed = {
+        name: not value if isinstance(value, bool) else value + 1
+        for name in RUNNER_LOAD_OPTIONS
+        for value in [getattr(defaults, name)]
+    }
+    factory = RunnerFactory(resolved({}), devices=inventory())
+    config = factory.config_for(str(smollm2_path), (), Options(**changed))
+    assert {name: getattr(config, name) for name in RUNNER_LOAD_OPTIONS} == changed
+    assert config != factory.config_for(str(smollm2_path), (), defaults)  # so it loads another runner

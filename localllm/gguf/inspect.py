@@ -11,7 +11,8 @@ import attrs
 import numpy as np
 
 from localllm.gguf.filetypes import file_type_name
-from localllm.gguf.validate import KV, T_ARRAY, T_BOOL, T_FLOAT32, T_STRING, ParsedGGUF, open_gguf
+from localllm.gguf.parser import open_gguf
+from localllm.gguf.structure import KV, T_ARRAY, T_BOOL, T_FLOAT32, T_STRING, ParsedGGUF
 
 __all__ = ["GGUFInfo", "TensorInfo", "file_type_name", "human_number", "read_info"]
 

@@ -37,19 +37,27 @@ __all__ = [
 KV_CACHE_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # ggml type ids
 
 
+_OPTION_DEFAULTS = Options()
+
+
 @attrs.frozen
 class LoadConfig:
-    """Everything that decides how a model is loaded: equal configs share a runner."""
+    """Everything that decides how a model is loaded: equal configs share a runner.
+
+    The fields named after options are the load options a runner takes as they are (`RUNNER_LOAD_OPTIONS`),
+    with the options' defaults; `options.runner_load_values` gives their values from a request's options.
+    """
 
     model_path: str
-    num_ctx: int = 4096
-    num_batch: int = 512
+    num_ctx: int = _OPTION_DEFAULTS.num_ctx
+    num_batch: int = _OPTION_DEFAULTS.num_batch
     num_parallel: int = 4
-    num_thread: int = 0
-    num_gpu: int = -1  # requested GPU layers (-1: as many as fit); the scheduler's plan decides the real count
-    main_gpu: int = 0
-    use_mmap: bool = True
-    use_mlock: bool = False
+    num_thread: int = _OPTION_DEFAULTS.num_thread
+    # Requested GPU layers (-1: as many as fit); the scheduler's plan decides the real count.
+    num_gpu: int = _OPTION_DEFAULTS.num_gpu
+    main_gpu: int = _OPTION_DEFAULTS.main_gpu
+    use_mmap: bool = _OPTION_DEFAULTS.use_mmap
+    use_mlock: bool = _OPTION_DEFAULTS.use_mlock
     embeddings: bool = False
     kv_cache_type: str = attrs.field(default="f16", validator=attrs.validators.in_(KV_CACHE_TYPES))
     adapters: tuple[str, ...] = ()
@@ -57,8 +65,8 @@ class LoadConfig:
     repack: bool | None = None  # llama.cpp's extra CPU weight layouts; None: where known to be safe
     # Speculative decoding: a draft model's file (same vocabulary), else prompt lookup when asked for.
     draft_model_path: str | None = None
-    draft_max: int = 8  # the most tokens drafted for a sequence in one step
-    prompt_lookup: bool = False
+    draft_max: int = _OPTION_DEFAULTS.draft_max  # the most tokens drafted for a sequence in one step
+    prompt_lookup: bool = _OPTION_DEFAULTS.prompt_lookup
 
 
 @attrs.frozen

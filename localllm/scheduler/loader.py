@@ -6,7 +6,9 @@ import functools
 import logging
 from typing import TYPE_CHECKING
 
-from ..options import Options
+import attrs
+
+from ..options import Options, runner_load_values
 from ..runner.protocol import LoadConfig, ModelRunner
 from ..settings import default_context_length
 from .devices import DeviceInventory, InventorySource, resolve_inventory
@@ -95,25 +97,22 @@ class RunnerFactory:
         beyond the context the model was trained for is cut to it, as Ollama does.
         """
         trained = _info(model_path).context_length or 0
-        num_ctx = min(options.num_ctx, trained) if trained > 0 else options.num_ctx
-        return LoadConfig(
-            draft_model_path=None if embeddings else draft_model_path or None,
-            draft_max=options.draft_max,
+        # The request's load options as this model and runner take them; LoadConfig takes every one from here.
+        fitted = attrs.evolve(
+            options,
+            num_ctx=min(options.num_ctx, trained) if trained > 0 else options.num_ctx,
             prompt_lookup=options.prompt_lookup and not embeddings and not draft_model_path,
+        )
+        return LoadConfig(
             model_path=model_path,
-            num_ctx=num_ctx,
-            num_batch=options.num_batch,
-            num_parallel=1 if embeddings else self.settings.num_parallel,
-            num_thread=options.num_thread,
-            num_gpu=options.num_gpu,
-            main_gpu=options.main_gpu,
-            use_mmap=options.use_mmap,
-            use_mlock=options.use_mlock,
+            adapters=adapters,
             embeddings=embeddings,
+            draft_model_path=None if embeddings else draft_model_path or None,
+            num_parallel=1 if embeddings else self.settings.num_parallel,
             kv_cache_type=self.settings.kv_cache_type,
             flash_attention=self.settings.flash_attention,
             repack=self.settings.repack,
-            adapters=adapters,
+            **runner_load_values(fitted),
         )
 
     def estimate(self, config: LoadConfig) -> MemoryEstimate:
