@@ -55,6 +55,7 @@ from .errors import (
     UnavailableError,
 )
 from .options import Options
+from .parsing import Modelfile, ModelName, parse_keep_alive, parse_modelfile
 from .stream import ResponseStream
 from .tools import AgentEvent, Tool, ToolRegistry, agent_loop, tool
 from .types import (
@@ -63,6 +64,7 @@ from .types import (
     ListResponse,
     Logprob,
     Message,
+    ModelDetails,
     ProcessModel,
     ProcessResponse,
     ProgressResponse,
@@ -101,8 +103,11 @@ __all__ = [
     "LocalLLMError",
     "Logprob",
     "Message",
+    "ModelDetails",
     "ModelLoadError",
+    "ModelName",
     "ModelNotFound",
+    "Modelfile",
     "ModelfileError",
     "NotFoundError",
     "Options",
@@ -128,5 +133,7 @@ __all__ = [
     "UnavailableError",
     "__version__",
     "agent_loop",
+    "parse_keep_alive",
+    "parse_modelfile",
     "tool",
 ]

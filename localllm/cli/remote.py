@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import attrs
 
-from ..embeddings import EmbedResponse
+from .. import EmbedResponse
 from ..errors import ModelNotFound
-from ..registry.registry import ModelDetails
 from ..types import (
     ChatResponse,
     GenerateResponse,
     ListResponse,
     Message,
+    ModelDetails,
     ProcessModel,
     ProcessResponse,
     ProgressResponse,
