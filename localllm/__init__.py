@@ -57,6 +57,7 @@ from .errors import (
     UnavailableError,
 )
 from .options import Options
+from .parsing import Modelfile, ModelName, parse_keep_alive, parse_modelfile
 from .request import ChatRequest, EmbedRequest, GenerateRequest, Request
 from .stream import ResponseStream
 from .tools import AgentEvent, Tool, ToolRegistry, agent_loop, tool
@@ -66,6 +67,7 @@ from .types import (
     ListResponse,
     Logprob,
     Message,
+    ModelDetails,
     ProcessModel,
     ProcessResponse,
     ProgressResponse,
@@ -108,8 +110,11 @@ __all__ = [
     "LocalLLMError",
     "Logprob",
     "Message",
+    "ModelDetails",
     "ModelLoadError",
+    "ModelName",
     "ModelNotFound",
+    "Modelfile",
     "ModelfileError",
     "NotFoundError",
     "Options",
@@ -136,5 +141,7 @@ __all__ = [
     "UnavailableError",
     "__version__",
     "agent_loop",
+    "parse_keep_alive",
+    "parse_modelfile",
     "tool",
 ]

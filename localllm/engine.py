@@ -12,16 +12,14 @@ import inspect
 import logging
 import math
 import os
-import tempfile
 import threading
 import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar, overload
 
 import anyio
-import attrs
 
 from . import pipeline
 from .embeddings import EmbeddingsResponse, EmbedResponse
@@ -30,6 +28,7 @@ from .embeddings import embeddings as embed_prompt
 from .errors import InvalidRequest, LocalLLMError
 from .files import sha256_of
 from .options import OptionValues
+from .registry.create import CreateParts
 from .request import ChatFields, ChatRequest, EmbedRequest, GenerateFields, GenerateRequest, Request, takes_fields_of
 from .service import ModelService
 from .settings import EngineSettings
@@ -46,7 +45,6 @@ from .types import (
     ProgressResponse,
     ShowResponse,
     StatusResponse,
-    StoredModel,
     as_dict,
     combine_chat,
     combine_generate,
@@ -95,10 +93,6 @@ def _wall_time(timestamp: float | None) -> dt.datetime | None:
     if math.isinf(timestamp):  # "forever", as Ollama shows it
         return dt.datetime(1 if timestamp < 0 else 2318, 1, 1, tzinfo=dt.timezone.utc)
     return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
-
-
-def _from_iso(text: str) -> dt.datetime:
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))  # Python 3.10 does not read "Z"
 
 
 def _str_or_path(value: str | os.PathLike[str] | None) -> str | Path | None:
@@ -397,6 +391,9 @@ class Engine:
         parameters: Mapping[str, Any] | ModelDumpable | None = None,
         messages: Iterable[MessageLike] | None = None,
         license: str | Sequence[str] | None = None,
+        renderer: str | None = None,
+        parser: str | None = None,
+        requires: str | None = None,
         quantize: str | None = None,
         modelfile: str | os.PathLike[str] | None = None,
         progress: ProgressCallback | None = None,
@@ -416,6 +413,9 @@ class Engine:
         parameters: Mapping[str, Any] | ModelDumpable | None = None,
         messages: Iterable[MessageLike] | None = None,
         license: str | Sequence[str] | None = None,
+        renderer: str | None = None,
+        parser: str | None = None,
+        requires: str | None = None,
         quantize: str | None = None,
         modelfile: str | os.PathLike[str] | None = None,
         progress: ProgressCallback | None = None,
@@ -435,6 +435,9 @@ class Engine:
         parameters: Mapping[str, Any] | ModelDumpable | None = None,
         messages: Iterable[MessageLike] | None = None,
         license: str | Sequence[str] | None = None,
+        renderer: str | None = None,
+        parser: str | None = None,
+        requires: str | None = None,
         quantize: str | None = None,
         modelfile: str | os.PathLike[str] | None = None,
         progress: ProgressCallback | None = None,
@@ -453,6 +456,9 @@ class Engine:
         parameters: Mapping[str, Any] | ModelDumpable | None = None,
         messages: Iterable[MessageLike] | None = None,
         license: str | Sequence[str] | None = None,
+        renderer: str | None = None,
+        parser: str | None = None,
+        requires: str | None = None,
         quantize: str | None = None,
         modelfile: str | os.PathLike[str] | None = None,
         progress: ProgressCallback | None = None,
@@ -461,48 +467,35 @@ class Engine:
         """Create a model from a GGUF file, a Hugging Face folder, an existing model, uploaded blobs or a Modelfile.
 
         `files` and `adapters` map file names to the digests `create_blob` returned; `template`,
-        `system`, `parameters`, `messages` and `license` are what a Modelfile would say (give them
-        or `modelfile`, not both). `from_` names a file or a model to build on, when no `files` are
-        given. Returns the final status, or with ``stream=True`` an async iterator of progress.
+        `system`, `parameters`, `messages`, `license`, `renderer`, `parser` and `requires` are what
+        a Modelfile's lines would say, and are added after those of `modelfile`, when both are given.
+        `from_` names a file or a model to build on, when no `files` are given. Returns the final
+        status, or with ``stream=True`` an async iterator of progress.
         """
-        fields = {
-            "files": files,
-            "adapters": adapters,
-            "template": template,
-            "system": system,
-            "parameters": parameters,
-            "messages": messages,
-            "license": license,
-        }
-        given = [name for name, value in fields.items() if value is not None]
-        if modelfile is not None and given:
-            raise InvalidRequest(f"give a modelfile or {', '.join(given)}, not both")
+        fields = (files, adapters, template, system, parameters, messages, license, renderer, parser, requires)
         parts = (
-            _ModelfileParts(
-                files=dict(files or {}),
-                adapters=dict(adapters or {}),
+            CreateParts(
+                files=files or {},
+                adapters=adapters or {},
                 template=template,
                 system=system,
-                parameters=dict(plain_data(parameters) or {}),
-                messages=[Message.from_any(m) for m in messages or ()],
+                parameters=plain_data(parameters) or {},
+                messages=[Message.from_any(m).to_template_dict() for m in messages or ()],
                 licenses=[license] if isinstance(license, str) else list(license or ()),
+                renderer=renderer,
+                parser=parser,
+                requires=requires,
             )
-            if given
+            if any(value is not None for value in fields)
             else None
         )
-        options = {} if quantize is None else {"quantize": quantize}
+        source, text = _str_or_path(from_), _str_or_path(modelfile)
 
         def work(emit: Emit, cancel: threading.Event) -> None:
             def report(event: dict[str, Any]) -> None:
                 emit(ProgressResponse.from_event(event))
 
-            with tempfile.TemporaryDirectory(prefix="localllm-create-") as scratch:
-                source, text = from_, modelfile
-                if parts is not None:
-                    source, text = parts.modelfile(from_, self.blob_path, Path(scratch))
-                self.registry.create(
-                    model, from_=_str_or_path(source), modelfile=_str_or_path(text), progress=report, **options
-                )
+            self.registry.create(model, from_=source, modelfile=text, parts=parts, quantize=quantize, progress=report)
 
         return await self._with_progress(work, progress, stream)
 
@@ -576,39 +569,11 @@ class Engine:
 
     async def list(self) -> ListResponse:
         """The models in the store, most recently modified first."""
-        entries = await anyio.to_thread.run_sync(self.registry.list)
-        return ListResponse(
-            models=[
-                StoredModel(
-                    model=entry.model,
-                    name=entry.name,
-                    modified_at=_from_iso(entry.modified_at),
-                    digest=entry.digest,
-                    size=entry.size,
-                    details=entry.details,
-                    capabilities=list(entry.capabilities),
-                )
-                for entry in entries
-            ]
-        )
+        return ListResponse(models=await anyio.to_thread.run_sync(self.registry.list))
 
     async def show(self, model: str, *, verbose: bool = False) -> ShowResponse:
         """Details of a model: modelfile, parameters, template, details, modelinfo, capabilities, ..."""
-        info = await anyio.to_thread.run_sync(lambda: self.registry.show(model, verbose=verbose))
-        return ShowResponse(
-            modified_at=_from_iso(info.modified_at),
-            template=info.template,
-            modelfile=info.modelfile,
-            license=info.license,
-            details=info.details,
-            modelinfo=info.model_info,
-            parameters=info.parameters,
-            capabilities=list(info.capabilities),
-            system=info.system,
-            messages=list(info.messages),
-            tensors=[ShowResponse.Tensor(t.name, t.type_name, list(t.shape)) for t in info.tensors],
-            projector_info=info.projector_info,
-        )
+        return await anyio.to_thread.run_sync(lambda: self.registry.show(model, verbose=verbose))
 
     async def copy(self, source: str, destination: str) -> StatusResponse:
         await anyio.to_thread.run_sync(self.registry.copy, source, destination)
@@ -666,65 +631,3 @@ class Engine:
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(blob.discard)
-
-
-@attrs.frozen
-class _ModelfileParts:
-    """What `create` was given instead of a Modelfile, turned into one (as ``POST /api/create`` does)."""
-
-    files: dict[str, str]
-    adapters: dict[str, str]
-    template: str | None
-    system: str | None
-    parameters: dict[str, Any]
-    messages: list[Message]
-    licenses: list[str]
-
-    def modelfile(
-        self, base: str | os.PathLike[str] | None, blob_path: Callable[[str], Path], scratch: Path
-    ) -> tuple[str | os.PathLike[str] | None, str]:
-        """(from_, Modelfile text): uploaded files are named by their blobs' paths, in `scratch` where names matter."""
-        from .registry.modelfile import Modelfile
-
-        froms = self._froms(blob_path, scratch)
-        text = Modelfile.build(
-            from_=froms,
-            adapters=[str(path) for _name, path in self._blobs(self.adapters, blob_path)],
-            template=self.template,
-            system=self.system,
-            parameters=self.parameters,
-            licenses=self.licenses,
-            messages=[{"role": m.role, "content": m.content} for m in self.messages],
-        ).format()
-        if not froms and base is None:
-            raise InvalidRequest("nothing to create the model from: give from_= or files=")
-        return (None if froms else base), text
-
-    def _froms(self, blob_path: Callable[[str], Path], scratch: Path) -> list[str]:
-        blobs = self._blobs(self.files, blob_path)
-        ggufs = [str(path) for name, path in blobs if name.lower().endswith(".gguf")]
-        if ggufs or len(blobs) <= 1:
-            return ggufs or [str(path) for _name, path in blobs]
-        # A model in several files (safetensors and its JSON files) is converted from a folder, under their names.
-        folder = scratch / "files"
-        for name, path in blobs:
-            parts = PurePosixPath(name.replace("\\", "/")).parts
-            if not parts or parts[0] == "/" or ".." in parts or "\0" in name:
-                raise InvalidRequest(f"invalid file name {name!r} in files")
-            target = folder.joinpath(*parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.symlink_to(path)
-        return [str(folder)]
-
-    @staticmethod
-    def _blobs(named: Mapping[str, str], blob_path: Callable[[str], Path]) -> list[tuple[str, Path]]:
-        found = []
-        for name, digest in named.items():
-            try:
-                path = blob_path(digest)
-            except LocalLLMError as exc:
-                raise InvalidRequest(f"{name}: {exc}") from None
-            if not path.is_file():
-                raise InvalidRequest(f"blob {digest} ({name}) is not in the store; add it with create_blob(path) first")
-            found.append((name, path))
-        return found

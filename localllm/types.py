@@ -12,8 +12,6 @@ import attrs
 if TYPE_CHECKING:
     from attrs import AttrsInstance
 
-    from .registry.registry import ModelDetails
-
 __all__ = [
     "ChatResponse",
     "EmbedResponse",
@@ -23,6 +21,7 @@ __all__ = [
     "Logprob",
     "Message",
     "MessageLike",
+    "ModelDetails",
     "ModelDumpable",
     "ModelTensor",
     "ProcessModel",
@@ -316,6 +315,24 @@ class ProgressResponse(StatusResponse):
             total=event.get("total"),
             digest=event.get("digest"),
         )
+
+
+@attrs.frozen
+class ModelDetails(_Subscriptable):
+    """What a model is: its format, family, size and quantization (Ollama's `details`).
+
+    `context_length` and `embedding_length` are known from the model's GGUF, so `show()` gives them and `list()`,
+    which reads no GGUF, leaves them None.
+    """
+
+    parent_model: str = ""
+    format: str = ""
+    family: str = ""
+    families: tuple[str, ...] | None = None
+    parameter_size: str = ""
+    quantization_level: str = ""
+    context_length: int | None = None
+    embedding_length: int | None = None
 
 
 @attrs.frozen

@@ -112,3 +112,33 @@ async def test_show_lists_the_tensors_of_the_models_file(smollm2_path: Path, hom
     assert [(t.name, t.type, t.shape) for t in shown.tensors] == [(t.name, t.type_name, list(t.shape)) for t in in_file]
     assert shown.tensors[0] == localllm.ShowResponse.Tensor("token_embd.weight", "Q8_0", [576, 49152])
     assert shown.projector_info is None  # no projector
+
+
+async def test_list_and_show_answer_the_public_types(smollm2_path: Path, home: Path) -> None:
+    async with Engine(home) as engine:
+        await engine.create("smollm2", from_=smollm2_path)
+        (listed,) = (await engine.list()).models
+        shown = await engine.show("smollm2")
+    assert isinstance(listed, localllm.StoredModel) and isinstance(listed.details, localllm.ModelDetails)
+    assert isinstance(shown, localllm.ShowResponse) and isinstance(shown.details, localllm.ModelDetails)
+    assert listed.modified_at == shown.modified_at and listed.modified_at.tzinfo is not None
+    assert (listed.details.context_length, shown.details.context_length) == (None, 8192)  # show reads the GGUF
+
+
+async def test_create_takes_a_modelfile_and_fields_together(smollm2_path: Path, home: Path) -> None:
+    """The fields add their lines after the Modelfile's, as the shim's ``/api/create`` gives them."""
+    async with Engine(home) as engine:
+        await engine.create("smollm2", from_=smollm2_path)
+        await engine.create(
+            "mixed",
+            modelfile="FROM smollm2\nSYSTEM from the Modelfile\nPARAMETER temperature 0.1\n",
+            system="from the field",
+            parameters={"num_ctx": 1024},
+            renderer="harmony",
+            parser="harmony",
+        )
+        shown = await engine.show("mixed")
+        resolved = engine.registry.resolve("mixed")
+    assert shown.system == "from the field"  # the later SYSTEM wins, as in a Modelfile
+    assert "temperature" in shown.parameters and "num_ctx" in shown.parameters
+    assert (resolved.renderer, resolved.parser) == ("harmony", "harmony")

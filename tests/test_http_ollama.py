@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -313,6 +314,28 @@ def test_create_from_model_with_system(client: ollama.Client, model: str) -> Non
     assert "pirate" in (info.modelfile or "")
     assert "temperature" in (info.parameters or "")
     client.delete("pirate")
+
+
+def test_create_keeps_renderer_parser_and_requires(server: ServerThread, model: str) -> None:
+    """As fields of the request (as Ollama's create takes them) or as lines of a Modelfile, they are stored."""
+    registry = server.engine.registry
+    for name, body in (
+        ("fields", {"from": model, "renderer": "harmony", "parser": "harmony", "requires": "0.12.0"}),
+        ("lines", {"modelfile": f"FROM {model}\nRENDERER harmony\nPARSER harmony\nREQUIRES 0.12.0\n"}),
+    ):
+        answer = httpx.post(f"{server.url}/api/create", json={"model": name, "stream": False, **body}, timeout=60)
+        assert answer.json() == {"status": "success"}, answer.text
+        resolved = registry.resolve(name)
+        assert (resolved.renderer, resolved.parser) == ("harmony", "harmony")
+        _stored, manifest = registry.find(name)
+        assert json.loads(registry.store.read_blob(manifest.config.digest))["requires"] == "0.12.0"
+        registry.delete(name)
+    answer = httpx.post(
+        f"{server.url}/api/create",
+        json={"model": "bad", "from": model, "requires": "soon", "stream": False},
+        timeout=60,
+    )
+    assert answer.status_code == 400 and "REQUIRES" in answer.json()["error"]
 
 
 def test_create_errors(server: ServerThread, client: ollama.Client) -> None:

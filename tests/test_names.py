@@ -147,3 +147,15 @@ def test_no_name_escapes_the_store(tmp_path: Path) -> None:
 def test_path_like_strings_are_rejected(text: str) -> None:
     with pytest.raises(InvalidModelName):
         ModelName.parse(text)
+
+
+def test_the_rules_are_public() -> None:
+    """Front doors and applications read names, keep_alive and Modelfiles as the engine does, from `localllm`."""
+    import localllm
+
+    assert localllm.ModelName.parse("SmolLM2").display == "SmolLM2:latest"
+    assert localllm.ModelName.parse("smollm2") == localllm.ModelName.parse("SMOLLM2:latest")
+    assert localllm.parse_keep_alive("1h30m", 300.0) == 5400.0
+    assert localllm.parse_keep_alive(None, 300.0) == 300.0
+    built = localllm.Modelfile.build(from_="smollm2", system="hi")
+    assert localllm.parse_modelfile("FROM smollm2\nSYSTEM hi\n") == built

@@ -90,7 +90,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
 def _same_model(a: str, b: str) -> bool:
     """Whether two names name one model (``smollm2`` is ``smollm2:latest``); paths are compared as written."""
     from ..errors import LocalLLMError
-    from ..registry.names import ModelName
+    from ..parsing import ModelName
 
     try:
         return ModelName.parse(a) == ModelName.parse(b)
@@ -193,7 +193,7 @@ def _print_embedding(models: Models, args: argparse.Namespace, text: str) -> Non
 def _show_or_pull(models: Models, model: str, *, insecure: bool) -> ShowResponse:
     """The model's details; a model not in the store is pulled first, as ``ollama run`` does (a path is not)."""
     from ..errors import LocalLLMError, ModelNotFound
-    from ..registry.names import ModelName
+    from ..parsing import ModelName
 
     try:
         return models.show(model)

@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast, overload
 
 import attrs
 
-from ..embeddings import EmbedResponse
+from .. import EmbedResponse
 from ..errors import ModelNotFound
-from ..registry.registry import ModelDetails
 from ..request import ChatRequest, EmbedRequest, Request, as_json
 from ..types import (
     ChatResponse,
     GenerateResponse,
     ListResponse,
     Message,
+    ModelDetails,
     ProcessModel,
     ProcessResponse,
     ProgressResponse,

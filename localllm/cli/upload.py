@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import sha256_of
-from ..registry.modelfile import parse
+from ..parsing import parse_modelfile
 from .errors import CLIError
 
 __all__ = ["modelfile_request"]
@@ -49,7 +49,7 @@ def _model_files(folder: Path) -> Iterator[tuple[str, Path]]:
 
 def modelfile_request(modelfile: Path) -> tuple[dict[str, Any], dict[str, Path]]:
     """The fields of an ``/api/create`` request for a Modelfile, and the files to upload first (digest -> path)."""
-    parsed = parse(_read(modelfile))
+    parsed = parse_modelfile(_read(modelfile))
     folder = modelfile.resolve().parent
     uploads: dict[str, Path] = {}
     files: dict[str, str] = {}

@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import errors
 from ..options import OPTION_TYPES
-from ..scheduler.keepalive import parse_keep_alive
+from ..parsing import parse_keep_alive
 
 __all__ = [
     "JSON",
@@ -109,7 +109,8 @@ Redaction = tuple[re.Pattern[str], str]
 #: How to hide the folders of the engine serving the current request (set by `HideServerPaths`).
 _redactions: ContextVar[tuple[Redaction, ...]] = ContextVar("localllm_http_redactions", default=())
 
-#: The scratch folders `/api/create` lays uploaded files out in.
+#: The scratch folders the Engine's create lays a model uploaded in several files out in (the registry's
+#: `SCRATCH_PREFIX`, which the shim does not import).
 CREATE_FOLDER_PREFIX = "localllm-create-"
 
 

@@ -24,8 +24,7 @@ import anyio.to_thread
 import attrs
 
 from ..errors import InvalidModelName, ModelfileError, ModelNotFound
-from ..registry.modelfile import Modelfile, parse
-from ..registry.names import ModelName
+from ..parsing import Modelfile, ModelName, parse_modelfile
 from .common import APIError
 
 __all__ = [
@@ -151,7 +150,7 @@ async def _adapter_file(text: str, field: str, *, allow_local_paths: bool) -> st
 async def checked_modelfile(engine: Any, text: str, field: str = "modelfile", *, allow_local_paths: bool) -> Modelfile:
     """Modelfile text whose FROM and ADAPTER lines passed the checks above (FROM names written in full)."""
     try:
-        modelfile = parse(text)
+        modelfile = parse_modelfile(text)
     except ModelfileError as exc:
         raise _invalid(field, str(exc)) from None
     checked = []

@@ -10,12 +10,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path, PurePosixPath
 from typing import Any
 
 import anyio
@@ -26,11 +22,9 @@ from starlette.routing import Route
 
 from ..api import EngineAPI
 from ..errors import CapabilityError, ConversionError, DigestMismatch
-from ..registry.modelfile import Modelfile
 from ..request import ChatRequest, EmbedRequest, GenerateRequest
 from ..types import Message, as_dict, now_iso
 from .common import (
-    CREATE_FOLDER_PREFIX,
     JSON,
     APIError,
     DisconnectAware,
@@ -587,92 +581,41 @@ async def upload_blob(request: Request) -> Response:
     return Response(status_code=201)
 
 
-def _blob_paths(blob_path: Callable[[str], Path], files: Mapping[str, Any], what: str) -> list[tuple[str, Path]]:
-    out = []
-    for name, digest in files.items():
-        if not isinstance(digest, str):
-            raise APIError(400, f"invalid value for '{what}': the digest of {name!r} must be a string")
-        try:
-            path = blob_path(digest)
-        except Exception:
-            raise APIError(400, f"invalid digest {digest!r} for {name!r} in '{what}'") from None
-        if not path.is_file():
-            raise APIError(400, f"blob {digest} ({name}) was not uploaded; POST it to /api/blobs/{digest} first")
-        out.append((str(name), path))
-    return out
+def _licenses(fields: Fields) -> list[str] | None:
+    value = fields.data.get("license")
+    if value is None or isinstance(value, str):
+        return value if value is None else [value]
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    raise APIError(400, "invalid value for 'license': expected a string or an array of strings", param="license")
 
 
-def create_modelfile(
-    fields: Fields, base: str | None, given: Modelfile | None, blob_path: Callable[[str], Path], workdir: Path
-) -> tuple[str | None, str | None]:
-    """Turn an ``/api/create`` request into what `Engine.create` takes: (from_, Modelfile text).
-
-    `base` is its checked ``from`` and `given` its checked ``modelfile``; uploaded
-    files and adapters are named by the paths of their blobs.
-    """
-    files = fields.mapping("files", {})
-    adapters = fields.mapping("adapters", {})
-    froms: list[str] = []
-    if files:
-        blobs = _blob_paths(blob_path, files, "files")
-        ggufs = [(name, path) for name, path in blobs if name.lower().endswith(".gguf")]
-        if ggufs:
-            froms = [str(path) for _name, path in ggufs]
-        elif len(blobs) == 1:
-            froms = [str(blobs[0][1])]
-        else:
-            # A model in several files (safetensors and its JSON files): lay them out under their names.
-            folder = workdir / "files"
-            for name, path in blobs:
-                parts = PurePosixPath(name.replace("\\", "/")).parts
-                if not parts or parts[0] == "/" or ".." in parts or "\0" in name:
-                    raise APIError(400, f"invalid file name {name!r} in 'files'")
-                target = folder.joinpath(*parts)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(path, target)
-            froms = [str(folder)]
-    adapter_paths = [str(path) for _name, path in _blob_paths(blob_path, adapters, "adapters")] if adapters else []
-    license_value = fields.data.get("license")
-    if license_value is None:
-        licenses: list[str] = []
-    elif isinstance(license_value, str):
-        licenses = [license_value]
-    elif isinstance(license_value, list) and all(isinstance(item, str) for item in license_value):
-        licenses = list(license_value)
-    else:
-        raise APIError(400, "invalid value for 'license': expected a string or an array of strings")
-    messages = fields.array("messages", [])
+def _create_messages(fields: Fields) -> list[dict[str, str]] | None:
+    messages = fields.array("messages")
+    if messages is None:
+        return None
     for message in messages:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise APIError(400, "invalid value for 'messages': each message needs a 'role' and 'content'")
-    parameters = fields.mapping("parameters", {})
-    built = Modelfile.build(
-        from_=froms,
-        adapters=adapter_paths,
-        template=fields.text("template"),
-        system=fields.text("system"),
-        parameters=parameters,
-        licenses=licenses,
-        messages=[{"role": m["role"], "content": str(m.get("content") or "")} for m in messages],
-    )
-    from_ = None
-    if not froms and base:
-        from_ = base
-    if given is not None:
-        return from_, Modelfile((*given.instructions, *built.instructions)).format()
-    text = built.format()
-    if not froms and not base:
-        raise APIError(400, "neither 'from' nor 'files' was given: nothing to create the model from")
-    return from_, text
+    return [{"role": m["role"], "content": str(m.get("content") or "")} for m in messages]
+
+
+def _digests(fields: Fields, name: str) -> dict[str, str] | None:
+    """``files`` or ``adapters``: file name -> digest of an uploaded blob."""
+    value = fields.mapping(name)
+    for file, digest in (value or {}).items():
+        if not isinstance(digest, str):
+            raise APIError(400, f"invalid value for '{name}': the digest of {file!r} must be a string", param=name)
+    return value
 
 
 @endpoint
 async def create(request: Request) -> Response:
+    """Ollama's create: its fields go to `Engine.create` as they are, once every model and file named is checked."""
     fields = await read_request(request)
     model = model_field(fields)
     model_name(model)
     stream = fields.flag("stream", True)
-    quantize = fields.text("quantize")
     engine = engine_of(request)
     allowed = settings_of(request).allow_local_paths
     base = fields.text("from")
@@ -680,21 +623,35 @@ async def create(request: Request) -> Response:
         base = await model_to_build_on(engine, base, "from", allow_local_paths=allowed)
     modelfile = fields.text("modelfile")
     given = await checked_modelfile(engine, modelfile, allow_local_paths=allowed) if modelfile else None
-    await checked_options(engine, fields.mapping("parameters", {}), "parameters", allow_local_paths=allowed)
+    parameters = fields.mapping("parameters")
+    await checked_options(engine, parameters or {}, "parameters", allow_local_paths=allowed)
+    parts: dict[str, Any] = {
+        "files": _digests(fields, "files"),
+        "adapters": _digests(fields, "adapters"),
+        "template": fields.text("template"),
+        "system": fields.text("system"),
+        "parameters": parameters,
+        "messages": _create_messages(fields),
+        "license": _licenses(fields),
+        "renderer": fields.text("renderer"),
+        "parser": fields.text("parser"),
+        "requires": fields.text("requires"),
+    }
+    quantize = fields.text("quantize")
 
     async def operation(emit: Emit) -> None:
-        folder = await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix=CREATE_FOLDER_PREFIX))
         try:
-            from_, text = await anyio.to_thread.run_sync(
-                create_modelfile, fields, base, given, engine.blob_path, Path(folder)
+            await engine.create(
+                model,
+                from_=base or None,
+                modelfile=given.format() if given is not None else None,
+                quantize=quantize,
+                progress=emit,
+                **parts,
             )
-            await engine.create(model, from_=from_, modelfile=text, quantize=quantize, progress=emit)
         except ConversionError as exc:  # what was uploaded, or the quantization asked for, cannot be converted
             field = "files" if fields.has("files") else "quantize"
             raise APIError(400, f"invalid value for '{field}': {exc}", param=field) from None
-        finally:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(lambda: shutil.rmtree(folder, ignore_errors=True))
 
     return _progress_response(operation, stream)
 

@@ -162,7 +162,7 @@ def run(
 ) -> None:
     """Serve until interrupted, with an engine made by `engine_factory` (default: ``localllm.Engine()``)."""
     if engine_factory is None:
-        from ..engine import Engine
+        from .. import Engine
 
         engine_factory = Engine
 

@@ -3,15 +3,7 @@
 from .modelfile import Instruction, Modelfile
 from .modelfile import parse as parse_modelfile
 from .names import DEFAULT_HOST, DEFAULT_NAMESPACE, DEFAULT_TAG, ModelName, is_valid_name
-from .registry import (
-    ModelDetails,
-    ModelEntry,
-    Registry,
-    ResolvedModel,
-    ShowResponse,
-    format_parameters,
-    model_capabilities,
-)
+from .registry import Registry, ResolvedModel, format_parameters, model_capabilities
 from .store import BlobStore, Layer, Manifest
 
 __all__ = [
@@ -22,13 +14,10 @@ __all__ = [
     "Instruction",
     "Layer",
     "Manifest",
-    "ModelDetails",
-    "ModelEntry",
     "ModelName",
     "Modelfile",
     "Registry",
     "ResolvedModel",
-    "ShowResponse",
     "format_parameters",
     "is_valid_name",
     "model_capabilities",

@@ -226,6 +226,8 @@ class Modelfile:
         adapters: Iterable[str] = (),
         template: str | None = None,
         system: str | None = None,
+        renderer: str | None = None,
+        parser: str | None = None,
         parameters: Mapping[str, Any] | None = None,
         licenses: Iterable[str] = (),
         messages: Iterable[Mapping[str, str]] = (),
@@ -240,6 +242,10 @@ class Modelfile:
             out.append(Instruction("template", template))
         if system is not None:
             out.append(Instruction("system", system))
+        if renderer is not None:
+            out.append(Instruction("renderer", renderer))
+        if parser is not None:
+            out.append(Instruction("parser", parser))
         for key, value in (parameters or {}).items():
             for item in value if isinstance(value, (list, tuple)) else [value]:
                 out.append(Instruction("parameter", _parameter_text(item), key=key))

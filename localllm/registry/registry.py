@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,8 +34,9 @@ from ..errors import (
 from ..gguf.architectures import ENCODER_ARCHITECTURES
 from ..gojson import go_quote
 from ..options import OPTION_TYPES, check_options
-from ..types import _Subscriptable
+from ..types import ModelDetails, ModelTensor, ShowResponse, StoredModel, _Subscriptable
 from . import modelfile as _mf
+from .create import SCRATCH_PREFIX, CreateParts
 from .names import ModelName
 from .store import (
     GGUF_MEDIA_TYPES,
@@ -54,14 +56,11 @@ from .store import (
 )
 
 if TYPE_CHECKING:
-    from ..gguf import GGUFInfo, TensorInfo
+    from ..gguf import GGUFInfo
 
 __all__ = [
-    "ModelDetails",
-    "ModelEntry",
     "Registry",
     "ResolvedModel",
-    "ShowResponse",
     "format_parameters",
     "model_capabilities",
 ]
@@ -96,60 +95,17 @@ class ResolvedModel(_Subscriptable):
     adapters: tuple[Path, ...] = ()
     projector: Path | None = None
     license: str | None = None
-    details: Any = None  # ModelDetails for a stored model
+    details: ModelDetails | None = None  # for a stored model
     #: The Modelfile's RENDERER and PARSER: a built-in prompt format used instead of the template (e.g. "harmony").
     renderer: str | None = None
     parser: str | None = None
 
 
-@attrs.frozen
-class ModelDetails(_Subscriptable):
-    parent_model: str = ""
-    format: str = ""
-    family: str = ""
-    families: tuple[str, ...] | None = None
-    parameter_size: str = ""
-    quantization_level: str = ""
-    context_length: int | None = None
-    embedding_length: int | None = None
-
-
-@attrs.frozen
-class ModelEntry(_Subscriptable):
-    """One model of `Registry.list` (Ollama's /api/tags entry)."""
-
-    name: str
-    model: str
-    size: int
-    digest: str
-    modified_at: str
-    details: ModelDetails
-    capabilities: tuple[str, ...] = ()
-
-
-@attrs.frozen
-class ShowResponse(_Subscriptable):
-    """What `Registry.show` tells about a model (Ollama's /api/show fields)."""
-
-    modelfile: str
-    parameters: str
-    template: str
-    details: ModelDetails
-    model_info: dict[str, Any]
-    capabilities: tuple[str, ...]
-    modified_at: str
-    system: str = ""
-    license: str = ""
-    messages: tuple[dict[str, Any], ...] = ()
-    tensors: tuple[TensorInfo, ...] = ()
-    projector_info: dict[str, Any] | None = None  # the projector's metadata, as model_info, when there is one
-
-
 # --------------------------------------------------------------------------- helpers
 
 
-def _iso(mtime: float) -> str:
-    return _dt.datetime.fromtimestamp(mtime).astimezone().isoformat()
+def _local_time(mtime: float) -> _dt.datetime:
+    return _dt.datetime.fromtimestamp(mtime).astimezone()
 
 
 def _go_value(value: Any) -> str:
@@ -431,14 +387,17 @@ class Registry:
         *,
         from_: str | Path | None = None,
         modelfile: str | Path | None = None,
+        parts: CreateParts | None = None,
         quantize: str | None = None,
         progress: Progress | None = None,
     ) -> None:
         """Create (or replace) model `name` from a GGUF file, a Hugging Face model folder or an existing model.
 
         `modelfile` is Modelfile text or the path of one (its FROM and ADAPTER
-        paths are then relative to its folder). `from_`, when given, overrides
-        the Modelfile's FROM. A FROM that names a Hugging Face model folder
+        paths are then relative to its folder). `parts` (uploaded files, a
+        template, parameters, ...) add their instructions after the
+        Modelfile's; uploaded `files` replace its FROM. `from_`, when given
+        and no files are, overrides the Modelfile's FROM. A FROM that names a Hugging Face model folder
         (config.json and safetensors) is converted to an F16 GGUF first.
         `quantize` ("q4_K_M", "q8_0", ...) quantizes an F32/F16/BF16 model
         with llama.cpp before it is stored. Over an existing model, a
@@ -457,16 +416,27 @@ class Registry:
         if modelfile is not None:
             emit({"status": "parsing modelfile"})
             parsed, base_dir = self._load_modelfile(modelfile)
-        froms: list[str | Path] = list(parsed.froms)
-        from_line = parsed.from_line
-        if from_ is not None:
-            froms = [from_, *froms[1:]]
-            from_line = 0
-        if not froms:
-            raise ModelfileError("nothing to create from: give from_= (a GGUF file or a model name) or a FROM line")
-        _check_template(parsed.template, target)
-        with self.lock:
-            self._create_locked(target, froms, from_line, parsed, base_dir, emit, quantize)
+        with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX) as scratch:
+            if parts is not None:
+                built = parts.modelfile(self.store.blob_path, Path(scratch))
+                if built.froms:  # uploaded files are the model: they replace any other FROM
+                    from_ = None
+                    parsed = _mf.Modelfile(i for i in parsed.instructions if i.name != "from")
+                # Written and read back, so the parts pass the checks a Modelfile's lines do.
+                parsed = _mf.parse(_mf.Modelfile((*parsed.instructions, *built.instructions)).format())
+            froms: list[str | Path] = list(parsed.froms)
+            from_line = parsed.from_line
+            if from_ is not None:
+                froms = [from_, *froms[1:]]
+                from_line = 0
+            if not froms:
+                raise ModelfileError(
+                    "nothing to create from: name a model or a GGUF file to build on (from), upload the model's"
+                    " files (files), or give a FROM line"
+                )
+            _check_template(parsed.template, target)
+            with self.lock:
+                self._create_locked(target, froms, from_line, parsed, base_dir, emit, quantize)
 
     def _load_modelfile(self, modelfile: str | Path) -> tuple[_mf.Modelfile, Path]:
         if isinstance(modelfile, os.PathLike):
@@ -729,22 +699,22 @@ class Registry:
             quantization_level=str(config.get("file_type") or ""),
         )
 
-    def list(self) -> list[ModelEntry]:
+    def list(self) -> builtins.list[StoredModel]:
         """Every stored model, most recently modified first."""
-        entries: list[tuple[float, ModelEntry]] = []
+        entries: builtins.list[tuple[float, StoredModel]] = []
         for name, manifest, mtime in self.store.list_manifests():
             display = name.display
             entries.append(
                 (
                     mtime,
-                    ModelEntry(
+                    StoredModel(
                         name=display,
                         model=display,
                         size=manifest.size,
                         digest=manifest.digest,
-                        modified_at=_iso(mtime),
+                        modified_at=_local_time(mtime),
                         details=self._details(self._config(manifest), manifest),
-                        capabilities=self._stored_capabilities(manifest),
+                        capabilities=builtins.list(self._stored_capabilities(manifest)),
                     ),
                 )
             )
@@ -815,13 +785,13 @@ class Registry:
             parameters=format_parameters(resolved.params),
             template=template,
             details=details,
-            model_info=model_info,
-            capabilities=capabilities,
-            modified_at=_iso(mtime),
+            modelinfo=model_info,
+            capabilities=builtins.list(capabilities),
+            modified_at=_local_time(mtime),
             system=resolved.system or "",
             license=resolved.license or "",
-            messages=tuple({"role": m.get("role", ""), "content": m.get("content", "")} for m in resolved.messages),
-            tensors=info.tensors,
+            messages=[{"role": m.get("role", ""), "content": m.get("content", "")} for m in resolved.messages],
+            tensors=[ModelTensor(t.name, t.type_name, builtins.list(t.shape)) for t in info.tensors],
             projector_info=_projector_info(resolved.projector, verbose) if resolved.projector is not None else None,
         )
 
