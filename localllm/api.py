@@ -9,7 +9,7 @@ from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, overload, runtime_checkable
 
-from .request import Request
+from .request import ChatRequest, GenerateRequest, Request
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -69,6 +69,8 @@ class EngineAPI(Protocol):
         stream: bool = False,
         **fields: Unpack[ChatFields],
     ) -> ResponseStream[ChatResponse] | ChunkStream[ChatResponse]: ...
+
+    async def render(self, request: GenerateRequest | ChatRequest) -> str: ...
 
     async def embed(
         self,

@@ -314,6 +314,12 @@ class Engine:
         """
         return self.send(ChatRequest(model, messages, **fields), stream=stream)
 
+    async def render(self, request: GenerateRequest | ChatRequest) -> str:
+        """The prompt `request` would run: what the model's template makes of it, with the model's SYSTEM
+        and MESSAGE history (Ollama's ``_debug_render_only``). Nothing is loaded, so the conversation is
+        not cut to the context as a request too long for it would be."""
+        return await pipeline.render(self._service, request)
+
     async def embed(
         self,
         model: str,

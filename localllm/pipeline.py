@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import anyio
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .registry.registry import ResolvedModel
     from .service import ModelService
 
-__all__ = ["open_chat", "open_generate"]
+__all__ = ["open_chat", "open_generate", "render", "render_chat", "render_generate"]
 
 T = TypeVar("T")
 
@@ -45,6 +45,10 @@ def _sampling(request: GenerateRequest | ChatRequest, options: Options, grammar:
     )
 
 
+Fits = Callable[[str], bool]
+"""Whether a rendered prompt fits the context."""
+
+
 class PromptCounter:
     """Whether a rendered prompt fits one sequence's context, as Ollama's chat truncation counts it
     (the prompt's tokens against the context, `<=`); it keeps the tokens of what it counted, so the
@@ -56,8 +60,9 @@ class PromptCounter:
         self._counted: dict[str, list[int]] = {}
 
     def fits(self, prompt: str) -> bool:
-        tokens = self._runner.tokenize(prompt)
-        self._counted[prompt] = tokens
+        tokens = self._counted.get(prompt)
+        if tokens is None:
+            tokens = self._counted[prompt] = self._runner.tokenize(prompt)
         return len(tokens) <= self.limit
 
     async def tokens(self, prompt: str) -> list[int]:
@@ -211,56 +216,75 @@ async def _open_generate(service: ModelService, request: GenerateRequest) -> Job
                 model=request.model, created_at=now_iso(), done=True, done_reason=reason, load_duration=load
             )
         )
+    prompt = await render_generate(service, resolved, request)  # before the lease: a bad request loads nothing
     lease = await service.lease_text(resolved, options, request.keep_alive)
     runner = lease.runner
-    counter: PromptCounter | None = None
     try:
-        parser = None
-        if request.raw:
-            text, grammar = request.prompt, _grammar_for(request.format)
-        else:
-            from .chat.prompt import prepare_chat_in_thread
-
-            template = await service.template(resolved, runner)
-            if request.template:
-                template = await anyio.to_thread.run_sync(load_template, request.template)
-            system = request.system if request.system is not None else resolved.system
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                # The model's MESSAGE history, as Ollama sends it unless the request carries a context.
-                *([] if request.context else [Message.from_any(m).to_template_dict() for m in resolved.messages]),
-                {"role": "user", "content": request.prompt},
-            ]
-            if request.suffix:
-                if not template.supports_suffix:
-                    raise CapabilityError("this model does not support insert (a prompt with a suffix)")
-                text = await anyio.to_thread.run_sync(template.render_suffix, request.prompt, request.suffix)
-                grammar = _grammar_for(request.format)
-            else:
-                # As in Ollama, a request's own template is run as it is; the model's loses old messages to fit.
-                counter = PromptCounter(runner) if request.truncate and not request.template else None
-                prepared = await prepare_chat_in_thread(
-                    template,
-                    messages,
-                    think=request.think,
-                    format=request.format,
-                    fits=counter.fits if counter is not None else None,
-                )
-                text, grammar = prepared.prompt, prepared.grammar
-                if prepared.thinking_tags:
-                    parser = prepared.parser()
         if request.context:
             try:
-                runner.check_token_ids(request.context)
+                await _off_loop(runner, len(request.context), lambda: runner.check_token_ids(request.context or ()))
             except InvalidRequest as exc:
                 raise InvalidRequest(f"invalid value for 'context': {exc}") from None
-        tokens = list(request.context or ()) + await (counter.tokens(text) if counter else _tokenize(runner, text))
+        tokens = await _tokenize(runner, prompt.text)
+        if prompt.cuttable and len(tokens) > runner.n_ctx_seq:
+            # Too long: rendered again without the oldest of the model's MESSAGEs, as Ollama does.
+            counter = PromptCounter(runner)
+            prompt = await render_generate(service, resolved, request, fits=counter.fits)
+            tokens = await counter.tokens(prompt.text)
+        tokens = list(request.context or ()) + tokens
         if not request.truncate:
             _check_untruncated(tokens, runner)
-        handle = runner.submit(tokens, _sampling(request, options, grammar))
+        handle = runner.submit(tokens, _sampling(request, options, prompt.grammar))
     except BaseException:
         lease.release()
         raise
+    parser = prompt.prepared.parser() if prompt.prepared is not None and prompt.prepared.thinking_tags else None
     return RunJob(lease, handle, GenerateOutput(request.model, tuple(tokens), parser), started=started)
+
+
+@attrs.frozen
+class GeneratePrompt:
+    """A generate request's prompt, as rendered before a runner is leased."""
+
+    text: str
+    grammar: str | None
+    #: The chat preparation behind it (its thinking tags), where the model's template wrapped the prompt.
+    prepared: PreparedChat | None = None
+    #: Whether a prompt too long for the context may lose the oldest of the model's MESSAGEs (as Ollama's
+    #: truncation): only with the model's own template, never a raw, suffix or request-templated prompt.
+    cuttable: bool = False
+
+
+async def render_generate(
+    service: ModelService, resolved: ResolvedModel, request: GenerateRequest, *, fits: Fits | None = None
+) -> GeneratePrompt:
+    """The prompt of a generate request: `raw` as it is, else through the model's template (or the
+    request's own) with the model's SYSTEM and MESSAGE history; `fits` cuts the history to the context."""
+    from .chat.prompt import prepare_chat_in_thread
+
+    grammar = _grammar_for(request.format)
+    if request.raw:
+        return GeneratePrompt(request.prompt, grammar)
+    if request.template:
+        template = await anyio.to_thread.run_sync(load_template, request.template)
+    else:
+        template = await service.template(resolved)
+    if request.suffix:
+        if not template.supports_suffix:
+            raise CapabilityError("this model does not support insert (a prompt with a suffix)")
+        return GeneratePrompt(
+            await anyio.to_thread.run_sync(template.render_suffix, request.prompt, request.suffix), grammar
+        )
+    system = request.system if request.system is not None else resolved.system
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        # The model's MESSAGE history, as Ollama sends it unless the request carries a context.
+        *([] if request.context else [Message.from_any(m).to_template_dict() for m in resolved.messages]),
+        {"role": "user", "content": request.prompt},
+    ]
+    prepared = await prepare_chat_in_thread(template, messages, think=request.think, format=request.format, fits=fits)
+    # As in Ollama, a request's own template is run as it is; the model's loses old messages to fit.
+    cuttable = request.truncate and not request.template
+    return GeneratePrompt(prepared.prompt, prepared.grammar, prepared, cuttable)
 
 
 def _grammar_for(format: Any) -> str | None:
@@ -328,8 +352,6 @@ async def open_chat(service: ModelService, request: ChatRequest) -> Job[ChatResp
 
 
 async def _open_chat(service: ModelService, request: ChatRequest) -> Job[ChatResponse]:
-    from .chat.prompt import prepare_chat_in_thread
-
     started = time.perf_counter()
     resolved = await service.resolve(request.model, "generate")
     if any(m.images for m in request.messages):
@@ -347,22 +369,16 @@ async def _open_chat(service: ModelService, request: ChatRequest) -> Job[ChatRes
                 load_duration=load,
             )
         )
+    prepared = await render_chat(service, resolved, request)  # before the lease: a bad request loads nothing
     lease = await service.lease_text(resolved, options, request.keep_alive)
     runner = lease.runner
     try:
-        template = await service.template(resolved, runner)
-        messages = [m.to_template_dict() for m in _with_model_messages(resolved, request.messages)]
-        counter = PromptCounter(runner) if request.truncate else None
-        prepared = await prepare_chat_in_thread(
-            template,
-            messages,
-            tools=list(request.tools or ()),
-            tool_choice=request.tool_choice,
-            think=request.think,
-            format=request.format,
-            fits=counter.fits if counter is not None else None,
-        )
-        tokens = await (counter.tokens(prepared.prompt) if counter else _tokenize(runner, prepared.prompt))
+        tokens = await _tokenize(runner, prepared.prompt)
+        if request.truncate and len(tokens) > runner.n_ctx_seq:
+            # Too long: rendered again without the oldest messages, as Ollama's chat truncation does.
+            counter = PromptCounter(runner)
+            prepared = await render_chat(service, resolved, request, fits=counter.fits)
+            tokens = await counter.tokens(prepared.prompt)
         if not request.truncate:
             _check_untruncated(tokens, runner)
         text_reply = prepared.text_reply
@@ -375,8 +391,49 @@ async def _open_chat(service: ModelService, request: ChatRequest) -> Job[ChatRes
     return RunJob(lease, handle, output, started=started)
 
 
+async def render_chat(
+    service: ModelService, resolved: ResolvedModel, request: ChatRequest, *, fits: Fits | None = None
+) -> PreparedChat:
+    """The prompt, grammar and output parsing of a chat request: the model's MESSAGE history and SYSTEM
+    before the request's messages, through the model's template; `fits` cuts the conversation to the context."""
+    from .chat.prompt import prepare_chat_in_thread
+
+    template = await service.template(resolved)
+    messages = [m.to_template_dict() for m in _with_model_messages(resolved, request.messages)]
+    return await prepare_chat_in_thread(
+        template,
+        messages,
+        tools=list(request.tools or ()),
+        tool_choice=request.tool_choice,
+        think=request.think,
+        format=request.format,
+        fits=fits,
+    )
+
+
+async def render(service: ModelService, request: GenerateRequest | ChatRequest) -> str:
+    """The prompt a request would run, without loading the model (nor cutting it to the context, which
+    takes the loaded model's tokenizer)."""
+    resolved = await service.resolve(request.model, "generate")
+    if isinstance(request, ChatRequest):
+        if any(m.images for m in request.messages):
+            service.check_images(request.model, resolved)
+        return (await render_chat(service, resolved, request)).prompt
+    if request.images:
+        service.check_images(request.model, resolved)
+    return (await render_generate(service, resolved, request)).text
+
+
 async def _tokenize(runner: TextRunner, text: str) -> list[int]:
-    return await off_loop_if_long(len(text), lambda: runner.tokenize(text))
+    return await _off_loop(runner, len(text), lambda: runner.tokenize(text))
+
+
+async def _off_loop(runner: TextRunner, size: int, work: Callable[[], T]) -> T:
+    """Work on the runner's vocabulary: inline when small and in this process; a runner in a child
+    process answers over a pipe, which the event loop never waits on."""
+    if runner.pid is not None:
+        return await anyio.to_thread.run_sync(work)
+    return await off_loop_if_long(size, work)
 
 
 def _with_model_messages(resolved: ResolvedModel, messages: Sequence[Message]) -> list[Message]:

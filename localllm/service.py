@@ -260,13 +260,16 @@ class ModelService:
         lease.release()
         return "load", lease.load_duration
 
-    async def template(self, resolved: ResolvedModel, runner: TextRunner) -> ChatTemplate:
-        """The model's chat template: its own (Modelfile TEMPLATE), else the one its GGUF carries."""
-        source = resolved.template or runner.chat_template()
+    async def template(self, resolved: ResolvedModel) -> ChatTemplate:
+        """The model's chat template: its own (Modelfile TEMPLATE), else the one its GGUF carries, with the
+        BOS and EOS tokens' text from the GGUF's vocabulary. Read from the file, so no runner is needed."""
+        info = await anyio.to_thread.run_sync(self.factory.info, str(resolved.model_path))
+        source = resolved.template or info.chat_template
         template: ChatTemplate = PlainTemplate()
         if source:
-            bos, eos = runner.special_token_text()
-            template = await anyio.to_thread.run_sync(_compiled_template, source, bos, eos)
+            template = await anyio.to_thread.run_sync(
+                _compiled_template, source, info.bos_token or "", info.eos_token or ""
+            )
         return select_harmony(template, renderer=resolved.renderer, parser=resolved.parser)
 
     async def running(self) -> list[Running]:

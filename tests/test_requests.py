@@ -177,3 +177,25 @@ def test_the_sync_client_sends_requests(smollm2_path: Path, home: Path) -> None:
         streamed = list(client.send(request, stream=True))
         assert "".join(c.message.content for c in streamed) == whole.message.content
         assert client.send(EmbedRequest(model, "x")).embeddings
+
+
+async def test_the_prompt_is_ready_before_a_runner_is_leased(smollm2_path: Path, home: Path) -> None:
+    """The template comes from the GGUF's metadata: a request it refuses loads nothing, and `render`
+    shows a prompt without loading the model."""
+    model = str(smollm2_path)
+    async with Engine(home) as engine:
+        with pytest.raises(localllm.CapabilityError, match="does not support thinking"):
+            await engine.chat(model, HELLO, think=True)
+        with pytest.raises(localllm.InvalidRequest, match="tool_choice"):
+            await engine.chat(model, HELLO, tools=[_tool("f")], tool_choice="sometimes")
+        prompt = await engine.render(ChatRequest(model, HELLO))
+        assert prompt.endswith("<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n")
+        assert (await engine.render(GenerateRequest(model, "raw text", raw=True))) == "raw text"
+        assert (await engine.ps()).models == []
+        reply = await engine.chat(model, HELLO, options={**GREEDY, "num_predict": 2})
+        assert reply.done and [m.name for m in (await engine.ps()).models] == [model]
+
+
+def _tool(name: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {}}}}
+

@@ -195,15 +195,6 @@ PUBLIC_MODULES = (
     "localllm.cli",
     "localllm.ray",
 )
-#: Crossings still to move behind the public surface: the prompt preview (``_debug_render_only``) of
-#: /api/generate and /api/chat renders the model's template itself.
-NOT_YET_PUBLIC = frozenset(
-    {
-        ("localllm.http.ollama_api", "localllm.chat.prompt"),
-        ("localllm.http.ollama_api", "localllm.chat.template"),
-        ("localllm.http.ollama_api", "localllm.tools"),
-    }
-)
 
 
 @pytest.mark.parametrize("room", ["localllm.http", "localllm.cli"])
@@ -217,7 +208,6 @@ def test_the_shim_and_the_cli_import_no_internal_room(room: str) -> None:
         if imported.split(".")[0] == "localllm"
         and not any(imported == public or imported.startswith(public + ".") for public in PUBLIC_MODULES[1:])
         and imported != "localllm"
-        and (name, imported) not in NOT_YET_PUBLIC
     )
     assert crossings == []
 

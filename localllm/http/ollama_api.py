@@ -21,7 +21,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from ..api import EngineAPI
-from ..errors import CapabilityError, ConversionError, DigestMismatch
+from ..errors import ConversionError, DigestMismatch
 from ..request import ChatRequest, EmbedRequest, GenerateRequest
 from ..types import Message, as_dict, now_iso
 from .common import (
@@ -199,9 +199,8 @@ async def progress_events(operation: Callable[[Emit], Awaitable[Any]], put: Put)
 
 
 # --------------------------------------------------------------------------- the rendered prompt only
-# Ollama's `_debug_render_only`: what a request's prompt renders to, answered without running the model.
-# The prompt is built as a request builds it (the model's SYSTEM and MESSAGEs, tools, thinking), from what
-# `show` tells, so nothing is loaded; the conversation is not cut to the context, which takes a loaded model.
+# Ollama's `_debug_render_only`: what a request's prompt renders to (`EngineAPI.render`), answered without
+# running the model.
 
 
 def debug_response(model: str, text: str, images: int, **empty: Any) -> Response:
@@ -210,81 +209,6 @@ def debug_response(model: str, text: str, images: int, **empty: Any) -> Response
     if images:
         info["image_count"] = images
     return JSON({"model": model, "created_at": now_iso(), **empty, "done": False, "_debug_info": info})
-
-
-async def _template_of(engine: EngineAPI, model: str, source: str | None) -> tuple[Any, Any]:
-    """The template a request to `model` is rendered with (the request's own, when given), and show's answer."""
-    from ..chat.template import PlainTemplate, load_template
-
-    info = await engine.show(model, verbose=True)  # verbose: the vocabulary, for the BOS and EOS tokens' text
-    if "completion" not in info.capabilities:
-        raise CapabilityError(f"'{model}' does not generate text: it is an embedding model")
-    if source:
-        return await anyio.to_thread.run_sync(load_template, source), info
-    if not info.template:
-        return PlainTemplate(), info
-    metadata = info.modelinfo
-    tokens = metadata.get("tokenizer.ggml.tokens") or []
-
-    def token(key: str) -> str:
-        index = metadata.get(key)
-        return str(tokens[index]) if isinstance(index, int) and 0 <= index < len(tokens) else ""
-
-    bos, eos = token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id")
-    return await anyio.to_thread.run_sync(lambda: load_template(info.template, bos_token=bos, eos_token=eos)), info
-
-
-def _refuse_images(model: str, info: Any) -> None:
-    """Images are refused as a request with them is (no runner reads them yet)."""
-    if info.projector_info is None:
-        raise CapabilityError(f"'{model}' does not support images: it is not a vision model")
-    raise CapabilityError(f"'{model}' is a vision model, but localllm cannot run its projector yet; send text only")
-
-
-async def rendered_generate(engine: EngineAPI, request: GenerateRequest) -> tuple[str, int]:
-    """The prompt `/api/generate` would run, and how many images it carries."""
-    from ..chat.prompt import prepare_chat_in_thread
-
-    images = len(request.images or ())
-    if request.raw:
-        return request.prompt, images
-    template, info = await _template_of(engine, request.model, request.template)
-    if images:
-        _refuse_images(request.model, info)
-    if request.suffix:
-        if not template.supports_suffix:
-            raise CapabilityError("this model does not support insert (a prompt with a suffix)")
-        return await anyio.to_thread.run_sync(template.render_suffix, request.prompt, request.suffix), images
-    system = request.system if request.system is not None else info.system
-    messages = [
-        *([{"role": "system", "content": system}] if system else []),
-        *([] if request.context else [dict(m) for m in info.messages]),
-        {"role": "user", "content": request.prompt},
-    ]
-    prepared = await prepare_chat_in_thread(template, messages, think=request.think, format=request.format)
-    return prepared.prompt, images
-
-
-async def rendered_chat(engine: EngineAPI, request: ChatRequest) -> tuple[str, int]:
-    """The prompt `/api/chat` would run, and how many images its messages carry."""
-    from ..chat.prompt import prepare_chat_in_thread
-
-    images = sum(len(m.images or ()) for m in request.messages)
-    template, info = await _template_of(engine, request.model, None)
-    if images:
-        _refuse_images(request.model, info)
-    prefix = [Message.from_any(m) for m in info.messages]  # the model's MESSAGEs, then its SYSTEM when none is given
-    if info.system and not any(m.role == "system" for m in (*request.messages, *prefix)):
-        prefix.insert(0, Message(role="system", content=info.system))
-    prepared = await prepare_chat_in_thread(
-        template,
-        [m.to_template_dict() for m in (*prefix, *request.messages)],
-        tools=list(request.tools or ()),
-        tool_choice=request.tool_choice,
-        think=request.think,
-        format=request.format,
-    )
-    return prepared.prompt, images
 
 
 # --------------------------------------------------------------------------- generation
@@ -334,8 +258,8 @@ async def generate(request: Request) -> Response:
     engine = engine_of(request)
     # An empty request loads the model, as in Ollama, even when only its prompt is asked for.
     if fields.flag("_debug_render_only", False) and not generate_request.is_empty:
-        text, images = await rendered_generate(engine, generate_request)
-        return debug_response(generate_request.model, text, images, response="")
+        text = await engine.render(generate_request)
+        return debug_response(generate_request.model, text, len(generate_request.images or ()), response="")
     return respond(engine, generate_request, fields.flag("stream", True), generate_json)
 
 
@@ -370,7 +294,8 @@ async def chat(request: Request) -> Response:
     engine = engine_of(request)
     # No messages loads the model, as in Ollama, even when only the prompt is asked for.
     if fields.flag("_debug_render_only", False) and not chat_request.is_empty:
-        text, images = await rendered_chat(engine, chat_request)
+        text = await engine.render(chat_request)
+        images = sum(len(m.images or ()) for m in chat_request.messages)
         return debug_response(chat_request.model, text, images, message={"role": "", "content": ""})
     return respond(engine, chat_request, fields.flag("stream", True), chat_json)
 

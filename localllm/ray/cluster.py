@@ -408,6 +408,11 @@ class ClusterEngine:
         finally:
             self._release(node_id)
 
+    async def render(self, request: GenerateRequest | ChatRequest) -> str:
+        """As `Engine.render`, on the node a request for the model would go to."""
+        rendered: str = await self._on_routed(request.model, "render", request)
+        return rendered
+
     async def embeddings(self, model: str, prompt: str, **kwargs: Any) -> EmbeddingsResponse:
         result: EmbeddingsResponse = await self._on_routed(model, "embeddings", model, prompt, **kwargs)
         return result

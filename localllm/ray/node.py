@@ -149,5 +149,5 @@ class NodeEngine:
 
 
 _CALLS = frozenset(
-    ["embeddings", "list", "show", "ps", "create", "pull", "copy", "delete", "load", "unload", "has_blob"]
+    ["embeddings", "render", "list", "show", "ps", "create", "pull", "copy", "delete", "load", "unload", "has_blob"]
 )

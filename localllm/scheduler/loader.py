@@ -62,6 +62,10 @@ class RunnerFactory:
         if self._prompt_cache is not None:
             self._prompt_cache.close()
 
+    def info(self, model_path: str) -> GGUFInfo:
+        """What the model file says of itself (read once per version of the file)."""
+        return _info(model_path)
+
     def inventory(self) -> DeviceInventory:
         return resolve_inventory(self._devices)
 
