@@ -198,4 +198,3 @@ async def test_the_prompt_is_ready_before_a_runner_is_leased(smollm2_path: Path,
 
 def _tool(name: str) -> dict[str, Any]:
     return {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {}}}}
-
