@@ -5,9 +5,9 @@ engine serves them; code of your own can take an `EngineAPI` the same way."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, overload, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar, overload, runtime_checkable
 
 from .request import ChatRequest, GenerateRequest, Request
 
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .embeddings import EmbeddingsResponse, EmbedResponse
     from .engine import ProgressCallback
     from .options import OptionValues
-    from .request import ChatFields, GenerateFields
+    from .request import ChatFields, CreateFields, GenerateFields
     from .stream import ChunkStream, ResponseStream
     from .types import (
         ChatResponse,
@@ -111,21 +111,7 @@ class EngineAPI(Protocol):
     ) -> ProgressResponse | ChunkStream[ProgressResponse]: ...
 
     async def create(
-        self,
-        model: str,
-        *,
-        from_: str | os.PathLike[str] | None = None,
-        files: Mapping[str, str] | None = None,
-        adapters: Mapping[str, str] | None = None,
-        template: str | None = None,
-        system: str | None = None,
-        parameters: Mapping[str, Any] | ModelDumpable | None = None,
-        messages: Iterable[MessageLike] | None = None,
-        license: str | Sequence[str] | None = None,
-        quantize: str | None = None,
-        modelfile: str | os.PathLike[str] | None = None,
-        progress: ProgressCallback | None = None,
-        stream: bool = False,
+        self, model: str, *, stream: bool = False, **fields: Unpack[CreateFields]
     ) -> ProgressResponse | ChunkStream[ProgressResponse]: ...
 
     async def copy(self, source: str, destination: str) -> StatusResponse: ...

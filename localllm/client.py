@@ -20,7 +20,7 @@ import inspect
 import os
 import threading
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, NoReturn, ParamSpec, TypeVar, overload
 
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
     from .embeddings import EmbeddingsResponse, EmbedResponse
     from .options import OptionValues
-    from .request import ChatFields, GenerateFields
+    from .request import ChatFields, CreateFields, GenerateFields
     from .types import (
         ChatResponse,
         GenerateResponse,
@@ -343,96 +343,25 @@ class Client:
 
     @overload
     def create(
-        self,
-        model: str,
-        *,
-        from_: str | os.PathLike[str] | None = None,
-        files: Mapping[str, str] | None = None,
-        adapters: Mapping[str, str] | None = None,
-        template: str | None = None,
-        system: str | None = None,
-        parameters: Mapping[str, Any] | ModelDumpable | None = None,
-        messages: Iterable[MessageLike] | None = None,
-        license: str | Sequence[str] | None = None,
-        quantize: str | None = None,
-        modelfile: str | os.PathLike[str] | None = None,
-        progress: ProgressCallback | None = None,
-        stream: Literal[False] = False,
+        self, model: str, *, stream: Literal[False] = False, **fields: Unpack[CreateFields]
     ) -> ProgressResponse: ...
 
     @overload
     def create(
-        self,
-        model: str,
-        *,
-        from_: str | os.PathLike[str] | None = None,
-        files: Mapping[str, str] | None = None,
-        adapters: Mapping[str, str] | None = None,
-        template: str | None = None,
-        system: str | None = None,
-        parameters: Mapping[str, Any] | ModelDumpable | None = None,
-        messages: Iterable[MessageLike] | None = None,
-        license: str | Sequence[str] | None = None,
-        quantize: str | None = None,
-        modelfile: str | os.PathLike[str] | None = None,
-        progress: ProgressCallback | None = None,
-        stream: Literal[True],
+        self, model: str, *, stream: Literal[True], **fields: Unpack[CreateFields]
     ) -> Iterator[ProgressResponse]: ...
 
     @overload
     def create(
-        self,
-        model: str,
-        *,
-        from_: str | os.PathLike[str] | None = None,
-        files: Mapping[str, str] | None = None,
-        adapters: Mapping[str, str] | None = None,
-        template: str | None = None,
-        system: str | None = None,
-        parameters: Mapping[str, Any] | ModelDumpable | None = None,
-        messages: Iterable[MessageLike] | None = None,
-        license: str | Sequence[str] | None = None,
-        quantize: str | None = None,
-        modelfile: str | os.PathLike[str] | None = None,
-        progress: ProgressCallback | None = None,
-        stream: bool,
+        self, model: str, *, stream: bool, **fields: Unpack[CreateFields]
     ) -> ProgressResponse | Iterator[ProgressResponse]: ...
 
+    @takes_fields_of(Engine.create)
     def create(
-        self,
-        model: str,
-        *,
-        from_: str | os.PathLike[str] | None = None,
-        files: Mapping[str, str] | None = None,
-        adapters: Mapping[str, str] | None = None,
-        template: str | None = None,
-        system: str | None = None,
-        parameters: Mapping[str, Any] | ModelDumpable | None = None,
-        messages: Iterable[MessageLike] | None = None,
-        license: str | Sequence[str] | None = None,
-        quantize: str | None = None,
-        modelfile: str | os.PathLike[str] | None = None,
-        progress: ProgressCallback | None = None,
-        stream: bool = False,
+        self, model: str, *, stream: bool = False, **fields: Unpack[CreateFields]
     ) -> ProgressResponse | Iterator[ProgressResponse]:
         """Create a model (see `Engine.create`): the final status, or with ``stream=True`` an iterator of progress."""
-        result = self._call(
-            lambda: self._engine.create(
-                model,
-                from_=from_,
-                files=files,
-                adapters=adapters,
-                template=template,
-                system=system,
-                parameters=parameters,
-                messages=messages,
-                license=license,
-                quantize=quantize,
-                modelfile=modelfile,
-                progress=progress,
-                stream=stream,
-            )
-        )
+        result = self._call(lambda: self._engine.create(model, stream=stream, **fields))
         return self._iterate(result) if isinstance(result, ChunkStream) else result
 
     def create_blob(self, path: str | os.PathLike[str]) -> str:

@@ -29,7 +29,16 @@ from .errors import InvalidRequest, LocalLLMError
 from .files import sha256_of
 from .options import OptionValues
 from .registry.create import CreateParts
-from .request import ChatFields, ChatRequest, EmbedRequest, GenerateFields, GenerateRequest, Request, takes_fields_of
+from .request import (
+    ChatFields,
+    ChatRequest,
+    CreateFields,
+    EmbedRequest,
+    GenerateFields,
+    GenerateRequest,
+    Request,
+    takes_fields_of,
+)
 from .service import ModelService
 from .settings import EngineSettings
 from .stream import AnswerJob, ChunkStream, Job, ResponseStream, ThreadJob
@@ -386,68 +395,17 @@ class Engine:
 
     @overload
     async def create(
-        self,
-        model: str,
-        *,
-        from_: str | os.PathLike[str] | None = None,
-        files: Mapping[str, str] | None = None,
-        adapters: Mapping[str, str] | None = None,
-        template: str | None = None,
-        system: str | None = None,
-        parameters: Mapping[str, Any] | ModelDumpable | None = None,
-        messages: Iterable[MessageLike] | None = None,
-        license: str | Sequence[str] | None = None,
-        renderer: str | None = None,
-        parser: str | None = None,
-        requires: str | None = None,
-        quantize: str | None = None,
-        modelfile: str | os.PathLike[str] | None = None,
-        progress: ProgressCallback | None = None,
-        stream: Literal[False] = False,
+        self, model: str, *, stream: Literal[False] = False, **fields: Unpack[CreateFields]
     ) -> ProgressResponse: ...
 
     @overload
     async def create(
-        self,
-        model: str,
-        *,
-        from_: str | os.PathLike[str] | None = None,
-        files: Mapping[str, str] | None = None,
-        adapters: Mapping[str, str] | None = None,
-        template: str | None = None,
-        system: str | None = None,
-        parameters: Mapping[str, Any] | ModelDumpable | None = None,
-        messages: Iterable[MessageLike] | None = None,
-        license: str | Sequence[str] | None = None,
-        renderer: str | None = None,
-        parser: str | None = None,
-        requires: str | None = None,
-        quantize: str | None = None,
-        modelfile: str | os.PathLike[str] | None = None,
-        progress: ProgressCallback | None = None,
-        stream: Literal[True],
+        self, model: str, *, stream: Literal[True], **fields: Unpack[CreateFields]
     ) -> ChunkStream[ProgressResponse]: ...
 
     @overload
     async def create(
-        self,
-        model: str,
-        *,
-        from_: str | os.PathLike[str] | None = None,
-        files: Mapping[str, str] | None = None,
-        adapters: Mapping[str, str] | None = None,
-        template: str | None = None,
-        system: str | None = None,
-        parameters: Mapping[str, Any] | ModelDumpable | None = None,
-        messages: Iterable[MessageLike] | None = None,
-        license: str | Sequence[str] | None = None,
-        renderer: str | None = None,
-        parser: str | None = None,
-        requires: str | None = None,
-        quantize: str | None = None,
-        modelfile: str | os.PathLike[str] | None = None,
-        progress: ProgressCallback | None = None,
-        stream: bool,
+        self, model: str, *, stream: bool, **fields: Unpack[CreateFields]
     ) -> ProgressResponse | ChunkStream[ProgressResponse]: ...
 
     async def create(

@@ -24,6 +24,9 @@ from .options import check_options
 from .types import ChatResponse, EmbedResponse, GenerateResponse, Message, MessageLike, plain_data
 
 if TYPE_CHECKING:
+    import os
+
+    from .engine import ProgressCallback
     from .options import OptionValues
     from .types import ModelDumpable
 
@@ -31,6 +34,7 @@ __all__ = [
     "MAX_TOP_LOGPROBS",
     "ChatFields",
     "ChatRequest",
+    "CreateFields",
     "EmbedFields",
     "EmbedRequest",
     "GenerateFields",
@@ -287,6 +291,25 @@ class ChatFields(TypedDict, total=False):
     shift: bool
 
 
+class CreateFields(TypedDict, total=False):
+    """The keywords of `Engine.create` besides ``stream``."""
+
+    from_: str | os.PathLike[str] | None
+    files: Mapping[str, str] | None
+    adapters: Mapping[str, str] | None
+    template: str | None
+    system: str | None
+    parameters: Mapping[str, Any] | ModelDumpable | None
+    messages: Iterable[MessageLike] | None
+    license: str | Sequence[str] | None
+    renderer: str | None
+    parser: str | None
+    requires: str | None
+    quantize: str | None
+    modelfile: str | os.PathLike[str] | None
+    progress: ProgressCallback | None
+
+
 class EmbedFields(TypedDict, total=False):
     truncate: bool
     options: OptionValues | ModelDumpable | None
@@ -294,10 +317,11 @@ class EmbedFields(TypedDict, total=False):
     dimensions: int | None
 
 
-def takes_fields_of(request_class: type[Request[Any]]) -> Callable[[F], F]:
-    """Show the request class's keyword fields in the decorated method's signature, in place of its
-    ``**fields`` (for `help()` and a notebook's signature hints; type checkers read `*Fields`)."""
-    fields = [p for p in inspect.signature(request_class).parameters.values() if p.kind is p.KEYWORD_ONLY]
+def takes_fields_of(source: Callable[..., Any]) -> Callable[[F], F]:
+    """Show the keyword fields of `source` (a request class, or the method a call is passed on to) in the
+    decorated method's signature, in place of its ``**fields`` (for `help()` and a notebook's signature
+    hints; type checkers read the `*Fields` typed dicts)."""
+    fields = [p for p in inspect.signature(source).parameters.values() if p.kind is p.KEYWORD_ONLY]
 
     def decorate(method: F) -> F:
         signature = inspect.signature(method)
