@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -77,9 +78,20 @@ async def test_a_child_process_serves_as_a_thread_does(smollm2_path: Path, home:
         expected_text = (await engine.generate(model, PROMPT, options=options)).response
         expected_chat = (await engine.chat(model, MESSAGES, options=options)).message.content
         assert (await engine.ps()).models[0].pid is None
+    asked_from: list[threading.Thread] = []
+    tokenize = ProcessRunner.tokenize
+
+    def recording_tokenize(self: ProcessRunner, text: str, *, add_special: bool = True) -> list[int]:
+        asked_from.append(threading.current_thread())
+        return tokenize(self, text, add_special=add_special)
+
     async with Engine(home, isolation="process", num_parallel=2) as engine:
-        reply = await engine.generate(model, PROMPT, options=options)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(ProcessRunner, "tokenize", recording_tokenize)
+            reply = await engine.generate(model, PROMPT, options=options)
         assert reply.response == expected_text and reply.eval_count == 8
+        # The child answers over a pipe: the event loop's thread never waits for it.
+        assert asked_from and threading.current_thread() not in asked_from
         assert (await engine.chat(model, MESSAGES, options=options)).message.content == expected_chat
         streamed = [chunk.message.content async for chunk in engine.chat(model, MESSAGES, stream=True, options=options)]
         assert len(streamed) > 2 and "".join(streamed) == expected_chat
