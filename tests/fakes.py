@@ -6,6 +6,8 @@ Its logits say so: the successor scores 3, the end-of-generation token 2, the to
 successor 1, every other token 0.
 The fake context records every batch it is given and keeps each sequence's cached positions, checking
 them as llama.cpp does; its decodes can be held at a gate, so a test can act between two steps.
+The fake embedding context gives the token at position p of a sequence the embedding (token, p, 1), and
+pools as the backend is told to (mean, first or last token) or not at all (Pooling.NONE).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy.typing as npt
 
 from localllm.errors import InvalidFormat, LocalLLMError
 from localllm.options import Options
-from localllm.runner.backend import Batch, Context, Model
+from localllm.runner.backend import Batch, Context, Model, Pooling
 from localllm.runner.draft import Drafter
 from localllm.runner.prompt_cache import PromptCache
 from localllm.runner.protocol import LoadConfig, SamplingParams, ScoredText, SequenceHandle, SequenceResult
@@ -55,6 +57,8 @@ class FakeModel:
     bos_token: int = BOS
     eos_token: int = EOG
     n_vocab: int = N_VOCAB
+    n_ctx_train: int = 0
+    architecture: str | None = None  # general.architecture
     closed: bool = False
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
@@ -74,7 +78,7 @@ class FakeModel:
             raise LocalLLMError("token ids outside the vocabulary")
 
     def metadata(self, key: str) -> str | None:
-        return None
+        return self.architecture if key == "general.architecture" else None
 
     def close(self) -> None:
         self.closed = True
@@ -219,6 +223,80 @@ class FakeContext:
         self.closed = True
 
 
+def token_vector(token: int, pos: int) -> npt.NDArray[np.float32]:
+    """The fake embedding of a token at a position in its sequence."""
+    return np.array([token, pos, 1.0], dtype=np.float32)
+
+
+@attrs.define
+class FakeEmbeddingContext:
+    n_batch: int
+    n_seq_max: int
+    pooling: Pooling
+    n_embd: int = 3
+    decoded: list[Decoded] = attrs.field(factory=list)
+    statuses: deque[int] = attrs.field(factory=deque)  # what the next decodes return (then 0)
+    held: threading.Event = attrs.field(factory=threading.Event)  # set while a decode waits at the gate
+    closed: bool = False
+    _open: threading.Event = attrs.field(factory=threading.Event)
+
+    def __attrs_post_init__(self) -> None:
+        self._open.set()
+
+    def hold(self) -> None:
+        """Make the next decode wait until `release`."""
+        self._open.clear()
+
+    def release(self) -> None:
+        self.held.clear()
+        self._open.set()
+
+    @property
+    def last(self) -> Decoded:
+        return next(d for d in reversed(self.decoded) if d.status == 0)
+
+    def sequences(self, decoded: Decoded) -> dict[int, list[int]]:
+        """The tokens of each sequence in one decoded batch."""
+        found: dict[int, list[int]] = {}
+        for seq, token, _, _ in decoded.rows:
+            found.setdefault(seq, []).append(token)
+        return found
+
+    def decode(self, batch: Batch) -> int:
+        assert isinstance(batch, FakeBatch)
+        if not self._open.is_set():
+            self.held.set()
+            if not self._open.wait(TIMEOUT):
+                raise AssertionError("the test never released the decode gate")
+        rows = tuple(batch.rows)
+        assert 0 < len(rows) <= self.n_batch
+        ends: dict[int, int] = {}
+        for seq, token, pos, logits in rows:  # whole sequences, each from position 0, every token's output kept
+            assert 0 <= seq < self.n_seq_max and 0 <= token < N_VOCAB and logits
+            assert pos == ends.get(seq, -1) + 1, f"sequence {seq} continues at {pos}, not after {ends.get(seq)}"
+            ends[seq] = pos
+        status = self.statuses.popleft() if self.statuses else 0
+        self.decoded.append(Decoded(rows, status))
+        return status
+
+    def pooled(self, seq_id: int) -> npt.NDArray[np.float32]:
+        assert self.pooling != Pooling.NONE, "a pooled vector read from a context that does not pool"
+        vectors = [token_vector(token, pos) for seq, token, pos, _ in self.last.rows if seq == seq_id]
+        assert vectors, f"sequence {seq_id} is not in the last batch"
+        if self.pooling == Pooling.CLS:
+            return vectors[0]
+        if self.pooling == Pooling.LAST:
+            return vectors[-1]
+        return np.mean(vectors, axis=0).astype(np.float32)
+
+    def token_embedding(self, index: int) -> npt.NDArray[np.float32]:
+        _, token, pos, _ = self.last.rows[index]
+        return token_vector(token, pos)
+
+    def close(self) -> None:
+        self.closed = True
+
+
 @attrs.define
 class FakeSampler:
     accepted: list[int] = attrs.field(factory=list)
@@ -247,6 +325,9 @@ class FakeBackend:
     batches: list[FakeBatch] = attrs.field(factory=list)
     samplers: list[FakeSampler] = attrs.field(factory=list)
     state_format: str = "fake"
+    max_parallel_sequences: int = 64
+    pooling: Pooling = Pooling.MEAN  # how embedding contexts pool
+    embedding_contexts: list[FakeEmbeddingContext] = attrs.field(factory=list)
 
     @property
     def context(self) -> FakeContext:
@@ -260,6 +341,19 @@ class FakeBackend:
             raise LocalLLMError("no room for the context")
         self.contexts.append(FakeContext(config.num_ctx, config.num_batch, config.num_parallel))
         return self.context
+
+    @property
+    def embedding_context(self) -> FakeEmbeddingContext:
+        return self.embedding_contexts[-1]
+
+    def new_embedding_context(
+        self, model: Model, config: LoadConfig, *, n_ctx: int, n_batch: int, n_seq_max: int
+    ) -> FakeEmbeddingContext:
+        if self.fail_at == "context":
+            raise LocalLLMError("no room for the context")
+        assert n_ctx % n_seq_max == 0 and n_batch % n_seq_max == 0, "llama.cpp splits both evenly over the slots"
+        self.embedding_contexts.append(FakeEmbeddingContext(n_batch, n_seq_max, self.pooling))
+        return self.embedding_context
 
     def new_batch(self, capacity: int, n_seq_max: int) -> FakeBatch:
         if self.fail_at == "batch":
@@ -337,6 +431,6 @@ async def scored_reply(handle: SequenceHandle) -> tuple[list[ScoredText], Sequen
                 pieces.append(item)
 
 
-async def held(context: FakeContext) -> None:
+async def held(context: FakeContext | FakeEmbeddingContext) -> None:
     """Wait until the worker is inside a decode, held at the gate."""
     assert await anyio.to_thread.run_sync(context.held.wait, TIMEOUT)

@@ -63,13 +63,13 @@ async def test_inputs_are_packed_into_shared_batches(minilm_gguf: Path, monkeypa
         monkeypatch.setattr(embed_module, "ENCODER_MAX_SEQUENCES", max_sequences)
         runner = await anyio.to_thread.run_sync(lambda: EmbeddingRunner(LoadConfig(str(minilm_gguf), embeddings=True)))
         calls = {"n": 0}
-        encode = runner.context.encode
+        decode = runner.context.decode
 
         def counting(batch: Any) -> int:
             calls["n"] += 1
-            return encode(batch)
+            return decode(batch)
 
-        runner.context.encode = counting  # type: ignore[method-assign]
+        runner.context.decode = counting  # type: ignore[method-assign]
         try:
             result = await runner.submit_embed([runner.tokenize(s) for s in SENTENCES]).result()
         finally:

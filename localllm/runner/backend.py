@@ -1,12 +1,13 @@
-"""What the runner needs of llama.cpp, as protocols: a model, a context, a batch and samplers.
+"""What the runners need of llama.cpp, as protocols: a model, contexts, a batch and samplers.
 
-`Runner` builds each of them through a `Backend`. `LlamaBackend` (in `llama.py`) is llama.cpp itself;
-a test can pass a fake and drive the batching, prefix reuse and cancellation logic without a model
-file. This module does not import llama_cpp.
+`Runner` and `EmbeddingRunner` build each of them through a `Backend`. `LlamaBackend` (in `llama.py`)
+is llama.cpp itself; a test can pass a fake and drive the batching, prefix reuse, pooling and
+cancellation logic without a model file. This module does not import llama_cpp.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -17,7 +18,17 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-__all__ = ["Backend", "Batch", "Context", "Model", "Sampler"]
+__all__ = ["Backend", "Batch", "Context", "EmbeddingContext", "Model", "Pooling", "Sampler"]
+
+
+class Pooling(enum.IntEnum):
+    """How a sequence's token embeddings become one vector (llama.cpp's `llama_pooling_type` values)."""
+
+    NONE = 0  # no pooling in the model: one embedding per token
+    MEAN = 1
+    CLS = 2  # the first token's
+    LAST = 3  # the last token's
+    RANK = 4  # a reranker's score, not an embedding
 
 
 class Model(Protocol):
@@ -36,6 +47,11 @@ class Model(Protocol):
     @property
     def n_vocab(self) -> int:
         """How many tokens the vocabulary holds."""
+        ...
+
+    @property
+    def n_ctx_train(self) -> int:
+        """The context the model was trained on (where position embeddings end); 0 when unknown."""
         ...
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]: ...
@@ -127,6 +143,39 @@ class Context(Protocol):
     def close(self) -> None: ...
 
 
+class EmbeddingContext(Protocol):
+    """A context that computes embeddings: each decode evaluates whole sequences, from their first token."""
+
+    @property
+    def n_batch(self) -> int:
+        """The most tokens one decode takes."""
+        ...
+
+    @property
+    def pooling(self) -> Pooling:
+        """How the context pools each sequence (the model's own pooling)."""
+        ...
+
+    @property
+    def n_embd(self) -> int:
+        """The length of each vector."""
+        ...
+
+    def decode(self, batch: Batch) -> int:
+        """Evaluate a batch of whole sequences, nothing of the last batch kept: 0 on success, non-zero on errors."""
+        ...
+
+    def pooled(self, seq_id: int) -> npt.NDArray[np.float32]:
+        """The last decode's pooled vector of a sequence (pooling other than `NONE`): a copy."""
+        ...
+
+    def token_embedding(self, index: int) -> npt.NDArray[np.float32]:
+        """The last decode's embedding of the token at batch position `index`: a copy."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class Sampler(Protocol):
     """One sequence's sampler chain."""
 
@@ -149,11 +198,23 @@ class Backend(Protocol):
         """Names the layout of `Context.state_get`'s bytes: states of another format are never restored."""
         ...
 
+    @property
+    def max_parallel_sequences(self) -> int:
+        """The most sequences one context may hold."""
+        ...
+
     def load_model(self, config: LoadConfig, *, gpu_layers: int, tensor_split: Sequence[float] | None) -> Model: ...
 
     def new_context(self, model: Model, config: LoadConfig) -> Context:
         """A context of `config.num_parallel` sequences of `config.num_ctx` tokens each, with the
         configuration's LoRA adapters applied; closing it frees them too."""
+        ...
+
+    def new_embedding_context(
+        self, model: Model, config: LoadConfig, *, n_ctx: int, n_batch: int, n_seq_max: int
+    ) -> EmbeddingContext:
+        """A context computing embeddings for `n_seq_max` sequences sharing `n_ctx` tokens, each batch of up
+        to `n_batch` tokens evaluated in one pass; raises a `LocalLLMError` for pooling it does not know."""
         ...
 
     def new_batch(self, capacity: int, n_seq_max: int) -> Batch: ...

@@ -8,27 +8,28 @@ last token), or here when the model has no pooling (the mean over the tokens,
 as for a text generation model asked to embed). Vectors are
 L2-normalised unless the request asks for raw ones. A request whose inputs
 span several batches gets its answer when its last input is done.
+
+The model, context and batch come from a `Backend`: llama.cpp's by default, a
+fake in the unit tests.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
 
 import attrs
-import llama_cpp
 import numpy as np
+import numpy.typing as npt
 
 from ..errors import CapabilityError, ContextLengthExceeded, EngineClosed, LocalLLMError, RunnerError
 from ..gguf.architectures import ENCODER_ARCHITECTURES
-from .llama import Batch, LlamaContext, LlamaModel, default_threads
+from .backend import Backend, Pooling
 from .mailbox import Mailbox
-from .protocol import KV_CACHE_TYPES, LoadConfig
+from .protocol import LoadConfig
 
 __all__ = ["EmbedHandle", "EmbedResult", "EmbeddingRunner"]
 
@@ -37,8 +38,8 @@ logger = logging.getLogger("localllm.runner")
 #: Sequences packed into one batch for encoders (they cost no KV cache, so many fit).
 ENCODER_MAX_SEQUENCES = 64
 
-_POOLING_NONE, _POOLING_MEAN, _POOLING_CLS, _POOLING_LAST, _POOLING_RANK = 0, 1, 2, 3, 4
-_POOLING_NAMES = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
+#: An input placed in the batch: its request, its index there, its sequence id and its first batch position.
+Placed = tuple["EmbedHandle", int, int, int]
 
 
 @attrs.frozen
@@ -91,50 +92,47 @@ class EmbeddingRunner:
     """One loaded embedding model and the thread that serves it. Create it in a worker thread (loading blocks)."""
 
     def __init__(
-        self, config: LoadConfig, *, gpu_layers: int = 0, tensor_split: tuple[float, ...] | None = None
+        self,
+        config: LoadConfig,
+        *,
+        gpu_layers: int = 0,
+        tensor_split: tuple[float, ...] | None = None,
+        backend: Backend | None = None,
     ) -> None:
+        if backend is None:
+            from .llama import LlamaBackend  # imports llama_cpp
+
+            backend = LlamaBackend()
         self.config = config
-        self.model = LlamaModel.for_config(config, gpu_layers=gpu_layers, tensor_split=tensor_split)
+        self.backend = backend
+        self.model = backend.load_model(config, gpu_layers=gpu_layers, tensor_split=tensor_split)
         try:
             self.architecture = self.model.metadata("general.architecture") or ""
             self.encoder = self.architecture in ENCODER_ARCHITECTURES
             train_ctx = self.model.n_ctx_train
             # Position embeddings end at the training context: never run past it.
             self.n_ctx_seq: int = min(config.num_ctx, train_ctx) if train_ctx > 0 else config.num_ctx
-            limit = int(llama_cpp.llama_max_parallel_sequences())
+            limit = backend.max_parallel_sequences
             self.n_seq_max = min(ENCODER_MAX_SEQUENCES, limit) if self.encoder else max(1, config.num_parallel)
             # A whole input must fit in one batch: its pooled vector is computed in one pass.
             n_batch = max(config.num_batch, self.n_ctx_seq)
             # llama.cpp splits a batch evenly over the sequence slots when it sizes its graph (and aborts
             # the process if it cannot): keep the batch a multiple of the slot count.
             n_batch = -(-n_batch // self.n_seq_max) * self.n_seq_max
-            quantized_kv = config.kv_cache_type != "f16"
-            self.context = LlamaContext(
-                self.model,
-                n_ctx=self.n_ctx_seq * self.n_seq_max,
-                n_batch=n_batch,
-                n_seq_max=self.n_seq_max,
-                n_threads=config.num_thread or default_threads(),
-                embeddings=True,
-                type_k=KV_CACHE_TYPES[config.kv_cache_type],
-                type_v=KV_CACHE_TYPES[config.kv_cache_type],
-                flash_attn=True if quantized_kv else None,
+            self.context = backend.new_embedding_context(
+                self.model, config, n_ctx=self.n_ctx_seq * self.n_seq_max, n_batch=n_batch, n_seq_max=self.n_seq_max
             )
         except BaseException:
             self.model.close()
             raise
         try:
             self.n_batch = self.context.n_batch
-            self.pooling = int(llama_cpp.llama_pooling_type(self.context.handle))
-            if self.pooling == _POOLING_RANK:
+            self.pooling = self.context.pooling
+            if self.pooling == Pooling.RANK:
                 raise CapabilityError(f"{config.model_path} is a reranking model; it does not produce embeddings")
-            out = getattr(llama_cpp, "llama_model_n_embd_out", None)
-            self.n_embd = int(
-                out(self.model.handle) if out is not None else llama_cpp.llama_model_n_embd(self.model.handle)
-            )
-            self.has_memory = bool(self.context.memory)
+            self.n_embd = self.context.n_embd
             self._special_tail = self._find_special_tail()
-            self.batch = Batch(self.n_batch, self.n_seq_max)
+            self.batch = backend.new_batch(self.n_batch, self.n_seq_max)
         except BaseException:
             self.context.close()
             self.model.close()
@@ -150,7 +148,7 @@ class EmbeddingRunner:
         logger.debug(
             "embedding runner for %s: %s pooling, %d dims, %d sequences of up to %d tokens per batch of %d",
             config.model_path,
-            _POOLING_NAMES.get(self.pooling, self.pooling),
+            self.pooling.name.lower(),
             self.n_embd,
             self.n_seq_max,
             self.n_ctx_seq,
@@ -240,7 +238,7 @@ class EmbeddingRunner:
         handle.finished = True
 
     def close(self) -> None:
-        """Stop the worker, fail what is still queued, and free every llama.cpp handle."""
+        """Stop the worker, fail what is still queued, and free the batch, the context and the model."""
         with self._cond:
             if self._closed:
                 return
@@ -285,14 +283,14 @@ class EmbeddingRunner:
                 self._pending.clear()
                 self._in_flight = []
 
-    def _fill_batch(self) -> list[tuple[EmbedHandle, int, int]]:
+    def _fill_batch(self) -> list[Placed]:
         """Put waiting inputs into the batch, in order, as far as it has room (called with the lock held).
 
-        Returns (handle, input index, sequence id) for every input placed.
+        Returns (handle, input index, sequence id, first batch position) for every input placed.
         """
         batch = self.batch
         batch.clear()
-        placed: list[tuple[EmbedHandle, int, int]] = []
+        placed: list[Placed] = []
         while self._pending:
             handle = self._pending[0]
             if handle.cancelled.is_set():
@@ -303,9 +301,10 @@ class EmbeddingRunner:
             if len(placed) >= self.n_seq_max or batch.n_tokens + len(tokens) > batch.capacity:
                 break
             seq_id = len(placed)
+            start = batch.n_tokens
             for pos, token in enumerate(tokens):
                 batch.add(token, pos, seq_id, True)  # every token feeds the pool, llama.cpp's or ours
-            placed.append((handle, handle._next, seq_id))
+            placed.append((handle, handle._next, seq_id, start))
             if handle._started is None:
                 handle._started = time.perf_counter()
             if handle not in self._in_flight:
@@ -315,21 +314,19 @@ class EmbeddingRunner:
                 self._pending.popleft()
         return placed
 
-    def _step(self, placed: list[tuple[EmbedHandle, int, int]]) -> None:
-        if self.has_memory:
-            self.context.clear()  # every sequence of the last batch is finished
-        status = self.context.decode(self.batch) if self.has_memory else self.context.encode(self.batch)
+    def _step(self, placed: list[Placed]) -> None:
+        status = self.context.decode(self.batch)
         if status != 0:
             self._fail(
-                [h for h, _, _ in placed], RunnerError(f"the embedding batch failed (llama.cpp status {status})")
+                [h for h, _, _, _ in placed], RunnerError(f"the embedding batch failed (decode status {status})")
             )
             return
-        for handle, index, seq_id in placed:
-            vector = self._pooled(seq_id, handle.inputs[index])
+        for handle, index, seq_id, start in placed:
+            vector = self._pooled(seq_id, start, len(handle.inputs[index]))
             handle._vectors[index] = (_l2_normalize(vector) if handle.normalize else vector).tolist()
             handle._done += 1
         now = time.perf_counter()
-        finished = {id(h): h for h, _, _ in placed if h._done == len(h.inputs)}
+        finished = {id(h): h for h, _, _, _ in placed if h._done == len(h.inputs)}
         with self._cond:
             self._in_flight = [h for h in self._in_flight if id(h) not in finished]
         for handle in finished.values():
@@ -351,29 +348,14 @@ class EmbeddingRunner:
         for handle in dropped:
             handle.finished = True
 
-    def _pooled(self, seq_id: int, tokens: list[int]) -> np.ndarray:
-        ctx = self.context.handle
-        if self.pooling != _POOLING_NONE:
-            pointer = llama_cpp.llama_get_embeddings_seq(ctx, seq_id)
-            if not pointer:
-                raise RunnerError(f"llama.cpp returned no pooled embedding for sequence {seq_id}")
-            return _copy(pointer, self.n_embd)
+    def _pooled(self, seq_id: int, start: int, length: int) -> npt.NDArray[np.float32]:
+        if self.pooling != Pooling.NONE:
+            return self.context.pooled(seq_id)
         # No pooling in the model (a text generation model): the mean of its tokens' hidden states.
-        start = self._batch_start(seq_id)
         total = np.zeros(self.n_embd, dtype=np.float64)
-        for i in range(start, start + len(tokens)):
-            pointer = llama_cpp.llama_get_embeddings_ith(ctx, i)
-            if not pointer:
-                raise RunnerError(f"llama.cpp returned no embedding for token {i}")
-            total += _copy(pointer, self.n_embd)
-        return (total / len(tokens)).astype(np.float32)
-
-    def _batch_start(self, seq_id: int) -> int:
-        struct = self.batch.struct
-        for i in range(self.batch.n_tokens):
-            if struct.seq_id[i][0] == seq_id:
-                return i
-        raise RunnerError(f"sequence {seq_id} is not in the batch")
+        for i in range(start, start + length):
+            total += self.context.token_embedding(i)
+        return (total / length).astype(np.float32)
 
     def _fail(self, handles: list[EmbedHandle], error: LocalLLMError) -> None:
         with self._cond:
@@ -385,7 +367,3 @@ class EmbeddingRunner:
             if not handle.finished:
                 handle.finished = True
                 handle.mailbox.put(error)
-
-
-def _copy(pointer: Any, n: int) -> np.ndarray:
-    return np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(n,)).astype(np.float32)

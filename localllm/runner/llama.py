@@ -17,8 +17,9 @@ import llama_cpp
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import InvalidFormat, InvalidRequest, ModelLoadError, RunnerError
+from ..errors import CapabilityError, InvalidFormat, InvalidRequest, ModelLoadError, RunnerError
 from ..options import Options
+from .backend import Pooling
 from .protocol import KV_CACHE_TYPES, LoadConfig
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ __all__ = [
     "Batch",
     "LlamaBackend",
     "LlamaContext",
+    "LlamaEmbeddingContext",
     "LlamaModel",
     "LoraAdapters",
     "SamplerChain",
@@ -403,18 +405,6 @@ class LlamaContext:
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self.memory, True)
 
-    def embeddings_seq(self, seq_id: int, n_embd: int) -> list[float] | None:
-        pointer = llama_cpp.llama_get_embeddings_seq(self.handle, seq_id)
-        if not pointer:
-            return None
-        return list(pointer[:n_embd])
-
-    def embeddings_ith(self, i: int, n_embd: int) -> list[float] | None:
-        pointer = llama_cpp.llama_get_embeddings_ith(self.handle, i)
-        if not pointer:
-            return None
-        return list(pointer[:n_embd])
-
     def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -422,6 +412,72 @@ class LlamaContext:
             self.handle = None
             if self.adapters is not None:
                 self.adapters.close()
+
+
+class LlamaEmbeddingContext:
+    """A context made for embeddings (the `EmbeddingContext` protocol): whole sequences, pooled as the model says."""
+
+    def __init__(self, model: LlamaModel, *, n_ctx: int, n_batch: int, n_seq_max: int, config: LoadConfig) -> None:
+        quantized_kv = config.kv_cache_type != "f16"
+        self.context = LlamaContext(
+            model,
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_seq_max=n_seq_max,
+            n_threads=config.num_thread or default_threads(),
+            embeddings=True,
+            type_k=KV_CACHE_TYPES[config.kv_cache_type],
+            type_v=KV_CACHE_TYPES[config.kv_cache_type],
+            flash_attn=True if quantized_kv else None,  # a quantized V cache requires it
+        )
+        try:
+            value = int(llama_cpp.llama_pooling_type(self.context.handle))
+            try:
+                self.pooling = Pooling(value)
+            except ValueError:
+                raise CapabilityError(
+                    f"llama.cpp pools {model.path} in a way this version does not know (type {value}); "
+                    "upgrade localllm to embed with it"
+                ) from None
+            # Models whose output differs from their hidden size (n_embd_out) say so; older bindings lack it.
+            n_embd_out = getattr(llama_cpp, "llama_model_n_embd_out", None)
+            self.n_embd: int = int(
+                n_embd_out(model.handle) if n_embd_out is not None else llama_cpp.llama_model_n_embd(model.handle)
+            )
+        except BaseException:
+            self.context.close()
+            raise
+        self.n_batch: int = self.context.n_batch
+        # An encoder (BERT) has no KV cache and encodes; a decoder keeps one, cleared before each batch.
+        self._has_memory = bool(self.context.memory)
+
+    def decode(self, batch: backend.Batch) -> int:
+        native = _native(batch, Batch)
+        if not self._has_memory:
+            return self.context.encode(native)
+        self.context.clear()  # every sequence of the last batch is finished
+        return self.context.decode(native)
+
+    def pooled(self, seq_id: int) -> npt.NDArray[np.float32]:
+        pointer = llama_cpp.llama_get_embeddings_seq(self.context.handle, seq_id)
+        if not pointer:
+            raise RunnerError(f"llama.cpp returned no pooled embedding for sequence {seq_id}")
+        return _floats(pointer, self.n_embd)
+
+    def token_embedding(self, index: int) -> npt.NDArray[np.float32]:
+        pointer = llama_cpp.llama_get_embeddings_ith(self.context.handle, index)
+        if not pointer:
+            raise RunnerError(f"llama.cpp returned no embedding for token {index}")
+        return _floats(pointer, self.n_embd)
+
+    def close(self) -> None:
+        self.context.close()
+
+
+def _floats(pointer: Any, n: int) -> npt.NDArray[np.float32]:
+    """A copy of `n` floats that llama.cpp owns."""
+    floats = ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float))
+    return np.ctypeslib.as_array(floats, shape=(n,)).astype(np.float32)
 
 
 class LoraAdapters:
@@ -666,6 +722,10 @@ class LlamaBackend:
     def state_format(self) -> str:
         return f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
 
+    @property
+    def max_parallel_sequences(self) -> int:
+        return int(llama_cpp.llama_max_parallel_sequences())
+
     def load_model(
         self, config: LoadConfig, *, gpu_layers: int = 0, tensor_split: Sequence[float] | None = None
     ) -> LlamaModel:
@@ -693,6 +753,13 @@ class LlamaBackend:
         except BaseException:
             adapters.close()
             raise
+
+    def new_embedding_context(
+        self, model: backend.Model, config: LoadConfig, *, n_ctx: int, n_batch: int, n_seq_max: int
+    ) -> LlamaEmbeddingContext:
+        return LlamaEmbeddingContext(
+            _native(model, LlamaModel), n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_seq_max, config=config
+        )
 
     def new_batch(self, capacity: int, n_seq_max: int) -> Batch:
         return Batch(capacity, n_seq_max)
