@@ -51,6 +51,7 @@ from .types import (
 
 if TYPE_CHECKING:
     from .registry.registry import Registry
+    from .runner.backend import Backend
     from .runner.protocol import LoadConfig, ModelRunner
     from .scheduler.scheduler import Scheduler
 
@@ -115,7 +116,10 @@ class Engine:
         prompt_cache_size: int | None = None,
         isolation: str | None = None,
         devices: Any = None,
+        backend: Backend | None = None,
     ) -> None:
+        """`backend` replaces llama.cpp under text models' runners (tests and alternative kernels): any object
+        with the `localllm.runner.backend.Backend` protocol. It serves runners in threads only."""
         settings = EngineSettings.resolve(
             home,
             models,
@@ -130,7 +134,7 @@ class Engine:
             prompt_cache_size,
             isolation,
         )
-        self._service = ModelService(settings, devices=devices)
+        self._service = ModelService(settings, devices=devices, backend=backend)
         # An engine dropped without aclose() (a notebook cell run again) must not keep its models loaded:
         # its runners are closed when it is garbage-collected, or at exit.
         self._finalizer = weakref.finalize(self, self._service.release)
