@@ -465,13 +465,14 @@ class ScriptedContext:
     held: threading.Event = attrs.field(factory=threading.Event)
     closed: bool = False
     _open: threading.Event = attrs.field(factory=threading.Event)
+    _holding_after: int | None = None  # decodes to let through before the gate closes; None: leave it
 
     def __attrs_post_init__(self) -> None:
         self._open.set()
 
-    def hold(self) -> None:
-        """Make the next decode wait until `release`."""
-        self._open.clear()
+    def hold(self, after: int = 0) -> None:
+        """Make the decode after the next `after` ones wait until `release` (call it before they can start)."""
+        self._holding_after = after
 
     def release(self) -> None:
         self.held.clear()
@@ -483,6 +484,12 @@ class ScriptedContext:
 
     def decode(self, batch: Batch) -> int:
         assert isinstance(batch, FakeBatch)
+        if self._holding_after is not None:
+            if self._holding_after == 0:
+                self._open.clear()
+                self._holding_after = None
+            else:
+                self._holding_after -= 1
         if not self._open.is_set():
             self.held.set()
             if not self._open.wait(TIMEOUT):

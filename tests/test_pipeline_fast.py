@@ -319,49 +319,59 @@ async def test_breaking_out_of_a_stream_frees_the_slot(
     model = str(smollm2_path)
     backend.reply = ENDLESS
     async with Engine(store, num_parallel=1, backend=backend) as engine:
+        await engine.generate(model)  # loaded, so the gate below is on this runner's context
+        # The story's prompt and two tokens are decoded; the decode of its third token waits at the gate.
+        backend.context.hold(after=3)
+        received = 0
         async for _chunk in engine.generate(model, "story", raw=True, options={"num_predict": -1}):
-            # Stop the worker inside a decode, then leave: the story must not take another step.
-            backend.context.hold()
-            assert await anyio.to_thread.run_sync(backend.context.held.wait, TIMEOUT)
-            break
+            received += 1
+            if received == 3:
+                break
+        assert await anyio.to_thread.run_sync(backend.context.held.wait, TIMEOUT)
         running = (await engine.scheduler.running())[0]
         assert running.users == 0, "leaving the loop gave the lease back"
-        held_at = len(backend.context.decoded)
-        backend.context.release()
-        backend.reply = "hi"
-        with anyio.fail_after(TIMEOUT):
-            follow_up = await engine.generate(model, "next", raw=True)
-        assert follow_up.response == "hi"
-        runner = running.runner
-        assert (runner.active_count, runner.pending_count) == (0, 0)
-        # With one slot, the follow-up ran at once: after the held decode, only its own prompt and its
-        # two tokens (each decoded for the logits of the next; the last one's choose the end).
-        assert len(backend.context.decoded) - held_at == 1 + 1 + 2
+        await assert_the_slot_frees(engine, backend, model)
 
 
 async def test_cancelling_the_task_frees_the_slot(store: Path, backend: ScriptedBackend, smollm2_path: Path) -> None:
     model = str(smollm2_path)
     backend.reply = ENDLESS
     async with Engine(store, num_parallel=1, backend=backend) as engine:
+        await engine.generate(model)
+        backend.context.hold(after=3)
+        received = 0
         streaming = anyio.Event()
 
         async def consume() -> None:
+            nonlocal received
             async for _chunk in engine.generate(model, "story", raw=True, options={"num_predict": -1}):
-                streaming.set()
+                received += 1
+                if received == 3:
+                    streaming.set()
 
         async with anyio.create_task_group() as group:
             group.start_soon(consume)
             await streaming.wait()
-            backend.context.hold()
-            await anyio.to_thread.run_sync(backend.context.held.wait, TIMEOUT)
+            assert await anyio.to_thread.run_sync(backend.context.held.wait, TIMEOUT)
             group.cancel_scope.cancel()
+        assert received == 3
         assert (await engine.scheduler.running())[0].users == 0
-        held_at = len(backend.context.decoded)
-        backend.context.release()
-        backend.reply = "hi"
-        with anyio.fail_after(TIMEOUT):
-            assert (await engine.generate(model, "next", raw=True)).response == "hi"
-        assert len(backend.context.decoded) - held_at == 1 + 1 + 2
+        await assert_the_slot_frees(engine, backend, model)
+
+
+async def assert_the_slot_frees(engine: Engine, backend: ScriptedBackend, model: str) -> None:
+    """With the abandoned story's decode held, release it: a follow-up must run at once in its one slot."""
+    held_at = len(backend.context.decoded)
+    backend.context.release()
+    backend.reply = "hi"
+    with anyio.fail_after(TIMEOUT):
+        follow_up = await engine.generate(model, "next", raw=True)
+    assert follow_up.response == "hi"
+    runner = (await engine.scheduler.running())[0].runner
+    assert (runner.active_count, runner.pending_count) == (0, 0)
+    # After the held decode, only the follow-up's: its prompt, then its two tokens (each decoded for the
+    # logits that choose the next; the last one's choose the end). The story took no step more.
+    assert len(backend.context.decoded) - held_at == 1 + 1 + 2
 
 
 async def test_empty_requests_load_and_unload(engine: Engine, backend: ScriptedBackend, smollm2_path: Path) -> None:
