@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -21,6 +22,7 @@ from fakes import ENDLESS, TIMEOUT, ScriptedBackend
 import localllm
 from localllm import Engine
 from localllm.errors import InvalidRequest
+from localllm.runner.worker import Runner
 
 pytestmark = pytest.mark.fast
 
@@ -224,7 +226,7 @@ async def test_native_tool_calls_are_parsed_from_the_templates_tags(
     assert backend.prompts[0].startswith("<|im_start|>system\nTools: get_weather<|im_end|>")
     assert backend.grammars == [None], "a template with tools needs no grammar"
     # The call goes back into the conversation as the template writes it.
-    turn = [*PARIS, reply.message, {"role": "tool", "content": "18 degrees"}]
+    turn: list[Any] = [*PARIS, reply.message, {"role": "tool", "content": "18 degrees"}]
     backend.reply = "It is 18 degrees."
     answer = await engine.chat(model, turn, tools=[WEATHER_TOOL])
     assert answer.message.content == "It is 18 degrees."
@@ -368,6 +370,7 @@ async def assert_the_slot_frees(engine: Engine, backend: ScriptedBackend, model:
         follow_up = await engine.generate(model, "next", raw=True)
     assert follow_up.response == "hi"
     runner = (await engine.scheduler.running())[0].runner
+    assert isinstance(runner, Runner)
     assert (runner.active_count, runner.pending_count) == (0, 0)
     # After the held decode, only the follow-up's: its prompt, then its two tokens (each decoded for the
     # logits that choose the next; the last one's choose the end). The story took no step more.
