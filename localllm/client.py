@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from .embeddings import EmbeddingsResponse, EmbedResponse
     from .options import OptionValues
+    from .runner.backend import Backend
     from .types import (
         ChatResponse,
         GenerateResponse,
@@ -109,6 +110,7 @@ class Client:
         prompt_cache_size: int | None = None,
         isolation: str | None = None,
         devices: Any = None,
+        backend: Backend | None = None,
     ) -> None:
         self._engine = Engine(
             home,
@@ -124,6 +126,7 @@ class Client:
             prompt_cache_size=prompt_cache_size,
             isolation=isolation,
             devices=devices,
+            backend=backend,
         )
         loop_thread = contextlib.ExitStack()
         self._portal = loop_thread.enter_context(anyio.from_thread.start_blocking_portal(name="localllm-client"))
