@@ -22,11 +22,11 @@ import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Concatenate, Literal, NoReturn, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Concatenate, Literal, NoReturn, ParamSpec, TypeVar, overload
 
 import anyio.from_thread
 
-from .engine import Engine, ProgressCallback
+from .engine import Engine, EngineArguments, ProgressCallback
 from .errors import EngineClosed
 from .request import ChatRequest, EmbedRequest, GenerateRequest, Request, takes_fields_of
 from .stream import ChunkStream
@@ -98,38 +98,9 @@ class Client:
     Streaming calls return plain iterators; ``progress`` callbacks run on the client's loop thread.
     """
 
-    def __init__(
-        self,
-        home: str | os.PathLike[str] | None = None,
-        *,
-        models: str | os.PathLike[str] | None = None,
-        num_parallel: int | None = None,
-        max_loaded_models: int | None = None,
-        max_queue: int | None = None,
-        keep_alive: float | str | None = None,
-        kv_cache_type: str | None = None,
-        flash_attention: bool | None = None,
-        repack: bool | None = None,
-        prompt_cache: bool | str | os.PathLike[str] | None = None,
-        prompt_cache_size: int | None = None,
-        isolation: str | None = None,
-        devices: Any = None,
-    ) -> None:
-        self._engine = Engine(
-            home,
-            models=models,
-            num_parallel=num_parallel,
-            max_loaded_models=max_loaded_models,
-            max_queue=max_queue,
-            keep_alive=keep_alive,
-            kv_cache_type=kv_cache_type,
-            flash_attention=flash_attention,
-            repack=repack,
-            prompt_cache=prompt_cache,
-            prompt_cache_size=prompt_cache_size,
-            isolation=isolation,
-            devices=devices,
-        )
+    @takes_fields_of(Engine)
+    def __init__(self, home: str | os.PathLike[str] | None = None, **settings: Unpack[EngineArguments]) -> None:
+        self._engine = Engine(home, **settings)
         loop_thread = contextlib.ExitStack()
         self._portal = loop_thread.enter_context(anyio.from_thread.start_blocking_portal(name="localllm-client"))
         # Runs once: on close(), on garbage collection, or at interpreter exit (before daemon threads die).

@@ -17,7 +17,7 @@ import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypedDict, TypeVar, overload
 
 import anyio
 
@@ -64,10 +64,11 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from .registry.registry import Registry
+    from .runner.backend import Backend
     from .runner.protocol import LoadConfig, ModelRunner
     from .scheduler.scheduler import Scheduler
 
-__all__ = ["Engine", "ProgressCallback"]
+__all__ = ["Engine", "EngineArguments", "ProgressCallback"]
 
 logger = logging.getLogger("localllm")
 
@@ -113,6 +114,24 @@ async def _chunks_of(file: anyio.AsyncFile[bytes]) -> AsyncIterator[bytes]:
         yield chunk
 
 
+class EngineArguments(TypedDict, total=False):
+    """The keywords of `Engine(home, ...)`, for what passes them on (the sync `Client`, a Ray node)."""
+
+    models: str | os.PathLike[str] | None
+    num_parallel: int | None
+    max_loaded_models: int | None
+    max_queue: int | None
+    keep_alive: float | str | None
+    kv_cache_type: str | None
+    flash_attention: bool | None
+    repack: bool | None
+    prompt_cache: bool | str | os.PathLike[str] | None
+    prompt_cache_size: int | None
+    isolation: str | None
+    devices: Any
+    backend: Backend | None
+
+
 class Engine:
     """Runs local models in this process.
 
@@ -141,7 +160,10 @@ class Engine:
         prompt_cache_size: int | None = None,
         isolation: str | None = None,
         devices: Any = None,
+        backend: Backend | None = None,
     ) -> None:
+        """`backend` replaces llama.cpp under the runners (tests and alternative kernels): any object
+        with the `localllm.runner.backend.Backend` protocol. It serves runners in threads only."""
         settings = EngineSettings.resolve(
             home,
             models,
@@ -156,7 +178,7 @@ class Engine:
             prompt_cache_size,
             isolation,
         )
-        self._service = ModelService(settings, devices=devices)
+        self._service = ModelService(settings, devices=devices, backend=backend)
         # An engine dropped without aclose() (a notebook cell run again) must not keep its models loaded:
         # its runners are closed when it is garbage-collected, or at exit.
         self._finalizer = weakref.finalize(self, self._service.release)

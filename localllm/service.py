@@ -36,6 +36,7 @@ from .stream import Job
 
 if TYPE_CHECKING:
     from .registry.registry import Registry, ResolvedModel
+    from .runner.backend import Backend
     from .scheduler.devices import InventorySource
 
 __all__ = ["INLINE_WORK_CHARS", "Admitted", "ModelService", "Purpose", "model_identity", "off_loop_if_long"]
@@ -97,9 +98,11 @@ class Running:
 class ModelService:
     """Resolve, check, merge options, and lease runners: the one path from a request to a runner."""
 
-    def __init__(self, settings: EngineSettings, *, devices: InventorySource | None = None) -> None:
+    def __init__(
+        self, settings: EngineSettings, *, devices: InventorySource | None = None, backend: Backend | None = None
+    ) -> None:
         self.settings = settings
-        self.factory = RunnerFactory(settings, devices=devices)
+        self.factory = RunnerFactory(settings, devices=devices, backend=backend)
         self._registry: Registry | None = None
         self._scheduler: Scheduler[LoadConfig, ModelRunner] | None = None
         self._models: dict[LoadConfig, ResolvedModel] = {}  # the model each runner was loaded for

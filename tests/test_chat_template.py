@@ -8,6 +8,8 @@ from localllm.chat.gotemplate import GoTemplate
 from localllm.chat.template import JinjaTemplate, PlainTemplate, is_go_template, load_template
 from localllm.errors import TemplateError
 
+pytestmark = pytest.mark.fast
+
 CHATML_JINJA = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"

@@ -25,6 +25,15 @@ from localllm.runner.prompt_cache import PromptCache
 from localllm.runner.protocol import LoadConfig, SamplingParams, SequenceHandle, SequenceResult, cut_prompt, keep_count
 from localllm.runner.worker import Runner
 
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # What this module checks happens in the runner's thread, the same under every event loop; the model
+    # runs are what cost. The loops themselves are tested end to end in test_engine.py and, on the scripted
+    # model, in test_pipeline_fast.py.
+    return "asyncio"
+
+
 GREEDY = {"temperature": 0, "repeat_penalty": 1.0}
 STORY = "<|im_start|>user\nTell me a very long story about a dragon.<|im_end|>\n<|im_start|>assistant\n"
 

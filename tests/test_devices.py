@@ -22,6 +22,8 @@ from localllm.scheduler.devices import (
     system_memory,
 )
 
+pytestmark = pytest.mark.fast
+
 GiB = 1024**3
 
 

@@ -22,6 +22,8 @@ from localllm.runner.draft import DraftModelMismatch, ModelDrafter, NgramDrafter
 from localllm.runner.protocol import LoadConfig
 from localllm.runner.worker import Runner
 
+pytestmark = pytest.mark.fast
+
 # -- prompt lookup ------------------------------------------------------------------------
 
 

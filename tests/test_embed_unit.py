@@ -19,6 +19,8 @@ from localllm.runner.protocol import LoadConfig
 
 WORDS = "one two three four five six seven eight nine ten eleven twelve".split()
 
+pytestmark = pytest.mark.fast  # a fake backend: no model file, no llama.cpp
+
 
 @contextmanager
 def embedding(

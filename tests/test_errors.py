@@ -11,6 +11,8 @@ import localllm
 from localllm import errors
 from localllm.http.common import APIError, status_for
 
+pytestmark = pytest.mark.fast
+
 ERROR_CLASSES = [
     cls
     for _name, cls in inspect.getmembers(errors, inspect.isclass)

@@ -14,6 +14,8 @@ import pytest
 from localllm.errors import InvalidModelFile
 from localllm.gguf import GGUFInfo, file_type_name, human_number, read_info
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_path: Path) -> GGUFInfo:

@@ -165,6 +165,7 @@ def rejects(tmp_path: Path, data: bytes, *fragments: str) -> str:
 # Files that pass
 
 
+@pytest.mark.fast
 def test_real_models_pass_quickly(smollm2_path: Path, gemma3_path: Path) -> None:
     for path in (smollm2_path, gemma3_path):
         start = time.perf_counter()
@@ -172,6 +173,7 @@ def test_real_models_pass_quickly(smollm2_path: Path, gemma3_path: Path) -> None
         assert time.perf_counter() - start < 2.0, path
 
 
+@pytest.mark.fast
 def test_is_gguf(tmp_path: Path, smollm2_path: Path) -> None:
     assert is_gguf(smollm2_path)
     assert not is_gguf(write(tmp_path, b"hello world"))
@@ -179,6 +181,7 @@ def test_is_gguf(tmp_path: Path, smollm2_path: Path) -> None:
     assert not is_gguf(tmp_path)  # a directory
 
 
+@pytest.mark.fast
 def test_tiny_handmade_model_passes(tmp_path: Path) -> None:
     data = build()
     validate_file(write(tmp_path, data))
@@ -190,6 +193,7 @@ def test_tiny_handmade_model_passes(tmp_path: Path) -> None:
     assert info.tensors[0].offset % 32 == 0
 
 
+@pytest.mark.fast
 def test_gguf_writer_models_pass(tmp_path: Path) -> None:
     for arch, model, tokens, types in [
         ("llama", "llama", ["<unk>", "<s>", "</s>", *[f"<0x{i:02X}>" for i in range(256)], "▁hi"], None),
@@ -231,6 +235,7 @@ def test_gguf_writer_models_pass(tmp_path: Path) -> None:
         assert info.tensor("blk.0.ffn_up.weight").n_bytes == 32 * 18  # type: ignore[union-attr]
 
 
+@pytest.mark.fast
 def test_validate_bytes_of_a_header_prefix(smollm2_path: Path) -> None:
     size = smollm2_path.stat().st_size
     data_offset = read_info(smollm2_path).tensors[0].offset
@@ -243,6 +248,7 @@ def test_validate_bytes_of_a_header_prefix(smollm2_path: Path) -> None:
         validate_bytes(head, name="smollm2", file_size=size - 1)
 
 
+@pytest.mark.fast
 def test_files_that_cannot_be_memory_mapped(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, smollm2_path: Path
 ) -> None:
@@ -263,6 +269,7 @@ def test_files_that_cannot_be_memory_mapped(
 # Files that fail: the header
 
 
+@pytest.mark.fast
 def test_missing_empty_and_tiny_files(tmp_path: Path) -> None:
     with pytest.raises(InvalidModelFile, match="cannot read the file"):
         validate_file(tmp_path / "missing.gguf")
@@ -272,11 +279,13 @@ def test_missing_empty_and_tiny_files(tmp_path: Path) -> None:
     rejects(tmp_path, b"GGUF\x03\x00\x00\x00", "8 bytes long")
 
 
+@pytest.mark.fast
 def test_bad_magic(tmp_path: Path) -> None:
     rejects(tmp_path, build(magic=b"GGML"), "not a GGUF file", "b'GGML'")
     rejects(tmp_path, b"PK\x03\x04" + build()[4:], "not a GGUF file")
 
 
+@pytest.mark.fast
 def test_bad_version(tmp_path: Path) -> None:
     rejects(tmp_path, build(version=1), "GGUF version 1 is no longer supported")
     rejects(tmp_path, build(version=4), "unsupported GGUF version 4")
@@ -284,6 +293,7 @@ def test_bad_version(tmp_path: Path) -> None:
     rejects(tmp_path, build(version=3 << 24), "big-endian")
 
 
+@pytest.mark.fast
 def test_implausible_counts(tmp_path: Path) -> None:
     rejects(tmp_path, build(n_kv=1 << 60), f"claims {1 << 60} metadata entries")
     rejects(tmp_path, build(n_kv=(1 << 64) - 1), "metadata entries")
@@ -296,6 +306,7 @@ def test_implausible_counts(tmp_path: Path) -> None:
 # Files that fail: metadata
 
 
+@pytest.mark.fast
 def test_huge_string_length(tmp_path: Path) -> None:
     bad_key = struct.pack("<Q", 1 << 62) + b"general.x"
     rejects(tmp_path, build(extra=[bad_key]), "key of metadata entry 10", f"claims a length of {1 << 62} bytes")
@@ -309,6 +320,7 @@ def test_huge_string_length(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.fast
 def test_bad_value_types(tmp_path: Path) -> None:
     rejects(
         tmp_path, build(extra=[kv("general.x", 13, b"\0" * 8)]), "metadata key 'general.x'", "unknown value type 13"
@@ -322,6 +334,7 @@ def test_bad_value_types(tmp_path: Path) -> None:
     rejects(tmp_path, build(extra=[bools]), "element 2 is a bool with the invalid byte value 7")
 
 
+@pytest.mark.fast
 def test_huge_array_lengths(tmp_path: Path) -> None:
     numbers = kv("general.x", ARR, struct.pack("<IQ", U64, 1 << 40))
     rejects(tmp_path, build(extra=[numbers]), f"'general.x' claims {1 << 40} array elements")
@@ -331,6 +344,7 @@ def test_huge_array_lengths(tmp_path: Path) -> None:
     rejects(tmp_path, build(extra=[strings]), f"claims {1 << 29} strings")
 
 
+@pytest.mark.fast
 def test_declared_counts_beyond_the_file_are_refused_before_allocating(tmp_path: Path) -> None:
     """A count is compared with the bytes left in the file before anything is allocated for it."""
     for array, message in [
@@ -384,6 +398,7 @@ def test_memory_is_bounded_by_the_metadata_present(tmp_path: Path) -> None:
     assert peak < 8 << 20, peak  # the file holds 16 MB of metadata; the tokens as a list of bytes took 200 MB
 
 
+@pytest.mark.fast
 def test_bad_keys(tmp_path: Path) -> None:
     rejects(tmp_path, build(extra=[kv_u32("llama.block_count", 2)]), "metadata key 'llama.block_count' appears twice")
     rejects(tmp_path, build(extra=[kv_u32("", 2)]), "metadata entry 10", "has an empty key")
@@ -391,6 +406,7 @@ def test_bad_keys(tmp_path: Path) -> None:
     rejects(tmp_path, build(extra=[kv_u32(b"\xff\xfe", 2)]), "is not valid UTF-8")
 
 
+@pytest.mark.fast
 def test_bad_alignment(tmp_path: Path) -> None:
     rejects(tmp_path, build(extra=[kv_u32("general.alignment", 24)]), "'general.alignment' is 24, which is not a power")
     rejects(tmp_path, build(extra=[kv_u32("general.alignment", 0)]), "'general.alignment' is 0")
@@ -403,6 +419,7 @@ def test_bad_alignment(tmp_path: Path) -> None:
 # Files that fail: tensors
 
 
+@pytest.mark.fast
 def test_tensor_offset_past_the_end(tmp_path: Path) -> None:
     norm = read_info(write(tmp_path, build(), "good.gguf")).tensor("output_norm.weight")
     assert norm is not None
@@ -417,6 +434,7 @@ def test_tensor_offset_past_the_end(tmp_path: Path) -> None:
     rejects(tmp_path, build(tensors=far), "tensor 'output_norm.weight' data", "runs past the end of the file")
 
 
+@pytest.mark.fast
 def test_tensor_alignment_and_overlap(tmp_path: Path) -> None:
     shifted = default_tensors(6)
     shifted[1].offset = 8 * 6 * 4 + 4
@@ -431,6 +449,7 @@ def test_tensor_alignment_and_overlap(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.fast
 def test_bad_tensor_shapes_and_types(tmp_path: Path) -> None:
     def with_last(tensor: Tensor) -> bytes:
         return build(tensors=[*default_tensors(6)[:2], tensor])
@@ -449,6 +468,7 @@ def test_bad_tensor_shapes_and_types(tmp_path: Path) -> None:
     validate_bytes(with_last(Tensor("output_norm.weight", (64, 2), ggml_type=GGML_Q4_0)))
 
 
+@pytest.mark.fast
 def test_bad_tensor_names(tmp_path: Path) -> None:
     twice = [*default_tensors(6), Tensor("output_norm.weight", (8,))]
     rejects(tmp_path, build(tensors=twice), "tensor 'output_norm.weight' is described twice")
@@ -463,6 +483,7 @@ def test_bad_tensor_names(tmp_path: Path) -> None:
     rejects(tmp_path, build(tensors=[*default_tensors(6), Tensor(b"a\0b", (8,))]), "contains a NUL byte")
 
 
+@pytest.mark.fast
 def test_missing_tensors(tmp_path: Path) -> None:
     rejects(
         tmp_path, build(tensors=default_tensors(6)[1:]), "tensor 'token_embd.weight', which every 'llama' model needs"
@@ -482,6 +503,7 @@ def test_missing_tensors(tmp_path: Path) -> None:
 # Files that fail: architecture and hyperparameters
 
 
+@pytest.mark.fast
 def test_architecture(tmp_path: Path) -> None:
     rejects(tmp_path, build(arch="llama9"), "unknown model architecture 'llama9'", "supported architecture")
     rejects(tmp_path, build(arch=None), "'general.architecture' is missing")
@@ -491,6 +513,7 @@ def test_architecture(tmp_path: Path) -> None:
         validate_bytes(build(arch=arch, tokenizer_model="gpt2" if "qwen" in arch else "llama"))
 
 
+@pytest.mark.fast
 def test_hyperparameters(tmp_path: Path) -> None:
     rejects(
         tmp_path, build(replace={"llama.block_count": kv_u32("llama.block_count", 600)}), "'llama.block_count' is 600"
@@ -515,6 +538,7 @@ def test_hyperparameters(tmp_path: Path) -> None:
 # Files that fail: tokenizer
 
 
+@pytest.mark.fast
 def test_duplicate_tokens(tmp_path: Path) -> None:
     rejects(
         tmp_path,
@@ -533,6 +557,7 @@ def test_duplicate_tokens(tmp_path: Path) -> None:
     rejects(tmp_path, build(tokens=[*many, "t4321"], tensors=default_tensors(5001)), "'t4321' twice (ids 4321 and")
 
 
+@pytest.mark.fast
 def test_special_token_ids(tmp_path: Path) -> None:
     bos = kv_u32("tokenizer.ggml.bos_token_id", 6)
     rejects(
@@ -553,6 +578,7 @@ def test_special_token_ids(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.fast
 def test_tokens_the_tokenizer_adds_must_exist(tmp_path: Path) -> None:
     """llama.cpp asserts that the BOS/EOS/SEP token it adds to a prompt exists: an id the file names, else the
     tokenizer's default id, which must then lie inside the vocabulary."""
@@ -591,6 +617,7 @@ def test_tokens_the_tokenizer_adds_must_exist(tmp_path: Path) -> None:
     validate_bytes(build(arch="bert", tokenizer_model="bert", extra=[kv_u32("tokenizer.ggml.seperator_token_id", 2)]))
 
 
+@pytest.mark.fast
 def test_types_llama_cpp_asserts(tmp_path: Path) -> None:
     """llama.cpp reads these keys of a LoRA adapter with getters that abort on any other type."""
     rejects(tmp_path, build(extra=[kv_str("adapter.lora.alpha", "8")]), "'adapter.lora.alpha' must be a float32")
@@ -600,6 +627,7 @@ def test_types_llama_cpp_asserts(tmp_path: Path) -> None:
     validate_bytes(build(extra=[alpha, kv_str("adapter.type", "lora"), kv_str("general.type", "model")]))
 
 
+@pytest.mark.fast
 def test_mismatched_tokenizer_arrays(tmp_path: Path) -> None:
     scores = kv_f32s("tokenizer.ggml.scores", [0.0] * 5)
     rejects(
@@ -632,6 +660,7 @@ def test_mismatched_tokenizer_arrays(tmp_path: Path) -> None:
     rejects(tmp_path, build(replace=no_tokens), "tokenizer.ggml.model is 'llama' but the vocabulary")
 
 
+@pytest.mark.fast
 def test_byte_tokens(tmp_path: Path) -> None:
     byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
     tokens = ["<unk>", "<s>", "</s>", *byte_tokens]
@@ -654,6 +683,7 @@ def test_byte_tokens(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.fast
 def test_precompiled_charsmap(tmp_path: Path) -> None:
     def charsmap(blob: bytes) -> bytes:
         return kv("tokenizer.ggml.precompiled_charsmap", ARR, struct.pack("<IQ", U8, len(blob)) + blob)
@@ -721,6 +751,7 @@ def flip_outcome(smollm2_path: Path, smollm2_layout: dict[str, int]) -> FlipOutc
     return FlipOutcome(accepted, rejected)
 
 
+@pytest.mark.fast
 def test_layout_assumptions(smollm2_layout: dict[str, int]) -> None:
     assert 1 << 20 < smollm2_layout["tensor_info_start"] < smollm2_layout["data_offset"]  # the first MB is metadata
     assert smollm2_layout["data_end"] == smollm2_layout["size"]  # no trailing bytes: every truncation cuts data

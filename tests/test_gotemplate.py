@@ -11,6 +11,8 @@ from localllm.chat import TemplateLimits
 from localllm.chat.gotemplate import GoTemplate, go_format_float, go_json
 from localllm.errors import TemplateError
 
+pytestmark = pytest.mark.fast
+
 # -- the template texts (data: Ollama's template/*.gotmpl and library templates) ---------------------------------------
 
 CHATML = """{{- range .Messages }}<|im_start|>{{ .Role }}

@@ -20,6 +20,8 @@ import pytest
 from localllm.chat.grammar import JSON_GBNF, JSON_VALUE_GBNF, format_to_grammar, schema_to_gbnf, tool_call_grammar
 from localllm.errors import InvalidFormat
 
+pytestmark = pytest.mark.fast
+
 
 class Checker:
     """Parses grammars and runs documents through llama.cpp's grammar sampler."""

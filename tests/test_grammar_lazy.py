@@ -22,6 +22,15 @@ from localllm.chat.grammar import format_to_grammar
 from localllm.options import Options
 from localllm.runner.llama import Batch, LlamaContext, LlamaModel, SamplerChain
 
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # What this module checks happens in the runner's thread, the same under every event loop; the model
+    # runs are what cost. The loops themselves are tested end to end in test_engine.py and, on the scripted
+    # model, in test_pipeline_fast.py.
+    return "asyncio"
+
+
 PERSON = {
     "type": "object",
     "properties": {

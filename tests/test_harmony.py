@@ -45,6 +45,7 @@ NOW = {"type": "function", "function": {"name": "now", "parameters": {"type": "o
 # Rendering
 
 
+@pytest.mark.fast
 def test_a_plain_conversation_reasons_at_medium_and_ends_with_the_assistants_start() -> None:
     prompt = render_harmony([{"role": "user", "content": "Hi"}], today=DAY)
     assert prompt == (
@@ -52,6 +53,7 @@ def test_a_plain_conversation_reasons_at_medium_and_ends_with_the_assistants_sta
     )
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("think", "reasoning"),
     [(None, "\n\nReasoning: medium"), (True, "\n\nReasoning: medium"), (False, ""), ("low", "\n\nReasoning: low"),
@@ -62,6 +64,7 @@ def test_think_sets_the_reasoning_level(think: Any, reasoning: str) -> None:
     assert prompt.startswith(f"{SYSTEM}{reasoning}\n\n{CHANNELS}<|end|>")
 
 
+@pytest.mark.fast
 def test_system_messages_become_the_developer_instructions() -> None:
     messages = [
         {"role": "system", "content": "Be brief."},
@@ -76,6 +79,7 @@ def test_system_messages_become_the_developer_instructions() -> None:
     )
 
 
+@pytest.mark.fast
 def test_tools_are_a_typescript_namespace_in_the_developer_message() -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
     assert render_harmony(messages, tools=[WEATHER, NOW], think="low", today=DAY) == (
@@ -89,6 +93,7 @@ def test_tools_are_a_typescript_namespace_in_the_developer_message() -> None:
     )
 
 
+@pytest.mark.fast
 def test_tool_calls_and_results_and_thinking_only_after_the_last_user_message() -> None:
     messages = [
         {"role": "user", "content": "Hello"},
@@ -117,6 +122,7 @@ def test_tool_calls_and_results_and_thinking_only_after_the_last_user_message() 
     )
 
 
+@pytest.mark.fast
 def test_a_last_assistant_message_is_continued() -> None:
     user = {"role": "user", "content": "Hi"}
     head = f"{SYSTEM}\n\nReasoning: medium\n\n{CHANNELS}<|end|><|start|>user<|message|>Hi<|end|>"
@@ -155,12 +161,14 @@ def _parse_every_way(stream: str, parser_for: Any = HarmonyParser) -> tuple[str,
     return whole
 
 
+@pytest.mark.fast
 def test_analysis_is_thinking_and_final_is_content() -> None:
     stream = "<|channel|>analysis<|message|>The user greets.<|end|><|start|>assistant<|channel|>final<|message|>Hello!"
     assert _parse_every_way(stream) == ("The user greets.", "Hello!", [])
     assert _parse_every_way(stream + "<|return|>") == ("The user greets.", "Hello!", [])
 
 
+@pytest.mark.fast
 def test_a_commentary_message_to_a_function_is_a_tool_call() -> None:
     stream = (
         "<|channel|>analysis<|message|>Need the weather.<|end|>"
@@ -171,6 +179,7 @@ def test_a_commentary_message_to_a_function_is_a_tool_call() -> None:
     assert _parse_every_way(stream + "<|call|>") == expected
 
 
+@pytest.mark.fast
 def test_the_recipient_may_come_before_the_channel_and_calls_are_numbered() -> None:
     stream = (
         "<|channel|>commentary to=functions.now<|message|>{}<|call|>"
@@ -185,12 +194,14 @@ def test_the_recipient_may_come_before_the_channel_and_calls_are_numbered() -> N
     assert all(c.id.startswith("call_") for c in calls)
 
 
+@pytest.mark.fast
 def test_commentary_to_no_one_is_content_and_bad_arguments_stay_text() -> None:
     assert _parse_every_way("<|channel|>commentary<|message|>Looking it up.") == ("", "Looking it up.", [])
     stream = "<|channel|>commentary to=functions.now <|constrain|>json<|message|>{not json"
     assert _parse_every_way(stream) == ("", "{not json", [])
 
 
+@pytest.mark.fast
 def test_a_continued_message_is_read_in_its_channel() -> None:
     def continued() -> HarmonyParser:
         return HarmonyParser("<|start|>assistant<|channel|>analysis<|message|>")
@@ -216,6 +227,7 @@ CHATML_TEMPLATE = (
 )
 
 
+@pytest.mark.fast
 def test_a_template_in_harmony_markers_is_read_as_harmony() -> None:
     harmony = load_template(HARMONY_GO_TEMPLATE.replace("<|message|>", "<|channel|>final<|message|>"))
     assert uses_harmony(harmony) and not uses_harmony(load_template(CHATML_TEMPLATE))
@@ -226,6 +238,7 @@ def test_a_template_in_harmony_markers_is_read_as_harmony() -> None:
     assert isinstance(prepare_chat(load_template(CHATML_TEMPLATE), messages).parser(), ChatOutputParser)
 
 
+@pytest.mark.fast
 def test_a_modelfiles_renderer_and_parser_choose_harmony() -> None:
     chatml = load_template(CHATML_TEMPLATE)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
@@ -241,6 +254,7 @@ def test_a_modelfiles_renderer_and_parser_choose_harmony() -> None:
     assert isinstance(parsed_only.parser(), HarmonyParser)
 
 
+@pytest.mark.fast
 def test_a_long_conversation_is_cut_to_fit_keeping_the_system_message() -> None:
     messages = [{"role": "system", "content": "Be brief."}]
     for i in range(20):
@@ -268,6 +282,7 @@ async def test_a_model_created_with_renderer_harmony_prompts_and_thinks_in_harmo
     assert reply.prompt_eval_count == len(vocab.tokenize(harmony_prompt.encode(), add_bos=True, special=True))
 
 
+@pytest.mark.fast
 def test_a_structured_reply_is_written_in_the_final_message() -> None:
     messages = [{"role": "user", "content": "A city as JSON"}]
     prepared = prepare_chat(HarmonyTemplate(), messages, format="json")

@@ -19,6 +19,15 @@ from localllm import Engine
 from localllm.http import ServerThread
 from localllm.types import Logprob
 
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # What this module checks happens in the runner's thread, the same under every event loop; the model
+    # runs are what cost. The loops themselves are tested end to end in test_engine.py and, on the scripted
+    # model, in test_pipeline_fast.py.
+    return "asyncio"
+
+
 # Greedy on the raw logits (no repeat penalty), so the sampled token is always the most likely one.
 GREEDY = {"temperature": 0, "repeat_penalty": 1.0, "num_predict": 12}
 PROMPT = "Name three colors."

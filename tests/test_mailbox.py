@@ -5,8 +5,11 @@ from __future__ import annotations
 import threading
 
 import anyio
+import pytest
 
 from localllm.runner.mailbox import Mailbox
+
+pytestmark = pytest.mark.fast
 
 
 async def test_items_put_from_a_thread_wake_the_reader_in_order() -> None:

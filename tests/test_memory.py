@@ -18,6 +18,8 @@ from localllm.scheduler.memory import (
     plan_layers,
 )
 
+pytestmark = pytest.mark.fast
+
 MiB = 1024**2
 GiB = 1024**3
 

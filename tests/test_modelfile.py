@@ -9,6 +9,8 @@ import pytest
 from localllm.errors import ModelfileError
 from localllm.registry.modelfile import Instruction, Modelfile, format_value, parse
 
+pytestmark = pytest.mark.fast
+
 FULL = '''
 # A Modelfile using every instruction
 FROM ./SmolLM2-135M-Instruct.Q4_1.gguf

@@ -11,6 +11,8 @@ import pytest
 from localllm.errors import InvalidModelName
 from localllm.registry.names import ModelName, is_valid_name
 
+pytestmark = pytest.mark.fast
+
 VALID = [
     ("smollm2", ("registry.ollama.ai", "library", "smollm2", "latest"), "smollm2:latest"),
     ("smollm2:135m", ("registry.ollama.ai", "library", "smollm2", "135m"), "smollm2:135m"),

@@ -20,6 +20,8 @@ import pytest
 from localllm.runner import prompt_cache
 from localllm.runner.prompt_cache import CacheHit, PromptCache
 
+pytestmark = pytest.mark.fast
+
 KEY = "model-a"
 BASE = list(range(1000, 1200))
 

@@ -11,8 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 
 from localllm import Engine
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # What this module checks happens in the runner's thread, the same under every event loop; the model
+    # runs are what cost. The loops themselves are tested end to end in test_engine.py and, on the scripted
+    # model, in test_pipeline_fast.py.
+    return "asyncio"
+
 
 GREEDY = {"temperature": 0, "repeat_penalty": 1.0, "num_ctx": 2048}
 FACTS = " ".join(

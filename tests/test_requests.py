@@ -26,6 +26,7 @@ def anyio_backend() -> str:
 # --------------------------------------------------------------------------- built and checked once
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("build", "message"),
     [
@@ -51,12 +52,14 @@ def test_a_bad_field_is_refused_where_the_request_is_built(build: Any, message: 
         build()
 
 
+@pytest.mark.fast
 def test_two_tools_of_one_name_are_refused() -> None:
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
     with pytest.raises(localllm.ToolError, match="two tools are named 'f'"):
         ChatRequest("m", HELLO, tools=[tool, tool])
 
 
+@pytest.mark.fast
 def test_inputs_are_kept_in_one_plain_form() -> None:
     def add(a: int, b: int) -> int:
         """Add two numbers."""
@@ -71,6 +74,7 @@ def test_inputs_are_kept_in_one_plain_form() -> None:
     assert GenerateRequest("m", None).prompt == "" and GenerateRequest("m").is_empty
 
 
+@pytest.mark.fast
 def test_a_request_is_frozen_and_pickles() -> None:
     def add(a: int, b: int) -> int:
         """Add two numbers."""
@@ -82,6 +86,7 @@ def test_a_request_is_frozen_and_pickles() -> None:
     assert pickle.loads(pickle.dumps(request)) == request  # what a Ray node receives
 
 
+@pytest.mark.fast
 def test_an_unknown_option_warns_at_the_callers_line(home: Path) -> None:
     with pytest.warns(UserWarning, match="ignoring unknown option 'tempreture'") as built:
         ChatRequest("m", HELLO, options={"tempreture": 0})
@@ -92,6 +97,7 @@ def test_an_unknown_option_warns_at_the_callers_line(home: Path) -> None:
     assert called[0].filename == __file__
 
 
+@pytest.mark.fast
 def test_as_json_is_ollamas_request_body() -> None:
     request = ChatRequest("m", HELLO, options={"temperature": 0}, think=True, keep_alive="5m")
     assert as_json(request) == {
@@ -107,6 +113,7 @@ def test_as_json_is_ollamas_request_body() -> None:
 # --------------------------------------------------------------------------- one surface
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(("method", "request_class"), [("chat", ChatRequest), ("generate", GenerateRequest)])
 def test_signatures_show_the_request_fields(method: str, request_class: type) -> None:
     fields = {p.name for p in inspect.signature(request_class).parameters.values() if p.kind is p.KEYWORD_ONLY}
@@ -121,6 +128,7 @@ def _protocol_members() -> list[str]:
     )
 
 
+@pytest.mark.fast
 def test_engine_and_cluster_engine_are_engine_apis(home: Path) -> None:
     from localllm.ray import ClusterEngine
 
@@ -138,6 +146,7 @@ def test_engine_and_cluster_engine_are_engine_apis(home: Path) -> None:
     cluster.close()
 
 
+@pytest.mark.fast
 def test_send_refuses_what_is_not_a_request(home: Path) -> None:
     with pytest.raises(
         localllm.InvalidRequest, match="send\\(\\) takes a GenerateRequest, ChatRequest or EmbedRequest"
@@ -198,3 +207,25 @@ async def test_the_prompt_is_ready_before_a_runner_is_leased(smollm2_path: Path,
 
 def _tool(name: str) -> dict[str, Any]:
     return {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("fields", "source"),
+    [
+        ("GenerateFields", GenerateRequest),
+        ("ChatFields", ChatRequest),
+        ("EmbedFields", EmbedRequest),
+        ("CreateFields", Engine.create),
+        ("EngineArguments", Engine),
+    ],
+)
+def test_the_typed_keywords_match_what_takes_them(fields: str, source: Any) -> None:
+    """The `TypedDict`s type checkers read for ``**fields`` name exactly the keywords that are taken."""
+    import localllm.engine
+    import localllm.request
+
+    typed = getattr(localllm.request, fields, None) or getattr(localllm.engine, fields)
+    keywords = {p.name for p in inspect.signature(source).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    positional_too = {"suffix"} if source is GenerateRequest else set()  # generate(model, prompt, suffix)
+    assert set(typed.__annotations__) == keywords - positional_too - {"stream"}

@@ -27,6 +27,8 @@ from localllm.runner.protocol import LoadConfig, ScoredText, SequenceResult
 from localllm.runner.worker import Runner, log_softmax, most_likely
 from localllm.types import Logprob
 
+pytestmark = pytest.mark.fast
+
 # -- batching -----------------------------------------------------------------------
 
 

@@ -15,6 +15,8 @@ from localllm import EngineClosed, InsufficientMemory, QueueFull
 from localllm.scheduler.keepalive import parse_keep_alive
 from localllm.scheduler.scheduler import Loaded, Scheduler
 
+pytestmark = pytest.mark.fast
+
 
 class FakeRunner:
     """Stands in for a loaded model: records that it was closed, and from which thread."""

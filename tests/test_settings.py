@@ -95,6 +95,7 @@ def resolved(environ: dict[str, str], **arguments: Any) -> EngineSettings:
     return EngineSettings.resolve(*positional, **arguments, environ=environ)
 
 
+@pytest.mark.fast
 def test_the_specification_covers_the_engine_arguments() -> None:
     assert {s.name for s in SETTINGS if s.argument} == ENGINE_ARGUMENTS
     assert set(SAMPLES) == {s.name for s in SETTINGS}
@@ -103,6 +104,7 @@ def test_the_specification_covers_the_engine_arguments() -> None:
         assert setting.variables[1:] in ((), (f"OLLAMA_{setting.name.upper()}",))
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.name)
 def test_each_source_in_order_argument_localllm_ollama_default(setting: Any) -> None:
     (first_text, first), (second_text, second), argument = SAMPLES[setting.name]
@@ -133,6 +135,7 @@ def test_each_source_in_order_argument_localllm_ollama_default(setting: Any) -> 
         assert field_value(resolved(env, **{name: argument}), name) == expected
 
 
+@pytest.mark.fast
 def test_values_read_as_ollama_reads_them() -> None:
     def keep_alive(text: str) -> float:
         return resolved({"OLLAMA_KEEP_ALIVE": text}).keep_alive
@@ -149,6 +152,7 @@ def test_values_read_as_ollama_reads_them() -> None:
     assert resolved({"LOCALLLM_NUM_PARALLEL": "", "OLLAMA_NUM_PARALLEL": "2"}).num_parallel == 2
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("name", sorted(BAD))
 def test_a_bad_value_names_its_variable(name: str) -> None:
     setting = next(s for s in SETTINGS if s.name == name)
@@ -157,6 +161,7 @@ def test_a_bad_value_names_its_variable(name: str) -> None:
             resolved({variable: BAD[name]})
 
 
+@pytest.mark.fast
 def test_a_bad_argument_names_the_argument() -> None:
     with pytest.raises(InvalidRequest, match="num_parallel must be at least 1"):
         resolved({}, num_parallel=0)
@@ -168,6 +173,7 @@ def test_a_bad_argument_names_the_argument() -> None:
         resolved({}, flash_attention="yes")
 
 
+@pytest.mark.fast
 def test_engine_reads_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("OLLAMA_NUM_PARALLEL", "2")
     monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "ollama-models"))
@@ -233,6 +239,7 @@ def test_ollama_context_length_sets_the_loaded_context(smollm2_path: Path, tmp_p
 # -- defaults as Ollama's ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.fast
 def test_default_context_length_by_gpu_memory() -> None:
     assert default_context_length([], 0) == 4096  # CPU only
     assert default_context_length([16 * GiB], 0) == 4096
@@ -249,6 +256,7 @@ def inventory(*gpu_gib: int) -> DeviceInventory:
     return DeviceInventory(gpus=gpus, system=SystemMemory(total=64 * GiB, free=64 * GiB))
 
 
+@pytest.mark.fast
 def test_the_engine_default_num_ctx_and_loaded_model_count_follow_the_devices() -> None:
     settings = resolved({})
     assert RunnerFactory(settings, devices=inventory()).default_num_ctx() == 4096
@@ -260,6 +268,7 @@ def test_the_engine_default_num_ctx_and_loaded_model_count_follow_the_devices() 
     assert RunnerFactory(resolved({}, max_loaded_models=1), devices=inventory(24)).max_loaded_models() == 1
 
 
+@pytest.mark.fast
 def test_gpu_overhead_and_spread_reach_the_layer_plan(smollm2_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LOCALLLM_GPU_OVERHEAD", raising=False)
     monkeypatch.setenv("OLLAMA_GPU_OVERHEAD", str(GiB))
@@ -277,6 +286,7 @@ def test_gpu_overhead_and_spread_reach_the_layer_plan(smollm2_path: Path, monkey
     assert len(spread.plan(config).layers_per_device) == 2
 
 
+@pytest.mark.fast
 def test_four_slots_cost_what_the_readme_says(smollm2_path: Path) -> None:
     sizes = []
     for parallel in (1, 4):
@@ -285,11 +295,13 @@ def test_four_slots_cost_what_the_readme_says(smollm2_path: Path) -> None:
     assert f"for {sizes[1]} instead of {sizes[0]} MiB loaded at num_ctx 4096" in readme_section("Settings")
 
 
+@pytest.mark.fast
 def test_repeat_penalty_defaults_to_ollamas_one() -> None:
     assert Options().repeat_penalty == 1.0
     assert merge_options({"temperature": 0}).repeat_penalty == 1.0
 
 
+@pytest.mark.fast
 def test_num_ctx_is_capped_at_the_trained_context(smollm2_path: Path) -> None:
     factory = RunnerFactory(resolved({}), devices=inventory())
     big = factory.config_for(str(smollm2_path), (), Options(num_ctx=16384))
@@ -345,6 +357,7 @@ def names(cell: str) -> list[str]:
     return re.findall(r"`([^`]+)`", cell)
 
 
+@pytest.mark.fast
 def test_the_readme_settings_table_matches_the_specification() -> None:
     settings_table, differences = markdown_tables(readme_section("Settings"))
     assert len(settings_table) == len(SETTINGS)
@@ -362,6 +375,7 @@ def test_the_readme_settings_table_matches_the_specification() -> None:
         assert reason
 
 
+@pytest.mark.fast
 def test_options_defaults_are_ollamas() -> None:
     # api.DefaultOptions: the README lists no option default as differing.
     ollama = {
@@ -417,6 +431,7 @@ OLLAMA_VARIABLES = {
 }
 
 
+@pytest.mark.fast
 def test_every_ollama_variable_is_read_or_said_not_to_be() -> None:
     read = {variable for variable in SETTING_VARIABLES if variable.startswith("OLLAMA_")}
     assert OLLAMA_VARIABLES <= read | set(NOT_READ)

@@ -26,6 +26,15 @@ from localllm.runner.draft import DraftModelMismatch, ModelDrafter, NgramDrafter
 from localllm.runner.protocol import LoadConfig, SamplingParams, SequenceResult
 from localllm.runner.worker import Runner
 
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # What this module checks happens in the runner's thread, the same under every event loop; the model
+    # runs are what cost. The loops themselves are tested end to end in test_engine.py and, on the scripted
+    # model, in test_pipeline_fast.py.
+    return "asyncio"
+
+
 GREEDY = {"temperature": 0, "repeat_penalty": 1.0}
 PARAGRAPH = (
     "The quick brown fox jumps over the lazy dog. The early bird catches the worm, but the second mouse "

@@ -26,6 +26,8 @@ from localllm.registry.store import (
     go_json,
 )
 
+pytestmark = pytest.mark.fast
+
 
 def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()

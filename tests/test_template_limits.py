@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import re
+import threading
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import anyio
-import anyio.abc
 import pytest
 
 from localllm import Engine
 from localllm.chat import TemplateLimits
+from localllm.chat import prompt as chat_prompt
 from localllm.chat.gotemplate import GoTemplate
 from localllm.chat.template import JinjaTemplate, load_template
 from localllm.errors import InvalidOptions, TemplateError
@@ -135,11 +133,13 @@ def go(source: str, limits: TemplateLimits | None = None) -> str:
 # Jinja
 
 
+@pytest.mark.fast
 def test_jinja_nested_loops_hit_the_step_limit() -> None:
     with pytest.raises(TemplateError, match=r"step limit of 10,000 steps.*LOCALLLM_TEMPLATE_MAX_STEPS"):
         jinja(NESTED_JINJA, SMALL)
 
 
+@pytest.mark.fast
 def test_jinja_default_limits_stop_the_hostile_template() -> None:
     started = time.perf_counter()
     with pytest.raises(TemplateError, match="limit"):
@@ -147,6 +147,7 @@ def test_jinja_default_limits_stop_the_hostile_template() -> None:
     assert time.perf_counter() - started < 2 * TemplateLimits().timeout
 
 
+@pytest.mark.fast
 def test_jinja_runaway_loops_hit_the_time_limit() -> None:
     started = time.perf_counter()
     with pytest.raises(TemplateError, match=r"time limit of 0.2 seconds.*LOCALLLM_TEMPLATE_TIMEOUT"):
@@ -154,6 +155,7 @@ def test_jinja_runaway_loops_hit_the_time_limit() -> None:
     assert time.perf_counter() - started < 1.0
 
 
+@pytest.mark.fast
 def test_jinja_string_repetition_is_refused_before_it_allocates() -> None:
     tracemalloc.start()
     try:
@@ -165,6 +167,7 @@ def test_jinja_string_repetition_is_refused_before_it_allocates() -> None:
     assert peak < 50_000_000
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "source",
     [
@@ -186,23 +189,27 @@ def test_jinja_amplifying_operations_are_refused(source: str) -> None:
         jinja(source)
 
 
+@pytest.mark.fast
 def test_jinja_huge_output_hits_the_output_limit() -> None:
     with pytest.raises(TemplateError, match=r"output limit of 10,000 characters.*LOCALLLM_TEMPLATE_MAX_OUTPUT"):
         jinja("{% for i in range(1000) %}0123456789abcdef{% endfor %}", SMALL)
 
 
+@pytest.mark.fast
 def test_jinja_text_kept_in_a_variable_counts_as_output() -> None:
     source = "{% set kept %}{% for i in range(1000) %}0123456789abcdef{% endfor %}{% endset %}{{ kept | length }}"
     with pytest.raises(TemplateError, match="output limit"):
         jinja(source, SMALL)
 
 
+@pytest.mark.fast
 def test_jinja_doubling_a_string_is_stopped() -> None:
     source = '{% set ns = namespace(s="x") %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}'
     with pytest.raises(TemplateError, match="output limit"):
         jinja(source)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "source",
     [
@@ -218,6 +225,7 @@ def test_jinja_other_runaways_are_template_errors(source: str) -> None:
         jinja(source)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("error", [MemoryError, RecursionError])
 def test_memory_and_recursion_errors_never_escape(error: type[BaseException]) -> None:
     def fail() -> None:
@@ -228,6 +236,7 @@ def test_memory_and_recursion_errors_never_escape(error: type[BaseException]) ->
         template.render(USER, fail=fail)
 
 
+@pytest.mark.fast
 def test_jinja_metering_keeps_the_language_working() -> None:
     source = (
         "{% for i in range(3) %}{{ loop.index }}{{ '.' if not loop.last }}{% else %}none{% endfor %}|"
@@ -249,21 +258,25 @@ def test_jinja_metering_keeps_the_language_working() -> None:
 # Go
 
 
+@pytest.mark.fast
 def test_go_printf_width_is_refused_before_formatting() -> None:
     with pytest.raises(TemplateError, match=r"printf.*would build 1,000,000,000 characters.*output limit"):
         go('{{ printf "%1000000000d" 1 }}')
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("source", ['{{ printf "%.1000000000f" 1.5 }}', '{{ printf "%*d" 1000000000 1 }}'])
 def test_go_printf_precision_and_star_width_are_refused(source: str) -> None:
     with pytest.raises(TemplateError, match="output limit"):
         go(source)
 
 
+@pytest.mark.fast
 def test_go_printf_still_formats() -> None:
     assert go('{{ printf "%5d|%-4s|%.2f|%q" 42 "ab" 3.14159 "x" }}') == '   42|ab  |3.14|"x"<no value>'
 
 
+@pytest.mark.fast
 def test_go_long_and_nested_ranges_hit_the_step_limit() -> None:
     with pytest.raises(TemplateError, match="ranges over 1,000,000,000, over its step limit"):
         go("{{ range 1000000000 }}{{ end }}")
@@ -271,6 +284,7 @@ def test_go_long_and_nested_ranges_hit_the_step_limit() -> None:
         go(NESTED_GO, SMALL)
 
 
+@pytest.mark.fast
 def test_go_default_limits_stop_the_hostile_template() -> None:
     started = time.perf_counter()
     with pytest.raises(TemplateError, match="limit"):
@@ -278,16 +292,19 @@ def test_go_default_limits_stop_the_hostile_template() -> None:
     assert time.perf_counter() - started < 2 * TemplateLimits().timeout
 
 
+@pytest.mark.fast
 def test_go_runaway_ranges_hit_the_time_limit() -> None:
     with pytest.raises(TemplateError, match=r"time limit of 0.2 seconds"):
         go(NESTED_GO, NO_STEP_LIMIT)
 
 
+@pytest.mark.fast
 def test_go_huge_output_hits_the_output_limit() -> None:
     with pytest.raises(TemplateError, match="output limit of 10,000 characters"):
         go("{{ range 1000 }}0123456789abcdef{{ end }}", SMALL)
 
 
+@pytest.mark.fast
 def test_go_legacy_turns_share_one_budget() -> None:
     """A legacy template runs once per turn; the turns together stay within one render's limits."""
     messages = [{"role": role, "content": "x" * 1000} for _ in range(8) for role in ("user", "assistant")]
@@ -297,6 +314,7 @@ def test_go_legacy_turns_share_one_budget() -> None:
         template.render(messages)
 
 
+@pytest.mark.fast
 def test_go_memory_errors_never_escape(monkeypatch: pytest.MonkeyPatch) -> None:
     from localllm.chat.gotemplate import funcs as gotemplate
 
@@ -308,6 +326,7 @@ def test_go_memory_errors_never_escape(monkeypatch: pytest.MonkeyPatch) -> None:
         go('{{ print "x" }}')
 
 
+@pytest.mark.fast
 def test_go_huge_number_literal_is_a_template_error() -> None:
     with pytest.raises(TemplateError, match="bad number"):
         go("{{ 0x" + "f" * 5000 + " }}")
@@ -317,6 +336,7 @@ def test_go_huge_number_literal_is_a_template_error() -> None:
 # Real templates, raising limits, settings
 
 
+@pytest.mark.fast
 def test_smollm2_template_renders_a_long_conversation() -> None:
     messages = [
         {"role": "user" if i % 2 == 0 else "assistant", "content": f"Message number {i}. " * 10} for i in range(2000)
@@ -327,6 +347,7 @@ def test_smollm2_template_renders_a_long_conversation() -> None:
     assert JinjaTemplate(SMOLLM2).render(messages) == expected
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("template", [JinjaTemplate(QWEN_JINJA), GoTemplate(QWEN_GO)], ids=["jinja", "go"])
 def test_tool_templates_render_a_long_agent_conversation(template: JinjaTemplate | GoTemplate) -> None:
     messages = long_conversation(500)
@@ -336,6 +357,7 @@ def test_tool_templates_render_a_long_agent_conversation(template: JinjaTemplate
     assert prompt.endswith("<|im_start|>assistant\n")
 
 
+@pytest.mark.fast
 def test_raising_a_limit_lets_a_bigger_render_through() -> None:
     loops = "{% for i in range(200) %}{% for j in range(200) %}{% endfor %}{% endfor %}done"
     with pytest.raises(TemplateError, match="step limit"):
@@ -349,6 +371,7 @@ def test_raising_a_limit_lets_a_bigger_render_through() -> None:
     go("{{ range 200 }}{{ range 200 }}{{ end }}{{ end }}", TemplateLimits(max_steps=100_000))
 
 
+@pytest.mark.fast
 def test_limits_default_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for variable in ("LOCALLLM_TEMPLATE_TIMEOUT", "LOCALLLM_TEMPLATE_MAX_STEPS", "LOCALLLM_TEMPLATE_MAX_OUTPUT"):
         monkeypatch.delenv(variable, raising=False)
@@ -362,6 +385,7 @@ def test_limits_default_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
         load_template(NESTED_JINJA).render(USER)  # read at render time
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("variable", "value"),
     [
@@ -379,6 +403,7 @@ def test_bad_environment_values_are_invalid_options(monkeypatch: pytest.MonkeyPa
         TemplateLimits()
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("arguments", [{"timeout": 0}, {"max_steps": 1.5}, {"max_output": -1}, {"max_steps": True}])
 def test_bad_limits_are_invalid_options(arguments: dict[str, Any]) -> None:
     with pytest.raises(InvalidOptions, match="TemplateLimits"):
@@ -386,66 +411,51 @@ def test_bad_limits_are_invalid_options(arguments: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# End to end on the real model: a hostile template never stalls the event loop
+# End to end on the real model: a hostile template never stalls the event loop (it renders in a worker thread)
 
 
-async def largest_loop_gap_during(work: Callable[[], Awaitable[object]]) -> tuple[float, BaseException | None]:
-    """The event loop's largest gap between 5 ms ticks while `work` runs, and the error `work` raised."""
-    gaps = [0.0]
-    error: BaseException | None = None
-    done = anyio.Event()
+@pytest.fixture
+def render_threads(monkeypatch: pytest.MonkeyPatch) -> list[threading.Thread]:
+    """The threads requests' templates render in. The event loop's thread must never be one of them: a
+    render runs until its limits stop it, and the loop would stall for as long (shown by thread, not timed)."""
+    threads: list[threading.Thread] = []
+    prepare = chat_prompt.prepare_chat
 
-    async def ticker(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        last = time.perf_counter()
-        task_status.started()
-        while not done.is_set():
-            await anyio.sleep(0.005)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread())
+        return prepare(*args, **kwargs)
 
-    async def run() -> None:
-        nonlocal error
-        try:
-            await work()
-        except Exception as exc:
-            error = exc
-        finally:
-            done.set()
-
-    async with anyio.create_task_group() as group:
-        await group.start(ticker)  # ticking before the work starts, whichever task runs first
-        group.start_soon(run)
-    return max(gaps), error
+    monkeypatch.setattr(chat_prompt, "prepare_chat", recording)
+    return threads
 
 
 async def test_hostile_request_templates_never_stall_the_event_loop(
-    smollm2_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+    smollm2_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch, render_threads: list[threading.Thread]
 ) -> None:
     model = str(smollm2_path)
     async with Engine(home) as engine:
-        await engine.generate(model, "", options={"num_predict": 1})  # load first: loading is not what this measures
         for hostile in (NESTED_JINJA, NESTED_GO):  # under the default limits
-            gap, error = await largest_loop_gap_during(lambda h=hostile: engine.generate(model, "hi", template=h))
-            assert isinstance(error, TemplateError) and re.search("(step|time) limit", str(error)), error
-            assert gap < 0.050, f"event loop stalled for {gap * 1000:.1f} ms"
+            with pytest.raises(TemplateError, match=r"(step|time) limit"):
+                await engine.generate(model, "hi", template=hostile)
 
         monkeypatch.setenv("LOCALLLM_TEMPLATE_TIMEOUT", "0.3")
         monkeypatch.setenv("LOCALLLM_TEMPLATE_MAX_STEPS", str(10**12))
-        gap, error = await largest_loop_gap_during(lambda: engine.generate(model, "hi", template=NESTED_JINJA))
-        assert isinstance(error, TemplateError) and "time limit of 0.3 seconds" in str(error), error
-        assert gap < 0.050, f"event loop stalled for {gap * 1000:.1f} ms"
+        with pytest.raises(TemplateError, match=r"time limit of 0\.3 seconds"):
+            await engine.generate(model, "hi", template=NESTED_JINJA)
 
         reply = await engine.generate(model, "hi", template=SMOLLM2, options={"temperature": 0, "num_predict": 2})
         assert reply.done
+    assert len(render_threads) == 4 and threading.current_thread() not in render_threads
 
 
-async def test_hostile_modelfile_template_never_stalls_chat(smollm2_path: Path, home: Path, tmp_path: Path) -> None:
+async def test_hostile_modelfile_template_never_stalls_chat(
+    smollm2_path: Path, home: Path, tmp_path: Path, render_threads: list[threading.Thread]
+) -> None:
     modelfile = tmp_path / "Modelfile"
     modelfile.write_text(f'FROM {smollm2_path}\nTEMPLATE """{NESTED_JINJA}"""\n')
     async with Engine(home) as engine:
         await engine.create("hostile", modelfile=modelfile)
-        await engine.chat("hostile", [])  # load first
-        gap, error = await largest_loop_gap_during(lambda: engine.chat("hostile", USER))
-    assert isinstance(error, TemplateError) and re.search("(step|time) limit", str(error)), error
-    assert gap < 0.050, f"event loop stalled for {gap * 1000:.1f} ms"
+        with pytest.raises(TemplateError, match=r"(step|time) limit"):
+            await engine.chat("hostile", USER)
+        assert (await engine.ps()).models == []  # refused before a runner was leased
+    assert render_threads and threading.current_thread() not in render_threads

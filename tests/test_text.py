@@ -6,6 +6,8 @@ import pytest
 
 from localllm.runner.text import StopMatcher, Utf8Stream
 
+pytestmark = pytest.mark.fast
+
 
 def test_multibyte_characters_split_across_pieces_are_never_emitted_half() -> None:
     text = "naïve café — 日本語 🙂!"

@@ -7,6 +7,8 @@ import pytest
 from localllm.chat.template import thinking_tags
 from localllm.chat.thinking import ThinkingParser, prompt_opens_thinking
 
+pytestmark = pytest.mark.fast
+
 
 def run(chunks: list[str], **kwargs: object) -> tuple[str, str]:
     parser = ThinkingParser(**kwargs)  # type: ignore[arg-type]

@@ -10,6 +10,8 @@ import pytest
 from localllm.chat.tools import ToolCallParser, parse_tool_calls
 from localllm.types import ToolCall
 
+pytestmark = pytest.mark.fast
+
 
 def _tool(name: str, properties: dict[str, Any] | None = None) -> dict[str, Any]:
     return {

@@ -25,6 +25,8 @@ from localllm.tools import (
 )
 from localllm.types import ChatResponse, Message, ToolCall, ToolCallFunction
 
+pytestmark = pytest.mark.fast
+
 # -- schemas from functions ------------------------------------------------------------------------------------------
 
 

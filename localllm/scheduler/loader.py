@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from ..errors import InvalidRequest
 from ..options import Options, runner_load_values
 from ..runner.protocol import LoadConfig, ModelRunner
 from ..settings import default_context_length
@@ -17,6 +18,7 @@ from .scheduler import Loaded
 
 if TYPE_CHECKING:
     from ..gguf.inspect import GGUFInfo
+    from ..runner.backend import Backend
     from ..runner.prompt_cache import PromptCache
     from ..settings import EngineSettings
 
@@ -40,11 +42,22 @@ def _info(path: str) -> GGUFInfo:
 
 class RunnerFactory:
     """Builds a `LoadConfig` from options, plans its memory, and loads it: in a worker thread, or a text
-    model in a child process of its own with `isolation="process"` (embedding models stay in threads)."""
+    model in a child process of its own with `isolation="process"` (embedding models stay in threads).
 
-    def __init__(self, settings: EngineSettings, *, devices: InventorySource | None = None) -> None:
+    `backend` replaces llama.cpp under the runners (tests, alternative kernels); an object in this
+    process cannot serve a runner in a child, so it needs `isolation="thread"`."""
+
+    def __init__(
+        self, settings: EngineSettings, *, devices: InventorySource | None = None, backend: Backend | None = None
+    ) -> None:
+        if backend is not None and settings.isolation == "process":
+            raise InvalidRequest(
+                'a backend runs in this process, so it cannot serve runners in child processes: use isolation="thread"'
+                " with a backend, or leave the backend out"
+            )
         self.settings = settings
         self._devices = devices
+        self._backend = backend
         self._prompt_cache: PromptCache | None = None
         self._default_num_ctx: int | None = None
 
@@ -167,7 +180,9 @@ class RunnerFactory:
         if config.embeddings:
             from ..runner.embed import EmbeddingRunner
 
-            runner = EmbeddingRunner(config, gpu_layers=plan.gpu_layers, tensor_split=plan.tensor_split)
+            runner = EmbeddingRunner(
+                config, gpu_layers=plan.gpu_layers, tensor_split=plan.tensor_split, backend=self._backend
+            )
         elif self.settings.isolation == "process":
             from ..runner.process import ProcessRunner
 
@@ -183,6 +198,10 @@ class RunnerFactory:
             from ..runner.worker import Runner
 
             runner = Runner(
-                config, gpu_layers=plan.gpu_layers, tensor_split=plan.tensor_split, prompt_cache=self.prompt_cache
+                config,
+                gpu_layers=plan.gpu_layers,
+                tensor_split=plan.tensor_split,
+                backend=self._backend,
+                prompt_cache=self.prompt_cache,
             )
         return Loaded(runner, plan.total_bytes, plan.vram_bytes, context_length=runner.n_ctx_seq, plan=plan)
