@@ -266,14 +266,15 @@ class ModelService:
     async def template(self, resolved: ResolvedModel) -> ChatTemplate:
         """The model's chat template: its own (Modelfile TEMPLATE), else the one its GGUF carries, with the
         BOS and EOS tokens' text from the GGUF's vocabulary. Read from the file, so no runner is needed."""
-        info = await anyio.to_thread.run_sync(self.factory.info, str(resolved.model_path))
-        source = resolved.template or info.chat_template
-        template: ChatTemplate = PlainTemplate()
-        if source:
-            template = await anyio.to_thread.run_sync(
-                _compiled_template, source, info.bos_token or "", info.eos_token or ""
-            )
+        template = await anyio.to_thread.run_sync(self._template, str(resolved.model_path), resolved.template)
         return select_harmony(template, renderer=resolved.renderer, parser=resolved.parser)
+
+    def _template(self, model_path: str, own: str | None) -> ChatTemplate:
+        info = self.factory.info(model_path)  # read once per version of the file
+        source = own or info.chat_template
+        if not source:
+            return PlainTemplate()
+        return _compiled_template(source, info.bos_token or "", info.eos_token or "")
 
     async def running(self) -> list[Running]:
         records = await self.scheduler.running()
