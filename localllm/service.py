@@ -5,7 +5,7 @@ is asked (generate or embed), merges the options (defaults < model parameters < 
 the model's runner, loaded with those load options, from the scheduler — or, for an empty request,
 just loads or unloads it, as Ollama does. One runner per model file, as in Ollama: adapters, context
 size, draft model and the other load options are the runner's, and a request asking for others
-reloads the model once its running requests finish. The request pipelines (`requests.py`,
+reloads the model once its running requests finish. The request pipelines (`pipeline.py`,
 `embeddings.py`) talk only to this service, each inside an `admit()` that counts it under `max_queue`
 for its whole life; the `Engine` owns one service and delegates to it.
 """
