@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -258,6 +260,109 @@ class ServerThreadless:
         self._server.should_exit = True
         self._thread.join()
         self._sock.close()
+
+
+# --------------------------------------------------------------------------- slow clients
+
+SOCKET_DEADLINE = 30.0  # how long a test waits on a socket before it fails; the server's bounds are far below
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + SOCKET_DEADLINE
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def connect(server: ServerThread) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=SOCKET_DEADLINE)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (socket.timeout if it never does)."""
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One response: its head, then as many body bytes as its Content-Length says."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection mid-response: {received!r}"
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection mid-body"
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def request_head(server: ServerThread, method: str, path: str, length: int | None = None) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{server.port}", "Content-Type: application/json"]
+    if length is not None:
+        lines.append(f"Content-Length: {length}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@pytest.fixture
+def impatient(tmp_path: Path) -> Iterator[ServerThread]:
+    """A server that waits half a second for headers and for each piece of a body."""
+    with ServerThread(lambda: localllm.Engine(tmp_path), header_timeout=0.5, body_timeout=0.5) as running:
+        yield running
+
+
+@pytest.mark.parametrize("path", ["/api/generate", "/v1/chat/completions", "/api/blobs/sha256:" + "0" * 64])
+def test_a_stalled_body_gets_408_and_the_connection_closes(impatient: ServerThread, path: str) -> None:
+    body = json.dumps({"model": "smollm2", "prompt": "Hi", "messages": []}).encode()
+    with connect(impatient) as sock:
+        sock.sendall(request_head(impatient, "POST", path, len(body)) + body[: len(body) // 2])
+        answer = read_until_closed(sock)  # the rest of the body is never sent
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert b"stalled" in answer and b"connection: close" in answer.lower()
+    wait_for(lambda: impatient.open_connections == 0, "the stalled connection was held")
+
+
+def test_headers_that_never_end_close_the_connection(impatient: ServerThread) -> None:
+    with connect(impatient) as silent:
+        assert read_until_closed(silent) == b""  # connected, sent nothing
+    with connect(impatient) as dribbler:
+        dribbler.sendall(b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # the headers never end
+        assert read_until_closed(dribbler) == b""
+    with connect(impatient) as kept_alive:  # a kept-alive connection's next request is bounded too
+        kept_alive.sendall(request_head(impatient, "GET", "/api/version"))
+        assert read_response(kept_alive).startswith(b"HTTP/1.1 200 ")
+        kept_alive.sendall(b"GET /api/version HTTP/1.1\r\n")
+        assert read_until_closed(kept_alive) == b""
+    with connect(impatient) as prompt:  # a client that sends its request at once is served
+        prompt.sendall(request_head(impatient, "GET", "/api/version"))
+        assert read_response(prompt).startswith(b"HTTP/1.1 200 ")
+
+
+def test_connections_beyond_the_limit_get_503(tmp_path: Path) -> None:
+    with ServerThread(lambda: localllm.Engine(tmp_path), max_connections=2) as server:
+        with connect(server) as first, connect(server):
+            third = connect(server)
+            wait_for(lambda: server.open_connections == 3, "the server did not take the connections")
+            third.sendall(request_head(server, "GET", "/api/version"))
+            assert read_response(third).startswith(b"HTTP/1.1 503 ")
+            third.close()
+            first.close()
+            wait_for(lambda: server.open_connections == 1, "closed connections were still counted")
+            with connect(server) as another:  # within the limit again: served
+                wait_for(lambda: server.open_connections == 2, "the server did not take the connection")
+                another.sendall(request_head(server, "GET", "/api/version"))
+                assert read_response(another).startswith(b"HTTP/1.1 200 ")
+
+
+def test_bounds_must_be_positive() -> None:
+    for bounds in ({"max_connections": 0}, {"header_timeout": 0}, {"body_timeout": -1.0}):
+        with pytest.raises(ValueError, match="must be"):
+            ServerThread(lambda: localllm.Engine(), **bounds)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- statuses, binding, import

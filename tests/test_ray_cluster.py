@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -110,18 +111,30 @@ def anyio_backend() -> str:
     return "asyncio"  # trio is covered by the one test that asks for it
 
 
+NODE = {"num_cpus": 1, "object_store_memory": 100 << 20}
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Iterator[Any]:
+def ray_cluster() -> Iterator[Any]:
+    """Ray itself: a head and one more node on this machine."""
     import ray
     from ray.cluster_utils import Cluster
 
+    nodes = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
+    nodes.add_node(**NODE)
+    nodes.wait_for_nodes()
+    ray.init(address=nodes.address, log_to_driver=False)
+    try:
+        yield nodes
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Iterator[Any]:
     from localllm.ray import ClusterEngine
 
-    nodes = {"num_cpus": 1, "object_store_memory": 100 << 20}
-    ray_cluster = Cluster(initialize_head=True, head_node_args={**nodes, "include_dashboard": False})
-    ray_cluster.add_node(**nodes)
-    ray_cluster.wait_for_nodes()
-    ray.init(address=ray_cluster.address, log_to_driver=False)
     # Not started here: its first call starts it, as an Engine's does.
     engine = ClusterEngine(engine_options={"home": tmp_path_factory.mktemp("cluster")}, max_queue=64)
     try:
@@ -131,8 +144,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Ite
         yield engine
     finally:
         engine.close()
-        ray.shutdown()
-        ray_cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +262,7 @@ async def test_embeddings_run_on_a_node(cluster: Any) -> None:
     assert cluster.router.in_flight == 0
 
 
-async def test_a_dead_node_fails_its_requests_and_the_others_serve(cluster: Any) -> None:
+async def test_a_dead_engine_fails_its_requests_and_its_node_serves_again(cluster: Any) -> None:
     import ray
 
     for node in cluster.nodes:
@@ -261,12 +272,47 @@ async def test_a_dead_node_fails_its_requests_and_the_others_serve(cluster: Any)
     chunks = stream.__aiter__()
     await chunks.__anext__()
     doomed = cluster.last_node
-    ray.kill(cluster.actor(doomed))
-    with pytest.raises(localllm.RunnerError):
+    survivor = next(node for node in cluster.nodes if node != doomed)
+    ray.kill(cluster.actor(doomed))  # as llama.cpp aborting or the OOM killer would end it
+    with pytest.raises(localllm.RunnerError, match="died"):
         async for _chunk in chunks:
             pass
     assert doomed not in cluster.nodes
+    assert cluster.router.in_flight == 0
+    # The next request looks at the cluster again: the node is alive, so it gets a new engine.
     reply = await cluster.chat("smollm2", [{"role": "user", "content": "Hello?"}], options=GREEDY)
     assert reply.message.content
-    assert cluster.last_node != doomed and cluster.last_node in cluster.nodes
+    assert sorted([doomed, survivor]) == cluster.nodes
+    # ... on the same store: once the model is stored only there, it is served from there.
+    await cluster.delete("smollm2", node=survivor)
+    assert await cluster.replicate("smollm2", doomed) == []  # still in its store
+    shown = await cluster.show("smollm2")
+    assert shown.details.family
+    reply = await cluster.chat("smollm2", [{"role": "user", "content": "Name a colour."}], options=GREEDY)
+    assert reply.message.content
+    assert doomed in await cluster.ps_by_node()
     assert cluster.router.in_flight == 0
+
+
+async def test_a_node_that_leaves_the_cluster_is_not_routed_to_again(cluster: Any, ray_cluster: Any) -> None:
+    import ray
+
+    before = set(cluster.nodes)
+    leaving = ray_cluster.add_node(**NODE)
+    ray_cluster.wait_for_nodes()
+    cluster._refreshed = 0.0
+    await cluster.list()  # looks at the cluster again: the new node gets an engine
+    (joined,) = set(cluster.nodes) - before
+    ray_cluster.remove_node(leaving)
+    deadline = time.monotonic() + 120
+    while any(n["NodeID"] == joined and n["Alive"] for n in ray.nodes()):
+        assert time.monotonic() < deadline, "Ray did not notice the node leave"
+        await anyio.sleep(0.1)
+    cluster._refreshed = 0.0
+    await cluster.list()  # its engine is gone with it, and its node is not given a new one
+    assert set(cluster.nodes) == before
+    reply = await cluster.chat("smollm2", [{"role": "user", "content": "Hello?"}], options=GREEDY)
+    assert reply.message.content and cluster.last_node in before
+    cluster._refreshed = 0.0
+    await cluster.list()
+    assert set(cluster.nodes) == before

@@ -10,7 +10,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
 from . import ollama_api, openai_api
-from .common import GiB, HideServerPaths, HTTPSettings, MiB
+from .common import DEFAULT_BODY_TIMEOUT, GiB, HideServerPaths, HTTPSettings, MiB
 from .security import RequestGuard, allowed_origins
 
 __all__ = ["create_app"]
@@ -28,13 +28,15 @@ def create_app(
     allow_local_paths: bool = False,
     origins: Sequence[str] = (),
     check_host: bool = True,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
 ) -> Starlette:
     """An ASGI app serving `engine` (already open), or an engine the app opens and closes itself.
 
     With `engine_factory`, the app's lifespan calls it, enters the engine
     (``async with``) at startup and closes it at shutdown; ``app.state.engine``
     is the engine while the app runs. `max_request_size` limits the body of
-    JSON endpoints and `max_blob_size` that of blob uploads (413 beyond).
+    JSON endpoints and `max_blob_size` that of blob uploads (413 beyond). A body
+    that pauses for `body_timeout` seconds is answered with 408, closing the connection.
 
     Requests name models, not files on the server, unless `allow_local_paths`
     (then regular files only). Requests from a browser page must come from
@@ -46,6 +48,8 @@ def create_app(
         raise ValueError("pass either an engine (already open) or an engine_factory, not both or neither")
     if max_request_size < 1 or max_blob_size < 1:
         raise ValueError("max_request_size and max_blob_size must be positive")
+    if not body_timeout > 0:
+        raise ValueError(f"body_timeout must be a positive number of seconds, got {body_timeout!r}")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -66,6 +70,9 @@ def create_app(
     app = Starlette(routes=[*ollama_api.routes(), *openai_api.routes()], middleware=middleware, lifespan=lifespan)
     app.state.engine = engine
     app.state.settings = HTTPSettings(
-        max_request_size=max_request_size, max_blob_size=max_blob_size, allow_local_paths=allow_local_paths
+        max_request_size=max_request_size,
+        max_blob_size=max_blob_size,
+        allow_local_paths=allow_local_paths,
+        body_timeout=body_timeout,
     )
     return app

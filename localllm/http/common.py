@@ -16,7 +16,7 @@ import logging
 import math
 import re
 import tempfile
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping
 from contextvars import ContextVar
 from pathlib import Path, PurePath
 from typing import Any
@@ -41,9 +41,11 @@ __all__ = [
     "HTTPSettings",
     "HideServerPaths",
     "Put",
+    "body_chunks",
     "check_values",
     "dumps",
     "error_message",
+    "headers_for",
     "json_text",
     "log_unexpected",
     "pump",
@@ -58,6 +60,9 @@ logger = logging.getLogger("localllm.http")
 MiB = 1 << 20
 GiB = 1 << 30
 
+#: Seconds a request body may pause before the client gets 408 (`HTTPSettings.body_timeout`).
+DEFAULT_BODY_TIMEOUT = 60.0
+
 
 @attrs.frozen
 class HTTPSettings:
@@ -69,6 +74,9 @@ class HTTPSettings:
     max_blob_size: int = 256 * GiB
     #: Whether requests may name files on the server (model paths, ``from``, Modelfile FROM and ADAPTER).
     allow_local_paths: bool = False
+    #: Longest pause, in seconds, while a request body arrives: a client that sends nothing for this long gets
+    #: 408 and its connection is closed.
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
 
 
 class ClientGone(Exception):
@@ -78,12 +86,27 @@ class ClientGone(Exception):
 class APIError(Exception):
     """An error answered with a given HTTP status (and, for OpenAI clients, a param and code)."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        #: Extra response headers (``connection: close`` for a client that stalled).
+        self.headers = dict(headers or {})
+
+
+def headers_for(exc: BaseException) -> dict[str, str] | None:
+    """The extra headers an error is answered with, if any."""
+    return getattr(exc, "headers", None) or None
 
 
 def status_for(exc: BaseException) -> int:
@@ -247,8 +270,29 @@ class JSON(Response):
 # --------------------------------------------------------------------------- request bodies
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, or 413 once it passes `limit` bytes."""
+async def body_chunks(request: Request, timeout: float) -> AsyncIterator[bytes]:
+    """The body's chunks as they arrive; 408 when none comes for `timeout` seconds.
+
+    The 408 closes the connection: the rest of a stalled body is never read, so the socket is not held.
+    """
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            with anyio.fail_after(timeout):
+                chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise APIError(
+                408,
+                f"the request body stalled: nothing arrived for {timeout:g} s; send the whole body without pausing",
+                headers={"connection": "close"},
+            ) from None
+        yield chunk
+
+
+async def read_body(request: Request, limit: int, timeout: float = DEFAULT_BODY_TIMEOUT) -> bytes:
+    """The whole body, or 413 once it passes `limit` bytes (408 if it stalls for `timeout` seconds)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -259,7 +303,7 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise APIError(413, f"request body of {size} bytes is larger than the limit of {limit} bytes")
     chunks: list[bytes] = []
     total = 0
-    async for chunk in request.stream():
+    async for chunk in body_chunks(request, timeout):
         total += len(chunk)
         if total > limit:
             raise APIError(413, f"request body is larger than the limit of {limit} bytes")
@@ -277,9 +321,9 @@ _INTEGER_LIMIT = 1 << 64
 MAX_DURATION_SECONDS = (2**63 - 1) / 1e9
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
+async def read_json(request: Request, limit: int, timeout: float = DEFAULT_BODY_TIMEOUT) -> dict[str, Any]:
     """The body as a JSON object; 400 when it is missing, not JSON or holds values `check_values` refuses."""
-    body = await read_body(request, limit)
+    body = await read_body(request, limit, timeout)
     if not body.strip():
         raise APIError(400, "missing request body")
     try:

@@ -32,9 +32,11 @@ from .common import (
     Fields,
     HTTPSettings,
     Put,
+    body_chunks,
     dumps,
     error_boundary,
     error_message,
+    headers_for,
     pump,
     read_json,
     status_for,
@@ -57,7 +59,7 @@ OLLAMA_API_VERSION = "0.30.0"
 
 def ollama_error(exc: BaseException) -> Response:
     """``{"error": "..."}`` with the status the error maps to."""
-    return JSON({"error": error_message(exc)}, status_code=status_for(exc))
+    return JSON({"error": error_message(exc)}, status_code=status_for(exc), headers=headers_for(exc))
 
 
 def _error_line(exc: BaseException) -> bytes:
@@ -99,7 +101,8 @@ def settings_of(request: Request) -> HTTPSettings:
 
 
 async def read_request(request: Request) -> Fields:
-    return Fields(await read_json(request, settings_of(request).max_request_size))
+    settings = settings_of(request)
+    return Fields(await read_json(request, settings.max_request_size, settings.body_timeout))
 
 
 def model_field(fields: Fields, *names: str) -> str:
@@ -492,15 +495,16 @@ async def upload_blob(request: Request) -> Response:
     digest = _digest_param(request)
     engine = engine_of(request)
     limit = settings_of(request).max_blob_size
+    timeout = settings_of(request).body_timeout
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"blob of {declared} bytes is larger than the limit of {limit} bytes")
     if await engine.has_blob(digest):
-        async for _chunk in request.stream():  # read what the client sends, keep nothing
+        async for _chunk in body_chunks(request, timeout):  # read what the client sends, keep nothing
             pass
         return Response(status_code=200)
     try:
-        await engine.add_blob(digest, request.stream(), max_size=limit)
+        await engine.add_blob(digest, body_chunks(request, timeout), max_size=limit)
     except DigestMismatch as exc:  # the client sent the wrong bytes: its mistake, unlike a download's
         raise APIError(400, f"digest mismatch, expected {exc.expected!r}, got {exc.actual!r}") from None
     return Response(status_code=201)

@@ -33,6 +33,7 @@ from .common import (
     dumps,
     error_boundary,
     error_message,
+    headers_for,
     pump,
     status_for,
     tool_calls,
@@ -61,7 +62,7 @@ def _error_body(exc: BaseException) -> dict[str, Any]:
 
 
 def openai_error(exc: BaseException) -> Response:
-    return JSON(_error_body(exc), status_code=status_for(exc))
+    return JSON(_error_body(exc), status_code=status_for(exc), headers=headers_for(exc))
 
 
 def _sse(item: Any) -> bytes:

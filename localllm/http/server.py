@@ -12,12 +12,15 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import attrs
 import sniffio
 import uvicorn
 
 from .app import DEFAULT_MAX_BLOB_SIZE, DEFAULT_MAX_REQUEST_SIZE, create_app
+from .common import DEFAULT_BODY_TIMEOUT
+from .connections import DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS, h11_with_header_timeout
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "ServerThread", "is_loopback", "run", "serve"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "ConnectionBounds", "ServerThread", "is_loopback", "run", "serve"]
 
 logger = logging.getLogger("localllm.http")
 
@@ -68,7 +71,21 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _server(app: Any, log_level: str | None, access_log: bool) -> uvicorn.Server:
+@attrs.frozen
+class ConnectionBounds:
+    """How long a client may take to send a request's headers, and how many connections may be open at once."""
+
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+
+    def __attrs_post_init__(self) -> None:
+        if not self.header_timeout > 0:
+            raise ValueError(f"header_timeout must be a positive number of seconds, got {self.header_timeout!r}")
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, got {self.max_connections!r}")
+
+
+def _server(app: Any, log_level: str | None, access_log: bool, bounds: ConnectionBounds) -> uvicorn.Server:
     config = uvicorn.Config(
         app,
         lifespan="on",
@@ -76,6 +93,9 @@ def _server(app: Any, log_level: str | None, access_log: bool) -> uvicorn.Server
         access_log=access_log,
         timeout_graceful_shutdown=5,
         log_config=None,
+        http=h11_with_header_timeout(bounds.header_timeout),
+        # uvicorn counts the new connection among those open: one more lets exactly max_connections in.
+        limit_concurrency=bounds.max_connections + 1,
     )
     return uvicorn.Server(config)
 
@@ -91,6 +111,9 @@ async def serve(
     origins: Sequence[str] = (),
     max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
     max_blob_size: int = DEFAULT_MAX_BLOB_SIZE,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
     log_level: str | None = "info",
     access_log: bool = False,
     on_ready: Callable[[str, int], None] | None = None,
@@ -103,6 +126,10 @@ async def serve(
     machine (the Host header). Requests name models, not server files, unless
     `allow_local_paths`. `origins` are allowed beside the defaults and
     ``LOCALLLM_ORIGINS``/``OLLAMA_ORIGINS`` (see `create_app`).
+    Slow clients are bounded: a request's headers must arrive within
+    `header_timeout` seconds (else the connection is closed), a body that
+    pauses for `body_timeout` seconds gets 408, and a request on a connection
+    beyond `max_connections` open at once gets 503.
     `on_ready(host, port)` is called once it listens (useful with
     ``port=0``, which picks a free port). Runs on asyncio (uvicorn does not
     run under trio).
@@ -110,6 +137,7 @@ async def serve(
     if sniffio.current_async_library() != "asyncio":
         raise RuntimeError("the HTTP server runs on asyncio (uvicorn); start it with anyio.run(..., backend='asyncio')")
     _check_exposure(host, allow_remote, allow_local_paths)
+    bounds = ConnectionBounds(header_timeout, max_connections)
     app = create_app(
         engine,
         engine_factory=engine_factory,
@@ -118,9 +146,10 @@ async def serve(
         allow_local_paths=allow_local_paths,
         origins=origins,
         check_host=is_loopback(host),
+        body_timeout=body_timeout,
     )
     sock = bind_socket(host, port)
-    server = _server(app, log_level, access_log)
+    server = _server(app, log_level, access_log, bounds)
     bound = sock.getsockname()[1]
 
     async def announce() -> None:
@@ -193,10 +222,14 @@ class ServerThread:
         origins: Sequence[str] = (),
         max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
         max_blob_size: int = DEFAULT_MAX_BLOB_SIZE,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
         log_level: str | None = "warning",
         startup_timeout: float = 60.0,
     ) -> None:
         _check_exposure(host, allow_remote, allow_local_paths)
+        bounds = ConnectionBounds(header_timeout, max_connections)
         self.host = host
         self._factory = engine_factory
         self._app = create_app(
@@ -206,10 +239,11 @@ class ServerThread:
             allow_local_paths=allow_local_paths,
             origins=origins,
             check_host=is_loopback(host),
+            body_timeout=body_timeout,
         )
         self._sock = bind_socket(host, port)
         self.port: int = self._sock.getsockname()[1]
-        self._server = _server(self._app, log_level, False)
+        self._server = _server(self._app, log_level, False, bounds)
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
         self._timeout = startup_timeout
@@ -222,6 +256,11 @@ class ServerThread:
     @property
     def engine(self) -> Any:
         return self._app.state.engine
+
+    @property
+    def open_connections(self) -> int:
+        """How many client connections are open now."""
+        return len(self._server.server_state.connections)
 
     def _main(self) -> None:
         try:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 import anyio
 import attrs
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnschedulableError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..embeddings import EmbeddingsResponse, EmbedResponse
@@ -46,6 +46,13 @@ __all__ = ["ClusterEngine"]
 T = TypeVar("T")
 R = TypeVar("R")
 
+REVIVE_BACKOFF_MAX = 60.0
+"""Seconds, at most, between a node's engine dying again and again and the next new one (the wait doubles
+from nothing with each death within this long of the last one)."""
+
+# What a call on an actor raises when the actor is gone (died, killed, or could not be placed on its node).
+_ACTOR_GONE = (RayActorError, ActorUnschedulableError)
+
 
 def _last(chunks: Sequence[T]) -> T:
     return chunks[-1]
@@ -75,6 +82,10 @@ class ClusterEngine:
     loaded node; a node that lacks the model gets a copy from one that has it. More than
     ``max_queue`` requests in flight across the cluster fail with `QueueFull`.
 
+    When a node's engine dies (llama.cpp aborted, or the OOM killer took it), the requests it was
+    serving fail with `RunnerError` and a new engine is started on that node while its Ray node is
+    alive, with the same store; a node that left the cluster is not routed to again.
+
     As an `Engine`, it starts on first use (connecting to the cluster and starting the node actors)
     and is closed by `aclose()`, by leaving ``async with``, or when it is garbage-collected or the
     interpreter exits.
@@ -100,7 +111,9 @@ class ClusterEngine:
         #: The node that the last routed request went to.
         self.last_node: str | None = None
         self._actors: dict[str, Any] = {}
-        self._lost: set[str] = set()  # nodes whose actor died: not used again
+        self._incarnations: dict[str, int] = {}  # node -> how many actors were started there
+        self._lost: set[str] = set()  # nodes that left the cluster: not used again
+        self._deaths: dict[str, tuple[int, float]] = {}  # node -> (deaths in a row, when its actor last died)
         self._stored: dict[str, set[str]] = {}  # node -> model keys known to be in its store
         self._lock = threading.RLock()
         self._ensure_locks: dict[tuple[str, str], threading.Lock] = {}
@@ -175,6 +188,8 @@ class ClusterEngine:
                 raise UnavailableError(f"node {node_id} is not part of the cluster engine") from None
 
     def _start_actor(self, node_id: str) -> Any:
+        # Restarted by this router rather than by Ray (max_restarts): a dead actor's in-flight calls then
+        # fail at once, and a node that left the cluster is told apart from one whose engine died.
         remote = ray.remote(NodeEngine).options(
             num_cpus=self.actor_num_cpus,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
@@ -182,30 +197,62 @@ class ClusterEngine:
         )
         return remote.remote(node_id, self.engine_options)
 
-    def _drop(self, node_id: str) -> None:
+    def _drop(self, node_id: str, actor: Any = None) -> None:
+        """The actor of `node_id` (`actor`, when given: only that one) died: stop routing to it until the next
+        refresh starts a new one, if the node is still alive."""
         with self._lock:
-            self._actors.pop(node_id, None)
+            current = self._actors.get(node_id)
+            if current is None or (actor is not None and current is not actor):
+                return  # already dropped, or a newer actor serves the node
+            del self._actors[node_id]
             self._stored.pop(node_id, None)
-            self._lost.add(node_id)
             self.router.remove(node_id)
+            count, last = self._deaths.get(node_id, (0, 0.0))
+            now = time.monotonic()
+            self._deaths[node_id] = (count + 1 if now - last < REVIVE_BACKOFF_MAX else 1, now)
+            self._refreshed = 0.0  # the next request looks at the nodes again
+        try:
+            ray.kill(current)  # if only unreachable, it must not go on writing to the store the next one uses
+        except Exception:
+            pass
+
+    def _revive_at(self, node_id: str) -> float:
+        """When a node whose actor died may get a new one: at once, then after 1, 2, 4... s while it keeps dying."""
+        count, last = self._deaths.get(node_id, (0, 0.0))
+        if count <= 1:
+            return last
+        return last + min(2.0 ** (count - 2), REVIVE_BACKOFF_MAX)
 
     def _refresh_sync(self) -> None:
-        """Start actors on new nodes, drop dead ones, and read each node's loaded models and free memory."""
+        """Start actors on new nodes and on alive nodes whose actor died, forget nodes that left the cluster,
+        and read each node's loaded models and free memory."""
+        now = time.monotonic()
         for node in ray.nodes():
             node_id = node.get("NodeID")
-            if node.get("Alive") and node_id and node_id not in self._actors and node_id not in self._lost:
-                actor = self._start_actor(node_id)
-                with self._lock:
-                    self._actors[node_id] = actor
-                    self._stored.setdefault(node_id, set())
+            if not node_id or node_id in self._lost:
+                continue
+            if not node.get("Alive"):
+                if node_id in self._actors or node_id in self._deaths:
+                    self._drop(node_id)
+                    with self._lock:
+                        self._lost.add(node_id)  # a node's id is never reused: it is gone for good
+                        self._deaths.pop(node_id, None)
+                continue
+            if node_id in self._actors or self._revive_at(node_id) > now:
+                continue
+            actor = self._start_actor(node_id)
+            with self._lock:
+                self._actors[node_id] = actor
+                self._incarnations[node_id] = self._incarnations.get(node_id, 0) + 1
+                self._stored.setdefault(node_id, set())
         with self._lock:
             actors = dict(self._actors)
         refs = {node_id: actor.status.remote() for node_id, actor in actors.items()}
         for node_id, ref in refs.items():
             try:
                 loaded, free = ray.get(ref, timeout=120)
-            except RayActorError:
-                self._drop(node_id)
+            except _ACTOR_GONE:
+                self._drop(node_id, actors[node_id])
                 continue
             except Exception:  # slow or failing: keep what is known of it
                 continue
@@ -226,25 +273,29 @@ class ClusterEngine:
         finally:
             self._refreshing = False
 
-    async def _get(self, node_id: str, ref: Any) -> Any:
-        """The value of `ref`, a call on `node_id`'s actor; its engine's own errors are raised as they are."""
+    async def _get(self, node_id: str, actor: Any, ref: Any) -> Any:
+        """The value of `ref`, a call on `node_id`'s `actor`; its engine's own errors are raised as they are."""
         try:
             if _on_asyncio():
                 return await ref
             return await anyio.to_thread.run_sync(ray.get, ref, abandon_on_cancel=True)
         except BaseException as exc:
-            raise self._translate(node_id, exc) from None
+            raise self._translate(node_id, actor, exc) from None
 
-    def _translate(self, node_id: str, exc: BaseException) -> BaseException:
-        if isinstance(exc, RayActorError):
-            self._drop(node_id)
-            return RunnerError(f"the engine on node {node_id} died: {exc.__class__.__name__}")
+    def _translate(self, node_id: str, actor: Any, exc: BaseException) -> BaseException:
+        if isinstance(exc, _ACTOR_GONE):
+            self._drop(node_id, actor)
+            return RunnerError(
+                f"the engine on node {node_id} died ({exc.__class__.__name__}); a new one is started there "
+                "while the node is alive: send the request again"
+            )
         if isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException):
             return exc.cause
         return exc
 
     async def _call(self, node_id: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        return await self._get(node_id, self.actor(node_id).call.remote(method, args, kwargs))
+        actor = self.actor(node_id)
+        return await self._get(node_id, actor, actor.call.remote(method, args, kwargs))
 
     async def _each(self, method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """`method` on every node at once: node id -> result, or the exception it raised."""
@@ -265,10 +316,11 @@ class ClusterEngine:
     # -- models on nodes ---------------------------------------------------------------
 
     def _has_model_sync(self, node_id: str, model: str) -> bool:
+        actor = self.actor(node_id)
         try:
-            return bool(ray.get(self.actor(node_id).has_model.remote(model), timeout=60))
+            return bool(ray.get(actor.has_model.remote(model), timeout=60))
         except BaseException as exc:
-            raise self._translate(node_id, exc) from None
+            raise self._translate(node_id, actor, exc) from None
 
     def _ensure_sync(self, node_id: str, model: str) -> list[str]:
         key = model_key(model)
@@ -289,10 +341,11 @@ class ClusterEngine:
                         continue
                 except LocalLLMError:
                     continue
+                actor = self.actor(node_id)
                 try:
-                    copied: list[str] = ray.get(self.actor(node_id).import_model.remote(model, self.actor(source)))
+                    copied: list[str] = ray.get(actor.import_model.remote(model, self.actor(source)))
                 except BaseException as exc:
-                    raise self._translate(node_id, exc) from None
+                    raise self._translate(node_id, actor, exc) from None
                 with self._lock:
                     self._stored.setdefault(node_id, set()).add(key)
                 return copied
@@ -306,22 +359,25 @@ class ClusterEngine:
         self.actor(node_id)
         return await anyio.to_thread.run_sync(self._ensure_sync, node_id, model)
 
-    async def _route(self, model: str, lookups: Sequence[str] = (), record: str | None = None) -> str:
+    async def _route(self, model: str, lookups: Sequence[str] = (), record: str | None = None) -> _Lease:
         """Choose a node for a request on `model`, count it in flight and make sure the node has the model."""
         await self._refresh()
         with self._lock:
             node_id = self.router.acquire(model, lookups, record)
             self.last_node = node_id
+            lease = _Lease(node_id, self._incarnations.get(node_id, 0))
         try:
             await self.replicate(model, node_id)
         except BaseException:
-            self._release(node_id)
+            self._release(lease)
             raise
-        return node_id
+        return lease
 
-    def _release(self, node_id: str) -> None:
+    def _release(self, lease: _Lease) -> None:
         with self._lock:
-            self.router.release(node_id)
+            # A request that outlived its node's actor was counted on the old one, not on its successor.
+            if self._incarnations.get(lease.node_id, 0) == lease.incarnation:
+                self.router.release(lease.node_id)
 
     # -- generation --------------------------------------------------------------------
 
@@ -351,13 +407,14 @@ class ClusterEngine:
             )
 
         async def open_job() -> Job[Any]:
-            node_id = await self._route(request.model, keys[0], keys[1] or None)
+            lease = await self._route(request.model, keys[0], keys[1] or None)
             try:
-                generator = self.actor(node_id).send_stream.options(num_returns="streaming").remote(request)
+                actor = self.actor(lease.node_id)
+                generator = actor.send_stream.options(num_returns="streaming").remote(request)
             except BaseException:
-                self._release(node_id)
+                self._release(lease)
                 raise
-            return _RemoteJob(self, node_id, generator)
+            return _RemoteJob(self, lease, actor, generator)
 
         return ChunkStream(open_job) if stream else ResponseStream(open_job, combine)
 
@@ -402,11 +459,11 @@ class ClusterEngine:
         return await self.send(request)
 
     async def _on_routed(self, model: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        node_id = await self._route(model)
+        lease = await self._route(model)
         try:
-            return await self._call(node_id, method, *args, **kwargs)
+            return await self._call(lease.node_id, method, *args, **kwargs)
         finally:
-            self._release(node_id)
+            self._release(lease)
 
     async def render(self, request: GenerateRequest | ChatRequest) -> str:
         """As `Engine.render`, on the node a request for the model would go to."""
@@ -568,6 +625,14 @@ def _end_actors(actors: Mapping[str, Any], owns_ray: bool) -> None:
         ray.shutdown()
 
 
+@attrs.frozen
+class _Lease:
+    """A request counted in flight on a node, served by the node's `incarnation`-th actor."""
+
+    node_id: str
+    incarnation: int
+
+
 @attrs.define
 class _DoneJob(Job[T]):
     chunks: list[T]
@@ -582,9 +647,10 @@ class _DoneJob(Job[T]):
 class _RemoteJob(Job[T]):
     """One request running on a node's actor, read through Ray's streaming generator."""
 
-    def __init__(self, cluster: ClusterEngine, node_id: str, generator: Any) -> None:
+    def __init__(self, cluster: ClusterEngine, lease: _Lease, actor: Any, generator: Any) -> None:
         self._cluster = cluster
-        self._node_id = node_id
+        self._lease = lease
+        self._actor = actor
         self._generator = generator
         self._released = False
 
@@ -609,7 +675,7 @@ class _RemoteJob(Job[T]):
             chunk = await self._next()
         except BaseException as exc:
             self.close()
-            raise self._cluster._translate(self._node_id, exc) from None
+            raise self._cluster._translate(self._lease.node_id, self._actor, exc) from None
         if chunk is _END:
             self._release()
             return [], True
@@ -621,7 +687,7 @@ class _RemoteJob(Job[T]):
     def _release(self) -> None:
         if not self._released:
             self._released = True
-            self._cluster._release(self._node_id)
+            self._cluster._release(self._lease)
 
     def close(self) -> None:
         if not self._released:
