@@ -257,6 +257,21 @@ def test_a_draft_model_stops_at_the_end_of_the_text_and_the_context() -> None:
     drafter.close()
 
 
+def test_a_long_history_is_caught_up_one_batch_per_step() -> None:
+    """No step of the worker waits on the draft model for a whole long prompt: a cancelled request is let
+    go at the next step, and the others keep decoding meanwhile."""
+    backend = FakeBackend()
+    drafter = draft_model(backend, num_parallel=1, num_batch=4)
+    context = backend.contexts[-1]
+    history = letters("abcdefghij")  # ten tokens, four a batch
+    assert drafter.propose({0: history}, {0: 2}) == {}  # not caught up yet: no draft this step
+    assert drafter.propose({0: history}, {0: 2}) == {}
+    assert drafter.propose({0: history}, {0: 2}) == {0: letters("kl")}
+    assert [len(rows) for rows in rows_of(context)] == [4, 4, 2, 1]  # never more than a batch a decode
+    assert context.cached(0) == "abcdefghijk"
+    drafter.close()
+
+
 class OtherTexts(FakeModel):
     """A vocabulary as large, with the same special tokens, whose tokens mean other things."""
 

@@ -202,29 +202,30 @@ class ModelDrafter:
         return len(draft) < limit and not self.model.is_eog(draft[-1])
 
     def _catch_up(self, histories: Mapping[int, Sequence[int]]) -> dict[int, list[int]]:
-        """Make each sequence hold its history, and draft its first token from the history's end."""
+        """Bring the sequences' held tokens one batch closer to their histories, and draft the first token
+        of each sequence that now holds its whole history (from the logits of its history's end).
+
+        One batch a call: a long prompt is caught up over several of the worker's steps, so no step waits
+        on the draft model for long and a cancelled request is let go at the next step."""
+        capacity = self.batch.capacity
         missing: list[tuple[int, int, int, bool]] = []  # (seq, token, pos, last of its history)
         for seq, history in histories.items():
             held = self._keep_prefix(seq, history)
-            for pos in range(len(held), len(history)):
-                missing.append((seq, history[pos], pos, pos == len(history) - 1))
-            held.extend(history[len(held) :])
-        drafts: dict[int, list[int]] = {}
-        capacity = self.batch.capacity
-        for start in range(0, len(missing), capacity):
-            chunk = missing[start : start + capacity]
-            self.batch.clear()
-            last: dict[int, int] = {}
-            for seq, token, pos, is_last in chunk:
-                index = self.batch.add(token, pos, seq, is_last)
-                if is_last:
-                    last[seq] = index
-            if not self._decode():
-                return {}
-            # The logits of this chunk are gone after the next decode: draft from them now.
-            for seq, index in last.items():
-                drafts[seq] = [self.sampler.sample(self.context, index)]
-        return drafts
+            end = min(len(history), len(held) + capacity - len(missing))
+            missing.extend((seq, history[pos], pos, pos == len(history) - 1) for pos in range(len(held), end))
+            if len(missing) == capacity:
+                break
+        self.batch.clear()
+        last: dict[int, int] = {}
+        for seq, token, pos, is_last in missing:
+            index = self.batch.add(token, pos, seq, is_last)
+            if is_last:
+                last[seq] = index
+        if not self._decode():
+            return {}
+        for seq, token, _pos, _is_last in missing:
+            self.held[seq].append(token)
+        return {seq: [self.sampler.sample(self.context, index)] for seq, index in last.items()}
 
     def _keep_prefix(self, seq: int, history: Sequence[int]) -> list[int]:
         """Drop what the sequence holds past its common prefix with `history` (less the history's last token,
