@@ -753,3 +753,35 @@ def test_a_temp_file_is_removed_only_once_its_writer_is_gone(tmp_path: Path) -> 
         writer.wait()
     keyed(tmp_path, tmp_path / "key")
     assert not in_flight.exists()
+
+
+def test_three_processes_share_one_folder_and_one_key(tmp_path: Path) -> None:
+    # Each process makes the key if it is first, writes entries and, between them, opens the folder again
+    # (as a new runner child would), which must neither delete the others' temp files nor stop their writes.
+    script = """
+import sys
+from pathlib import Path
+from localllm.runner.prompt_cache import PromptCache
+
+folder, key, who = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+cache = PromptCache(0, directory=folder, key_file=key, block_size=8, min_tokens=8)
+for n in range(30):
+    cache.put("model", [who, n, *range(100, 120)], bytes([who]) * 20_000)
+    PromptCache(0, directory=folder, key_file=key, block_size=8, min_tokens=8)
+print(cache.persistent)
+"""
+    folder, key_file = tmp_path / "cache", tmp_path / "home" / "prompt-cache.key"
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(folder), str(key_file), str(who)], stdout=subprocess.PIPE, text=True
+        )
+        for who in range(3)
+    ]
+    outputs = [writer.communicate(timeout=120)[0].split() for writer in writers]
+    assert outputs == [["True"]] * 3 and all(writer.returncode == 0 for writer in writers)
+
+    cache = PromptCache(0, directory=folder, key_file=key_file, block_size=8, min_tokens=8)
+    assert len(cache) == 90 and not [path for path in folder.iterdir() if path.name.endswith(".tmp")]
+    for who in range(3):
+        hit = cache.lookup("model", [who, 29, *range(100, 120)])
+        assert hit is not None and hit.state == bytes([who]) * 20_000

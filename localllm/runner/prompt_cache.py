@@ -242,26 +242,25 @@ def load_key(path: Path) -> bytes:
     OSError when it cannot be read or made, or when the file there is not a key only its owner can read:
     a key others can read or replace would let them write entries this cache trusts.
     """
-    while True:
-        try:
-            stream = open_regular(path)
-        except FileNotFoundError:
-            _create_key(path)
-            continue  # read back what is in place now: ours, or a racing process's
-        with stream:
-            info = os.fstat(stream.fileno())
-            if hasattr(os, "getuid") and info.st_uid != os.getuid():
-                raise OSError(errno.EPERM, "the prompt cache key belongs to another user", str(path))
-            if info.st_mode & 0o077:
-                raise OSError(errno.EPERM, "the prompt cache key is readable by others; remove it", str(path))
-            key = stream.read(_KEY_BYTES + 1)
-        if len(key) != _KEY_BYTES:
-            raise OSError(errno.EINVAL, f"not a prompt cache key ({len(key)} bytes); remove it", str(path))
-        return key
+    try:
+        stream = open_regular(path)
+    except FileNotFoundError:
+        _create_key(path)
+        stream = open_regular(path)  # what is in place now: ours, or a racing process's
+    with stream:
+        info = os.fstat(stream.fileno())
+        if hasattr(os, "getuid") and info.st_uid != os.getuid():
+            raise OSError(errno.EPERM, "the prompt cache key belongs to another user", str(path))
+        if info.st_mode & 0o077:
+            raise OSError(errno.EPERM, "the prompt cache key is readable by others; remove it", str(path))
+        key = stream.read(_KEY_BYTES + 1)
+    if len(key) != _KEY_BYTES:
+        raise OSError(errno.EINVAL, f"not a prompt cache key ({len(key)} bytes); remove it", str(path))
+    return key
 
 
-def _create_key(path: Path) -> bool:
-    """Write a new key to `path` unless one appears there first; whether ours was the one linked in."""
+def _create_key(path: Path) -> None:
+    """Write a new key to `path`, unless another process's appears there first."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TEMP_SUFFIX}")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -273,11 +272,10 @@ def _create_key(path: Path) -> bool:
         # A link never replaces a key another process made meanwhile, and the real name never holds half a key.
         os.link(temp, path)
     except FileExistsError:
-        return False
+        pass
     finally:
         with contextlib.suppress(OSError):
             temp.unlink()
-    return True
 
 
 class PromptCache:

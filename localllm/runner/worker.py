@@ -18,7 +18,10 @@ reused, and are dropped once the sequence ends.
 
 A request reuses the longest prefix of its prompt that is already evaluated:
 its slot's own cache entries, another slot's (copied over), or a state saved
-in the `PromptCache` when a slot's contents were about to be dropped.
+in the `PromptCache` when a slot's contents were about to be dropped. A saved
+state is checked once restored (the positions of the tokens it claims, no
+more, no fewer) and the first token after it decoded alone; one that fails is
+dropped from the cache and the prompt evaluated instead.
 
 The model, context, batch and samplers come from a `Backend`: llama.cpp's
 unless another is given.
