@@ -299,6 +299,11 @@ class EngineSettings:
     gpu_overhead: int = 0  # bytes kept free on every GPU
     sched_spread: bool = False  # place a model across every GPU, even when one would hold it
 
+    @property
+    def prompt_cache_key(self) -> Path:
+        """The secret that signs saved prompt states on disk: in the home, so entries from elsewhere never match."""
+        return self.home / "prompt-cache.key"
+
     @classmethod
     def resolve(
         cls,

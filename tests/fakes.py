@@ -135,6 +135,7 @@ class FakeContext:
     copies: list[tuple[int, int]] = attrs.field(factory=list)  # seq_cp calls
     shifts: list[tuple[int, int, int]] = attrs.field(factory=list)  # shift calls: (seq_id, keep, discard)
     restores: list[int] = attrs.field(factory=list)  # state_set calls
+    failing_restores: str | None = None  # how state_set fails: "refuse" (returns False) or "raise"; None: it does not
     statuses: deque[int] = attrs.field(factory=deque)  # what the next decodes return (then 0)
     held: threading.Event = attrs.field(factory=threading.Event)  # set while a decode waits at the gate
     logit_reads: int = 0
@@ -207,6 +208,9 @@ class FakeContext:
     def seq_pos_min(self, seq_id: int) -> int:
         return min(self.kv.get(seq_id) or [-1])
 
+    def seq_pos_max(self, seq_id: int) -> int:
+        return max(self.kv.get(seq_id) or [-1])
+
     def seq_cp(self, src: int, dst: int) -> bool:
         self.copies.append((src, dst))
         self.kv[dst] = dict(self.kv.get(src, {}))
@@ -217,6 +221,10 @@ class FakeContext:
 
     def state_set(self, seq_id: int, state: bytes) -> bool:
         self.restores.append(seq_id)
+        if self.failing_restores == "raise":
+            raise ValueError("a state this context cannot read")
+        if self.failing_restores == "refuse":
+            return False
         self.kv[seq_id] = {pos: token for pos, token in json.loads(state)}
         return True
 
@@ -640,6 +648,9 @@ class ScriptedContext:
 
     def seq_pos_min(self, seq_id: int) -> int:
         return min(self.kv.get(seq_id) or [-1])
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        return max(self.kv.get(seq_id) or [-1])
 
     def seq_cp(self, src: int, dst: int) -> bool:
         self.kv[dst] = dict(self.kv.get(src, {}))

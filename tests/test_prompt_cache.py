@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import random
 import shutil
+import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -16,9 +19,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from fakes import TIMEOUT, FakeBackend, FakeContext, ScriptedBackend, params, reply, serving
+from fakes import tokens as text_tokens
 
+from localllm import Engine
 from localllm.runner import prompt_cache
 from localllm.runner.prompt_cache import CacheHit, PromptCache
+from localllm.runner.protocol import SequenceResult
 
 pytestmark = pytest.mark.fast
 
@@ -44,7 +51,8 @@ def holds(cache: PromptCache, tokens: Sequence[int]) -> bool:
 
 
 def files(directory: Path) -> list[Path]:
-    return sorted(directory.iterdir())
+    """The cache's files in `directory`, its key aside."""
+    return sorted(path for path in directory.iterdir() if path.name != "prompt-cache.key")
 
 
 def test_lookup_finds_the_longest_cached_prefix() -> None:
@@ -520,3 +528,260 @@ def test_default_blocks_find_a_long_shared_prefix() -> None:
     hit = cache.lookup(KEY, [*system, *range(10_000, 10_050), 7])
     assert hit is not None and hit.common == 3050 and hit.state == b"conversation"
     assert cache.lookup(KEY, [*system[:63], -1, *system[64:]]) is None
+
+
+# -- trusting only what this engine wrote -------------------------------------------
+
+# A prompt of 82 fake tokens (one per character) whose reply continues the alphabet after its "q".
+PROMPT = text_tokens("You are a helpful assistant. " * 2 + "Be brief, be kind, be right. " + "abq")
+HOSTILE = json.dumps([[2**31 - 1, ord("!")]]).encode()  # a state whose first position llama.cpp cannot go on from
+
+
+def keyed(directory: Path, key_file: Path, max_bytes: int = 1 << 20) -> PromptCache:
+    return PromptCache(max_bytes, directory=directory, key_file=key_file, block_size=8, min_tokens=8)
+
+
+async def answer(cache: PromptCache | None, prompt: list[int] = PROMPT) -> tuple[str, SequenceResult, FakeBackend]:
+    """A fake runner's three-token reply to `prompt`, starting from whatever `cache` holds."""
+    with serving(cache, num_parallel=1, num_ctx=512) as (runner, backend):
+        text, result = await reply(runner.submit(prompt, params(num_predict=3)))
+        # The runner is still sound: another request after this one is answered in full.
+        assert (await reply(runner.submit(text_tokens("xy"), params(num_predict=2))))[0] == "z"
+    return text, result, backend
+
+
+def cache_key() -> str:
+    """The key the fake runners save their states under."""
+    with serving(num_parallel=1, num_ctx=512) as (runner, _):
+        return runner.cache_key
+
+
+def test_a_key_is_made_once_readable_by_its_owner_only_and_then_kept(tmp_path: Path) -> None:
+    key_file = tmp_path / "home" / "prompt-cache.key"
+    first = keyed(tmp_path / "cache", key_file)
+    assert first.persistent and key_file.stat().st_mode & 0o777 == 0o600 and len(key_file.read_bytes()) == 32
+    secret = key_file.read_bytes()
+    first.put(KEY, BASE[:40], b"state")
+    again = keyed(tmp_path / "cache", key_file, max_bytes=0)
+    assert key_file.read_bytes() == secret and holds(again, BASE[:40])
+    assert prompt_cache.load_key(key_file) == secret
+
+
+@pytest.mark.parametrize("spoil", ["readable by others", "short"])
+def test_a_key_others_could_have_written_is_not_used(
+    tmp_path: Path, spoil: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    key_file = tmp_path / "prompt-cache.key"
+    keyed(tmp_path / "cache", key_file).put(KEY, BASE[:40], b"state")
+    if spoil == "short":
+        key_file.write_bytes(b"0" * 31)
+    else:
+        key_file.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="localllm.runner"):
+        cache = keyed(tmp_path / "cache", key_file)
+    assert not cache.persistent and len(cache) == 0  # RAM only: nothing on disk is trusted or written
+    assert any("RAM only" in record.getMessage() for record in caplog.records)
+    cache.put(KEY, BASE[:40], b"in ram")
+    assert holds(cache, BASE[:40])
+
+
+def test_an_entry_signed_with_another_key_is_ignored_and_removed(tmp_path: Path) -> None:
+    # Consistent in every way a hash can tell (magic, sizes, name, state hash): only the key differs.
+    theirs = keyed(tmp_path / "cache", tmp_path / "their.key")
+    theirs.put(KEY, BASE[:40], b"injected context")
+    (planted,) = files(tmp_path / "cache")
+
+    ours = keyed(tmp_path / "cache", tmp_path / "our.key")
+    assert len(ours) == 0 and ours.lookup(KEY, BASE[:40]) is None and not planted.exists()
+
+
+async def test_a_crafted_entry_is_ignored_and_the_request_answers_as_without_a_cache(tmp_path: Path) -> None:
+    directory, key_file = tmp_path / "cache", tmp_path / "home" / "prompt-cache.key"
+    # Written by someone without the key: a hostile state, filed under the prompt's tokens with a valid
+    # header, a matching file name and a state checksum that agrees.
+    secret = os.urandom(32)
+    directory.mkdir()
+    data = prompt_cache._encode_header(secret, cache_key(), PROMPT, HOSTILE) + HOSTILE
+    planted = directory / f"{prompt_cache._entry_name(cache_key(), PROMPT)}.kvcache"
+    planted.write_bytes(data)
+
+    expected, _, _ = await answer(None)
+    text, result, backend = await answer(keyed(directory, key_file))
+    assert (text, result.prompt_cached_count) == (expected, 0) == ("rst", 0)
+    assert backend.context.restores == [] and not planted.exists()
+
+
+async def test_entries_copied_from_another_home_are_not_restored(tmp_path: Path, smollm2_path: Path) -> None:
+    home_a, home_b = tmp_path / "a", tmp_path / "b"
+    backend = ScriptedBackend(reply="fine")
+    options = {"temperature": 0, "num_predict": 2, "num_ctx": 1024}
+    text = "You are a helpful assistant who answers every question in one short word. " * 3
+    async with Engine(home_a, backend=backend, num_parallel=1, prompt_cache=True) as engine:
+        first = await engine.generate(str(smollm2_path), text, raw=True, options=options)
+    async with Engine(home_a, backend=backend, num_parallel=1, prompt_cache=True) as engine:
+        again = await engine.generate(str(smollm2_path), text, raw=True, options=options)
+    assert first.prompt_cached_count == 0 and again.prompt_cached_count == again.prompt_eval_count - 1
+
+    entries = list((home_a / "cache" / "prompts").glob("*.kvcache"))
+    assert entries
+    (home_b / "cache" / "prompts").mkdir(parents=True)
+    for entry in entries:
+        shutil.copy(entry, home_b / "cache" / "prompts" / entry.name)
+    async with Engine(home_b, backend=backend, num_parallel=1, prompt_cache=True) as engine:
+        copied = await engine.generate(str(smollm2_path), text, raw=True, options=options)
+    assert copied.prompt_cached_count == 0 and copied.response == first.response == again.response == "fi"
+    # Each copy was removed; what stands under its name now is home b's own state, signed with its key.
+    for entry in entries:
+        mine = home_b / "cache" / "prompts" / entry.name
+        assert not mine.exists() or mine.read_bytes() != entry.read_bytes()
+
+
+def _fail_restore(context: FakeContext) -> None:
+    context.failing_restores = "refuse"
+
+
+def _raise_on_restore(context: FakeContext) -> None:
+    context.failing_restores = "raise"
+
+
+def _fail_next_decode(status: int) -> Callable[[FakeContext], None]:
+    def fail(context: FakeContext) -> None:
+        context.statuses.append(status)  # the next decode is the first one after the restore
+
+    return fail
+
+
+@pytest.mark.parametrize(
+    ("state", "break_context"),
+    [
+        pytest.param(None, _fail_restore, id="refused"),
+        pytest.param(None, _raise_on_restore, id="unreadable"),
+        pytest.param(HOSTILE, None, id="first position 2**31-1"),
+        pytest.param(b"[]", None, id="no cells"),
+        pytest.param(json.dumps([[pos, ord("a")] for pos in range(200)]).encode(), None, id="more cells"),
+        pytest.param(None, _fail_next_decode(1), id="first decode finds no room"),
+        pytest.param(None, _fail_next_decode(-1), id="first decode refused"),
+    ],
+)
+async def test_an_entry_that_fails_to_restore_is_dropped_and_the_request_still_succeeds(
+    tmp_path: Path, state: bytes | None, break_context: Callable[[FakeContext], None] | None
+) -> None:
+    directory, key_file = tmp_path / "cache", tmp_path / "prompt-cache.key"
+    cache = keyed(directory, key_file)
+    prefix = PROMPT[:-1]
+    # Saved by this engine (signed with its key), yet unusable in the slot.
+    good = json.dumps([[pos, token] for pos, token in enumerate(prefix)]).encode()
+    cache.put(cache_key(), prefix, state if state is not None else good)
+    assert len(files(directory)) == 1
+
+    expected, _, _ = await answer(None)
+    bad = state if state is not None else good
+    with serving(cache, num_parallel=1, num_ctx=512) as (runner, backend):
+        if break_context is not None:
+            break_context(backend.context)
+        text, result = await reply(runner.submit(PROMPT, params(num_predict=3)))
+        assert (text, result.prompt_cached_count) == (expected, 0)  # evaluated from scratch, answered in full
+        hit = cache.lookup(runner.cache_key, prefix)
+        assert hit is None or hit.state != bad  # the failed state is gone (what the request left may be saved)
+        assert (await reply(runner.submit(text_tokens("xy"), params(num_predict=2))))[0] == "z"
+    assert not any(path.read_bytes().endswith(bad) for path in files(directory))
+
+
+def test_a_fifo_named_like_an_entry_neither_hangs_nor_goes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    fifo = tmp_path / ("f" * 64 + ".kvcache")
+    os.mkfifo(fifo)
+    opened: list[PromptCache] = []
+    with caplog.at_level(logging.WARNING, logger="localllm.runner"):
+        # In a thread, so that a regression fails the test instead of hanging it.
+        worker = threading.Thread(target=lambda: opened.append(keyed(tmp_path, tmp_path / "k" / "key")), daemon=True)
+        worker.start()
+        worker.join(TIMEOUT)
+    assert not worker.is_alive(), "opening a folder with a FIFO in it hung"
+    (cache,) = opened
+    assert any("FIFO" in record.getMessage() for record in caplog.records)
+    cache.put(KEY, BASE[:40], b"state")
+    assert holds(cache, BASE[:40])
+    cache.close()
+    assert fifo.exists()  # not the cache's to remove
+
+
+@pytest.mark.parametrize("claim", ["header", "tokens"])
+def test_a_header_larger_than_the_bound_is_rejected_unread(tmp_path: Path, claim: str) -> None:
+    length, count = (1 << 30, 0) if claim == "header" else (10, 1 << 30)
+    path = tmp_path / ("e" * 64 + ".kvcache")
+    path.write_bytes(prompt_cache.MAGIC + struct.pack("<III", prompt_cache.FORMAT_VERSION, length, count))
+    cache = keyed(tmp_path, tmp_path / "key")
+    assert len(cache) == 0 and not path.exists()
+
+
+def test_three_caches_sharing_a_folder_leave_each_others_temp_files_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key_file = tmp_path / "key"
+    first = keyed(tmp_path / "cache", key_file)
+    others: list[PromptCache] = []
+    real_fsync = os.fsync
+
+    def open_the_others_meanwhile(fd: int) -> None:
+        # The first cache's state is in its temp file, not yet renamed: two more caches start on the folder.
+        real_fsync(fd)
+        if not others:
+            others.append(keyed(tmp_path / "cache", key_file))
+            others.append(keyed(tmp_path / "cache", key_file))
+            others[0].put(KEY, [*BASE[:8], *range(600, 640)], b"second")
+
+    monkeypatch.setattr(prompt_cache.os, "fsync", open_the_others_meanwhile)
+    first.put(KEY, BASE[:40], b"first")
+    monkeypatch.undo()
+
+    assert len(others) == 2 and first.persistent and all(cache.persistent for cache in others)
+    assert len(files(tmp_path / "cache")) == 2 and not any(path.name.endswith(".tmp") for path in files(tmp_path))
+    fourth = keyed(tmp_path / "cache", key_file, max_bytes=0)
+    assert holds(fourth, BASE[:40]) and holds(fourth, [*BASE[:8], *range(600, 640)])
+
+
+def test_a_temp_file_is_removed_only_once_its_writer_is_gone(tmp_path: Path) -> None:
+    writer = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        in_flight = tmp_path / f".{'a' * 64}.{writer.pid}.x1y2.tmp"
+        in_flight.write_bytes(b"half a state")
+        keyed(tmp_path, tmp_path / "key")
+        assert in_flight.exists()  # its writer is alive: it may rename it any moment
+    finally:
+        assert writer.stdin is not None
+        writer.stdin.close()
+        writer.wait()
+    keyed(tmp_path, tmp_path / "key")
+    assert not in_flight.exists()
+
+
+def test_three_processes_share_one_folder_and_one_key(tmp_path: Path) -> None:
+    # Each process makes the key if it is first, writes entries and, between them, opens the folder again
+    # (as a new runner child would), which must neither delete the others' temp files nor stop their writes.
+    script = """
+import sys
+from pathlib import Path
+from localllm.runner.prompt_cache import PromptCache
+
+folder, key, who = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+cache = PromptCache(0, directory=folder, key_file=key, block_size=8, min_tokens=8)
+for n in range(30):
+    cache.put("model", [who, n, *range(100, 120)], bytes([who]) * 20_000)
+    PromptCache(0, directory=folder, key_file=key, block_size=8, min_tokens=8)
+print(cache.persistent)
+"""
+    folder, key_file = tmp_path / "cache", tmp_path / "home" / "prompt-cache.key"
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(folder), str(key_file), str(who)], stdout=subprocess.PIPE, text=True
+        )
+        for who in range(3)
+    ]
+    outputs = [writer.communicate(timeout=120)[0].split() for writer in writers]
+    assert outputs == [["True"]] * 3 and all(writer.returncode == 0 for writer in writers)
+
+    cache = PromptCache(0, directory=folder, key_file=key_file, block_size=8, min_tokens=8)
+    assert len(cache) == 90 and not [path for path in folder.iterdir() if path.name.endswith(".tmp")]
+    for who in range(3):
+        hit = cache.lookup("model", [who, 29, *range(100, 120)])
+        assert hit is not None and hit.state == bytes([who]) * 20_000

@@ -4,6 +4,7 @@ right KV entries from one that does not."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,8 @@ import anyio
 import pytest
 
 from localllm import Engine
+from localllm.runner import prompt_cache
+from localllm.runner.prompt_cache import PromptCache
 
 
 @pytest.fixture
@@ -136,3 +139,38 @@ async def test_nothing_is_written_to_disk_unless_asked(smollm2_path: Path, home:
         await first_token(engine, str(smollm2_path), prompt("How?", "Another system prompt. " * 20))
         assert (await engine.ps()).models[0].prompt_cache_size > 0  # kept in RAM
     assert not (home / "cache").exists()
+
+
+async def test_the_disk_cache_restores_only_what_this_home_saved_and_drops_what_fails(
+    smollm2_path: Path, home: Path, tmp_path: Path
+) -> None:
+    model = str(smollm2_path)
+    async with Engine(home, num_parallel=1, prompt_cache=True) as engine:
+        cold = await first_token(engine, model, prompt("Why?"))
+    (saved,) = (home / "cache" / "prompts").glob("*.kvcache")
+
+    # Copied into another home, the entry is not restored: that home has a key of its own.
+    other = tmp_path / "other-home"
+    (other / "cache" / "prompts").mkdir(parents=True)
+    shutil.copy(saved, other / "cache" / "prompts" / saved.name)
+    async with Engine(other, num_parallel=1, prompt_cache=True) as engine:
+        copied = await first_token(engine, model, prompt("Why?"))
+    assert copied.prompt_cached_count == 0 and same_next_token(cold, copied)
+
+    # Signed with this home's key, but its state holds ten positions more than its entry claims: llama.cpp
+    # restores it, the runner sees it does not fit, drops it and evaluates the prompt instead.
+    key_file = home / "prompt-cache.key"
+    with saved.open("rb") as stream:
+        header = prompt_cache._read_header(stream, prompt_cache.load_key(key_file))
+        state = stream.read()
+    saved.unlink()
+    cache = PromptCache(1 << 30, directory=home / "cache" / "prompts", key_file=key_file)
+    cache.put(header.key, header.tokens[:-10], state)
+    cache.close()
+    (forged,) = (home / "cache" / "prompts").glob("*.kvcache")
+    async with Engine(home, num_parallel=1, prompt_cache=True) as engine:
+        warm = await first_token(engine, model, prompt("Why?"))
+        again = await first_token(engine, model, prompt("Why?"))
+    assert warm.prompt_cached_count == 0 and same_next_token(cold, warm)
+    assert again.prompt_cached_count == again.prompt_eval_count - 1  # the runner goes on, its slot reused
+    assert not forged.exists()

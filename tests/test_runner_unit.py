@@ -181,7 +181,8 @@ async def test_a_slot_reused_for_another_conversation_keeps_the_first_in_the_cac
         text, result = await reply(runner.submit(tokens(SYSTEM + "abcdq"), params(num_predict=1)))
         assert context.restores == [0]
         assert (text, result.prompt_cached_count) == ("r", 83)  # the state held the prompt and one reply token
-        assert str(context.decoded[start]) == "0:d@83 0:q@84*"
+        # The first token after a restored state goes alone, so that a refused state fails nothing else.
+        assert [str(d) for d in context.decoded[start:]] == ["0:d@83", "0:q@84*"]
 
 
 async def test_a_cache_without_room_keeps_nothing() -> None:

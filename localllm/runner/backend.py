@@ -128,6 +128,10 @@ class Context(Protocol):
         """The sequence's lowest cached position; -1 when it holds none."""
         ...
 
+    def seq_pos_max(self, seq_id: int) -> int:
+        """The sequence's highest cached position; -1 when it holds none."""
+        ...
+
     def seq_cp(self, src: int, dst: int) -> bool:
         """Make `dst` hold everything `src` holds (its own entries dropped); False where this cache cannot."""
         ...

@@ -369,6 +369,9 @@ class LlamaContext:
     def seq_pos_min(self, seq_id: int) -> int:
         return int(llama_cpp.llama_memory_seq_pos_min(self.memory, seq_id))
 
+    def seq_pos_max(self, seq_id: int) -> int:
+        return int(llama_cpp.llama_memory_seq_pos_max(self.memory, seq_id))
+
     @property
     def shares_sequences(self) -> bool:
         """Whether whole sequences can be copied and saved: attention caches can, recurrent states not."""

@@ -14,18 +14,32 @@ States live in RAM up to `max_bytes` (least recently used dropped first) and, wi
 disk, one file per entry, so they outlive the process. Disk trouble never raises: the cache logs it and
 works on from RAM.
 
-File format (little-endian): `MAGIC`, uint32 format version, uint32 header length, the header as UTF-8
-JSON (`key`, `tokens`, `state_bytes`, `state_sha256`), then exactly `state_bytes` bytes of state. Files
-are named `<blake2b(key, tokens)>.kvcache` and written through a hidden temp file that is renamed into
-place, so a real name never holds half a file.
+A file on disk is trusted only if this engine wrote it: each one carries HMAC-SHA256 tags made with a
+secret key kept in the engine's home (`key_file`, 32 random bytes, created 0600 on first use). A hash
+proves a file intact, not who wrote it; without the key nobody can make a file this cache restores,
+and entries copied from another home (another key) are ignored and removed. Only regular files are
+opened, header sizes are bounded before anything is read, and temporary files carry their writer's
+pid, so several processes can share one folder: a leftover temporary file is removed at start only when
+the process that wrote it is gone.
+
+File format (little-endian): `MAGIC`, uint32 format version, uint32 header length, uint32 token count,
+the 32-byte header tag, the header as UTF-8 JSON (`key`, `state_bytes`, `state_mac`), the tokens as
+int32s, then exactly `state_bytes` bytes of state. The header tag is an HMAC over everything before the
+state but the tag itself; `state_mac` is an HMAC over the state. Files are named
+`<blake2b(key, tokens)>.kvcache` and written through a hidden temp file
+(`.<name>.<pid>.<random>.tmp`) that is renamed into place, so a real name never holds half a file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import hmac
 import json
 import logging
 import os
+import secrets
 import struct
 import tempfile
 import threading
@@ -36,18 +50,25 @@ from typing import BinaryIO
 
 import attrs
 
-__all__ = ["CacheHit", "PromptCache"]
+from ..files import open_regular
+
+__all__ = ["CacheHit", "PromptCache", "load_key"]
 
 logger = logging.getLogger("localllm.runner")
 
 MAGIC = b"localllm-kv\0"
-FORMAT_VERSION = 1
-_PREAMBLE = struct.Struct("<II")  # format version, header length
+FORMAT_VERSION = 2
+_PREAMBLE = struct.Struct("<III")  # format version, header length, token count
+_TAG_BYTES = 32  # HMAC-SHA256
 _SUFFIX = ".kvcache"
 _TEMP_SUFFIX = ".tmp"
-# A header holds the token list as JSON; this bounds what a foreign file can make the scan read.
-_MAX_HEADER_BYTES = 64 << 20
-_INT32 = range(-(2**31), 2**31)
+# Bounds checked before a byte of header is read, so a foreign file cannot make the scan read much: the
+# JSON holds a key (a hex digest) and two numbers; 4M tokens is beyond any context llama.cpp loads today.
+_MAX_HEADER_BYTES = 64 << 10
+_MAX_TOKENS = 1 << 22
+_KEY_BYTES = 32
+_KEY_NAME = "prompt-cache.key"
+_STATE_DOMAIN = b"localllm-kv-state\0"  # the state's MAC input starts here, the header tag's with MAGIC
 
 
 @attrs.frozen
@@ -85,7 +106,7 @@ class _Header:
     key: str
     tokens: tuple[int, ...]
     state_bytes: int
-    state_sha256: str
+    state_mac: bytes
     offset: int  # where the state starts in the file
 
 
@@ -116,70 +137,154 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], start: int = 0) -> int:
     return count
 
 
-def _encode_header(key: str, tokens: Sequence[int], state: bytes) -> bytes:
-    fields = {
-        "key": key,
-        "tokens": list(tokens),
-        "state_bytes": len(state),
-        "state_sha256": hashlib.sha256(state).hexdigest(),
-    }
+def _state_mac(secret: bytes, state: bytes) -> bytes:
+    return hmac.new(secret, _STATE_DOMAIN + state, hashlib.sha256).digest()
+
+
+def _encode_header(secret: bytes, key: str, tokens: Sequence[int], state: bytes) -> bytes:
+    fields = {"key": key, "state_bytes": len(state), "state_mac": _state_mac(secret, state).hex()}
     header = json.dumps(fields, separators=(",", ":")).encode()
-    return MAGIC + _PREAMBLE.pack(FORMAT_VERSION, len(header)) + header
+    signed = MAGIC + _PREAMBLE.pack(FORMAT_VERSION, len(header), len(tokens))
+    body = header + _token_bytes(tokens)
+    tag = hmac.new(secret, signed + body, hashlib.sha256).digest()
+    return signed + tag + body
 
 
-def _read_header(stream: BinaryIO) -> _Header:
-    """Read and check a file's magic, version and header, leaving `stream` at the state."""
+def _read_header(stream: BinaryIO, secret: bytes) -> _Header:
+    """Read and check a file's magic, version, tag and header, leaving `stream` at the state."""
+    size = os.fstat(stream.fileno()).st_size
+    fixed = len(MAGIC) + _PREAMBLE.size + _TAG_BYTES
     preamble = stream.read(len(MAGIC) + _PREAMBLE.size)
     if len(preamble) < len(MAGIC) + _PREAMBLE.size or not preamble.startswith(MAGIC):
         raise _BadFile("not a prompt cache file")
-    version, length = _PREAMBLE.unpack_from(preamble, len(MAGIC))
+    version, length, count = _PREAMBLE.unpack_from(preamble, len(MAGIC))
     if version != FORMAT_VERSION:
         raise _BadFile(f"format version {version}, expected {FORMAT_VERSION}")
-    if length > _MAX_HEADER_BYTES:
-        raise _BadFile(f"header of {length} bytes")
-    raw = stream.read(length)
-    if len(raw) != length:
+    if length > _MAX_HEADER_BYTES or count > _MAX_TOKENS:
+        raise _BadFile(f"a header of {length} bytes and {count} tokens, beyond what this cache writes")
+    offset = fixed + length + 4 * count
+    if size < offset:
+        raise _BadFile(f"{size} bytes, too short for its header")
+    tag = stream.read(_TAG_BYTES)
+    body = stream.read(length + 4 * count)
+    if len(tag) != _TAG_BYTES or len(body) != length + 4 * count:
         raise _BadFile("truncated header")
+    # Nothing is parsed before the tag is checked: only this engine's key makes a valid one.
+    if not hmac.compare_digest(tag, hmac.new(secret, preamble + body, hashlib.sha256).digest()):
+        raise _BadFile("not written with this engine's key")
     try:
-        fields: object = json.loads(raw)
+        fields: object = json.loads(body[:length])
     except ValueError as exc:  # UnicodeDecodeError is a ValueError too
         raise _BadFile(f"unreadable header ({exc})") from None
     if not isinstance(fields, dict):
         raise _BadFile("header is not an object")
-    key, tokens = fields.get("key"), fields.get("tokens")
-    state_bytes, state_sha256 = fields.get("state_bytes"), fields.get("state_sha256")
+    key, state_bytes, state_mac = fields.get("key"), fields.get("state_bytes"), fields.get("state_mac")
     if (
         not isinstance(key, str)
-        or not isinstance(tokens, list)
-        or not all(type(token) is int and token in _INT32 for token in tokens)
         or type(state_bytes) is not int
         or state_bytes < 0
-        or not isinstance(state_sha256, str)
-        or len(state_sha256) != 64
+        or not isinstance(state_mac, str)
+        or len(state_mac) != 2 * _TAG_BYTES
     ):
         raise _BadFile("malformed header")
-    return _Header(key, tuple(tokens), state_bytes, state_sha256, len(preamble) + length)
+    try:
+        mac = bytes.fromhex(state_mac)
+    except ValueError:
+        raise _BadFile("malformed header") from None
+    tokens = struct.unpack(f"<{count}i", body[length:])
+    return _Header(key, tokens, state_bytes, mac, offset)
 
 
-def _read_state(entry: _Entry, path: Path) -> bytes:
+def _read_state(entry: _Entry, path: Path, secret: bytes) -> bytes:
     """The state in `entry`'s file, checked against its header and against the index."""
-    with path.open("rb") as stream:
-        header = _read_header(stream)
+    try:
+        stream = open_regular(path)
+    except OSError as exc:
+        raise _BadFile(str(exc)) from None
+    with stream:
+        header = _read_header(stream, secret)
         if header.key != entry.key or header.tokens != entry.tokens:
             raise _BadFile("header does not match the indexed entry")
         state = stream.read(header.state_bytes + 1)
     if len(state) != header.state_bytes:
         raise _BadFile(f"{len(state)} bytes of state, header says {header.state_bytes}")
-    if hashlib.sha256(state).hexdigest() != header.state_sha256:
-        raise _BadFile("state checksum mismatch")
+    if not hmac.compare_digest(_state_mac(secret, state), header.state_mac):
+        raise _BadFile("state does not match its MAC")
     return state
+
+
+def _temp_owner(filename: str) -> int | None:
+    """The pid in a temp file's name (`.<name>.<pid>.<random>.tmp`); None if it has none."""
+    parts = filename.split(".")
+    if len(parts) >= 5 and parts[-3].isdigit():
+        return int(parts[-3])
+    return None
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (one of another user's counts: it may still be writing)."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":
+        return True  # os.kill would end it there: leave the file be
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except OSError:
+        return True  # EPERM: another user's process
+    return True
+
+
+def load_key(path: Path) -> bytes:
+    """The secret key in `path`, made there (0600, 32 random bytes) if there is none yet.
+
+    OSError when it cannot be read or made, or when the file there is not a key only its owner can read:
+    a key others can read or replace would let them write entries this cache trusts.
+    """
+    try:
+        stream = open_regular(path)
+    except FileNotFoundError:
+        _create_key(path)
+        stream = open_regular(path)  # what is in place now: ours, or a racing process's
+    with stream:
+        info = os.fstat(stream.fileno())
+        if hasattr(os, "getuid") and info.st_uid != os.getuid():
+            raise OSError(errno.EPERM, "the prompt cache key belongs to another user", str(path))
+        if info.st_mode & 0o077:
+            raise OSError(errno.EPERM, "the prompt cache key is readable by others; remove it", str(path))
+        key = stream.read(_KEY_BYTES + 1)
+    if len(key) != _KEY_BYTES:
+        raise OSError(errno.EINVAL, f"not a prompt cache key ({len(key)} bytes); remove it", str(path))
+    return key
+
+
+def _create_key(path: Path) -> None:
+    """Write a new key to `path`, unless another process's appears there first."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TEMP_SUFFIX}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(secrets.token_bytes(_KEY_BYTES))
+            stream.flush()
+            os.fsync(stream.fileno())
+        # A link never replaces a key another process made meanwhile, and the real name never holds half a key.
+        os.link(temp, path)
+    except FileExistsError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            temp.unlink()
 
 
 class PromptCache:
     """Saved sequence states by key and tokens, in RAM and optionally on disk; safe to share between threads.
 
     `key` names the model, its load options and llama.cpp's state format: entries of different keys never
-    match. A hit must share at least `min_tokens` tokens with the prompt.
+    match. A hit must share at least `min_tokens` tokens with the prompt. Files in `directory` are signed
+    with the secret in `key_file` (made on first use; by default `prompt-cache.key` in the directory itself,
+    but an engine keeps it in its home, so that entries copied from elsewhere are never trusted).
     """
 
     def __init__(
@@ -187,6 +292,7 @@ class PromptCache:
         max_bytes: int,
         *,
         directory: Path | None = None,
+        key_file: Path | None = None,
         max_disk_bytes: int | None = None,
         block_size: int = 64,
         min_tokens: int = 64,
@@ -212,9 +318,11 @@ class PromptCache:
         self._disk: OrderedDict[str, int] = OrderedDict()  # entries on disk -> file size, oldest use first
         self._disk_bytes = 0
         self._directory: Path | None = None
+        self._secret = b""  # the key files are signed with, once a directory is in use
         self._writable = False
         if directory is not None:
-            self._open_directory(Path(directory))
+            directory = Path(directory)
+            self._open_directory(directory, Path(key_file) if key_file is not None else directory / _KEY_NAME)
 
     @property
     def min_tokens(self) -> int:
@@ -282,7 +390,7 @@ class PromptCache:
                 assert path is not None  # an entry is held in RAM, on disk, or both
                 # Read outside the lock: other threads go on while a large state comes off the disk.
                 try:
-                    state = _read_state(entry, path)
+                    state = _read_state(entry, path, self._secret)
                 except (OSError, _BadFile) as exc:
                     with self._lock:
                         # Unless the entry left meanwhile (its name, and so its file, may be in use again).
@@ -305,6 +413,15 @@ class PromptCache:
         hashes = self._hashes(key, tokens)
         with self._lock:
             return not self._closed and self._covered(key, tokens, hashes)
+
+    def drop(self, key: str, tokens: Sequence[int]) -> None:
+        """Forget the entry saved for exactly `tokens`, and remove its file: its state failed to restore."""
+        tokens = tuple(tokens)
+        with self._lock:
+            entry = self._entries.get(_entry_name(key, tokens))
+            if entry is not None and entry.key == key and entry.tokens == tokens:
+                logger.warning("prompt cache: dropping a saved state of %d tokens that failed to restore", len(tokens))
+                self._forget(entry)
 
     def size_bytes(self, key: str | None = None) -> int:
         """Bytes of state held in RAM, for `key` or for all keys."""
@@ -456,11 +573,12 @@ class PromptCache:
         assert self._directory is not None
         return self._directory / f"{name}{_SUFFIX}"
 
-    def _open_directory(self, directory: Path) -> None:
+    def _open_directory(self, directory: Path, key_file: Path) -> None:
         """Use `directory`, indexing the entries already there by their headers alone."""
         try:
             directory.mkdir(parents=True, exist_ok=True)
             names = sorted(os.listdir(directory))
+            self._secret = load_key(key_file)
         except OSError as exc:
             logger.warning("prompt cache: cannot use %s (%s); keeping states in RAM only", directory, exc)
             return
@@ -470,7 +588,9 @@ class PromptCache:
         for filename in names:
             path = directory / filename
             if filename.startswith(".") and filename.endswith(_TEMP_SUFFIX):
-                self._unlink(path)  # left by a writer that died before renaming it into place
+                owner = _temp_owner(filename)
+                if owner is None or not _alive(owner):
+                    self._unlink(path)  # left by a writer that died before renaming it into place
             elif filename.endswith(_SUFFIX):
                 scanned = self._scan_file(path)
                 if scanned is not None:
@@ -486,8 +606,16 @@ class PromptCache:
     def _scan_file(self, path: Path) -> tuple[float, _Entry, int] | None:
         """The entry in the file at `path` with its last use and size; a bad file is removed."""
         try:
-            with path.open("rb") as stream:
-                header = _read_header(stream)
+            stream = open_regular(path)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # a FIFO or a device: never read, never ours to remove
+                logger.warning("prompt cache: ignoring %s: %s", path, exc.strerror)
+            else:
+                self._discard(path, exc)
+            return None
+        try:
+            with stream:
+                header = _read_header(stream, self._secret)
                 stat = os.fstat(stream.fileno())
             if stat.st_size != header.offset + header.state_bytes:
                 raise _BadFile(f"{stat.st_size} bytes, header says {header.offset + header.state_bytes}")
@@ -509,13 +637,15 @@ class PromptCache:
         directory = self._directory
         if directory is None or not self._writable:
             return None
-        header = _encode_header(entry.key, entry.tokens, state)
+        header = _encode_header(self._secret, entry.key, entry.tokens, state)
         size = len(header) + len(state)
         if size > self._max_disk_bytes:
             return None
         temp: Path | None = None
         try:
-            fd, temp_name = tempfile.mkstemp(prefix=f".{entry.name}.", suffix=_TEMP_SUFFIX, dir=directory)
+            # Named by this process's pid: others sharing the folder leave it alone while this process lives.
+            prefix = f".{entry.name}.{os.getpid()}."
+            fd, temp_name = tempfile.mkstemp(prefix=prefix, suffix=_TEMP_SUFFIX, dir=directory)
             temp = Path(temp_name)
             with os.fdopen(fd, "wb") as stream:
                 stream.write(header)

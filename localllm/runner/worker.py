@@ -18,7 +18,10 @@ reused, and are dropped once the sequence ends.
 
 A request reuses the longest prefix of its prompt that is already evaluated:
 its slot's own cache entries, another slot's (copied over), or a state saved
-in the `PromptCache` when a slot's contents were about to be dropped.
+in the `PromptCache` when a slot's contents were about to be dropped. A saved
+state is checked once restored (the positions of the tokens it claims, no
+more, no fewer) and the first token after it decoded alone; one that fails is
+dropped from the cache and the prompt evaluated instead.
 
 The model, context, batch and samplers come from a `Backend`: llama.cpp's
 unless another is given.
@@ -44,7 +47,7 @@ from ..types import Logprob, TokenLogprob
 from .backend import Backend, Model, Sampler
 from .draft import Drafter, make_drafter
 from .mailbox import Mailbox
-from .prompt_cache import PromptCache
+from .prompt_cache import CacheHit, PromptCache
 from .protocol import (
     LoadConfig,
     SamplingParams,
@@ -379,13 +382,14 @@ class Runner:
         donor, from_donor = self._best_donor(slot, prompt, limit, own=keep)
         hit = self.prompt_cache.lookup(self.cache_key, prompt) if self.prompt_cache is not None else None
         from_cache = min(hit.common, limit) if hit is not None else 0
+        restored: CacheHit | None = None
         if max(from_donor, from_cache) > keep:
             self._save(slot)  # what this slot held may serve a later request
             if from_donor >= from_cache and donor is not None and self.context.seq_cp(donor.seq_id, slot.seq_id):
                 slot.cached[:] = donor.cached
                 keep = from_donor
-            elif hit is not None and self.context.state_set(slot.seq_id, hit.state):
-                slot.cached[:] = hit.tokens
+            elif hit is not None and self._restore(slot, hit):
+                restored = hit
                 keep = from_cache
             else:
                 slot.cached.clear()
@@ -403,6 +407,60 @@ class Runner:
             window = active.handle.params.options.repeat_last_n
             for token in prompt[-window:] if window > 0 else []:
                 active.sampler.accept(token)
+        if restored is not None and keep > 0 and not self._first_decode(active):
+            self._drop_restored(slot, restored)
+            active.prompt_pos = 0
+
+    def _restore(self, slot: _Slot, hit: CacheHit) -> bool:
+        """Put a saved state into the slot, checked against the tokens its entry claims.
+
+        A state llama.cpp refuses, or one whose positions are not those of its tokens from position 0 (one
+        more, fewer, or past the context), is dropped from the cache: the prompt is evaluated instead.
+        """
+        tokens = hit.tokens
+        try:
+            restored = self.context.state_set(slot.seq_id, hit.state)
+        except Exception:  # a state the backend cannot even read is as good as one it refused
+            logger.exception("restoring a saved prompt state failed")
+            restored = False
+        if restored and not (
+            0 < len(tokens) <= self.n_ctx_seq
+            and self.context.seq_pos_min(slot.seq_id) == 0
+            and self.context.seq_pos_max(slot.seq_id) == len(tokens) - 1
+        ):
+            logger.warning("a saved prompt state does not hold the %d positions its entry claims", len(tokens))
+            restored = False
+        if not restored:
+            self._drop_restored(slot, hit)
+            return False
+        slot.cached[:] = tokens
+        return True
+
+    def _first_decode(self, active: _Active) -> bool:
+        """Evaluate the first prompt token after a restored state on its own: if llama.cpp refuses it, only
+        the restored state can be at fault, and no other sequence's tokens are lost with it."""
+        slot, prompt = active.slot, active.handle.prompt
+        token, last = prompt[active.prompt_pos], active.prompt_pos == len(prompt) - 1
+        self.batch.clear()
+        index = self.batch.add(token, len(slot.cached), slot.seq_id, last)
+        status = self.context.decode(self.batch)
+        if status != 0:
+            logger.warning("decoding after a restored prompt state failed (%d): evaluating the prompt instead", status)
+            return False
+        slot.cached.append(token)
+        active.prompt_pos += 1
+        active.prompt_evaluated += 1
+        if last:  # the prompt's last token: its logits choose the first token of the reply
+            active.batch_index = index
+            self._sample(active, time.perf_counter())
+        return True
+
+    def _drop_restored(self, slot: _Slot, hit: CacheHit) -> None:
+        """Empty the slot of a saved state that failed, and drop that state from the cache."""
+        self.context.seq_rm(slot.seq_id, 0)
+        slot.cached.clear()
+        if self.prompt_cache is not None:
+            self.prompt_cache.drop(self.cache_key, hit.tokens)
 
     def _best_donor(self, slot: _Slot, prompt: Sequence[int], limit: int, *, own: int) -> tuple[_Slot | None, int]:
         """Another slot holding a longer prefix of the prompt than this one's `own`, worth copying over,

@@ -67,7 +67,10 @@ class RunnerFactory:
         if self._prompt_cache is None:
             from ..runner.prompt_cache import PromptCache
 
-            self._prompt_cache = PromptCache(self.settings.prompt_cache_bytes, directory=self.settings.prompt_cache_dir)
+            settings = self.settings
+            self._prompt_cache = PromptCache(
+                settings.prompt_cache_bytes, directory=settings.prompt_cache_dir, key_file=settings.prompt_cache_key
+            )
         return self._prompt_cache
 
     def close(self) -> None:
