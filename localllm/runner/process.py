@@ -421,6 +421,7 @@ class ProcessRunner:
         """The child is gone and reaped: fail whatever it still held."""
         assert self._process is not None
         code = self._process.returncode
+        log = ""
         with self._lock:
             self._stopped.set()
             if self._closing and code == 0 and self._hung is None:
@@ -429,24 +430,22 @@ class ProcessRunner:
                 how = self._hung or _describe_exit(code)
                 self.failure = f"the runner process (pid {self._process.pid}) {how}"
                 tail = _tail(self._log_path)
-                message = f"the runner failed: {self.failure}; retry to load it again"
-                if tail:
-                    message += "\nthe last lines of its log:\n" + tail
-                error = RunnerError(message)
+                log = "\nthe last lines of its log:\n" + tail if tail else ""
+                error = RunnerError(f"the runner failed: {self.failure}; retry to load it again{log}")
             sequences, self._sequences = list(self._sequences.values()), {}
             calls, self._calls = list(self._calls.values()), {}
         self._outbox.put(None)  # nobody is left to write to
-        if self.failure is not None and self._ready.is_set() and self._load_error is None and self._hung is None:
-            logger.error("%s", error)
+        if self.failure is not None and self._ready.is_set() and self._load_error is None:
+            if self._hung is None and not self._closing:  # what was hung or would not close is logged already
+                logger.error("%s", error)
         for handle in sequences:
             handle.finished = True
             handle.mailbox.put(error)
         for call in calls:
             call.settle(error=error)
-        if not self._ready.is_set():
-            self._load_error = ModelLoadError(
-                f"could not load {self.config.model_path}: {str(error).removeprefix('the runner failed: ')}"
-            )
+        if not self._ready.is_set():  # it died while loading: its log says why, a retry would not
+            how = self.failure or f"the runner process (pid {self._process.pid}) {_describe_exit(code)}"
+            self._load_error = ModelLoadError(f"could not load {self.config.model_path}: {how}{log}")
             self._ready.set()
 
 
