@@ -17,12 +17,12 @@ Messages are tuples of plain values, framed on the child's stdin and stdout (`wi
                       ("error", seq, error class, message)  ("reply", id, ok, value)
                       ("log", logger, level, message)  ("beat",)
 
-Four threads per child, none of them the event loop's, so the event loop never waits on a child: the
+Three threads per child, none of them the event loop's, so the event loop never waits on a child: the
 reader starts the child (on Linux the child dies with the thread that started it, so that must be one
 that lives as long as it does), reads every message and hands it on, and reaps the child at end of
 file; the writer sends what the engine queues (a stopped child stops reading, and a full pipe then
 blocks only the writer); the watchdog kills a child that sends nothing for `timeout` seconds while it
-has work (loading, sequences, calls), though it beats every `timeout / 4` s at most; and calls
+has work (loading, sequences, calls), though it beats every `timeout / 4` s (1 s at most); and calls
 (`tokenize`, `check_token_ids`) wait at most `timeout` for their answer.
 
 A child that dies or hangs fails every sequence and call it held with a `RunnerError` saying how (the
