@@ -106,6 +106,13 @@ def _parse_keep_alive(text: str) -> float:
         raise ValueError("must be seconds or a duration such as '5m' or '1h30m'") from None
 
 
+def _parse_seconds(text: str) -> float:
+    try:
+        return parse_keep_alive(text, 0.0)
+    except InputError:
+        raise ValueError("must be seconds or a duration such as '30s' or '2m'") from None
+
+
 def _parse_prompt_cache(text: str) -> bool | str:
     """Off, on (under the home), or a folder."""
     lowered = text.lower()
@@ -153,6 +160,14 @@ def _keep_alive(value: object) -> float:
     if not isinstance(value, (int, float, str)):
         raise ValueError(f"must be seconds or a duration such as '5m', got {type(value).__name__}")
     return parse_keep_alive(value, 300.0)
+
+
+def _positive_seconds(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be a number of seconds, got {type(value).__name__}")
+    if not 0 < value < math.inf:
+        raise ValueError("must be more than 0 seconds, and finite")
+    return float(value)
 
 
 def _as_is(value: object) -> object:
@@ -247,6 +262,15 @@ SETTINGS: tuple[Setting, ...] = (
     _setting("prompt_cache", False, _parse_prompt_cache, ollama=False, doc_default="off"),
     _setting("prompt_cache_size", GiB, _parse_bytes, check=_at_least(0, " bytes"), ollama=False, doc_default="1 GiB"),
     _setting("isolation", "thread", str, check=_isolation, ollama=False, doc_default="`thread`"),
+    _setting(
+        "runner_timeout",
+        30.0,
+        _parse_seconds,
+        check=_positive_seconds,
+        ollama=False,
+        argument=False,
+        doc_default="30 s: a runner process silent this long while it has work is killed",
+    ),
 )
 """Every engine setting, in the order the settings table lists them."""
 
@@ -295,6 +319,7 @@ class EngineSettings:
     prompt_cache_bytes: int = GiB  # RAM for saved prompt states; 0 keeps none
     prompt_cache_dir: Path | None = None  # where saved prompt states persist across restarts; None: nowhere
     isolation: str = "thread"  # where text runners run: "thread" (this process) or "process" (a child each)
+    runner_timeout: float = 30.0  # seconds a runner process may stay silent while it has work, or take to answer
     context_length: int = 0  # the default num_ctx; 0: by GPU memory, as Ollama
     gpu_overhead: int = 0  # bytes kept free on every GPU
     sched_spread: bool = False  # place a model across every GPU, even when one would hold it
@@ -340,6 +365,7 @@ class EngineSettings:
             prompt_cache_bytes=cast("int", get("prompt_cache_size", prompt_cache_size)),
             prompt_cache_dir=_prompt_cache_dir(cast("bool | str", get("prompt_cache", prompt_cache)), home_path),
             isolation=cast("str", get("isolation", isolation)),
+            runner_timeout=cast("float", get("runner_timeout")),
             context_length=cast("int", get("context_length")),
             gpu_overhead=cast("int", get("gpu_overhead")),
             sched_spread=cast("bool", get("sched_spread")),

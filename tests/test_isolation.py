@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import multiprocessing
+import contextlib
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 
+import anyio
 import pytest
 
-from localllm import Engine, InvalidRequest, LocalLLMError, RunnerError
+from localllm import Client, Engine, InvalidRequest, LocalLLMError, ModelLoadError, RunnerError
+from localllm.runner import process
 from localllm.runner.process import ProcessRunner
 from localllm.runner.protocol import LoadConfig
 from localllm.runner.worker import Runner
@@ -18,6 +23,7 @@ from localllm.runner.worker import Runner
 GREEDY = {"temperature": 0, "repeat_penalty": 1.0, "num_ctx": 512}
 PROMPT = "The three primary colors are"
 MESSAGES = [{"role": "user", "content": "Name a fruit."}]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _alive(pid: int) -> bool:
@@ -26,6 +32,17 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def _children() -> set[int]:
+    """The live (or unreaped) child processes of this process, from /proc."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                    found.add(int(entry.name))
+    return found
 
 
 def _runner(engine: Engine) -> ProcessRunner:
@@ -51,12 +68,27 @@ def test_a_load_that_fails_in_the_child_fails_as_in_a_thread(tmp_path: Path) -> 
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + bytes(60))
     errors = []
+    before = _children()
     for make in (Runner, ProcessRunner):
         with pytest.raises(LocalLLMError) as info:
             make(LoadConfig(str(bad), num_ctx=512))
         errors.append(info.value)
     assert type(errors[0]) is type(errors[1]) and str(errors[0]) == str(errors[1])
-    assert not multiprocessing.active_children()
+    assert _children() <= before  # the child that failed to load was reaped
+
+
+def test_a_child_that_dies_while_it_starts_says_why(
+    smollm2_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stand-in for a child that cannot start (a broken install, say): it writes why and exits.
+    dying = [sys.executable, "-c", "import sys; sys.stderr.write('cannot import llama_cpp\\n'); sys.exit(3)"]
+    monkeypatch.setattr(process, "_child_command", lambda: dying)
+    before = _children()
+    with pytest.raises(ModelLoadError) as info:
+        ProcessRunner(LoadConfig(str(smollm2_path), num_ctx=512))
+    message = str(info.value)
+    assert str(smollm2_path) in message and "exited with code 3" in message and "cannot import llama_cpp" in message
+    assert _children() <= before
 
 
 async def test_a_bad_gguf_fails_alike_through_the_engine(tmp_path: Path, home: Path) -> None:
@@ -110,7 +142,6 @@ async def test_a_child_process_serves_as_a_thread_does(smollm2_path: Path, home:
         (shown,) = (await engine.ps()).models
         pid = shown.pid
         assert pid is not None and pid != os.getpid() and pid == runner.pid and _alive(pid)
-    assert not multiprocessing.active_children()
     assert not _alive(pid)
 
 
@@ -135,7 +166,6 @@ async def test_a_child_that_dies_fails_its_request_and_is_replaced(smollm2_path:
             reply = await engine.generate(model, PROMPT, options={**GREEDY, "num_predict": 4})
             assert reply.eval_count == 4 and _runner(engine).pid not in pids
         pids.append(_runner(engine).pid)
-    assert not multiprocessing.active_children()
     assert not any(_alive(pid) for pid in pids if pid is not None)
 
 
@@ -146,3 +176,133 @@ def _kill(runner: ProcessRunner) -> None:
 
 def _abort(runner: ProcessRunner) -> None:
     runner._abort_child()
+
+
+async def test_a_stopped_child_fails_the_next_request_and_the_event_loop_runs_on(
+    smollm2_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LOCALLLM_RUNNER_TIMEOUT", "3")
+    model = str(smollm2_path)
+    short = {**GREEDY, "num_predict": 4}
+    asked, answered = threading.Event(), threading.Event()
+    tokenize = ProcessRunner.tokenize
+
+    def watched_tokenize(self: ProcessRunner, text: str, *, add_special: bool = True) -> list[int]:
+        asked.set()
+        try:
+            return tokenize(self, text, add_special=add_special)
+        finally:
+            answered.set()
+
+    loop_ran_while_the_child_was_asked: list[bool] = []
+
+    async def meanwhile() -> None:
+        # Once the request waits on the stopped child, this task (on the same loop) still gets turns,
+        # and a worker thread's result still reaches it.
+        await anyio.to_thread.run_sync(asked.wait, 120)
+        for _ in range(10):
+            await anyio.lowlevel.checkpoint()
+        await anyio.to_thread.run_sync(lambda: None)
+        loop_ran_while_the_child_was_asked.append(asked.is_set() and not answered.is_set())
+
+    engine = Engine(home, isolation="process", num_parallel=1)
+    stopped: int | None = None
+    try:
+        assert (await engine.generate(model, PROMPT, options=short)).eval_count == 4
+        runner = _runner(engine)
+        assert runner.timeout == 3.0 and runner.pid is not None
+        stopped = runner.pid
+        os.kill(stopped, signal.SIGSTOP)
+        with monkeypatch.context() as patch:
+            patch.setattr(ProcessRunner, "tokenize", watched_tokenize)
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(meanwhile)
+                with anyio.fail_after(120), pytest.raises(RunnerError) as info:
+                    await engine.generate(model, PROMPT, options=short)
+        assert loop_ran_while_the_child_was_asked == [True]
+        message = str(info.value)
+        assert "hung" in message and str(stopped) in message and "LOCALLLM_RUNNER_TIMEOUT" in message
+        assert not runner.healthy and not _alive(stopped)
+        # The next request loads a fresh child.
+        assert (await engine.generate(model, PROMPT, options=short)).eval_count == 4
+        fresh = _runner(engine).pid
+        assert fresh is not None and fresh != stopped
+    finally:
+        if stopped is not None and _alive(stopped):  # the test failed: do not leave a stopped process behind
+            os.kill(stopped, signal.SIGKILL)
+        with anyio.fail_after(120):
+            await engine.aclose()
+    assert not _alive(fresh)
+
+
+async def test_a_stream_whose_child_stops_fails_saying_it_hung(
+    smollm2_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LOCALLLM_RUNNER_TIMEOUT", "3")
+    model = str(smollm2_path)
+    async with Engine(home, isolation="process", num_parallel=1) as engine:
+        chunks = 0
+        with anyio.fail_after(120), pytest.raises(RunnerError, match="hung") as info:
+            async for _chunk in engine.generate(model, PROMPT, stream=True, options={**GREEDY, "num_predict": 400}):
+                chunks += 1
+                if chunks == 2:
+                    runner = _runner(engine)
+                    assert runner.pid is not None
+                    os.kill(runner.pid, signal.SIGSTOP)
+        assert str(runner.pid) in str(info.value) and not _alive(runner.pid)
+        assert (await engine.generate(model, PROMPT, options={**GREEDY, "num_predict": 4})).eval_count == 4
+
+
+async def test_closing_an_engine_whose_child_is_stopped_returns(smollm2_path: Path, home: Path) -> None:
+    engine = Engine(home, isolation="process", num_parallel=1)
+    stopped: int | None = None
+    try:
+        assert (await engine.generate(str(smollm2_path), PROMPT, options={**GREEDY, "num_predict": 2})).eval_count == 2
+        stopped = _runner(engine).pid
+        assert stopped is not None
+        os.kill(stopped, signal.SIGSTOP)
+    finally:
+        # Told to close, the stopped child cannot: it is terminated, then killed, within seconds.
+        with anyio.fail_after(120):
+            await engine.aclose()
+        if stopped is not None and _alive(stopped):
+            os.kill(stopped, signal.SIGKILL)
+            pytest.fail("aclose() left the stopped child running")
+
+
+def test_a_script_without_a_main_guard_uses_runner_processes(smollm2_path: Path, home: Path, tmp_path: Path) -> None:
+    options = {**GREEDY, "num_predict": 8}
+    with Client(home) as client:
+        expected = client.generate(str(smollm2_path), PROMPT, options=options).response
+    script = tmp_path / "plain_script.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import asyncio
+            import sys
+
+            import localllm
+
+            async def main():
+                async with localllm.Engine(sys.argv[1], isolation="process") as engine:
+                    reply = await engine.generate(sys.argv[2], {PROMPT!r}, options={options!r})
+                    (model,) = (await engine.ps()).models
+                    print(model.pid)
+                    print(repr(reply.response))
+
+            asyncio.run(main())
+            """
+        )
+    )
+    # The script imports this checkout's localllm, wherever it lies.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run(
+        [sys.executable, str(script), str(home / "script"), str(smollm2_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    pid, reply = run.stdout.splitlines()
+    assert int(pid) > 0 and reply == repr(expected)

@@ -45,6 +45,7 @@ SAMPLES: dict[str, tuple[tuple[str, Any], tuple[str, Any], Any]] = {
     "prompt_cache": (("1", True), ("/tmp/cache", "/tmp/cache"), False),
     "prompt_cache_size": (("0", 0), ("1024", 1024), 2048),
     "isolation": (("process", "process"), ("thread", "thread"), "process"),
+    "runner_timeout": (("5", 5.0), ("1m30s", 90.0), None),
 }
 
 # Per setting: a text no variable may hold.
@@ -61,6 +62,7 @@ BAD = {
     "repack": "sometimes",
     "prompt_cache_size": "big",
     "isolation": "container",
+    "runner_timeout": "0",
 }
 
 ENGINE_ARGUMENTS = {
