@@ -160,7 +160,7 @@ def _serve(inbound: int, pipe: _Pipe, start: wire.ChildStart) -> None:
         from .prompt_cache import PromptCache
         from .worker import Runner
 
-        cache = PromptCache(start.prompt_cache_bytes, directory=start.prompt_cache_dir)
+        cache = PromptCache(start.prompt_cache_bytes, directory=start.prompt_cache_dir, key_file=start.prompt_cache_key)
         try:
             runner = Runner(
                 start.config, gpu_layers=start.gpu_layers, tensor_split=start.tensor_split, prompt_cache=cache

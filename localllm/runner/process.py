@@ -106,6 +106,7 @@ class ProcessRunner:
         tensor_split: tuple[float, ...] | None = None,
         prompt_cache_bytes: int = 0,
         prompt_cache_dir: Path | None = None,
+        prompt_cache_key: Path | None = None,
         timeout: float | None = None,
     ) -> None:
         from ..settings import read_setting
@@ -139,6 +140,7 @@ class ProcessRunner:
                 tensor_split=tensor_split,
                 prompt_cache_bytes=prompt_cache_bytes,
                 prompt_cache_dir=prompt_cache_dir,
+                prompt_cache_key=prompt_cache_key,
                 forward_level=logging.getLogger("localllm").getEffectiveLevel(),
                 beat_interval=self._beat,
             )

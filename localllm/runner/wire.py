@@ -70,5 +70,6 @@ class ChildStart:
     tensor_split: tuple[float, ...] | None
     prompt_cache_bytes: int
     prompt_cache_dir: Path | None
+    prompt_cache_key: Path | None  # the key that signs the cache's entries (None: one in its folder)
     forward_level: int
     beat_interval: float

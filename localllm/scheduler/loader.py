@@ -196,6 +196,7 @@ class RunnerFactory:
                 tensor_split=plan.tensor_split,
                 prompt_cache_bytes=self.settings.prompt_cache_bytes,
                 prompt_cache_dir=self.settings.prompt_cache_dir,
+                prompt_cache_key=self.settings.prompt_cache_key,
                 timeout=self.settings.runner_timeout,
             )
         else:
