@@ -454,6 +454,50 @@ OPENAI_EMBEDDINGS = Endpoint(
     },
 )
 
+anthropic_blocks = st.lists(
+    mappings(
+        {
+            "type": one_of_or_junk("text", "image", "tool_use", "tool_result", "thinking", "document"),
+            "text": odd_text | junk,
+            "source": mappings({"type": one_of_or_junk("base64", "url"), "data": one_of_or_junk("aGVsbG8=", "")}),
+            "id": one_of_or_junk("toolu_1", ""),
+            "name": one_of_or_junk("get_weather", ""),
+            "input": one_of_or_junk({"city": "Paris"}, "[1]"),
+            "tool_use_id": one_of_or_junk("toolu_1", ""),
+            "content": odd_text | junk,
+            "thinking": odd_text | junk,
+        }
+    ),
+    max_size=3,
+)
+ANTHROPIC_MESSAGES = Endpoint(
+    "POST",
+    "/v1/messages",
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+    {
+        "model": model_names,
+        "messages": st.lists(
+            mappings({"role": one_of_or_junk("user", "assistant", "system"), "content": odd_text | anthropic_blocks}),
+            max_size=3,
+        )
+        | junk,
+        "system": odd_text | anthropic_blocks | junk,
+        "max_tokens": one_of_or_junk(1, 0, -1, 2**31, 2**63),
+        "temperature": one_of_or_junk(0, 2, -1, 1e308),
+        "top_p": one_of_or_junk(0, 1, 2),
+        "top_k": one_of_or_junk(0, 1, -1, 2**63),
+        "stop_sequences": one_of_or_junk(["\n"], [""], [1], "x"),
+        "stream": junk,
+        "tools": st.lists(
+            mappings({"name": one_of_or_junk("get_weather", ""), "description": odd_text, "input_schema": json_schema})
+        )
+        | junk,
+        "tool_choice": mappings({"type": one_of_or_junk("auto", "any", "tool", "none"), "name": odd_text}) | junk,
+        "thinking": mappings({"type": one_of_or_junk("enabled", "disabled"), "budget_tokens": junk}) | junk,
+        "metadata": junk,
+    },
+)
+
 scratch_names = one_of_or_junk(*SCRATCH_NAMES, "a" * 81, "x/y/z/w", "..", "fuzz-a:")
 digests = one_of_or_junk(*UPLOADED, NEVER_UPLOADED, "sha256:xyz", "md5:" + "0" * 32, "sha256:" + "A" * 64, "")
 modelfile_lines = st.sampled_from(
@@ -811,6 +855,12 @@ def test_openai_completions(fuzzer: Fuzzer, case: Case) -> None:
 
 
 @fuzz(150)
+@given(case=json_case(ANTHROPIC_MESSAGES, few_openai_tokens))
+def test_anthropic_messages(fuzzer: Fuzzer, case: Case) -> None:
+    fuzzer.send(case)
+
+
+@fuzz(150)
 @given(case=st.sampled_from((EMBED, EMBEDDINGS, OPENAI_EMBEDDINGS)).flatmap(json_case))
 def test_embeddings(fuzzer: Fuzzer, case: Case) -> None:
     fuzzer.send(case)
@@ -928,7 +978,7 @@ def test_copy_and_delete(fuzzer: Fuzzer, home: Path, case: Case) -> None:
 # --------------------------------------------------------------------------------------------------- the wire
 
 OLLAMA_ROUTES = (GENERATE, CHAT, EMBED, EMBEDDINGS, SHOW, PUSH, PULL, CREATE, COPY, DELETE)
-JSON_ROUTES = (*OLLAMA_ROUTES, CHAT_COMPLETIONS, COMPLETIONS, OPENAI_EMBEDDINGS)
+JSON_ROUTES = (*OLLAMA_ROUTES, CHAT_COMPLETIONS, COMPLETIONS, OPENAI_EMBEDDINGS, ANTHROPIC_MESSAGES)
 CONTENT_TYPES = (
     "application/json",
     "application/json; charset=utf-16",
