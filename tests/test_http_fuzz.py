@@ -497,6 +497,53 @@ ANTHROPIC_MESSAGES = Endpoint(
         "metadata": junk,
     },
 )
+response_items = st.lists(
+    mappings(
+        {
+            "type": one_of_or_junk("message", "function_call", "function_call_output", "reasoning", "item_reference"),
+            "role": roles,
+            "content": odd_text | content_parts | junk,
+            "call_id": odd_text | junk,
+            "name": one_of_or_junk("get_weather", ""),
+            "arguments": one_of_or_junk("{}", '{"city": "Paris"}', "[1]", "{"),
+            "output": odd_text | junk,
+        }
+    ),
+    max_size=4,
+)
+RESPONSES = Endpoint(
+    "POST",
+    "/v1/responses",
+    {"model": MODEL, "input": "hi", "max_output_tokens": 1},
+    {
+        "model": model_names,
+        "stream": junk,
+        "input": texts | response_items,
+        "instructions": texts,
+        "max_output_tokens": one_of_or_junk(1, 0, -1, 2**31, 2**63),
+        "temperature": one_of_or_junk(0, 2, -1, 1e308),
+        "top_p": one_of_or_junk(0, 1, 2),
+        "tools": st.lists(
+            mappings(
+                {
+                    "type": one_of_or_junk("function", "web_search"),
+                    "name": one_of_or_junk("get_weather", ""),
+                    "parameters": json_schema | junk,
+                }
+            ),
+            max_size=2,
+        )
+        | junk,
+        "tool_choice": one_of_or_junk("auto", "none", "required", {"type": "function", "name": "get_weather"}),
+        "text": mappings(
+            {"format": mappings({"type": one_of_or_junk("text", "json_object", "json_schema"), "schema": json_schema})}
+        )
+        | junk,
+        "reasoning": mappings({"effort": one_of_or_junk("low", "none", "ultra")}) | junk,
+        "previous_response_id": junk,
+        "store": junk,
+    },
+)
 
 scratch_names = one_of_or_junk(*SCRATCH_NAMES, "a" * 81, "x/y/z/w", "..", "fuzz-a:")
 digests = one_of_or_junk(*UPLOADED, NEVER_UPLOADED, "sha256:xyz", "md5:" + "0" * 32, "sha256:" + "A" * 64, "")
@@ -640,6 +687,13 @@ def few_openai_tokens(body: Body) -> Body:
             body[key] = 3
     if not limits:
         body["max_tokens"] = 2
+    return body
+
+
+def few_response_tokens(body: Body) -> Body:
+    """/v1/responses: max_output_tokens small whenever it would be taken."""
+    if body.get("max_output_tokens") is None or is_number(body["max_output_tokens"]):
+        body["max_output_tokens"] = 3
     return body
 
 
@@ -854,6 +908,12 @@ def test_openai_completions(fuzzer: Fuzzer, case: Case) -> None:
     fuzzer.send(case)
 
 
+@fuzz(120)
+@given(case=json_case(RESPONSES, few_response_tokens))
+def test_openai_responses(fuzzer: Fuzzer, case: Case) -> None:
+    fuzzer.send(case)
+
+
 @fuzz(150)
 @given(case=json_case(ANTHROPIC_MESSAGES, few_openai_tokens))
 def test_anthropic_messages(fuzzer: Fuzzer, case: Case) -> None:
@@ -978,7 +1038,7 @@ def test_copy_and_delete(fuzzer: Fuzzer, home: Path, case: Case) -> None:
 # --------------------------------------------------------------------------------------------------- the wire
 
 OLLAMA_ROUTES = (GENERATE, CHAT, EMBED, EMBEDDINGS, SHOW, PUSH, PULL, CREATE, COPY, DELETE)
-JSON_ROUTES = (*OLLAMA_ROUTES, CHAT_COMPLETIONS, COMPLETIONS, OPENAI_EMBEDDINGS, ANTHROPIC_MESSAGES)
+JSON_ROUTES = (*OLLAMA_ROUTES, CHAT_COMPLETIONS, COMPLETIONS, OPENAI_EMBEDDINGS, RESPONSES, ANTHROPIC_MESSAGES)
 CONTENT_TYPES = (
     "application/json",
     "application/json; charset=utf-16",

@@ -9,7 +9,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from . import anthropic_api, ollama_api, openai_api
+from . import anthropic_api, ollama_api, openai_api, responses_api
 from .common import DEFAULT_BODY_TIMEOUT, GiB, HideServerPaths, HTTPSettings, MiB
 from .security import RequestGuard, allowed_origins
 
@@ -67,11 +67,8 @@ def create_app(
         Middleware(RequestGuard, origins=allowed_origins(origins), check_host=check_host),
         Middleware(HideServerPaths),
     ]
-    app = Starlette(
-        routes=[*ollama_api.routes(), *openai_api.routes(), *anthropic_api.routes()],
-        middleware=middleware,
-        lifespan=lifespan,
-    )
+    routes = [*ollama_api.routes(), *openai_api.routes(), *responses_api.routes(), *anthropic_api.routes()]
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.engine = engine
     app.state.settings = HTTPSettings(
         max_request_size=max_request_size,
