@@ -205,9 +205,7 @@ async def open_generate(service: ModelService, request: GenerateRequest) -> Job[
 
 async def _open_generate(service: ModelService, request: GenerateRequest) -> Job[GenerateResponse]:
     started = time.perf_counter()
-    resolved = await service.resolve(request.model, "generate")
-    if request.images:
-        service.check_images(request.model, resolved)
+    resolved = await _resolve(service, request)
     options = service.options(resolved, request.options)
     if request.is_empty:
         reason, load = await service.load_or_unload(resolved, options, request.keep_alive, "generate")
@@ -353,9 +351,7 @@ async def open_chat(service: ModelService, request: ChatRequest) -> Job[ChatResp
 
 async def _open_chat(service: ModelService, request: ChatRequest) -> Job[ChatResponse]:
     started = time.perf_counter()
-    resolved = await service.resolve(request.model, "generate")
-    if any(m.images for m in request.messages):
-        service.check_images(request.model, resolved)
+    resolved = await _resolve(service, request)
     options = service.options(resolved, request.options)
     if request.is_empty:
         reason, load = await service.load_or_unload(resolved, options, request.keep_alive, "generate")
@@ -414,14 +410,18 @@ async def render_chat(
 async def render(service: ModelService, request: GenerateRequest | ChatRequest) -> str:
     """The prompt a request would run, without loading the model (nor cutting it to the context, which
     takes the loaded model's tokenizer)."""
-    resolved = await service.resolve(request.model, "generate")
+    resolved = await _resolve(service, request)
     if isinstance(request, ChatRequest):
-        if any(m.images for m in request.messages):
-            service.check_images(request.model, resolved)
         return (await render_chat(service, resolved, request)).prompt
-    if request.images:
-        service.check_images(request.model, resolved)
     return (await render_generate(service, resolved, request)).text
+
+
+async def _resolve(service: ModelService, request: GenerateRequest | ChatRequest) -> ResolvedModel:
+    """The request's model, checked to generate text, and to see when the request carries images."""
+    resolved = await service.resolve(request.model, "generate")
+    if request.image_count:
+        service.check_images(request.model, resolved)
+    return resolved
 
 
 async def _tokenize(runner: TextRunner, text: str) -> list[int]:

@@ -21,6 +21,7 @@ import attrs
 from .chat.prompt import THINK_LEVELS
 from .errors import InvalidOptions, InvalidRequest
 from .options import check_options
+from .scheduler.keepalive import parse_keep_alive
 from .types import ChatResponse, EmbedResponse, GenerateResponse, Message, MessageLike, plain_data
 
 if TYPE_CHECKING:
@@ -76,8 +77,6 @@ def _think(instance: object, attribute: attrs.Attribute[Any], value: Any) -> Non
 
 
 def _keep_alive(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    from .scheduler.keepalive import parse_keep_alive
-
     try:
         parse_keep_alive(value, default=0.0)
     except InvalidOptions as exc:
@@ -214,6 +213,10 @@ class GenerateRequest(Request[GenerateResponse]):
         """Whether it only loads or unloads the model."""
         return not self.prompt and not self.context
 
+    @property
+    def image_count(self) -> int:
+        return len(self.images or ())
+
 
 @attrs.frozen
 class ChatRequest(Request[ChatResponse]):
@@ -238,6 +241,10 @@ class ChatRequest(Request[ChatResponse]):
     def is_empty(self) -> bool:
         """Whether it only loads or unloads the model."""
         return not self.messages
+
+    @property
+    def image_count(self) -> int:
+        return sum(len(m.images or ()) for m in self.messages)
 
 
 @attrs.frozen

@@ -10,7 +10,6 @@ tool calls (``tool_use``) and tool messages (``tool_result``), ``max_tokens`` ``
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,7 +31,9 @@ from .common import (
     error_message,
     headers_for,
     pump,
+    random_id,
     status_for,
+    tool_result,
 )
 from .ollama_api import engine_of, model_to_serve, read_request
 
@@ -79,10 +80,6 @@ def _sse(produce: Callable[[Put], Awaitable[None]]) -> EventStream:
 
 #: Answers errors raised while reading and checking the request in Anthropic's shape.
 endpoint = error_boundary(anthropic_error)
-
-
-def _id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(12)}"
 
 
 # --------------------------------------------------------------------------- request translation
@@ -183,12 +180,7 @@ def _message(message: Any, index: int, names_by_id: dict[str, str]) -> list[dict
             if not isinstance(answered, str) or not answered:
                 raise _bad(place, "a tool_result block needs a 'tool_use_id'")
             text, result_images = _tool_result(block, place)
-            result: dict[str, Any] = {"role": "tool", "content": text, "tool_call_id": answered}
-            if answered in names_by_id:
-                result["tool_name"] = names_by_id[answered]
-            if result_images:
-                result["images"] = result_images
-            results.append(result)
+            results.append(tool_result(text, answered, names_by_id.get(answered), result_images))
         else:
             raise _bad(place, f"content block type {kind!r} is not supported")
     out = results if role == "user" else []
@@ -350,7 +342,7 @@ def _usage(response: ChatResponse) -> dict[str, int]:
 def _tool_use(call: ToolCall) -> dict[str, Any]:
     return {
         "type": "tool_use",
-        "id": call.id or _id("toolu"),
+        "id": call.id or random_id("toolu"),
         "name": call.function.name,
         "input": dict(call.function.arguments),
     }
@@ -453,7 +445,7 @@ async def messages(request: Request) -> Response:
     stream = fields.flag("stream", False)
     model = chat_request.model
     engine = engine_of(request)
-    message_id = _id("msg")
+    message_id = random_id("msg")
 
     if not stream:
 

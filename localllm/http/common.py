@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import re
+import secrets
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping
 from contextvars import ContextVar
@@ -413,6 +414,21 @@ def json_text(text: str, field: str) -> Any:
     if isinstance(value, (dict, list)):
         check_values(value, field)
     return value
+
+
+def random_id(prefix: str, separator: str = "_") -> str:
+    """An id as the API it is for writes them: `prefix`, the separator, 24 random hex digits."""
+    return f"{prefix}{separator}{secrets.token_hex(12)}"
+
+
+def tool_result(content: str, call_id: str, tool_name: str | None, images: list[str] | None) -> dict[str, Any]:
+    """The tool message that answers the call `call_id` (by its tool's name, where the call was seen)."""
+    message: dict[str, Any] = {"role": "tool", "content": content, "tool_call_id": call_id}
+    if tool_name:
+        message["tool_name"] = tool_name
+    if images:
+        message["images"] = images
+    return message
 
 
 def tool_calls(value: Any, field: str) -> list[dict[str, Any]]:

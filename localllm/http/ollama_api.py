@@ -262,7 +262,7 @@ async def generate(request: Request) -> Response:
     # An empty request loads the model, as in Ollama, even when only its prompt is asked for.
     if fields.flag("_debug_render_only", False) and not generate_request.is_empty:
         text = await engine.render(generate_request)
-        return debug_response(generate_request.model, text, len(generate_request.images or ()), response="")
+        return debug_response(generate_request.model, text, generate_request.image_count, response="")
     return respond(engine, generate_request, fields.flag("stream", True), generate_json)
 
 
@@ -298,8 +298,7 @@ async def chat(request: Request) -> Response:
     # No messages loads the model, as in Ollama, even when only the prompt is asked for.
     if fields.flag("_debug_render_only", False) and not chat_request.is_empty:
         text = await engine.render(chat_request)
-        images = sum(len(m.images or ()) for m in chat_request.messages)
-        return debug_response(chat_request.model, text, images, message={"role": "", "content": ""})
+        return debug_response(chat_request.model, text, chat_request.image_count, message={"role": "", "content": ""})
     return respond(engine, chat_request, fields.flag("stream", True), chat_json)
 
 

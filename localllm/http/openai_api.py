@@ -35,6 +35,7 @@ from .common import (
     error_message,
     headers_for,
     pump,
+    random_id,
     status_for,
     tool_calls,
 )
@@ -86,10 +87,6 @@ def sse(produce: Callable[[Put], Awaitable[None]]) -> EventStream:
 
 #: Answers errors raised while reading and checking the request in OpenAI's shape.
 endpoint = error_boundary(openai_error)
-
-
-def _id(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(12)}"
 
 
 async def _model(request: Request, fields: Fields) -> str:
@@ -342,7 +339,7 @@ async def chat_completions(request: Request) -> Response:
         tool_choice=fields.data.get("tool_choice") if tools else None,
     )
     engine = engine_of(request)
-    completion_id = _id("chatcmpl")
+    completion_id = random_id("chatcmpl", "-")
     created = int(time.time())
 
     if not stream:
@@ -458,7 +455,7 @@ async def completions(request: Request) -> Response:
         top_logprobs=top or 0,
     )
     engine = engine_of(request)
-    completion_id = _id("cmpl")
+    completion_id = random_id("cmpl", "-")
     created = int(time.time())
     offset = 0  # where the next chunk's text starts in the completion (the tokens' `text_offset`)
 

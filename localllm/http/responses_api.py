@@ -10,7 +10,6 @@ streamed, the API's typed server-sent events. Nothing is stored: ``previous_resp
 from __future__ import annotations
 
 import json
-import secrets
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -21,7 +20,20 @@ from starlette.routing import Route
 
 from ..request import ChatRequest
 from ..types import ToolCall
-from .common import JSON, APIError, DisconnectAware, EventStream, Fields, Put, dumps, error_message, json_text, pump
+from .common import (
+    JSON,
+    APIError,
+    DisconnectAware,
+    EventStream,
+    Fields,
+    Put,
+    dumps,
+    error_message,
+    json_text,
+    pump,
+    random_id,
+    tool_result,
+)
 from .ollama_api import engine_of, model_to_serve, read_request
 from .openai_api import endpoint, openai_error, reasoning
 
@@ -29,10 +41,6 @@ __all__ = ["routes"]
 
 #: Fields that would need responses kept on the server, which it does not do.
 STATEFUL_FIELDS = ("previous_response_id", "conversation")
-
-
-def _id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(12)}"
 
 
 def _bad(message: str, param: str) -> APIError:
@@ -147,12 +155,7 @@ def input_messages(fields: Fields) -> list[dict[str, Any]]:
             if not isinstance(call_id, str) or not call_id:
                 raise _bad(f"{where}: a function_call_output needs the 'call_id' it answers", "input")
             text, images = _content(item.get("output"), f"{where}.output")
-            result: dict[str, Any] = {"role": "tool", "content": text, "tool_call_id": call_id}
-            if call_id in names_by_id:
-                result["tool_name"] = names_by_id[call_id]
-            if images:
-                result["images"] = images
-            messages.append(result)
+            messages.append(tool_result(text, call_id, names_by_id.get(call_id), images))
         elif kind == "item_reference":
             raise _bad(f"{where}: item references are not supported, as responses are not stored", "input")
         else:
@@ -252,7 +255,7 @@ class ResponseBuilder:
     """
 
     def __init__(self, model: str, echo: dict[str, Any]) -> None:
-        self.id = _id("resp")
+        self.id = random_id("resp")
         self.model = model
         self.created_at = int(time.time())
         self.echo = echo
@@ -322,13 +325,13 @@ class ResponseBuilder:
             self.text = ""
             index = len(self.output)
             if kind == "reasoning":
-                self.open = {"id": _id("rs"), "type": "reasoning", "summary": []}
+                self.open = {"id": random_id("rs"), "type": "reasoning", "summary": []}
                 events.append(self.event("response.output_item.added", output_index=index, item=dict(self.open)))
                 part = {"type": "summary_text", "text": ""}
                 where = {"item_id": self.open["id"], "output_index": index, "summary_index": 0}
                 events.append(self.event("response.reasoning_summary_part.added", **where, part=part))
             else:
-                self.open = {"id": _id("msg"), "type": "message", "status": "in_progress", "role": "assistant"}
+                self.open = {"id": random_id("msg"), "type": "message", "status": "in_progress", "role": "assistant"}
                 events.append(
                     self.event("response.output_item.added", output_index=index, item={**self.open, "content": []})
                 )
@@ -349,10 +352,10 @@ class ResponseBuilder:
         index = len(self.output)
         arguments = _arguments(call)
         item = {
-            "id": _id("fc"),
+            "id": random_id("fc"),
             "type": "function_call",
             "status": "in_progress",
-            "call_id": call.id or _id("call"),
+            "call_id": call.id or random_id("call"),
             "name": call.function.name,
             "arguments": "",
         }
