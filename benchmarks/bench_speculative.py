@@ -14,6 +14,7 @@ draft model is than one of the target (both without drafts).
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -84,7 +85,9 @@ async def runner_for(engine: localllm.Engine, **match: Any) -> Any:
     raise LookupError(match)
 
 
-async def bench(target: Path, draft: Path) -> None:
+async def bench(targets: dict[str, Path], draft: Path) -> None:
+    """`targets`: a copy of the target's file for each way, since an engine keeps one runner per model file
+    and the three ways must stay loaded side by side."""
     ways: dict[str, dict[str, Any]] = {
         "plain": {},
         "prompt_lookup": {"prompt_lookup": True},
@@ -95,8 +98,8 @@ async def bench(target: Path, draft: Path) -> None:
     draft_rates: list[float] = []
     with tempfile.TemporaryDirectory() as home:
         async with localllm.Engine(home, num_parallel=1, max_loaded_models=4) as engine:
-            for options in ways.values():  # load and warm up
-                await decode_rate(engine, str(target), "Hello", **options)
+            for way, options in ways.items():  # load and warm up
+                await decode_rate(engine, str(targets[way]), "Hello", **options)
             await decode_rate(engine, str(draft), "Hello")
             runners = {
                 "prompt_lookup": await runner_for(engine, prompt_lookup=True),
@@ -107,7 +110,7 @@ async def bench(target: Path, draft: Path) -> None:
                     for way, options in ways.items():
                         runner = runners.get(way)
                         before = (runner.drafted, runner.drafts_accepted) if runner else (0, 0)
-                        rates[way, name].append(await decode_rate(engine, str(target), prompt, **options))
+                        rates[way, name].append(await decode_rate(engine, str(targets[way]), prompt, **options))
                         if runner is not None:
                             drafted, confirmed = runner.drafted - before[0], runner.drafts_accepted - before[1]
                             accepted[way, name].append(confirmed / drafted if drafted else 0.0)
@@ -140,7 +143,11 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         target = requantize_q8_0(draft, Path(folder) / "smollm2-q8_0.gguf")
-        anyio.run(bench, target, draft)
+        targets = {"plain": target}
+        for way in ("prompt_lookup", "draft model"):
+            targets[way] = Path(folder) / f"smollm2-q8_0-{way.replace(' ', '-')}.gguf"
+            shutil.copyfile(target, targets[way])
+        anyio.run(bench, targets, draft)
     print(f"\n({time.perf_counter() - started:.0f} s)")
 
 
