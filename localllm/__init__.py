@@ -56,6 +56,7 @@ from .errors import (
     ToolError,
     UnavailableError,
 )
+from .media import DecodedAudio, DecodedImage, MediaLimits
 from .options import Options
 from .parsing import Modelfile, ModelName, parse_keep_alive, parse_modelfile
 from .request import ChatRequest, EmbedRequest, GenerateRequest, Request
@@ -90,6 +91,8 @@ __all__ = [
     "Client",
     "ContextLengthExceeded",
     "ConversionError",
+    "DecodedAudio",
+    "DecodedImage",
     "DigestMismatch",
     "EmbedRequest",
     "EmbedResponse",
@@ -109,6 +112,7 @@ __all__ = [
     "ListResponse",
     "LocalLLMError",
     "Logprob",
+    "MediaLimits",
     "Message",
     "ModelDetails",
     "ModelLoadError",

@@ -20,6 +20,7 @@ import attrs
 
 from .chat.prompt import THINK_LEVELS
 from .errors import InvalidOptions, InvalidRequest
+from .media import media_base64
 from .options import check_options
 from .scheduler.keepalive import parse_keep_alive
 from .types import ChatResponse, EmbedResponse, GenerateResponse, Message, MessageLike, plain_data
@@ -125,7 +126,7 @@ def _sequence(name: str, value: Any) -> Sequence[Any]:
 
 
 def _messages(value: Iterable[MessageLike] | None) -> tuple[Message, ...]:
-    return tuple(Message.from_any(m) for m in _sequence("messages", value or ()))
+    return tuple(Message.from_any(m, where=f"messages[{i}]") for i, m in enumerate(_sequence("messages", value or ())))
 
 
 def _tools(value: Iterable[Any] | None) -> tuple[dict[str, Any], ...] | None:
@@ -137,10 +138,11 @@ def _tools(value: Iterable[Any] | None) -> tuple[dict[str, Any], ...] | None:
     return tuple(tool.to_dict() for tool in normalize_tools(plain_data(t) for t in _sequence("tools", value)))
 
 
-def _images(value: Iterable[Any] | None) -> tuple[Any, ...] | None:
+def _images(value: Iterable[Any] | None) -> tuple[str, ...] | None:
+    """Images as base64 text (bytes and paths read and encoded: see `media_base64`)."""
     if not value:
         return None
-    return tuple(_sequence("images", value)) or None
+    return tuple(media_base64(item, f"images[{i}]") for i, item in enumerate(_sequence("images", value))) or None
 
 
 def _context(value: Iterable[int] | None) -> tuple[int, ...] | None:
@@ -197,7 +199,7 @@ class GenerateRequest(Request[GenerateResponse]):
     context: tuple[int, ...] | None = attrs.field(default=None, converter=_context, kw_only=True)
     raw: bool = attrs.field(default=False, validator=_flag, kw_only=True)
     format: str | dict[str, Any] | None = attrs.field(default=None, converter=_format, kw_only=True)
-    images: tuple[Any, ...] | None = attrs.field(default=None, converter=_images, kw_only=True)
+    images: tuple[str, ...] | None = attrs.field(default=None, converter=_images, kw_only=True)
     options: dict[str, Any] | None = attrs.field(default=None, converter=_options, kw_only=True)
     keep_alive: float | str | None = attrs.field(default=None, validator=_keep_alive, kw_only=True)
     think: bool | str | None = attrs.field(default=None, validator=_think, kw_only=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, Union, cast
 
 import attrs
@@ -158,18 +158,31 @@ def _role(instance: Any, attribute: Any, value: str) -> None:
         raise InvalidRequest(f"message role must be one of {', '.join(ROLES)}; got {value!r}")
 
 
+def _message_images(value: Any, where: str = "images") -> tuple[str, ...] | None:
+    """A message's images as base64 text, as Ollama's API carries them (bytes and paths read and encoded)."""
+    from .errors import InvalidRequest
+    from .media import media_base64
+
+    if not value:
+        return None
+    if isinstance(value, (str, bytes, bytearray, memoryview, Mapping)) or not isinstance(value, Iterable):
+        raise InvalidRequest(f"{where} must be a list, got {type(value).__name__}")
+    return tuple(media_base64(item, f"{where}[{i}]") for i, item in enumerate(value)) or None
+
+
 @attrs.frozen
 class Message(_Subscriptable):
     role: str = attrs.field(validator=_role)
     content: str = ""
     thinking: str | None = None
-    images: tuple[str, ...] | None = None
+    images: tuple[str, ...] | None = attrs.field(default=None, converter=_message_images)
     tool_calls: tuple[ToolCall, ...] | None = None
     tool_name: str | None = None
     tool_call_id: str | None = None
 
     @classmethod
-    def from_any(cls, value: MessageLike) -> Message:
+    def from_any(cls, value: MessageLike, *, where: str = "message") -> Message:
+        """A message from any form a user has; `where` names it in errors (``messages[2]``)."""
         from .errors import InvalidRequest
 
         if isinstance(value, Message):
@@ -189,7 +202,7 @@ class Message(_Subscriptable):
             role=value["role"],
             content=content,
             thinking=value.get("thinking"),
-            images=tuple(value["images"]) if value.get("images") else None,
+            images=_message_images(value.get("images"), f"{where}.images"),
             tool_calls=tuple(ToolCall.from_dict(c) if not isinstance(c, ToolCall) else c for c in calls)
             if calls
             else None,
