@@ -27,6 +27,7 @@ from .embeddings import embed as embed_texts
 from .embeddings import embeddings as embed_prompt
 from .errors import InvalidRequest, LocalLLMError
 from .files import sha256_of
+from .media import MediaLimits
 from .options import OptionValues
 from .registry.create import CreateParts
 from .request import (
@@ -128,6 +129,7 @@ class EngineArguments(TypedDict, total=False):
     prompt_cache: bool | str | os.PathLike[str] | None
     prompt_cache_size: int | None
     isolation: str | None
+    media_limits: MediaLimits | None
     devices: Any
     backend: Backend | None
 
@@ -159,11 +161,14 @@ class Engine:
         prompt_cache: bool | str | os.PathLike[str] | None = None,
         prompt_cache_size: int | None = None,
         isolation: str | None = None,
+        media_limits: MediaLimits | None = None,
         devices: Any = None,
         backend: Backend | None = None,
     ) -> None:
-        """`backend` replaces llama.cpp under the runners (tests and alternative kernels): any object
-        with the `localllm.runner.backend.Backend` protocol. It serves runners in threads only."""
+        """`media_limits` bounds the images and audio a request may carry (by default `MediaLimits()`, or
+        from ``LOCALLLM_MAX_*`` variables). `backend` replaces llama.cpp under the runners (tests and
+        alternative kernels): any object with the `localllm.runner.backend.Backend` protocol. It serves
+        runners in threads only."""
         settings = EngineSettings.resolve(
             home,
             models,
@@ -177,6 +182,7 @@ class Engine:
             prompt_cache,
             prompt_cache_size,
             isolation,
+            media_limits,
         )
         self._service = ModelService(settings, devices=devices, backend=backend)
         # An engine dropped without aclose() (a notebook cell run again) must not keep its models loaded:

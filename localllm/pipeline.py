@@ -12,6 +12,7 @@ import attrs
 from .chat.template import load_template
 from .errors import CapabilityError, ContextLengthExceeded, InvalidRequest
 from .options import Options
+from .prompt_media import PromptMedia, decode_all, for_display, marked_messages, marked_prompt
 from .request import ChatRequest, GenerateRequest
 from .runner.protocol import LoadConfig, SamplingParams, ScoredText, SequenceHandle, SequenceResult, TextRunner
 from .scheduler.scheduler import Lease
@@ -51,23 +52,25 @@ Fits = Callable[[str], bool]
 
 class PromptCounter:
     """Whether a rendered prompt fits one sequence's context, as Ollama's chat truncation counts it
-    (the prompt's tokens against the context, `<=`); it keeps the tokens of what it counted, so the
-    prompt that is sent is not tokenized twice. Called from the thread that renders the prompt."""
+    (the prompt's tokens, an image's embeddings among them, against the context, `<=`); it keeps the
+    tokens of what it counted, so the prompt that is sent is not tokenized twice. Called from the thread
+    that renders the prompt."""
 
-    def __init__(self, runner: TextRunner) -> None:
+    def __init__(self, runner: TextRunner, media: PromptMedia) -> None:
         self._runner = runner
+        self._media = media
         self.limit = runner.n_ctx_seq
         self._counted: dict[str, list[int]] = {}
 
     def fits(self, prompt: str) -> bool:
         tokens = self._counted.get(prompt)
         if tokens is None:
-            tokens = self._counted[prompt] = self._runner.tokenize(prompt)
+            tokens = self._counted[prompt] = self._media.tokens(self._runner, prompt)
         return len(tokens) <= self.limit
 
     async def tokens(self, prompt: str) -> list[int]:
         counted = self._counted.get(prompt)
-        return counted if counted is not None else await _tokenize(self._runner, prompt)
+        return counted if counted is not None else await _tokenize(self._runner, prompt, self._media)
 
 
 def _check_untruncated(tokens: Sequence[int], runner: TextRunner) -> None:
@@ -187,7 +190,8 @@ class GenerateOutput:
             created_at=now_iso(),
             done=True,
             done_reason=result.done_reason,
-            context=self.prompt_tokens + result.tokens,
+            # An image's stand-ins are no vocabulary ids: a context sent back holds the text around it.
+            context=tuple(token for token in self.prompt_tokens if token >= 0) + result.tokens,
             **_durations(result, total, load_duration),
         )
         return [*chunks, final]
@@ -223,16 +227,18 @@ async def _open_generate(service: ModelService, request: GenerateRequest) -> Job
                 await _off_loop(runner, len(request.context), lambda: runner.check_token_ids(request.context or ()))
             except InvalidRequest as exc:
                 raise InvalidRequest(f"invalid value for 'context': {exc}") from None
-        tokens = await _tokenize(runner, prompt.text)
+        tokens = await _tokenize(runner, prompt.text, prompt.media)
         if prompt.cuttable and len(tokens) > runner.n_ctx_seq:
             # Too long: rendered again without the oldest of the model's MESSAGEs, as Ollama does.
-            counter = PromptCounter(runner)
-            prompt = await render_generate(service, resolved, request, fits=counter.fits)
+            counter = PromptCounter(runner, prompt.media)
+            prompt = await render_generate(service, resolved, request, fits=counter.fits, media=prompt.media)
             tokens = await counter.tokens(prompt.text)
         tokens = list(request.context or ()) + tokens
         if not request.truncate:
             _check_untruncated(tokens, runner)
-        handle = runner.submit(tokens, _sampling(request, options, prompt.grammar))
+        handle = runner.submit(
+            tokens, _sampling(request, options, prompt.grammar), media=prompt.media.used(prompt.text)
+        )
     except BaseException:
         lease.release()
         raise
@@ -251,18 +257,29 @@ class GeneratePrompt:
     #: Whether a prompt too long for the context may lose the oldest of the model's MESSAGEs (as Ollama's
     #: truncation): only with the model's own template, never a raw, suffix or request-templated prompt.
     cuttable: bool = False
+    #: The request's images and audio, decoded; the prompt marks where each goes.
+    media: PromptMedia = attrs.field(factory=PromptMedia)
 
 
 async def render_generate(
-    service: ModelService, resolved: ResolvedModel, request: GenerateRequest, *, fits: Fits | None = None
+    service: ModelService,
+    resolved: ResolvedModel,
+    request: GenerateRequest,
+    *,
+    fits: Fits | None = None,
+    media: PromptMedia | None = None,
 ) -> GeneratePrompt:
     """The prompt of a generate request: `raw` as it is, else through the model's template (or the
-    request's own) with the model's SYSTEM and MESSAGE history; `fits` cuts the history to the context."""
+    request's own) with the model's SYSTEM and MESSAGE history; `fits` cuts the history to the context.
+    The request's images are decoded here unless `media` holds them already."""
     from .chat.prompt import prepare_chat_in_thread
 
     grammar = _grammar_for(request.format)
+    images = request.images or ()
+    if media is None:
+        media = await _decode(service, images)
     if request.raw:
-        return GeneratePrompt(request.prompt, grammar)
+        return GeneratePrompt(marked_prompt(request.prompt, images), grammar, media=media)
     if request.template:
         template = await anyio.to_thread.run_sync(load_template, request.template)
     else:
@@ -270,6 +287,8 @@ async def render_generate(
     if request.suffix:
         if not template.supports_suffix:
             raise CapabilityError("this model does not support insert (a prompt with a suffix)")
+        if images:
+            raise CapabilityError("images cannot go with a suffix (insert); send them without one")
         return GeneratePrompt(
             await anyio.to_thread.run_sync(template.render_suffix, request.prompt, request.suffix), grammar
         )
@@ -277,12 +296,12 @@ async def render_generate(
     messages = ([{"role": "system", "content": system}] if system else []) + [
         # The model's MESSAGE history, as Ollama sends it unless the request carries a context.
         *([] if request.context else [Message.from_any(m).to_template_dict() for m in resolved.messages]),
-        {"role": "user", "content": request.prompt},
+        {"role": "user", "content": marked_prompt(request.prompt, images)},
     ]
     prepared = await prepare_chat_in_thread(template, messages, think=request.think, format=request.format, fits=fits)
     # As in Ollama, a request's own template is run as it is; the model's loses old messages to fit.
     cuttable = request.truncate and not request.template
-    return GeneratePrompt(prepared.prompt, prepared.grammar, prepared, cuttable)
+    return GeneratePrompt(prepared.prompt, prepared.grammar, prepared, cuttable, media)
 
 
 def _grammar_for(format: Any) -> str | None:
@@ -308,6 +327,7 @@ class ChatOutput:
     options: Options
     text_reply: PreparedChat | None = None
     text_tokens: list[int] = attrs.field(factory=list)
+    media: PromptMedia = attrs.field(factory=PromptMedia)
 
     def text(self, piece: str, logprobs: Logprobs, job: RunJob[Any]) -> list[ChatResponse]:
         if self.text_reply is not None and piece:
@@ -315,7 +335,8 @@ class ChatOutput:
             if not piece.startswith("{"):  # the grammar starts every call with "{"
                 self.parser = text_reply.parser()
                 sampling = _sampling(self.request, self.options, text_reply.grammar)
-                job.switch(job.lease.runner.submit(self.text_tokens, sampling))
+                runner = job.lease.runner
+                job.switch(runner.submit(self.text_tokens, sampling, media=self.media.used(text_reply.prompt)))
                 return []
         thinking, content, calls = self.parser.feed(piece)
         if not (thinking or content or calls or logprobs):  # logprobs go out even while the parser holds text back
@@ -365,38 +386,47 @@ async def _open_chat(service: ModelService, request: ChatRequest) -> Job[ChatRes
                 load_duration=load,
             )
         )
-    prepared = await render_chat(service, resolved, request)  # before the lease: a bad request loads nothing
+    # Before the lease: a bad request (or image) loads nothing.
+    prepared, media = await render_chat(service, resolved, request)
     lease = await service.lease_text(resolved, options, request.keep_alive)
     runner = lease.runner
     try:
-        tokens = await _tokenize(runner, prepared.prompt)
+        tokens = await _tokenize(runner, prepared.prompt, media)
         if request.truncate and len(tokens) > runner.n_ctx_seq:
             # Too long: rendered again without the oldest messages, as Ollama's chat truncation does.
-            counter = PromptCounter(runner)
-            prepared = await render_chat(service, resolved, request, fits=counter.fits)
+            counter = PromptCounter(runner, media)
+            prepared, media = await render_chat(service, resolved, request, fits=counter.fits, media=media)
             tokens = await counter.tokens(prepared.prompt)
         if not request.truncate:
             _check_untruncated(tokens, runner)
         text_reply = prepared.text_reply
-        text_tokens = await _tokenize(runner, text_reply.prompt) if text_reply is not None else []
-        handle = runner.submit(tokens, _sampling(request, options, prepared.grammar))
+        text_tokens = await _tokenize(runner, text_reply.prompt, media) if text_reply is not None else []
+        handle = runner.submit(tokens, _sampling(request, options, prepared.grammar), media=media.used(prepared.prompt))
     except BaseException:
         lease.release()
         raise
-    output = ChatOutput(request.model, prepared.parser(), request, options, text_reply, text_tokens)
+    output = ChatOutput(request.model, prepared.parser(), request, options, text_reply, text_tokens, media)
     return RunJob(lease, handle, output, started=started)
 
 
 async def render_chat(
-    service: ModelService, resolved: ResolvedModel, request: ChatRequest, *, fits: Fits | None = None
-) -> PreparedChat:
+    service: ModelService,
+    resolved: ResolvedModel,
+    request: ChatRequest,
+    *,
+    fits: Fits | None = None,
+    media: PromptMedia | None = None,
+) -> tuple[PreparedChat, PromptMedia]:
     """The prompt, grammar and output parsing of a chat request: the model's MESSAGE history and SYSTEM
-    before the request's messages, through the model's template; `fits` cuts the conversation to the context."""
+    before the request's messages, through the model's template; `fits` cuts the conversation to the context.
+    With them, the messages' images, decoded here unless `media` holds them already."""
     from .chat.prompt import prepare_chat_in_thread
 
     template = await service.template(resolved)
-    messages = [m.to_template_dict() for m in _with_model_messages(resolved, request.messages)]
-    return await prepare_chat_in_thread(
+    messages, images = marked_messages(_with_model_messages(resolved, request.messages))
+    if media is None:
+        media = await _decode(service, images)
+    prepared = await prepare_chat_in_thread(
         template,
         messages,
         tools=list(request.tools or ()),
@@ -405,6 +435,7 @@ async def render_chat(
         format=request.format,
         fits=fits,
     )
+    return prepared, media
 
 
 async def render(service: ModelService, request: GenerateRequest | ChatRequest) -> str:
@@ -412,8 +443,8 @@ async def render(service: ModelService, request: GenerateRequest | ChatRequest) 
     takes the loaded model's tokenizer)."""
     resolved = await _resolve(service, request)
     if isinstance(request, ChatRequest):
-        return (await render_chat(service, resolved, request)).prompt
-    return (await render_generate(service, resolved, request)).text
+        return for_display((await render_chat(service, resolved, request))[0].prompt)
+    return for_display((await render_generate(service, resolved, request)).text)
 
 
 async def _resolve(service: ModelService, request: GenerateRequest | ChatRequest) -> ResolvedModel:
@@ -424,7 +455,16 @@ async def _resolve(service: ModelService, request: GenerateRequest | ChatRequest
     return resolved
 
 
-async def _tokenize(runner: TextRunner, text: str) -> list[int]:
+async def _decode(service: ModelService, images: Sequence[str]) -> PromptMedia:
+    """The request's images and audio, decoded and bounded in a worker thread."""
+    if not images:
+        return PromptMedia()
+    return PromptMedia(tuple(await anyio.to_thread.run_sync(decode_all, images, service.media_limits)))
+
+
+async def _tokenize(runner: TextRunner, text: str, media: PromptMedia) -> list[int]:
+    if media.items:  # the projector reads each new item: never on the event loop
+        return await anyio.to_thread.run_sync(media.tokens, runner, text)
     return await _off_loop(runner, len(text), lambda: runner.tokenize(text))
 
 

@@ -26,6 +26,7 @@ import attrs
 from .chat.harmony import select_harmony
 from .chat.template import ChatTemplate, PlainTemplate, load_template
 from .errors import CapabilityError, EngineClosed, InvalidRequest, ModelNotFound
+from .media import MediaLimits
 from .options import Options, OptionValues, merge_options
 from .runner.protocol import EmbedRunner, LoadConfig, ModelRunner, TextRunner
 from .scheduler.keepalive import parse_keep_alive
@@ -193,11 +194,15 @@ class ModelService:
         # A text generation model embeds too, as in Ollama: its hidden states, mean-pooled.
         return resolved
 
+    @property
+    def media_limits(self) -> MediaLimits:
+        return self.settings.media_limits
+
     def check_images(self, model: str, resolved: ResolvedModel) -> None:
-        """Refuse images, which no runner reads yet: dropped silently, they would have the model invent what it saw."""
+        """Refuse images for a model without a projector: dropped silently, they would have the model invent
+        what it saw."""
         if resolved.projector is None:
             raise CapabilityError(f"'{model}' does not support images: it is not a vision model")
-        raise CapabilityError(f"'{model}' is a vision model, but localllm cannot run its projector yet; send text only")
 
     def options(self, resolved: ResolvedModel, request: OptionValues | None) -> Options:
         # The engine's default num_ctx (context_length, else by GPU memory) under the model's and the request's.

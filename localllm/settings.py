@@ -16,6 +16,7 @@ from typing import cast
 import attrs
 
 from .errors import InputError, InvalidRequest
+from .media import MediaLimits
 from .scheduler.keepalive import parse_keep_alive
 
 __all__ = [
@@ -323,6 +324,7 @@ class EngineSettings:
     context_length: int = 0  # the default num_ctx; 0: by GPU memory, as Ollama
     gpu_overhead: int = 0  # bytes kept free on every GPU
     sched_spread: bool = False  # place a model across every GPU, even when one would hold it
+    media_limits: MediaLimits = attrs.field(factory=MediaLimits)  # bounds on the images and audio a request carries
 
     @property
     def prompt_cache_key(self) -> Path:
@@ -344,6 +346,7 @@ class EngineSettings:
         prompt_cache: bool | str | os.PathLike[str] | None = None,
         prompt_cache_size: int | None = None,
         isolation: str | None = None,
+        media_limits: MediaLimits | None = None,
         *,
         environ: Mapping[str, str] | None = None,
     ) -> EngineSettings:
@@ -369,6 +372,7 @@ class EngineSettings:
             context_length=cast("int", get("context_length")),
             gpu_overhead=cast("int", get("gpu_overhead")),
             sched_spread=cast("bool", get("sched_spread")),
+            media_limits=media_limits if media_limits is not None else MediaLimits.from_environment(environ),
         )
 
 

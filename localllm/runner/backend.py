@@ -12,13 +12,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from ..options import Options
-from .protocol import LoadConfig
+from .protocol import LoadConfig, MediaLayout
 
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-__all__ = ["Backend", "Batch", "Context", "EmbeddingContext", "Model", "Pooling", "Sampler"]
+    from ..media import Media
+
+__all__ = ["Backend", "Batch", "Context", "EmbeddingContext", "Model", "Pooling", "Projector", "Sampler"]
 
 
 class Pooling(enum.IntEnum):
@@ -194,6 +196,20 @@ class Sampler(Protocol):
     def close(self) -> None: ...
 
 
+class Projector(Protocol):
+    """A model's vision or audio projector: images and audio become embeddings in a sequence's cache."""
+
+    def layout(self, media: Media) -> MediaLayout:
+        """How the item goes into a prompt; `InvalidRequest` or `CapabilityError` where it cannot."""
+        ...
+
+    def evaluate(self, context: Context, media: Media, *, position: int, seq_id: int) -> int:
+        """Encode the item and decode its embeddings into the sequence from `position` on: 0 on success."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class Backend(Protocol):
     """Makes the objects a runner works with. Every object made has an owner that closes it."""
 
@@ -222,6 +238,10 @@ class Backend(Protocol):
         ...
 
     def new_batch(self, capacity: int, n_seq_max: int) -> Batch: ...
+
+    def new_projector(self, model: Model, config: LoadConfig, *, gpu_layers: int) -> Projector:
+        """The projector `config.projector_path` names, for the model."""
+        ...
 
     def new_sampler(self, model: Model, options: Options, *, grammar: str | None, n_ctx: int) -> Sampler:
         """A sampler chain for the options; raises `InvalidFormat` for a grammar it cannot parse."""

@@ -25,6 +25,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..errors import LocalLLMError, RunnerError
+from ..media import DecodedAudio, DecodedImage
 from . import wire
 from .mailbox import Mailbox
 from .protocol import SamplingParams, ScoredText, SequenceHandle, SequenceResult
@@ -188,10 +189,10 @@ def _relay(inbound: int, pipe: _Pipe, runner: Runner) -> None:
         except (EOFError, OSError, ValueError):
             os._exit(1)  # the parent is gone: nobody is left to serve
         match message:
-            case ("submit", int(seq), list(prompt), SamplingParams() as params):
+            case ("submit", int(seq), list(prompt), SamplingParams() as params, tuple(media)):
                 mailbox = _PipeMailbox(pipe, seq, runner, sequences)
                 try:
-                    handle = runner.submit(prompt, params, mailbox=mailbox)
+                    handle = runner.submit(prompt, params, media=media, mailbox=mailbox)
                 except LocalLLMError as exc:
                     pipe.send(("error", seq, type(exc).__name__, str(exc)))
                     continue
@@ -224,6 +225,8 @@ def _answer(runner: Runner, name: str, args: tuple[object, ...]) -> object:
         case "check_token_ids", (list(tokens),):
             runner.check_token_ids(tokens)
             return None
+        case "media_layout", (DecodedImage() | DecodedAudio() as media,):
+            return runner.media_layout(media)
     raise RunnerError(f"the runner process has no call {name}{args!r:.100}")
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "LoraAdapters",
     "SamplerChain",
     "ensure_backend",
+    "log_callback",
     "reference_llama",
     "repack_default",
     "repack_is_safe",
@@ -53,7 +54,7 @@ _last_level = logging.DEBUG
 
 
 @llama_cpp.llama_log_callback
-def _log_callback(level: int, text: bytes | None, _user_data: Any) -> None:
+def log_callback(level: int, text: bytes | None, _user_data: Any) -> None:
     global _last_level
     if not text:
         return
@@ -73,7 +74,7 @@ def ensure_backend() -> None:
     with _backend_lock:
         if _backend_ready:
             return
-        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        llama_cpp.llama_log_set(log_callback, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         _backend_ready = True
 
@@ -766,6 +767,21 @@ class LlamaBackend:
 
     def new_batch(self, capacity: int, n_seq_max: int) -> Batch:
         return Batch(capacity, n_seq_max)
+
+    def new_projector(self, model: backend.Model, config: LoadConfig, *, gpu_layers: int) -> backend.Projector:
+        from .mtmd import MtmdProjector, route_logs  # loads libmtmd: only for models with a projector
+
+        if config.projector_path is None:
+            raise ValueError("this configuration names no projector")
+        llama_model = _native(model, LlamaModel)
+        route_logs(log_callback)
+        return MtmdProjector(
+            llama_model.handle,
+            llama_model.path,
+            config.projector_path,
+            n_threads=config.num_thread or default_threads(),
+            use_gpu=gpu_layers != 0 and supports_gpu_offload(),
+        )
 
     def new_sampler(
         self, model: backend.Model, options: Options, *, grammar: str | None = None, n_ctx: int = 0

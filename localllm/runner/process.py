@@ -9,7 +9,7 @@ user's main module, so scripts need no main guard.
 
 Messages are tuples of plain values, framed on the child's stdin and stdout (`wire`):
 
-    engine -> child   ChildStart  ("submit", seq, prompt, params)  ("cancel", seq)  ("call", id, name, args)
+    engine -> child   ChildStart  ("submit", seq, prompt, params, media)  ("cancel", seq)  ("call", id, name, args)
                       ("close",)  ("abort",)
     child -> engine   ("ready", n_ctx_seq, bos, eos, chat_template, prompt_cache_bytes)
                       ("load_failed", error class, message)
@@ -47,12 +47,23 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from .. import errors
 from ..errors import EngineClosed, LocalLLMError, ModelLoadError, RunnerError
 from . import wire
-from .protocol import LoadConfig, SamplingParams, ScoredText, SequenceHandle, SequenceResult, check_prompt_fits
+from .protocol import (
+    LoadConfig,
+    MediaLayout,
+    SamplingParams,
+    ScoredText,
+    SequenceHandle,
+    SequenceResult,
+    check_prompt_fits,
+)
+
+if TYPE_CHECKING:
+    from ..media import Media
 
 __all__ = ["ProcessRunner"]
 
@@ -118,6 +129,7 @@ class ProcessRunner:
         self._sequences: dict[int, _Sequence] = {}
         self._calls: dict[int, _Call] = {}
         self._ids = itertools.count()
+        self._layouts: dict[bytes, MediaLayout] = {}  # by media digest
         self._closing = False
         self.failure: str | None = None  # how the child died, once it has
         self._hung: str | None = None  # why the child counts as hung, once it does
@@ -201,7 +213,15 @@ class ProcessRunner:
     def chat_template(self) -> str | None:
         return self._template
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> SequenceHandle:
+    def media_layout(self, media: Media) -> MediaLayout:
+        """The child's answer, remembered by the item's content hash (call from a worker thread: it waits up
+        to `timeout` seconds)."""
+        layout = self._layouts.get(media.digest)
+        if layout is None:
+            layout = self._layouts[media.digest] = self._call(MediaLayout, "media_layout", media)
+        return layout
+
+    def submit(self, prompt: list[int], params: SamplingParams, *, media: Sequence[Media] = ()) -> SequenceHandle:
         """Queue a sequence in the child. Call from the event loop (the handle's mailbox binds to it);
         it never waits for the child."""
         check_prompt_fits(prompt, self.n_ctx_seq, truncate=params.truncate)  # a prompt to cut is cut in the child
@@ -211,7 +231,7 @@ class ProcessRunner:
             handle = _Sequence(self, prompt, params, next(self._ids))
             self._sequences[handle.seq] = handle
         # If the child dies meanwhile, the reader fails the sequence.
-        self._outbox.put(("submit", handle.seq, prompt, params))
+        self._outbox.put(("submit", handle.seq, prompt, params, tuple(media)))
         return handle
 
     def _withdraw(self, handle: SequenceHandle) -> None:

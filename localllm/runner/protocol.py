@@ -5,24 +5,29 @@ This module does not import llama_cpp, so the engine can be imported without it.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import attrs
+import numpy as np
 
-from ..errors import ContextLengthExceeded, LocalLLMError
+from ..errors import ContextLengthExceeded, InvalidRequest, LocalLLMError
 from ..options import Options
 from ..types import Logprob
 from .mailbox import Mailbox
 
 if TYPE_CHECKING:
+    from ..media import Media
     from .embed import EmbedHandle
 
 __all__ = [
     "KV_CACHE_TYPES",
     "EmbedRunner",
     "LoadConfig",
+    "MediaLayout",
+    "MediaSpan",
     "ModelRunner",
     "SamplingParams",
     "ScoredText",
@@ -32,6 +37,8 @@ __all__ = [
     "check_prompt_fits",
     "cut_prompt",
     "keep_count",
+    "locate_media",
+    "placeholder_tokens",
 ]
 
 KV_CACHE_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # ggml type ids
@@ -152,6 +159,79 @@ def cut_prompt(prompt: Sequence[int], n_ctx_seq: int, keep: int) -> list[int]:
     return [*prompt[:keep], *prompt[len(prompt) - tail :]] if tail > 0 else list(prompt[:keep])
 
 
+def placeholder_tokens(digest: bytes, count: int) -> list[int]:
+    """Stand-ins for an image's (or audio clip's) `count` embeddings in a token list.
+
+    Negative, so never a vocabulary id, and drawn from the media's content hash: prompts holding the same
+    image compare equal over it (and reuse its cache entries, in a slot or the prompt cache), and a
+    different image differs from its first stand-in on, but for a 2**-31 chance per stand-in.
+    """
+    words = np.frombuffer(hashlib.shake_128(b"localllm media\0" + digest).digest(4 * count), dtype="<u4")
+    return [-1 - int(word) for word in words & 0x7FFFFFFF]
+
+
+@attrs.frozen
+class MediaLayout:
+    """How the projector puts one media item into a prompt: the text tokens it wraps the item in (an
+    image's begin and end markers, for some models) and how many embeddings the item becomes."""
+
+    before: tuple[int, ...]
+    count: int
+    after: tuple[int, ...]
+
+    def tokens(self, digest: bytes) -> list[int]:
+        return [*self.before, *placeholder_tokens(digest, self.count), *self.after]
+
+
+@attrs.frozen
+class MediaSpan:
+    """Where a media item's embeddings sit in a sequence's prompt."""
+
+    start: int
+    count: int
+    media: Media
+
+    @property
+    def end(self) -> int:
+        return self.start + self.count
+
+
+def locate_media(
+    prompt: Sequence[int], media: Sequence[Media], counts: Sequence[int]
+) -> tuple[list[int], tuple[MediaSpan, ...]]:
+    """The prompt and the span of each media item's stand-ins in it (`counts[i]` embeddings for `media[i]`).
+
+    Stand-ins of an item cut short (a too-long prompt loses its middle) are dropped from the prompt: an
+    item is evaluated whole or not at all. Any other negative token is refused.
+    """
+    starts: dict[int, tuple[Media, list[int]]] = {}
+    every: set[int] = set()
+    for item, count in zip(media, counts, strict=True):
+        stand_ins = placeholder_tokens(item.digest, count)
+        if stand_ins:
+            starts[stand_ins[0]] = (item, stand_ins)
+            every.update(stand_ins)
+    kept: list[int] = []
+    spans: list[MediaSpan] = []
+    i = 0
+    while i < len(prompt):
+        token = prompt[i]
+        if token >= 0:
+            kept.append(token)
+            i += 1
+            continue
+        found = starts.get(token)
+        if found is not None and list(prompt[i : i + len(found[1])]) == found[1]:
+            spans.append(MediaSpan(len(kept), len(found[1]), found[0]))
+            kept.extend(found[1])
+            i += len(found[1])
+        elif token not in every:
+            raise InvalidRequest(f"token id {token} is not in the vocabulary")
+        else:
+            i += 1  # part of an item whose start was cut off
+    return kept, tuple(spans)
+
+
 class _Withdraw(Protocol):
     def _withdraw(self, handle: SequenceHandle) -> None: ...
 
@@ -165,11 +245,13 @@ class SequenceHandle:
         prompt: list[int],
         params: SamplingParams,
         mailbox: Mailbox[str | ScoredText | SequenceResult | LocalLLMError] | None = None,
+        media: tuple[MediaSpan, ...] = (),
     ) -> None:
         """`mailbox`: where the items go; by default a new one bound to the running event loop."""
         self.runner = runner
         self.prompt = prompt
         self.params = params
+        self.media = media  # the images and audio in the prompt, in order
         # Items: str or ScoredText (text), SequenceResult (done) or LocalLLMError (failed).
         self.mailbox: Mailbox[str | ScoredText | SequenceResult | LocalLLMError] = (
             mailbox if mailbox is not None else Mailbox()
@@ -219,7 +301,14 @@ class _Runner(Protocol):
 class TextRunner(_Runner, Protocol):
     """A runner that generates text: sequences in, text and a result out."""
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> SequenceHandle: ...
+    def submit(self, prompt: list[int], params: SamplingParams, *, media: Sequence[Media] = ()) -> SequenceHandle:
+        """Queue a sequence; `media` are the images and audio whose stand-ins (`media_layout`) the prompt holds."""
+        ...
+
+    def media_layout(self, media: Media) -> MediaLayout:
+        """How an image or audio clip goes into this model's prompts; `CapabilityError` or `InvalidRequest`
+        where the model cannot take it."""
+        ...
 
     def check_token_ids(self, tokens: Sequence[int]) -> None:
         """Raise InvalidRequest for ids outside the model's vocabulary."""

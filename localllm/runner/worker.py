@@ -35,21 +35,24 @@ import logging
 import os
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import EngineClosed, InvalidFormat, LocalLLMError, RunnerError
+from ..errors import CapabilityError, EngineClosed, InvalidFormat, InvalidRequest, LocalLLMError, RunnerError
 from ..types import Logprob, TokenLogprob
-from .backend import Backend, Model, Sampler
+from .backend import Backend, Model, Projector, Sampler
 from .draft import Drafter, make_drafter
 from .mailbox import Mailbox
 from .prompt_cache import CacheHit, PromptCache
 from .protocol import (
     LoadConfig,
+    MediaLayout,
+    MediaSpan,
     SamplingParams,
     ScoredText,
     SequenceHandle,
@@ -57,8 +60,12 @@ from .protocol import (
     check_prompt_fits,
     cut_prompt,
     keep_count,
+    locate_media,
 )
 from .text import StopMatcher, Utf8Stream
+
+if TYPE_CHECKING:
+    from ..media import Media
 
 __all__ = ["Runner"]
 
@@ -165,6 +172,11 @@ class Runner:
             # Room for every slot's next token, however small num_batch is.
             self.batch = backend.new_batch(max(self.context.n_batch, config.num_parallel), config.num_parallel)
             undo.callback(self.batch.close)
+            self.projector: Projector | None = None
+            if config.projector_path is not None:
+                self.projector = backend.new_projector(self.model, config, gpu_layers=gpu_layers)
+                undo.callback(self.projector.close)
+            self._layouts: OrderedDict[bytes, MediaLayout] = OrderedDict()  # by media digest, the latest kept
             if drafter is None:
                 drafter = make_drafter(backend, self.model, config, gpu_layers=gpu_layers, tensor_split=tensor_split)
             self.drafter = drafter
@@ -232,23 +244,45 @@ class Runner:
         """The chat template the model file carries, if any."""
         return self.model.metadata("tokenizer.chat_template")
 
+    def media_layout(self, media: Media) -> MediaLayout:
+        """How an image or audio clip goes into this model's prompts (remembered by its content hash)."""
+        if self.projector is None:
+            raise CapabilityError("this model has no projector: it takes text only")
+        layout = self._layouts.get(media.digest)
+        if layout is None:
+            layout = self.projector.layout(media)
+            self._layouts[media.digest] = layout
+            while len(self._layouts) > _LAYOUTS_KEPT:
+                self._layouts.popitem(last=False)
+        return layout
+
     def submit(
         self,
         prompt: list[int],
         params: SamplingParams,
         *,
+        media: Sequence[Media] = (),
         mailbox: Mailbox[str | ScoredText | SequenceResult | LocalLLMError] | None = None,
     ) -> SequenceHandle:
         """Queue a sequence. Call from the event loop (the handle's mailbox binds to it), unless `mailbox`
-        says where the sequence's items go."""
+        says where the sequence's items go. The prompt holds the stand-ins of each of `media`."""
         if self.failure is not None:
             raise RunnerError(f"the runner failed: {self.failure}; retry to load it again")
         if self._stopping:
             raise EngineClosed("this model has been unloaded")
         check_prompt_fits(prompt, self.n_ctx_seq, truncate=params.truncate)
-        self.model.check_token_ids(prompt)
-        prompt = self._cut(prompt, params)
-        handle = SequenceHandle(self, prompt, params, mailbox)
+        spans: tuple[MediaSpan, ...] = ()
+        if media:
+            counts = [self.media_layout(item).count for item in media]
+            prompt, spans = locate_media(prompt, media, counts)  # refuses negative ids that are no stand-ins
+            self.model.check_token_ids([token for token in prompt if token >= 0])
+            prompt, spans = locate_media(self._cut(prompt, params), media, counts)  # what a cut left whole
+            if spans and spans[-1].end >= len(prompt):
+                raise InvalidRequest("a prompt cannot end with an image or audio clip: put text after it")
+        else:
+            self.model.check_token_ids(prompt)
+            prompt = self._cut(prompt, params)
+        handle = SequenceHandle(self, prompt, params, mailbox, spans)
         with self._cond:
             self._pending.append(handle)
             self._cond.notify()
@@ -296,6 +330,8 @@ class Runner:
                     self._save(slot)
         if self.drafter is not None:
             self.drafter.close()
+        if self.projector is not None:
+            self.projector.close()
         self.batch.close()
         self.context.close()
         self.model.close()
@@ -396,6 +432,7 @@ class Runner:
                 keep = 0
         elif len(slot.cached) - keep >= _WORTH_SAVING:
             self._save(slot)
+        keep = _outside_media(active.handle.media, keep)  # an image is evaluated whole, never from its middle
         if keep > 0 and (self.context.seq_pos_min(slot.seq_id) > 0 or not self.context.seq_rm(slot.seq_id, keep)):
             keep = 0  # a sliding-window cache may have dropped early positions: start over
         if keep == 0:
@@ -406,7 +443,8 @@ class Runner:
             # Penalties look back over the prompt too, as they do in llama-server.
             window = active.handle.params.options.repeat_last_n
             for token in prompt[-window:] if window > 0 else []:
-                active.sampler.accept(token)
+                if token >= 0:  # not an image's stand-in
+                    active.sampler.accept(token)
         if restored is not None and keep > 0 and not self._first_decode(active):
             self._drop_restored(slot, restored)
             active.prompt_pos = 0
@@ -440,6 +478,9 @@ class Runner:
         """Evaluate the first prompt token after a restored state on its own: if llama.cpp refuses it, only
         the restored state can be at fault, and no other sequence's tokens are lost with it."""
         slot, prompt = active.slot, active.handle.prompt
+        span = _media_at(active.handle.media, active.prompt_pos)
+        if span is not None:
+            return self._evaluate_media(active, span) == 0
         token, last = prompt[active.prompt_pos], active.prompt_pos == len(prompt) - 1
         self.batch.clear()
         index = self.batch.add(token, len(slot.cached), slot.seq_id, last)
@@ -487,8 +528,9 @@ class Runner:
 
     def _step(self) -> None:
         self._drop_cancelled()
-        # In admission order (`started` is set on admission), whichever slots the sequences hold.
-        actives = sorted((slot.active for slot in self.slots if slot.active is not None), key=lambda a: a.started)
+        if self.projector is not None:
+            self._media_step(self._in_admission_order())
+        actives = self._in_admission_order()
         if not actives:
             return
         batch = self.batch
@@ -518,7 +560,10 @@ class Runner:
             prompt = active.handle.prompt
             if active.prompt_pos >= len(prompt) or budget <= 0:
                 continue
-            take = min(len(prompt) - active.prompt_pos, budget)
+            # Up to its next image or audio clip, which a step of its own evaluates.
+            take = min(_text_before_media(active.handle.media, active.prompt_pos, len(prompt)), budget)
+            if take <= 0:
+                continue
             cached = active.slot.cached
             end = active.prompt_pos + take
             for i in range(active.prompt_pos, end):
@@ -542,6 +587,32 @@ class Runner:
         for active in actives:
             if active.batch_index is not None:
                 self._sample(active, now)
+
+    def _in_admission_order(self) -> list[_Active]:
+        """The active sequences in admission order (`started` is set on admission), whichever slots they hold."""
+        return sorted((slot.active for slot in self.slots if slot.active is not None), key=lambda a: a.started)
+
+    def _media_step(self, actives: Sequence[_Active]) -> None:
+        """Evaluate the first image or audio clip a sequence has reached, one per step: the projector's encode
+        holds up the other sequences for one item at most."""
+        for active in actives:
+            span = _media_at(active.handle.media, active.prompt_pos)
+            if span is not None and active.next_token is None:
+                status = self._evaluate_media(active, span)
+                if status != 0:
+                    self._fail_batch([active], status)
+                return
+
+    def _evaluate_media(self, active: _Active, span: MediaSpan) -> int:
+        """Put one item's embeddings into the sequence's cache; llama.cpp's status (0 when done)."""
+        assert self.projector is not None
+        slot = active.slot
+        status = self.projector.evaluate(self.context, span.media, position=len(slot.cached), seq_id=slot.seq_id)
+        if status == 0:
+            slot.cached.extend(active.handle.prompt[span.start : span.end])
+            active.prompt_pos = span.end
+            active.prompt_evaluated += span.count
+        return status
 
     def _shift(self, active: _Active) -> bool:
         """Make room for the sequence's next token: keep its first `num_keep` tokens, drop half of the rest
@@ -707,7 +778,7 @@ class Runner:
                 self._persist(slot)
 
     def _fail_batch(self, actives: list[_Active], status: int) -> None:
-        reason = "the context is full" if status == 1 else "decoding was aborted"
+        reason = {1: "the context is full", 2: "decoding was aborted"}.get(status, f"llama.cpp's status {status}")
         error = RunnerError(f"decoding failed: {reason}")
         for active in actives:
             self.context.seq_rm(active.slot.seq_id, 0)
@@ -719,6 +790,7 @@ class Runner:
 
 _WORTH_COPYING = 32  # tokens another slot must hold beyond this slot's prefix to copy its cache over
 _WORTH_SAVING = 64  # the fewest tokens worth keeping in the prompt cache
+_LAYOUTS_KEPT = 256  # media layouts remembered, by content hash
 _CONTEXT_WINDOWS = 10  # without num_predict, generation stops after this many context windows of tokens
 
 
@@ -781,7 +853,38 @@ def _scored(model: Model, token: int, logprobs: npt.NDArray[np.float64]) -> Toke
 def _may_draft(active: _Active) -> bool:
     """Whether the sequence takes drafts: not with logprobs or a grammar, which the verification leaves out,
     nor once its context has shifted (a draft model would evaluate the shifted tokens over again)."""
-    return active.logprobs is None and not active.handle.params.grammar and active.slot.plain is None
+    return (
+        active.logprobs is None
+        and not active.handle.params.grammar
+        and active.slot.plain is None
+        and not active.handle.media  # a draft model cannot read the images' stand-ins
+    )
+
+
+def _media_at(media: Sequence[MediaSpan], position: int) -> MediaSpan | None:
+    """The item whose stand-ins start at `position` of the prompt, if one does."""
+    for span in media:
+        if span.start == position:
+            return span
+        if span.start > position:
+            break
+    return None
+
+
+def _text_before_media(media: Sequence[MediaSpan], position: int, end: int) -> int:
+    """How many prompt tokens from `position` on come before the next item (or the prompt's `end`)."""
+    for span in media:
+        if span.start >= position:
+            return span.start - position
+    return end - position
+
+
+def _outside_media(media: Sequence[MediaSpan], position: int) -> int:
+    """`position`, or the start of the item it falls inside."""
+    for span in media:
+        if span.start < position < span.end:
+            return span.start
+    return position
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
