@@ -35,7 +35,14 @@ from localllm.options import Options
 from localllm.runner.backend import Batch, Context, Model, Pooling
 from localllm.runner.draft import Drafter
 from localllm.runner.prompt_cache import PromptCache
-from localllm.runner.protocol import LoadConfig, SamplingParams, ScoredText, SequenceHandle, SequenceResult
+from localllm.runner.protocol import (
+    LoadConfig,
+    MediaLayout,
+    SamplingParams,
+    ScoredText,
+    SequenceHandle,
+    SequenceResult,
+)
 from localllm.runner.worker import Runner
 
 EOG, BOS = 0, 1
@@ -341,6 +348,7 @@ class FakeBackend:
     max_parallel_sequences: int = 64
     pooling: Pooling = Pooling.MEAN  # how embedding contexts pool
     embedding_contexts: list[FakeEmbeddingContext] = attrs.field(factory=list)
+    projector: FakeProjector | None = None
 
     @property
     def context(self) -> FakeContext:
@@ -374,11 +382,56 @@ class FakeBackend:
         self.batches.append(FakeBatch(capacity))
         return self.batches[-1]
 
+    def new_projector(self, model: Model, config: LoadConfig, *, gpu_layers: int) -> FakeProjector:
+        self.projector = FakeProjector()
+        return self.projector
+
     def new_sampler(self, model: Model, options: Options, *, grammar: str | None, n_ctx: int) -> FakeSampler:
         if grammar == "unparseable":
             raise InvalidFormat("the output grammar could not be parsed")
         self.samplers.append(FakeSampler())
         return self.samplers[-1]
+
+
+IMAGE_CELL = ord("#")  # what a fake projector writes into the cache for each of an image's embeddings
+
+
+@attrs.define
+class FakeProjector:
+    """A projector that makes `image.width` embeddings of an image, between begin and end markers, and
+    writes them into the fake context's cache; `hold` makes the next evaluation wait until `release`."""
+
+    evaluated: list[tuple[int, int, int]] = attrs.field(factory=list)  # (seq_id, position, count)
+    held: threading.Event = attrs.field(factory=threading.Event)
+    closed: bool = False
+    _open: threading.Event = attrs.field(factory=threading.Event)
+
+    def __attrs_post_init__(self) -> None:
+        self._open.set()
+
+    def hold(self) -> None:
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    def layout(self, media: Any) -> MediaLayout:
+        return MediaLayout((ord("<"),), media.width, (ord(">"),))
+
+    def evaluate(self, context: Any, media: Any, *, position: int, seq_id: int) -> int:
+        if not self._open.is_set():
+            self.held.set()
+            if not self._open.wait(TIMEOUT):
+                raise AssertionError("the test never released the projector")
+        cells = context.kv.setdefault(seq_id, {})
+        assert position == max(cells, default=-1) + 1, "an image goes right after what the sequence holds"
+        for offset in range(media.width):
+            cells[position + offset] = IMAGE_CELL
+        self.evaluated.append((seq_id, position, media.width))
+        return 0
+
+    def close(self) -> None:
+        self.closed = True
 
 
 # -- helpers ------------------------------------------------------------------------

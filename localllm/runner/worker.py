@@ -795,11 +795,13 @@ _CONTEXT_WINDOWS = 10  # without num_predict, generation stops after this many c
 
 
 def state_key(config: LoadConfig, state_format: str) -> str:
-    """What a saved state depends on: the weights, adapters and cache layout, and the state's format."""
+    """What a saved state depends on: the weights, adapters, projector (its images' entries) and cache layout,
+    and the state's format."""
     parts = [
         state_format,
         _file_identity(config.model_path),
         *(_file_identity(path) for path in config.adapters),
+        *([f"projector {_file_identity(config.projector_path)}"] if config.projector_path else []),
         f"ctx={config.num_ctx} parallel={config.num_parallel} kv={config.kv_cache_type} fa={config.flash_attention}",
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
