@@ -105,6 +105,7 @@ def bench(session: nox.Session) -> None:
         "benchmarks/bench_prompt_cache.py",
         "benchmarks/bench_speculative.py",
         "benchmarks/bench_isolation.py",
+        "benchmarks/bench_vision.py",
     ]
     for script in scripts:
         session.run("python", script)

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
@@ -106,15 +107,17 @@ async def measure_server(url: str, round_: int) -> dict[str, float]:
     return figures(single, concurrent, wall)
 
 
-def start_server(binary: Path, model: Path, repack: bool) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    binary: Path, model: Path, repack: bool, *, slots: int = SLOTS, extra: Sequence[str] = ()
+) -> tuple[subprocess.Popen[bytes], str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [
         str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-        "-t", str(THREADS), "-tb", str(THREADS), "-np", str(SLOTS), "-c", str(NUM_CTX * SLOTS),
+        "-t", str(THREADS), "-tb", str(THREADS), "-np", str(slots), "-c", str(NUM_CTX * slots),
         "-b", "512", "-ub", "512", "-fa", "auto", "--repack" if repack else "--no-repack",
-        "--no-kv-unified", "--cache-ram", "0",
+        "--no-kv-unified", "--cache-ram", "0", *extra,
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

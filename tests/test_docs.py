@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from PIL import Image
 
 import localllm
 import localllm.client
@@ -37,6 +38,8 @@ HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
 # The file names the snippets use, and the test models they stand for.
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_FOLDER = "all-MiniLM-L6-v2"
+PROJECTOR_FILE = "mmproj-SmolLM2-test.gguf"  # the tests' tiny random-weight projector, paired with SmolLM2
+PICTURE_FILE = "picture.png"
 
 
 @dataclass(frozen=True)
@@ -98,13 +101,16 @@ def test_no_file_refers_to_a_missing_design_page() -> None:
 
 @pytest.fixture
 def snippet_folder(
-    tmp_path: Path, smollm2_path: Path, minilm_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, smollm2_path: Path, minilm_dir: Path, projector_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Path]:
-    """A working folder holding the test models under the docs' names, and an empty LOCALLLM_HOME."""
+    """A working folder holding the test models under the docs' names (and a picture), and an empty
+    LOCALLLM_HOME."""
     work = tmp_path / "work"
     work.mkdir()
     (work / SMOLLM2_FILE).symlink_to(smollm2_path)
     (work / MINILM_FOLDER).symlink_to(minilm_dir, target_is_directory=True)
+    (work / PROJECTOR_FILE).symlink_to(projector_path)
+    Image.new("RGB", (64, 48), "teal").save(work / PICTURE_FILE)
     home = tmp_path / "home"
     monkeypatch.setenv("LOCALLLM_HOME", str(home))
     for name in ("LOCALLLM_MODELS", "LOCALLLM_HOST", "OLLAMA_HOST"):

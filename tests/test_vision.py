@@ -214,15 +214,3 @@ async def test_an_image_kept_on_disk_serves_the_next_process(
     assert close(first(cold), first(warm))
     assert other.prompt_cached_count < other.prompt_eval_count - TOKENS_PER_IMAGE  # the image's entries differ
 
-
-async def test_a_request_cancelled_while_its_image_is_read_frees_its_slot(
-    smollm2_path: Path, projector_path: Path, home: Path
-) -> None:
-    async with Engine(home, num_parallel=1) as engine:
-        await vision_model(engine, smollm2_path, projector_path)
-        messages = [{"role": "user", "content": QUESTION, "images": [picture("red")]}]
-        stream = await engine.chat("vis", messages, stream=True, options={**GREEDY, "num_predict": 64})
-        await stream.aclose()  # before its first token: the image is being (or about to be) read
-        with anyio.fail_after(120):  # the one slot serves the next request
-            reply = await ask(engine, picture("red"))
-    assert reply.done
