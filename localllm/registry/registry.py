@@ -146,8 +146,21 @@ def model_capabilities(info: GGUFInfo, template: str | None, projector: Path | N
     if ".Suffix" in text or has_fim:
         caps.append("insert")
     if projector is not None:
-        caps.append("vision")
+        caps.extend(_projector_capabilities(projector))
     return tuple(caps)
+
+
+def _projector_capabilities(projector: Path) -> builtins.list[str]:
+    """'vision' and/or 'audio', by the encoders the projector holds (an unreadable one is taken as vision)."""
+    from ..gguf import read_info
+
+    try:
+        metadata = read_info(projector).metadata or {}
+    except (LocalLLMError, OSError):
+        return ["vision"]
+    vision = bool(metadata.get("clip.has_vision_encoder"))
+    audio = bool(metadata.get("clip.has_audio_encoder"))
+    return (["vision"] if vision or not audio else []) + (["audio"] if audio else [])
 
 
 def _projector_info(path: Path, verbose: bool) -> dict[str, Any]:
@@ -224,6 +237,8 @@ class Registry:
         #: Capabilities of stored models by manifest digest: a digest names the model's files and template, so an
         #: entry never goes stale, and `list` reads each model's GGUF metadata once, not on every call.
         self._capabilities: dict[str, tuple[str, ...]] = {}
+        #: Model and projector files (by version) already known to pair: each pairing is read once per process.
+        self._paired: set[tuple[_FileVersion, _FileVersion | None]] = set()
 
     # ---- lookup
 
@@ -280,7 +295,30 @@ class Registry:
             raise InvalidModelFile(f"{path} is a folder; give the path of a .gguf file")
         path = path.resolve()
         validate_once(path)
+        self._check_pairing(path, None, str(path))
         return ResolvedModel(name=str(path), model_path=path)
+
+    def _check_pairing(self, model_path: Path, projector: Path | None, display: str) -> None:
+        """Refuse a projector file run as a model, and a projector made for a text model of another width.
+
+        Both would otherwise reach llama.cpp, which fails to load the first and (libmtmd) refuses the second at load
+        time with only a log line. Read once per version of the files.
+        """
+        key = (_file_version(model_path), _file_version(projector) if projector is not None else None)
+        if key in self._paired:
+            return
+        from ..gguf import read_info
+
+        info = read_info(model_path)
+        if _gguf_kind(info) != "model":
+            raise InvalidModelFile(
+                f"'{display}' is a {_gguf_kind(info)} GGUF, not a model: run the model it belongs to (create one with"
+                " FROM <model file> and FROM <projector file>)"
+            )
+        if projector is not None:
+            _check_projector_width(info, read_info(projector), display)
+        if key[0] is not None and (projector is None or key[1] is not None):
+            self._paired.add(key)
 
     def _read_blob(self, layer: Layer, display: str) -> bytes:
         try:
@@ -361,8 +399,14 @@ class Registry:
                 licenses.append(self._read_text_blob(layer, display))
             elif media == MEDIA_ADAPTER:
                 adapters.append(self._stored_file(layer, display))
-            elif media == MEDIA_PROJECTOR and projector is None:
+            elif media == MEDIA_PROJECTOR:
+                if projector is not None:
+                    raise InvalidModelFile(
+                        f"model '{display}' has two projector layers; localllm runs a model with one projector."
+                        " Create the model again with a single projector (one FROM line for it)"
+                    )
                 projector = self._stored_file(layer, display)
+        self._check_pairing(model_path, projector, display)
         return ResolvedModel(
             name=display,
             model_path=model_path,
@@ -564,6 +608,7 @@ class Registry:
         from ..gguf import read_info, validate_once
 
         target = self.store.resolve_name(target)
+        froms = _model_first(froms, base_dir)
         source = self._source(froms[0], base_dir, from_line)
         layers: list[Layer] = []
         base_config: dict[str, Any] = {}
@@ -617,7 +662,8 @@ class Registry:
                     new_layer = self._import_file(quantized, MEDIA_MODEL, emit)
                     layers = [new_layer if layer.media_type == MEDIA_MODEL else layer for layer in layers]
 
-        # further FROM lines: a vision projector (or an adapter) next to the model
+        # further FROM lines: a vision projector (or an adapter) next to the model; they replace a base model's
+        added_projector = False
         for extra in froms[1:]:
             extra_source = self._source(extra, base_dir, 0)
             if extra_source.path is None:
@@ -627,6 +673,12 @@ class Registry:
             if kind == "model":
                 raise ModelfileError(f"FROM {extra}: a Modelfile can hold one model; this file is a second model")
             media = MEDIA_PROJECTOR if kind == "projector" else MEDIA_ADAPTER
+            if media == MEDIA_PROJECTOR:
+                if added_projector:
+                    raise InvalidModelFile(
+                        f"FROM {extra}: a second projector; a model has one projector, give only the one made for it"
+                    )
+                added_projector = True
             layers = [layer for layer in layers if layer.media_type != media]
             layers.append(self._import_file(extra_source.path, media, emit))
 
@@ -669,6 +721,9 @@ class Registry:
             layers = [layer for layer in layers if layer.media_type != MEDIA_MESSAGES]
             layers.append(self._text_layer(go_json(list(parsed.messages)), MEDIA_MESSAGES, emit))
 
+        projector_layer = next((layer for layer in layers if layer.media_type == MEDIA_PROJECTOR), None)
+        if projector_layer is not None:
+            _check_projector_width(info, read_info(self.store.blob_path(projector_layer.digest)), target.display)
         config = _config_for(info, layers, parsed, base_config)
         config_layer = self._text_layer(go_json(config), MEDIA_CONFIG, _quiet)
         manifest = Manifest(config=config_layer, layers=tuple(layers))
@@ -888,6 +943,53 @@ def _check_template(template: str | None, target: ModelName) -> None:
         load_template(template)
     except TemplateError as exc:
         raise TemplateError(f"cannot create '{target.display}': its TEMPLATE does not parse: {exc}") from None
+
+
+_FileVersion = tuple[int, int, int, int] | None  # device, inode, size, mtime (ns) of a file; None if it is gone
+
+
+def _file_version(path: Path) -> _FileVersion:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _check_projector_width(model: GGUFInfo, projector: GGUFInfo, display: str) -> None:
+    """A projector's output must be as wide as the text model's embeddings, or libmtmd refuses it at load."""
+    from ..gguf.projector_checks import projection_width
+
+    width = projection_width(projector.metadata or {}, projector.tensors)
+    text_width = model.embedding_length
+    if width is None or text_width is None or width == text_width:
+        return
+    arch = model.architecture or "model"
+    raise InvalidModelFile(
+        f"'{display}': the projector's output is {width} wide but the text model's embeddings are {text_width} wide"
+        f" ({arch}.embedding_length): this projector was made for another model. Use the projector published with"
+        " this model"
+    )
+
+
+def _model_first(froms: builtins.list[str | Path], base_dir: Path) -> builtins.list[str | Path]:
+    """The FROM files with the model first: uploaded files, like Ollama's, are told apart by their metadata, not
+    by their names or order. Anything that is not a readable GGUF file is left where it is, for the checks after."""
+    if len(froms) < 2:
+        return froms
+    from ..gguf import read_info
+
+    kinds: builtins.list[str | None] = []
+    for value in froms:
+        path = Path(value).expanduser() if isinstance(value, os.PathLike) else _expand(value, base_dir)
+        try:
+            kinds.append(_gguf_kind(read_info(path)) if path.is_file() else None)
+        except (LocalLLMError, OSError):
+            kinds.append(None)
+    if kinds[0] in ("projector", "adapter") and kinds.count("model") == 1:
+        index = kinds.index("model")
+        return [froms[index], *froms[:index], *froms[index + 1 :]]
+    return froms
 
 
 def _gguf_kind(info: GGUFInfo) -> str:
