@@ -310,10 +310,12 @@ class Registry:
         from ..gguf import read_info
 
         info = read_info(model_path)
-        if _gguf_kind(info) != "model":
+        kind = _gguf_kind(info)
+        if kind != "model":
+            how = "ADAPTER <adapter file>" if kind == "adapter" else "FROM <projector file>"
             raise InvalidModelFile(
-                f"'{display}' is a {_gguf_kind(info)} GGUF, not a model: run the model it belongs to (create one with"
-                " FROM <model file> and FROM <projector file>)"
+                f"'{display}' is {'an' if kind == 'adapter' else 'a'} {kind} GGUF, not a model: run the model it"
+                f" belongs to (create one with FROM <model file> and {how})"
             )
         if projector is not None:
             _check_projector_width(info, read_info(projector), display)
