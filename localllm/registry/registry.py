@@ -38,6 +38,7 @@ from ..types import ModelDetails, ModelTensor, ShowResponse, StoredModel, _Subsc
 from . import modelfile as _mf
 from .create import SCRATCH_PREFIX, CreateParts
 from .names import ModelName
+from .pairing import PairingCheck, check_projector_width, gguf_kind, model_first, projector_capabilities
 from .store import (
     GGUF_MEDIA_TYPES,
     MEDIA_ADAPTER,
@@ -146,21 +147,8 @@ def model_capabilities(info: GGUFInfo, template: str | None, projector: Path | N
     if ".Suffix" in text or has_fim:
         caps.append("insert")
     if projector is not None:
-        caps.extend(_projector_capabilities(projector))
+        caps.extend(projector_capabilities(projector))
     return tuple(caps)
-
-
-def _projector_capabilities(projector: Path) -> builtins.list[str]:
-    """'vision' and/or 'audio', by the encoders the projector holds (an unreadable one is taken as vision)."""
-    from ..gguf import read_info
-
-    try:
-        metadata = read_info(projector).metadata or {}
-    except (LocalLLMError, OSError):
-        return ["vision"]
-    vision = bool(metadata.get("clip.has_vision_encoder"))
-    audio = bool(metadata.get("clip.has_audio_encoder"))
-    return (["vision"] if vision or not audio else []) + (["audio"] if audio else [])
 
 
 def _projector_info(path: Path, verbose: bool) -> dict[str, Any]:
@@ -213,6 +201,10 @@ def _expand(value: str, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def _expand_from(value: str | Path, base: Path) -> Path:
+    return Path(value).expanduser() if isinstance(value, os.PathLike) else _expand(value, base)
+
+
 @attrs.frozen
 class _Source:
     """What a FROM names: a file, or a stored model."""
@@ -237,8 +229,8 @@ class Registry:
         #: Capabilities of stored models by manifest digest: a digest names the model's files and template, so an
         #: entry never goes stale, and `list` reads each model's GGUF metadata once, not on every call.
         self._capabilities: dict[str, tuple[str, ...]] = {}
-        #: Model and projector files (by version) already known to pair: each pairing is read once per process.
-        self._paired: set[tuple[_FileVersion, _FileVersion | None]] = set()
+        #: Refuses a projector run as a model, or paired with a model of another width (once per file version).
+        self._pairing = PairingCheck()
 
     # ---- lookup
 
@@ -295,32 +287,8 @@ class Registry:
             raise InvalidModelFile(f"{path} is a folder; give the path of a .gguf file")
         path = path.resolve()
         validate_once(path)
-        self._check_pairing(path, None, str(path))
+        self._pairing.check(path, None, str(path))
         return ResolvedModel(name=str(path), model_path=path)
-
-    def _check_pairing(self, model_path: Path, projector: Path | None, display: str) -> None:
-        """Refuse a projector file run as a model, and a projector made for a text model of another width.
-
-        Both would otherwise reach llama.cpp, which fails to load the first and (libmtmd) refuses the second at load
-        time with only a log line. Read once per version of the files.
-        """
-        key = (_file_version(model_path), _file_version(projector) if projector is not None else None)
-        if key in self._paired:
-            return
-        from ..gguf import read_info
-
-        info = read_info(model_path)
-        kind = _gguf_kind(info)
-        if kind != "model":
-            how = "ADAPTER <adapter file>" if kind == "adapter" else "FROM <projector file>"
-            raise InvalidModelFile(
-                f"'{display}' is {'an' if kind == 'adapter' else 'a'} {kind} GGUF, not a model: run the model it"
-                f" belongs to (create one with FROM <model file> and {how})"
-            )
-        if projector is not None:
-            _check_projector_width(info, read_info(projector), display)
-        if key[0] is not None and (projector is None or key[1] is not None):
-            self._paired.add(key)
 
     def _read_blob(self, layer: Layer, display: str) -> bytes:
         try:
@@ -408,7 +376,7 @@ class Registry:
                         " Create the model again with a single projector (one FROM line for it)"
                     )
                 projector = self._stored_file(layer, display)
-        self._check_pairing(model_path, projector, display)
+        self._pairing.check(model_path, projector, display)
         return ResolvedModel(
             name=display,
             model_path=model_path,
@@ -610,7 +578,7 @@ class Registry:
         from ..gguf import read_info, validate_once
 
         target = self.store.resolve_name(target)
-        froms = _model_first(froms, base_dir)
+        froms = model_first([_expand_from(value, base_dir) for value in froms], froms)
         source = self._source(froms[0], base_dir, from_line)
         layers: list[Layer] = []
         base_config: dict[str, Any] = {}
@@ -620,7 +588,7 @@ class Registry:
             emit({"status": "parsing GGUF"})
             validate_once(model_path)
             info = read_info(model_path)
-            kind = _gguf_kind(info)
+            kind = gguf_kind(info)
             if kind != "model":
                 raise InvalidModelFile(f"{source.path} is a {kind} GGUF, not a model; FROM needs a model file")
             if quantize is not None:
@@ -671,7 +639,7 @@ class Registry:
             if extra_source.path is None:
                 raise ModelfileError(f"FROM {extra}: only the first FROM may name a model; later ones must be files")
             validate_once(extra_source.path)
-            kind = _gguf_kind(read_info(extra_source.path))
+            kind = gguf_kind(read_info(extra_source.path))
             if kind == "model":
                 raise ModelfileError(f"FROM {extra}: a Modelfile can hold one model; this file is a second model")
             media = MEDIA_PROJECTOR if kind == "projector" else MEDIA_ADAPTER
@@ -694,7 +662,7 @@ class Registry:
                     validate_once(path)
                 except InvalidModelFile as exc:
                     raise InvalidModelFile(f"ADAPTER {value}: {exc}") from None
-                kind = _gguf_kind(read_info(path))
+                kind = gguf_kind(read_info(path))
                 if kind != "adapter":
                     raise InvalidModelFile(f"ADAPTER {value}: {path} is a {kind} GGUF, not a LoRA adapter")
                 new_adapters.append(self._import_file(path, MEDIA_ADAPTER, emit))
@@ -725,7 +693,7 @@ class Registry:
 
         projector_layer = next((layer for layer in layers if layer.media_type == MEDIA_PROJECTOR), None)
         if projector_layer is not None:
-            _check_projector_width(info, read_info(self.store.blob_path(projector_layer.digest)), target.display)
+            check_projector_width(info, read_info(self.store.blob_path(projector_layer.digest)), target.display)
         config = _config_for(info, layers, parsed, base_config)
         config_layer = self._text_layer(go_json(config), MEDIA_CONFIG, _quiet)
         manifest = Manifest(config=config_layer, layers=tuple(layers))
@@ -945,64 +913,6 @@ def _check_template(template: str | None, target: ModelName) -> None:
         load_template(template)
     except TemplateError as exc:
         raise TemplateError(f"cannot create '{target.display}': its TEMPLATE does not parse: {exc}") from None
-
-
-_FileVersion = tuple[int, int, int, int] | None  # device, inode, size, mtime (ns) of a file; None if it is gone
-
-
-def _file_version(path: Path) -> _FileVersion:
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
-
-
-def _check_projector_width(model: GGUFInfo, projector: GGUFInfo, display: str) -> None:
-    """A projector's output must be as wide as the text model's embeddings, or libmtmd refuses it at load."""
-    from ..gguf.projector_checks import projection_width
-
-    width = projection_width(projector.metadata or {}, projector.tensors)
-    text_width = model.embedding_length
-    if width is None or text_width is None or width == text_width:
-        return
-    arch = model.architecture or "model"
-    raise InvalidModelFile(
-        f"'{display}': the projector's output is {width} wide but the text model's embeddings are {text_width} wide"
-        f" ({arch}.embedding_length): this projector was made for another model. Use the projector published with"
-        " this model"
-    )
-
-
-def _model_first(froms: builtins.list[str | Path], base_dir: Path) -> builtins.list[str | Path]:
-    """The FROM files with the model first: uploaded files, like Ollama's, are told apart by their metadata, not
-    by their names or order. Anything that is not a readable GGUF file is left where it is, for the checks after."""
-    if len(froms) < 2:
-        return froms
-    from ..gguf import read_info
-
-    kinds: builtins.list[str | None] = []
-    for value in froms:
-        path = Path(value).expanduser() if isinstance(value, os.PathLike) else _expand(value, base_dir)
-        try:
-            kinds.append(_gguf_kind(read_info(path)) if path.is_file() else None)
-        except (LocalLLMError, OSError):
-            kinds.append(None)
-    if kinds[0] in ("projector", "adapter") and kinds.count("model") == 1:
-        index = kinds.index("model")
-        return [froms[index], *froms[:index], *froms[index + 1 :]]
-    return froms
-
-
-def _gguf_kind(info: GGUFInfo) -> str:
-    """'model', 'projector' or 'adapter', from a GGUF's metadata."""
-    metadata = info.metadata or {}
-    kind = str(metadata.get("general.type") or "").lower()
-    if kind in ("projector", "mmproj") or (info.architecture or "").lower() == "clip":
-        return "projector"
-    if kind == "adapter":
-        return "adapter"
-    return "model"
 
 
 def _config_for(
