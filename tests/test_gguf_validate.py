@@ -495,8 +495,13 @@ def test_missing_tensors(tmp_path: Path) -> None:
     no_vocab |= {"tokenizer.ggml.model": None, "tokenizer.ggml.bos_token_id": None, "tokenizer.ggml.eos_token_id": None}
     validate_bytes(build(tensors=lora, extra=adapter, replace=no_vocab))
     rejects(tmp_path, build(tensors=lora, replace=no_vocab), "tensor 'token_embd.weight'")
+    # A projector needs no token embedding, but it does need the keys libmtmd reads (see the projector tests).
     projector = {"general.architecture": kv_str("general.architecture", "clip"), **no_vocab}
-    validate_bytes(build(arch=None, tensors=[Tensor("v.blk.0.attn_q.weight", (8, 8))], replace=projector))
+    rejects(
+        tmp_path,
+        build(arch=None, tensors=[Tensor("v.blk.0.attn_q.weight", (8, 8))], replace=projector),
+        "'clip.projector_type'",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -862,3 +867,110 @@ async def test_a_model_path_that_is_not_a_regular_file_is_refused(
             with pytest.raises(localllm.InvalidModelFile, match="not a regular file"):
                 await engine.generate(str(smollm2_path), "hi", options={"draft_model": path, "num_predict": 1})
         assert (await engine.list()).models == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multimodal projectors: the keys libmtmd reads with getters that abort the process on a wrong type
+
+_GOOD_PROJECTOR: dict[str, tuple[str, Any]] = {
+    "general.type": ("str", "mmproj"),
+    "clip.projector_type": ("str", "mlp"),
+    "clip.has_vision_encoder": ("bool", True),
+    "clip.vision.image_size": ("u32", 32),
+    "clip.vision.patch_size": ("u32", 8),
+    "clip.vision.embedding_length": ("u32", 32),
+    "clip.vision.feed_forward_length": ("u32", 64),
+    "clip.vision.block_count": ("u32", 2),
+    "clip.vision.projection_dim": ("u32", 576),
+    "clip.vision.attention.head_count": ("u32", 2),
+    "clip.vision.attention.layer_norm_epsilon": ("f32", 1e-5),
+    "clip.vision.image_mean": ("f32s", [0.5, 0.5, 0.5]),
+    "clip.vision.image_std": ("f32s", [0.5, 0.5, 0.5]),
+}
+
+
+def write_projector(tmp_path: Path, **changes: tuple[str, Any] | None) -> Path:
+    """A projector's metadata (and one tensor), with keys (dots as '__') replaced, or dropped when None."""
+    keys = dict(_GOOD_PROJECTOR)
+    for name, change in changes.items():
+        key = name.replace("__", ".")
+        if change is None:
+            keys.pop(key, None)
+        else:
+            keys[key] = change
+    path = tmp_path / f"mmproj-{len(list(tmp_path.iterdir()))}.gguf"
+    writer = gguf.GGUFWriter(str(path), "clip")
+    for key, (kind, value) in keys.items():
+        if kind == "str":
+            writer.add_string(key, value)
+        elif kind == "bool":
+            writer.add_bool(key, value)
+        elif kind == "u32":
+            writer.add_uint32(key, value)
+        elif kind == "i32":
+            writer.add_int32(key, value)
+        elif kind == "f32":
+            writer.add_float32(key, value)
+        else:
+            writer.add_array(key, value)
+    writer.add_tensor("mm.2.weight", np.zeros((576, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def rejects_projector(tmp_path: Path, *fragments: str, **changes: tuple[str, Any] | None) -> None:
+    path = write_projector(tmp_path, **changes)
+    with pytest.raises(InvalidModelFile) as caught:
+        validate_file(path)
+    message = str(caught.value)
+    for fragment in ("projector", "re-create it with a current llama.cpp converter", *fragments):
+        assert fragment in message, message
+
+
+@pytest.mark.fast
+def test_a_sound_projector_passes(tmp_path: Path, projector_path: Path) -> None:
+    validate_file(write_projector(tmp_path))
+    validate_file(projector_path)  # the one libmtmd loads in the engine tests
+    audio = {
+        "clip__has_vision_encoder": None,
+        "clip__has_audio_encoder": ("bool", True),
+        **{f"clip__audio__{k}": ("u32", 64) for k in ("embedding_length", "feed_forward_length", "projection_dim")},
+        "clip__audio__block_count": ("u32", 2),
+        "clip__audio__attention__head_count": ("u32", 4),
+        "clip__audio__attention__layer_norm_epsilon": ("f32", 1e-5),
+        "clip__audio__num_mel_bins": ("u32", 128),
+    }
+    validate_file(write_projector(tmp_path, **audio))  # an audio encoder needs no image geometry
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("changes", "fragments"),
+    [
+        ({"clip__vision__patch_size": ("str", "14")}, ("'clip.vision.patch_size' must be a uint32, but is a string",)),
+        ({"clip__vision__image_size": ("i32", 32)}, ("'clip.vision.image_size' must be a uint32, but is a int32",)),
+        ({"clip__vision__block_count": ("i32", 2)}, ("'clip.vision.block_count' must be a uint32",)),
+        ({"clip__projector_type": None}, ("'clip.projector_type'", "is missing")),
+        ({"clip__projector_type": ("u32", 1)}, ("'clip.projector_type' must be a string",)),
+        ({"clip__has_vision_encoder": ("str", "yes")}, ("'clip.has_vision_encoder' must be a bool",)),
+        ({"clip__has_vision_encoder": ("bool", False)}, ("neither a vision nor an audio encoder",)),
+        ({"clip__vision__attention__head_count": None}, ("'clip.vision.attention.head_count' is missing",)),
+        ({"clip__vision__attention__head_count": ("u32", 0)}, ("'clip.vision.attention.head_count' is 0",)),
+        ({"clip__vision__patch_size": ("u32", 0)}, ("'clip.vision.patch_size' is 0",)),
+        ({"clip__vision__image_size": ("u32", 4)}, ("image size (4, clip.vision.image_size) is smaller than",)),
+        ({"clip__vision__image_size": ("u32", 100_000)}, ("'clip.vision.image_size' is 100000 (at most 8192)",)),
+        ({"clip__vision__block_count": ("u32", 100_000)}, ("'clip.vision.block_count' is 100000",)),
+        ({"clip__vision__attention__layer_norm_epsilon": ("u32", 1)}, ("layer_norm_epsilon' must be a float32",)),
+        ({"clip__vision__image_mean": ("f32s", [0.5])}, ("'clip.vision.image_mean' must be an array of at least 3",)),
+        ({"clip__vision__image_std": ("str", "0.5")}, ("'clip.vision.image_std' must be an array",)),
+        ({"clip__has_audio_encoder": ("bool", True)}, ("'clip.audio.embedding_length' is missing",)),
+    ],
+)
+def test_a_projector_libmtmd_would_abort_on_is_refused(
+    tmp_path: Path, changes: dict[str, tuple[str, Any] | None], fragments: tuple[str, ...]
+) -> None:
+    """A projector is refused with the key named, before libmtmd's typed reads could abort the process."""
+    rejects_projector(tmp_path, *fragments, **changes)

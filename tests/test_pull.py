@@ -807,3 +807,16 @@ def test_select_gguf_rules() -> None:
         select_gguf(["README.md", "model.safetensors"], None, "o/r")
     with pytest.raises(PullError, match=r"available quantizations: Q8_0, Q4_K_S, Q4_K_M$"):
         select_gguf(files, "Q2_K", "o/r")  # lists what is there; projectors are not models
+
+
+@pytest.mark.fast
+def test_the_projector_pulled_beside_a_model_file() -> None:
+    """The mmproj beside the chosen file, the most precise first; none when the repository has none."""
+    from localllm.registry.pull.huggingface import select_projector
+
+    files = ["a-Q4_K_M.gguf", "mmproj-a-Q8_0.gguf", "mmproj-a-F16.gguf", "mmproj-a-F32.gguf", "README.md"]
+    assert select_projector(files, "a-Q4_K_M.gguf") == "mmproj-a-F16.gguf"
+    assert select_projector(["q/a-Q4_K_M.gguf", "mmproj-F16.gguf", "q/mmproj-Q8_0.gguf"], "q/a-Q4_K_M.gguf") == (
+        "q/mmproj-Q8_0.gguf"
+    )
+    assert select_projector(["a-Q4_K_M.gguf", "README.md"], "a-Q4_K_M.gguf") is None

@@ -18,6 +18,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from projector import write_test_projector
 from servers import HFHub, OCIRegistry, sha256_digest, tiny_gguf
 
 import localllm.gguf.validate as validate_module
@@ -82,15 +83,8 @@ def write_adapter(path: Path, *, alpha: float | str = 4.0) -> Path:
 
 
 def projector_gguf(tmp_path: Path) -> bytes:
-    path = tmp_path / "projector.gguf"
-    writer = gguf.GGUFWriter(str(path), "clip")
-    writer.add_type(gguf.GGUFType.MMPROJ)
-    writer.add_tensor("v.blk.0.attn_q.weight", np.zeros((8, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path.read_bytes()
+    """A sound projector whose output is as wide as `tiny_gguf`'s embeddings (16)."""
+    return write_test_projector(tmp_path / "projector.gguf", text_width=16).read_bytes()
 
 
 def settled(path: Path) -> Path:

@@ -1,7 +1,8 @@
 """Every GGUF file is checked here before llama.cpp sees it.
 
 `validate_file` runs the structural parse (`parser.py`) and then the semantic checks: architecture, general
-keys, hyperparameters and tensors (`metadata_checks.py`), and the tokenizer (`tokenizer_checks.py`).
+keys, hyperparameters and tensors (`metadata_checks.py`), the tokenizer (`tokenizer_checks.py`), and for a
+multimodal projector the keys libmtmd reads (`projector_checks.py`).
 `inspect.read_info` reuses the structural parse only.
 
 `validate_once` remembers each verdict for one version of a file (device, inode, size, mtime), so a model
@@ -20,6 +21,7 @@ from localllm.errors import InvalidModelFile
 from localllm.files import open_regular
 from localllm.gguf.metadata_checks import check_architecture, check_general, check_hparams, check_tensors
 from localllm.gguf.parser import display_name, open_gguf, parse_bytes
+from localllm.gguf.projector_checks import check_projector, is_projector
 from localllm.gguf.structure import GGUF_MAGIC, HINT_CORRUPT, ParsedGGUF, StringArray
 from localllm.gguf.tokenizer_checks import check_tokenizer
 
@@ -43,6 +45,8 @@ def check(parsed: ParsedGGUF) -> None:
     check_tokenizer(parsed)
     check_hparams(parsed, arch)
     check_tensors(parsed, arch)
+    if is_projector(parsed):
+        check_projector(parsed)
 
 
 # ----------------------------------------------------------------------------------------------------------------

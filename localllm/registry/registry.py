@@ -38,6 +38,7 @@ from ..types import ModelDetails, ModelTensor, ShowResponse, StoredModel, _Subsc
 from . import modelfile as _mf
 from .create import SCRATCH_PREFIX, CreateParts
 from .names import ModelName
+from .pairing import PairingCheck, check_projector_width, gguf_kind, model_first, projector_capabilities
 from .store import (
     GGUF_MEDIA_TYPES,
     MEDIA_ADAPTER,
@@ -146,7 +147,7 @@ def model_capabilities(info: GGUFInfo, template: str | None, projector: Path | N
     if ".Suffix" in text or has_fim:
         caps.append("insert")
     if projector is not None:
-        caps.append("vision")
+        caps.extend(projector_capabilities(projector))
     return tuple(caps)
 
 
@@ -200,6 +201,10 @@ def _expand(value: str, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def _expand_from(value: str | Path, base: Path) -> Path:
+    return Path(value).expanduser() if isinstance(value, os.PathLike) else _expand(value, base)
+
+
 @attrs.frozen
 class _Source:
     """What a FROM names: a file, or a stored model."""
@@ -224,6 +229,8 @@ class Registry:
         #: Capabilities of stored models by manifest digest: a digest names the model's files and template, so an
         #: entry never goes stale, and `list` reads each model's GGUF metadata once, not on every call.
         self._capabilities: dict[str, tuple[str, ...]] = {}
+        #: Refuses a projector run as a model, or paired with a model of another width (once per file version).
+        self._pairing = PairingCheck()
 
     # ---- lookup
 
@@ -280,6 +287,7 @@ class Registry:
             raise InvalidModelFile(f"{path} is a folder; give the path of a .gguf file")
         path = path.resolve()
         validate_once(path)
+        self._pairing.check(path, None, str(path))
         return ResolvedModel(name=str(path), model_path=path)
 
     def _read_blob(self, layer: Layer, display: str) -> bytes:
@@ -361,8 +369,14 @@ class Registry:
                 licenses.append(self._read_text_blob(layer, display))
             elif media == MEDIA_ADAPTER:
                 adapters.append(self._stored_file(layer, display))
-            elif media == MEDIA_PROJECTOR and projector is None:
+            elif media == MEDIA_PROJECTOR:
+                if projector is not None:
+                    raise InvalidModelFile(
+                        f"model '{display}' has two projector layers; localllm runs a model with one projector."
+                        " Create the model again with a single projector (one FROM line for it)"
+                    )
                 projector = self._stored_file(layer, display)
+        self._pairing.check(model_path, projector, display)
         return ResolvedModel(
             name=display,
             model_path=model_path,
@@ -564,6 +578,7 @@ class Registry:
         from ..gguf import read_info, validate_once
 
         target = self.store.resolve_name(target)
+        froms = model_first([_expand_from(value, base_dir) for value in froms], froms)
         source = self._source(froms[0], base_dir, from_line)
         layers: list[Layer] = []
         base_config: dict[str, Any] = {}
@@ -573,7 +588,7 @@ class Registry:
             emit({"status": "parsing GGUF"})
             validate_once(model_path)
             info = read_info(model_path)
-            kind = _gguf_kind(info)
+            kind = gguf_kind(info)
             if kind != "model":
                 raise InvalidModelFile(f"{source.path} is a {kind} GGUF, not a model; FROM needs a model file")
             if quantize is not None:
@@ -617,16 +632,23 @@ class Registry:
                     new_layer = self._import_file(quantized, MEDIA_MODEL, emit)
                     layers = [new_layer if layer.media_type == MEDIA_MODEL else layer for layer in layers]
 
-        # further FROM lines: a vision projector (or an adapter) next to the model
+        # further FROM lines: a vision projector (or an adapter) next to the model; they replace a base model's
+        added_projector = False
         for extra in froms[1:]:
             extra_source = self._source(extra, base_dir, 0)
             if extra_source.path is None:
                 raise ModelfileError(f"FROM {extra}: only the first FROM may name a model; later ones must be files")
             validate_once(extra_source.path)
-            kind = _gguf_kind(read_info(extra_source.path))
+            kind = gguf_kind(read_info(extra_source.path))
             if kind == "model":
                 raise ModelfileError(f"FROM {extra}: a Modelfile can hold one model; this file is a second model")
             media = MEDIA_PROJECTOR if kind == "projector" else MEDIA_ADAPTER
+            if media == MEDIA_PROJECTOR:
+                if added_projector:
+                    raise InvalidModelFile(
+                        f"FROM {extra}: a second projector; a model has one projector, give only the one made for it"
+                    )
+                added_projector = True
             layers = [layer for layer in layers if layer.media_type != media]
             layers.append(self._import_file(extra_source.path, media, emit))
 
@@ -640,7 +662,7 @@ class Registry:
                     validate_once(path)
                 except InvalidModelFile as exc:
                     raise InvalidModelFile(f"ADAPTER {value}: {exc}") from None
-                kind = _gguf_kind(read_info(path))
+                kind = gguf_kind(read_info(path))
                 if kind != "adapter":
                     raise InvalidModelFile(f"ADAPTER {value}: {path} is a {kind} GGUF, not a LoRA adapter")
                 new_adapters.append(self._import_file(path, MEDIA_ADAPTER, emit))
@@ -669,6 +691,9 @@ class Registry:
             layers = [layer for layer in layers if layer.media_type != MEDIA_MESSAGES]
             layers.append(self._text_layer(go_json(list(parsed.messages)), MEDIA_MESSAGES, emit))
 
+        projector_layer = next((layer for layer in layers if layer.media_type == MEDIA_PROJECTOR), None)
+        if projector_layer is not None:
+            check_projector_width(info, read_info(self.store.blob_path(projector_layer.digest)), target.display)
         config = _config_for(info, layers, parsed, base_config)
         config_layer = self._text_layer(go_json(config), MEDIA_CONFIG, _quiet)
         manifest = Manifest(config=config_layer, layers=tuple(layers))
@@ -888,17 +913,6 @@ def _check_template(template: str | None, target: ModelName) -> None:
         load_template(template)
     except TemplateError as exc:
         raise TemplateError(f"cannot create '{target.display}': its TEMPLATE does not parse: {exc}") from None
-
-
-def _gguf_kind(info: GGUFInfo) -> str:
-    """'model', 'projector' or 'adapter', from a GGUF's metadata."""
-    metadata = info.metadata or {}
-    kind = str(metadata.get("general.type") or "").lower()
-    if kind in ("projector", "mmproj") or (info.architecture or "").lower() == "clip":
-        return "projector"
-    if kind == "adapter":
-        return "adapter"
-    return "model"
 
 
 def _config_for(

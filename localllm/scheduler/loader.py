@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import TYPE_CHECKING
 
 import attrs
@@ -13,7 +14,7 @@ from ..options import Options, runner_load_values
 from ..runner.protocol import LoadConfig, ModelRunner
 from ..settings import default_context_length
 from .devices import DeviceInventory, InventorySource, resolve_inventory
-from .memory import LayerPlan, MemoryEstimate, estimate_memory, format_bytes, plan_layers
+from .memory import LayerPlan, MemoryEstimate, estimate_memory, format_bytes, plan_layers, projector_memory
 from .scheduler import Loaded
 
 if TYPE_CHECKING:
@@ -35,8 +36,6 @@ def _read_info(path: str, _mtime: float) -> GGUFInfo:
 
 
 def _info(path: str) -> GGUFInfo:
-    import os
-
     return _read_info(path, os.stat(path).st_mtime)
 
 
@@ -138,7 +137,8 @@ class RunnerFactory:
         )
 
     def estimate(self, config: LoadConfig) -> MemoryEstimate:
-        return estimate_memory(
+        """What the config's model needs, its projector (for images and audio) counted with its weights."""
+        estimate = estimate_memory(
             _info(config.model_path),
             num_ctx=config.num_ctx,
             num_parallel=config.num_parallel,
@@ -147,6 +147,11 @@ class RunnerFactory:
             # Where llama.cpp decides, plan for the larger graph of attention without it.
             flash_attention=bool(config.flash_attention) or config.kv_cache_type != "f16",
         )
+        if config.projector_path:
+            projector = _info(config.projector_path)
+            size = os.path.getsize(config.projector_path)
+            estimate = attrs.evolve(estimate, projector_bytes=projector_memory(projector, size))
+        return estimate
 
     def plan(self, config: LoadConfig, inventory: DeviceInventory | None = None) -> LayerPlan:
         return plan_layers(

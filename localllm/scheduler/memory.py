@@ -14,6 +14,9 @@
   attention is off and the context is long. Encoder-only models (BERT and kin) have no KV cache and no
   logits: their graph is one layer's activations over the batch.
 
+- **projector** (vision/audio models): the projector file's bytes plus its compute buffer (`projector_memory`),
+  on the first GPU that holds layers (libmtmd runs the encoder on the GPU when there is one), else on the CPU.
+
 `plan_layers` then places layers on GPUs the way Ollama does: repeating layers from the last one down,
 each on the GPU with the most room left, the output layer only once every repeating layer is on a GPU,
 and whatever does not fit stays on the CPU.
@@ -163,6 +166,8 @@ class MemoryEstimate:
     """Compute buffer on each GPU when the model is split (includes room to run CPU-resident matmuls there)."""
     output_buffer: int = attrs.field(validator=_non_negative)
     """Host buffer for the logits llama.cpp hands back (one row per sequence)."""
+    projector_bytes: int = attrs.field(default=0, validator=_non_negative)
+    """A multimodal projector's weights and compute buffer (0 without one): see `projector_memory`."""
 
     @layer_kv.validator
     def _same_length(self, attribute: attrs.Attribute[tuple[int, ...]], value: tuple[int, ...]) -> None:
@@ -185,7 +190,7 @@ class MemoryEstimate:
     @property
     def total_bytes(self) -> int:
         """Everything on the CPU: weights, KV cache, compute buffer and output buffer."""
-        return self.weights_bytes + self.kv_bytes + self.graph_cpu + self.output_buffer
+        return self.weights_bytes + self.kv_bytes + self.graph_cpu + self.output_buffer + self.projector_bytes
 
     def layer_bytes(self, index: int) -> int:
         """Weights plus KV cache of repeating layer `index`: what offloading it moves to a GPU."""
@@ -329,6 +334,23 @@ def estimate_file_memory(path: str | os.PathLike[str], **options: Any) -> Memory
     from localllm.gguf.inspect import read_info
 
     return estimate_memory(read_info(path), **options)
+
+
+PROJECTOR_GRAPH_FLOOR = 32 * MiB
+
+
+def projector_memory(info: ModelInfoLike, file_size: int) -> int:
+    """Bytes a multimodal projector takes once libmtmd loads it: its file plus a compute buffer.
+
+    The rule: the file's size (its weights, loaded as stored), plus 32 MiB and 10% of the file for the encoder's
+    scratch buffer, plus the attention scores of one image (patches^2 x heads x 4 bytes, with patches =
+    (image_size / patch_size)^2), which dominate for encoders of large images without flash attention.
+    """
+    image_size = _int(info.get("clip.vision.image_size"))
+    patch_size = _int(info.get("clip.vision.patch_size"))
+    heads = _int(info.get("clip.vision.attention.head_count"))
+    patches = (image_size // patch_size) ** 2 if image_size > 0 and patch_size > 0 else 0
+    return file_size + PROJECTOR_GRAPH_FLOOR + file_size // 10 + patches * patches * max(heads, 1) * 4
 
 
 def _pad(value: int, multiple: int) -> int:
@@ -549,6 +571,7 @@ class _Placement:
     used: dict[int, int]  # bytes of layers (and output) per GPU, graph excluded
     repeating: int
     output_gpu: int | None
+    projector_gpu: int | None = None  # the GPU whose room the projector took
 
     @property
     def layers(self) -> int:
@@ -648,8 +671,15 @@ def _choose_gpus(
 
     def attempt(gpus: Sequence[GpuDevice], graph: int) -> _Placement:
         rooms = {g.index: g.free_memory - overhead - reserve - graph for g in gpus}
+        # The projector goes on the first GPU tried (the main GPU when it is among them), before any layer.
+        first = gpus[0].index if gpus else None
+        if estimate.projector_bytes and first is not None:
+            rooms[first] -= estimate.projector_bytes
         rooms = {index: room for index, room in rooms.items() if room > 0}
-        return _place(estimate, gpus, rooms, target, main_gpu)
+        placed = _place(estimate, gpus, rooms, target, main_gpu)
+        if estimate.projector_bytes and first is not None and placed.counts.get(first, 0) > 0:
+            return attrs.evolve(placed, projector_gpu=first)
+        return placed
 
     if spread and len(order) > 1:
         return attempt(order, estimate.graph_gpu_partial), estimate.graph_gpu_partial
@@ -683,11 +713,14 @@ def _finish(
     for index, count in placement.counts.items():
         if count > 0:
             gpu_bytes[index] = placement.used[index] + graph
+    if placement.projector_gpu is not None:
+        gpu_bytes[placement.projector_gpu] += estimate.projector_bytes
     cpu_layers = range(blocks - placement.repeating)
     cpu = estimate.input_bytes + estimate.output_buffer
     cpu += sum(estimate.layer_bytes(il) for il in cpu_layers)
     cpu += 0 if output_on_gpu else estimate.output_cpu_bytes
     cpu += estimate.graph_cpu_offloaded if fits_fully else estimate.graph_cpu
+    cpu += estimate.projector_bytes if placement.projector_gpu is None else 0
 
     layers_per_device = {index: count for index, count in placement.counts.items() if count > 0}
     tensor_split: tuple[float, ...] | None = None

@@ -2,8 +2,9 @@
 
 The repository's files are listed through the hub's API (``HF_ENDPOINT``,
 else huggingface.co); the GGUF file whose quantization matches the tag
-(``Q4_K_M`` when there is none) is downloaded, and a manifest written with
-the model layer and a config blob.
+(``Q4_K_M`` when there is none) is downloaded, with the repository's
+multimodal projector (an ``mmproj`` GGUF) when it has one, and a manifest
+written with the model layer, the projector layer and a config blob.
 
 Both requests go through our own client, not huggingface-hub's (of which only
 the token, the offline switch and the file address are used): a hub out of
@@ -21,7 +22,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -30,7 +31,7 @@ import httpx
 
 from ...errors import DigestMismatch, ModelNotFound, PullError, RegistryUnreachable
 from ..names import ModelName
-from ..store import MEDIA_CONFIG, MEDIA_MODEL, BlobStore, Layer, Manifest, go_json
+from ..store import MEDIA_CONFIG, MEDIA_MODEL, MEDIA_PROJECTOR, BlobStore, Layer, Manifest, go_json
 from .download import (
     DIGEST_RE,
     BlobDownload,
@@ -48,7 +49,7 @@ from .download import (
 )
 from .retry import Origin, Retries, TransientError, host_of, retry_after_seconds, wait_to_retry
 
-__all__ = ["HF_HOSTS", "gguf_quant", "pull_hf", "select_gguf"]
+__all__ = ["HF_HOSTS", "gguf_quant", "pull_hf", "select_gguf", "select_projector"]
 
 log = logging.getLogger("localllm.registry.pull")
 
@@ -125,6 +126,30 @@ def select_gguf(files: list[str], tag: str | None, repo: str) -> str:
     return sorted(whole, key=lambda f: (f.count("/"), len(f), f))[0]
 
 
+#: The projector taken when a repository offers several: the most precise first (projectors are small).
+_PROJECTOR_PREFERENCE = ("F16", "BF16", "F32", "Q8_0")
+
+
+def select_projector(files: list[str], model_file: str) -> str | None:
+    """The multimodal projector to pull beside `model_file`, or None when the repository has none.
+
+    One in the model file's folder wins; then F16, BF16, F32, Q8_0, then the shortest name.
+    """
+    folder = model_file.rpartition("/")[0]
+    projectors = [f for f in files if f.lower().endswith(".gguf") and _is_projector(f) and not _SPLIT_RE.search(f)]
+    if not projectors:
+        return None
+    beside = [f for f in projectors if f.rpartition("/")[0] == folder]
+    candidates = beside or projectors
+
+    def rank(name: str) -> tuple[int, int, str]:
+        quant = gguf_quant(name) or ""
+        order = _PROJECTOR_PREFERENCE.index(quant) if quant in _PROJECTOR_PREFERENCE else len(_PROJECTOR_PREFERENCE)
+        return order, len(name), name
+
+    return min(candidates, key=rank)
+
+
 def _hf_endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT).rstrip("/")
 
@@ -165,11 +190,13 @@ def pull_hf(
     with http_client(settings, insecure=insecure) as client:
         listing = _list_repo(client, endpoint, repo, headers_for, model, origin, settings, cancel)
         filename = select_gguf(list(listing.files), model.tag, repo)
-        file = listing.files[filename]
-        url = hf_hub_url(repo, filename, revision=listing.sha or "main", endpoint=endpoint)
+        wanted = [(filename, MEDIA_MODEL)]
+        projector = select_projector(list(listing.files), filename)
+        if projector is not None:
+            wanted.append((projector, MEDIA_PROJECTOR))
         check_cancel(cancel, model.display)
 
-        def fetch_lfs(digest: str, size: int) -> bool:
+        def fetch_lfs(digest: str, size: int, url: str) -> bool:
             """Download the file unless the store has it; whether it did."""
             with holding(store, [digest], cancel, model.display):
                 if store.has_blob(digest):
@@ -199,11 +226,13 @@ def pull_hf(
                 commit_blob(store, digest, model.display)
                 return True
 
-        def fetch() -> tuple[list[Layer], list[str]]:
+        def fetch_one(name: str, media_type: str) -> tuple[Layer, bool]:
+            file = listing.files[name]
+            url = hf_hub_url(repo, name, revision=listing.sha or "main", endpoint=endpoint)
             if file.sha256 is not None and file.size is not None:
                 digest = file.sha256
                 size = file.size
-                downloaded = fetch_lfs(digest, size)
+                downloaded = fetch_lfs(digest, size, url)
             else:
                 digest, size = _download_git_file(
                     client, store, url, file, headers_for, model, origin, settings, cancel
@@ -211,9 +240,19 @@ def pull_hf(
                 emit({"status": f"pulling {short_digest(digest)}", "digest": digest, "total": size, "completed": size})
                 emit({"status": "verifying sha256 digest"})
                 downloaded = True
-            return [Layer(media_type=MEDIA_MODEL, digest=digest, size=size)], [digest] if downloaded else []
+            return Layer(media_type=media_type, digest=digest, size=size), downloaded
 
-        commit_pull(store, model, fetch, lambda layers: _hf_manifest(store, layers[0]), emit)
+        def fetch() -> tuple[list[Layer], list[str]]:
+            layers: list[Layer] = []
+            downloaded: list[str] = []
+            for name, media_type in wanted:
+                layer, fresh = fetch_one(name, media_type)
+                layers.append(layer)
+                if fresh:
+                    downloaded.append(layer.digest)
+            return layers, downloaded
+
+        commit_pull(store, model, fetch, lambda layers: _hf_manifest(store, layers), emit)
 
 
 def _offline_error(model: ModelName, endpoint: str) -> RegistryUnreachable:
@@ -413,21 +452,22 @@ def _get_git_file(
             return out.commit(), out.size
 
 
-def _hf_manifest(store: BlobStore, model_layer: Layer) -> Manifest:
-    """The manifest of a model pulled from Hugging Face: its GGUF file and a config blob made for it."""
+def _hf_manifest(store: BlobStore, layers: Sequence[Layer]) -> Manifest:
+    """The manifest of a model pulled from Hugging Face: its GGUF file (and projector) and a config blob made for it."""
     from ...gguf import read_info
 
+    model_layer = layers[0]
     info = read_info(store.blob_path(model_layer.digest))
-    config = _hf_config(info.architecture, info.parameter_size, info.file_type, model_layer.digest)
+    config = _hf_config(info.architecture, info.parameter_size, info.file_type, [layer.digest for layer in layers])
     config_data = go_json(config)
     config_digest = store.add_bytes(config_data)
     return Manifest(
         config=Layer(media_type=MEDIA_CONFIG, digest=config_digest, size=len(config_data)),
-        layers=(model_layer,),
+        layers=tuple(layers),
     )
 
 
-def _hf_config(architecture: str, parameter_size: str, file_type: str, digest: str) -> Mapping[str, Any]:
+def _hf_config(architecture: str, parameter_size: str, file_type: str, digests: list[str]) -> Mapping[str, Any]:
     return {
         "model_format": "gguf",
         "model_family": architecture,
@@ -436,5 +476,5 @@ def _hf_config(architecture: str, parameter_size: str, file_type: str, digest: s
         "file_type": file_type,
         "architecture": "amd64",
         "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": [digest]},
+        "rootfs": {"type": "layers", "diff_ids": digests},
     }
