@@ -7,12 +7,7 @@ changes what the model predicts next, while greedy decoding keeps every answer r
 
 from __future__ import annotations
 
-import base64
-import io
 import re
-import struct
-import wave
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +17,7 @@ import httpx
 import ollama
 import openai
 import pytest
-from PIL import Image
+from pictures import b64, png, png_header_only, wav
 from projector import TOKENS_PER_IMAGE
 from servers import localllm_shim
 
@@ -34,38 +29,6 @@ GREEDY = {"temperature": 0, "num_predict": 4}
 QUESTION = "What is in this picture?"
 #: How a model whose projector only sees refuses a WAV clip.
 NO_AUDIO = "not audio|no audio input"
-
-
-def png(color: tuple[int, int, int], size: int = 32) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header declares `width` x `height` pixels, with no pixels behind it: a decompression bomb's
-    opening, which must be refused from the header alone."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
-
-
-def wav(seconds: float = 0.1, rate: int = 16000) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as clip:
-        clip.setnchannels(1)
-        clip.setsampwidth(2)
-        clip.setframerate(rate)
-        clip.writeframes(b"\x00\x10" * int(seconds * rate))
-    return buffer.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
 
 RED = png((200, 30, 30))
 BLUE = png((20, 40, 220))
