@@ -35,6 +35,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
+from pictures import b64, png, png_header_only, wav
 from servers import OCIRegistry, localllm_shim, sha256_digest, tiny_gguf
 
 from localllm.errors import InvalidModelName
@@ -60,6 +61,7 @@ def fuzz(examples: int) -> settings:
 
 MODEL = "smollm2"
 EMBEDDER = "minilm"
+VISION = "vis"  # SmolLM2 with a test projector: the model on which images are decoded
 #: Names the store-changing requests play with; the models the others run on are never among them.
 SCRATCH_NAMES = ("fuzz-a", "fuzz-b:v1", "scratch/fuzz-c:latest")
 #: Where pulls go: a registry on loopback, written into names when the request is sent.
@@ -209,7 +211,24 @@ options: Strategy[Any] = mappings(option_values) | junk
 
 keep_alive = one_of_or_junk(0, -1, "5m", "0s", "-1m", "1h30m", "1e300", 1e300, 1e19, "99999999999h", "5 minutes")
 think = one_of_or_junk(True, False, "low", "high", "max", "medium ")
-images = one_of_or_junk(["aGVsbG8="], ["not base64!"], [""], ["data:image/png;base64,AAAA"], "aGVsbG8=", [1])
+PICTURE = b64(png((90, 160, 40)))
+#: Images a stranger might send: real ones, declared sizes past every limit, audio, a path, bytes of nothing.
+IMAGE_ITEMS = (
+    PICTURE,
+    f"data:image/png;base64,{PICTURE}",
+    b64(png_header_only(60000, 60000)),
+    b64(png_header_only(16384, 16384)),
+    b64(png_header_only(1, 2**31 - 1)),
+    b64(png((1, 2, 3), size=1)),
+    b64(wav()),
+    b64(b"ID3" + bytes(32)),
+    b64(b"GIF89a" + bytes(16)),
+    "/etc/passwd",
+)
+image_items = st.sampled_from(IMAGE_ITEMS) | st.binary(max_size=64).map(b64) | odd_text
+images = one_of_or_junk(
+    ["aGVsbG8="], ["not base64!"], [""], ["data:image/png;base64,AAAA"], "aGVsbG8=", [1]
+) | st.lists(image_items, max_size=3)
 json_schema = one_of_or_junk(
     {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]},
     {"type": "string", "pattern": "(a*)*b"},
@@ -276,7 +295,14 @@ content_parts = st.lists(
             "text": odd_text | junk,
             "image_url": one_of_or_junk(
                 {"url": "data:image/png;base64,AAAA"}, {"url": "https://127.0.0.1:1/x.png"}, "data:,x"
+            )
+            | image_items.map(
+                lambda item: {"url": item if item.startswith("data:") else f"data:image/png;base64,{item}"}
             ),
+            "input_audio": one_of_or_junk(
+                {"data": b64(wav()), "format": "wav"}, {"data": b64(wav()), "format": "mp3"}, {"data": PICTURE}
+            )
+            | image_items.map(lambda item: {"data": item, "format": "wav"}),
         }
     ),
     max_size=3,
@@ -608,6 +634,41 @@ COPY = Endpoint(
 )
 DELETE = Endpoint("DELETE", "/api/delete", {"model": SCRATCH_NAMES[1]}, {"model": scratch_names, "name": scratch_names})
 
+#: The generation routes again, on the model that decodes images, changing mostly what carries them.
+VISION_MESSAGES = st.lists(
+    st.fixed_dictionaries({"role": st.just("user"), "content": st.just("hi"), "images": images}), min_size=1, max_size=2
+)
+OPENAI_VISION_MESSAGES = st.lists(
+    st.fixed_dictionaries({"role": st.just("user"), "content": content_parts}), min_size=1, max_size=2
+)
+VISION_GENERATE = Endpoint(
+    "POST",
+    "/api/generate",
+    {**GENERATE.base, "model": VISION, "images": [PICTURE]},
+    {"images": images, "prompt": texts, "raw": junk},
+)
+VISION_CHAT = Endpoint(
+    "POST",
+    "/api/chat",
+    {**CHAT.base, "model": VISION, "messages": [{"role": "user", "content": "hi", "images": [PICTURE]}]},
+    {"messages": VISION_MESSAGES | ollama_messages},
+)
+VISION_CHAT_COMPLETIONS = Endpoint(
+    "POST",
+    "/v1/chat/completions",
+    {
+        **CHAT_COMPLETIONS.base,
+        "model": VISION,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PICTURE}"}}],
+            }
+        ],
+    },
+    {"messages": OPENAI_VISION_MESSAGES | openai_messages},
+)
+
 #: Answers in the 500s that are the documented answer, not a failure.
 DOCUMENTED_5XX = {("POST /api/push", 501)}
 
@@ -709,7 +770,7 @@ def names_model(value: Any, model: str) -> bool:
 def spare_the_models(body: Body) -> Body:
     """Store changes never replace or delete the models the other tests run on."""
     for key in ("model", "name", "destination"):
-        if names_model(body.get(key), MODEL) or names_model(body.get(key), EMBEDDER):
+        if any(names_model(body.get(key), model) for model in (MODEL, EMBEDDER, VISION)):
             body[key] = SCRATCH_NAMES[2]
     return body
 
@@ -766,7 +827,8 @@ ALIASES = {
     "format": ("json schema",),
     "response_format": ("json schema",),
     "quantize": ("quantization",),
-    **dict.fromkeys(("system", "suffix", "template", "context", "messages", "tools"), ("prompt",)),
+    **dict.fromkeys(("system", "suffix", "template", "context", "tools"), ("prompt",)),
+    "messages": ("prompt", "image", "audio"),  # a message's images and audio clips are named as such
     **dict.fromkeys(("reasoning_effort", "reasoning"), ("think",)),
     "": ("request body", "'["),
 }
@@ -863,17 +925,24 @@ def registry() -> Iterator[OCIRegistry]:
 
 
 @pytest.fixture(scope="module")
-def fuzzer(server: ServerThread, registry: OCIRegistry, minilm_gguf: Path) -> Iterator[Fuzzer]:
-    """The client, with the blobs the requests name uploaded and an embedding model created as Ollama's clients do."""
+def fuzzer(
+    server: ServerThread, registry: OCIRegistry, minilm_gguf: Path, smollm2_path: Path, projector_path: Path
+) -> Iterator[Fuzzer]:
+    """The client, with the blobs the requests name uploaded, and an embedding model and a vision model created
+    as Ollama's clients do."""
     with httpx.Client(base_url=server.url, timeout=120) as http:
         fuzzer = Fuzzer(http, registry.host)
-        embedder = minilm_gguf.read_bytes()
-        for data in (TINY, JUNK, embedder):
+        embedder, text_model, projector = (path.read_bytes() for path in (minilm_gguf, smollm2_path, projector_path))
+        for data in (TINY, JUNK, embedder, text_model, projector):
             fuzzer.send(Case("POST", f"/api/blobs/{sha256_digest(data)}", "POST /api/blobs/{digest}", data))
-        files = {"minilm.gguf": sha256_digest(embedder)}
-        body = {"model": EMBEDDER, "files": files, "parameters": {"num_thread": 1}, "stream": False}
-        created = fuzzer.send(Case("POST", "/api/create", "POST /api/create", json.dumps(body).encode()))
-        assert created.status_code == 200, created.text
+        vision_files = {"model.gguf": sha256_digest(text_model), "mmproj.gguf": sha256_digest(projector)}
+        for name, files, parameters in (
+            (EMBEDDER, {"minilm.gguf": sha256_digest(embedder)}, {"num_thread": 1}),
+            (VISION, vision_files, {"num_thread": 1, "num_ctx": 2048}),
+        ):
+            body = {"model": name, "files": files, "parameters": parameters, "stream": False}
+            created = fuzzer.send(Case("POST", "/api/create", "POST /api/create", json.dumps(body).encode()))
+            assert created.status_code == 200, created.text
         yield fuzzer
         total = sum(fuzzer.answered.values(), Counter())
         print(f"\nfuzz requests: {total.total()} on {len(fuzzer.answered)} routes, {dict(sorted(total.items()))}")
@@ -899,6 +968,16 @@ def test_chat(fuzzer: Fuzzer, case: Case) -> None:
 @fuzz(150)
 @given(case=json_case(CHAT_COMPLETIONS, few_openai_tokens))
 def test_openai_chat_completions(fuzzer: Fuzzer, case: Case) -> None:
+    fuzzer.send(case)
+
+
+@fuzz(120)
+@given(
+    case=st.sampled_from((VISION_GENERATE, VISION_CHAT, VISION_CHAT_COMPLETIONS)).flatmap(
+        lambda endpoint: json_case(endpoint, few_openai_tokens if endpoint.path.startswith("/v1") else few_tokens)
+    )
+)
+def test_images_on_a_vision_model(fuzzer: Fuzzer, case: Case) -> None:
     fuzzer.send(case)
 
 

@@ -187,6 +187,23 @@ def _image(url: Any) -> str:
     return url
 
 
+def input_audio(part: Any, where: str, param: str = "messages") -> str:
+    """An ``input_audio`` part's base64 WAV: carried as the message's images are, and told apart by its content."""
+    clip = part.get("input_audio") if isinstance(part, dict) else None
+    if not isinstance(clip, dict) or not isinstance(clip.get("data"), str):
+        raise APIError(
+            400,
+            f"{where}: an input_audio part needs 'input_audio': {{'data': <base64>, 'format': 'wav'}}",
+            param=param,
+        )
+    audio_format = clip.get("format")
+    if audio_format != "wav":
+        raise APIError(
+            400, f"{where}: audio format {audio_format!r} is not read here; send audio as WAV (PCM)", param=param
+        )
+    return str(clip["data"])
+
+
 def chat_messages(fields: Fields) -> list[dict[str, Any]]:
     """OpenAI messages as Ollama messages: text parts joined, images from data URLs, tool calls and results."""
     raw = fields.array("messages")
@@ -216,6 +233,8 @@ def chat_messages(fields: Fields) -> list[dict[str, Any]]:
                     texts.append(part["text"])
                 elif kind == "image_url":
                     images.append(_image(part.get("image_url")))
+                elif kind == "input_audio":
+                    images.append(input_audio(part, f"messages[{index}]"))
                 else:
                     raise APIError(400, f"messages[{index}] has an unsupported content part", param="messages")
             text = "\n".join(texts)

@@ -35,7 +35,7 @@ from .common import (
     tool_result,
 )
 from .ollama_api import engine_of, model_to_serve, read_request
-from .openai_api import endpoint, openai_error, reasoning
+from .openai_api import endpoint, input_audio, openai_error, reasoning
 
 __all__ = ["routes"]
 
@@ -81,6 +81,8 @@ def _content(value: Any, where: str) -> tuple[str, list[str]]:
             texts.append(part["refusal"])
         elif kind == "input_image":
             images.append(_image(part, here))
+        elif kind == "input_audio":
+            images.append(input_audio(part, here, "input"))
         elif kind == "input_file":
             raise _bad(f"{here}: file inputs are not supported; send the text as input_text", "input")
         else:
