@@ -34,7 +34,7 @@ async def test_an_image_is_evaluated_whole_in_a_step_of_its_own_between_its_text
     with serving(num_parallel=1, projector_path="proj.gguf") as (runner, backend):
         red = image(3)
         handle = runner.submit(prompt_with(runner, "ab", red, "cd"), params(num_predict=2), media=[red])
-        text, result = await reply(handle)
+        _, result = await reply(handle)
         context = backend.context
     # "ab<" then the image's three embeddings, then ">cd": every token decoded is a vocabulary id.
     assert projector_of(backend).evaluated == [(0, 3, 3)]
@@ -48,7 +48,9 @@ async def test_the_same_image_is_reused_from_the_slot_and_another_is_not() -> No
         red, blue = image(3, 1), image(3, 2)
         await reply(runner.submit(prompt_with(runner, "ab", red, "cd"), params(num_predict=1), media=[red]))
         _, again = await reply(runner.submit(prompt_with(runner, "ab", red, "cd"), params(num_predict=1), media=[red]))
-        _, other = await reply(runner.submit(prompt_with(runner, "ab", blue, "cd"), params(num_predict=1), media=[blue]))
+        _, other = await reply(
+            runner.submit(prompt_with(runner, "ab", blue, "cd"), params(num_predict=1), media=[blue])
+        )
     assert again.prompt_cached_count == again.prompt_eval_count - 1  # the image's entries too
     assert other.prompt_cached_count == 3  # "ab<": the other image starts where the first one did
     assert [entry[1:] for entry in projector_of(backend).evaluated] == [(3, 3), (3, 3)]

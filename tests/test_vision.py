@@ -143,9 +143,7 @@ async def test_a_conversation_too_long_drops_old_messages_counting_their_images(
     assert refused.value.tokens > 6 * TOKENS_PER_IMAGE + 6 * 8
 
 
-async def test_images_through_a_runner_in_a_child_process(
-    smollm2_path: Path, projector_path: Path, home: Path
-) -> None:
+async def test_images_through_a_runner_in_a_child_process(smollm2_path: Path, projector_path: Path, home: Path) -> None:
     async with Engine(home, num_parallel=1) as engine:
         await vision_model(engine, smollm2_path, projector_path)
         in_thread = await ask(engine, picture("red"))
@@ -184,7 +182,9 @@ async def test_what_a_vision_request_may_not_be(smollm2_path: Path, projector_pa
         with pytest.raises(CapabilityError, match="not a vision model"):
             await engine.generate(str(smollm2_path), QUESTION, images=[picture("red")], options=GREEDY)
         reply = await engine.generate("vis", QUESTION, images=[picture("red")], options=GREEDY)
-        rendered = await engine.render(ChatRequest("vis", [{"role": "user", "content": "hi", "images": [picture("red")]}]))
+        rendered = await engine.render(
+            ChatRequest("vis", [{"role": "user", "content": "hi", "images": [picture("red")]}])
+        )
     assert reply.context is not None and all(token >= 0 for token in reply.context)  # stand-ins stay inside
     assert "[img-0]hi" in rendered
 
@@ -213,4 +213,3 @@ async def test_an_image_kept_on_disk_serves_the_next_process(
     assert warm.prompt_cached_count == warm.prompt_eval_count - 1
     assert close(first(cold), first(warm))
     assert other.prompt_cached_count < other.prompt_eval_count - TOKENS_PER_IMAGE  # the image's entries differ
-

@@ -24,7 +24,6 @@ __all__ = ["MtmdProjector"]
 _CHUNK_TEXT = 0  # MTMD_INPUT_CHUNK_TYPE_TEXT; image and audio chunks are the others
 
 
-
 class _NativeContext(Protocol):
     """What the projector reads of a llama.cpp context (`llama.LlamaContext`)."""
 
