@@ -262,6 +262,23 @@ async def test_embeddings_run_on_a_node(cluster: Any) -> None:
     assert cluster.router.in_flight == 0
 
 
+async def test_images_go_to_a_node_with_the_request(cluster: Any, smollm2_path: Path, projector_path: Path) -> None:
+    from pictures import png
+
+    node = cluster.nodes[0]
+    with pytest.raises(localllm.InvalidRequest, match="node"):
+        await cluster.create_blob(smollm2_path)  # whose file? no one machine's store
+    model = await cluster.create_blob(smollm2_path, node=node)
+    projector = await cluster.create_blob(projector_path, node=node)
+    await cluster.create("vis", files={"model.gguf": model, "mmproj.gguf": projector}, node=node)
+    messages = [{"role": "user", "content": "Name a colour.", "images": [png((255, 0, 0))]}]
+    with_image = await cluster.chat("vis", messages, options=GREEDY)
+    without = await cluster.chat("vis", [{"role": "user", "content": "Name a colour."}], options=GREEDY)
+    assert with_image.prompt_eval_count == without.prompt_eval_count + 16  # the projector's embeddings
+    with pytest.raises(localllm.InvalidRequest, match="image"):
+        await cluster.chat("vis", [{**messages[0], "images": [b"not an image"]}], options=GREEDY)
+
+
 async def test_a_dead_engine_fails_its_requests_and_its_node_serves_again(cluster: Any) -> None:
     import ray
 

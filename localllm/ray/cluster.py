@@ -590,8 +590,15 @@ class ClusterEngine:
     async def has_blob(self, digest: str) -> bool:
         return False
 
-    async def create_blob(self, path: str | os.PathLike[str]) -> str:
-        raise InvalidRequest("a cluster does not take uploaded blobs: create the model on a node from its files")
+    async def create_blob(self, path: str | os.PathLike[str], *, node: str | None = None) -> str:
+        """Add one of `node`'s files to that node's store, for `create(files=..., node=node)` (a vision model's
+        file and projector, say). A cluster takes no blob without a node: it is no one machine's store."""
+        if node is None:
+            raise InvalidRequest(
+                "a cluster does not take uploaded blobs: name the node whose file it is (create_blob(path, node=...))"
+            )
+        await self._refresh()
+        return str(await self._call(node, "create_blob", os.fspath(path)))
 
     async def add_blob(self, digest: str, chunks: Any, *, max_size: int | None = None) -> None:
         raise InvalidRequest("a cluster does not take uploaded blobs: create the model on a node from its files")

@@ -73,7 +73,8 @@ class NodeEngine:
             stream.close()
 
     async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """One of the engine's other methods (embed, list, show, ps, create, pull, copy, delete, load, unload)."""
+        """One of the engine's other methods (embed, list, show, ps, create, create_blob, pull, copy, delete, load,
+        unload)."""
         if method not in _CALLS:
             raise AttributeError(f"the engine has no method {method!r} served to the cluster")
         return await getattr(self.engine, method)(*args, **kwargs)
@@ -149,5 +150,8 @@ class NodeEngine:
 
 
 _CALLS = frozenset(
-    ["embeddings", "render", "list", "show", "ps", "create", "pull", "copy", "delete", "load", "unload", "has_blob"]
+    [
+        "embeddings", "render", "list", "show", "ps", "create", "create_blob", "pull", "copy", "delete", "load",
+        "unload", "has_blob",
+    ]  # fmt: skip
 )
