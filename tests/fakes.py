@@ -398,8 +398,9 @@ IMAGE_CELL = ord("#")  # what a fake projector writes into the cache for each of
 
 @attrs.define
 class FakeProjector:
-    """A projector that makes `image.width` embeddings of an image, between begin and end markers, and
-    writes them into the fake context's cache; `hold` makes the next evaluation wait until `release`."""
+    """A projector that makes `image.width` embeddings of an image, between begin and end markers, at
+    `width // height` positions (fewer for a taller image, as M-RoPE places them), and writes one cell per
+    position into the fake context's cache; `hold` makes the next evaluation wait until `release`."""
 
     evaluated: list[tuple[int, int, int]] = attrs.field(factory=list)  # (seq_id, position, count)
     held: threading.Event = attrs.field(factory=threading.Event)
@@ -416,7 +417,7 @@ class FakeProjector:
         self._open.set()
 
     def layout(self, media: Any) -> MediaLayout:
-        return MediaLayout((ord("<"),), media.width, (ord(">"),))
+        return MediaLayout((ord("<"),), media.width, (ord(">"),), media.width // media.height)
 
     def evaluate(self, context: Any, media: Any, *, position: int, seq_id: int) -> int:
         if not self._open.is_set():
@@ -425,7 +426,7 @@ class FakeProjector:
                 raise AssertionError("the test never released the projector")
         cells = context.kv.setdefault(seq_id, {})
         assert position == max(cells, default=-1) + 1, "an image goes right after what the sequence holds"
-        for offset in range(media.width):
+        for offset in range(media.width // media.height):
             cells[position + offset] = IMAGE_CELL
         self.evaluated.append((seq_id, position, media.width))
         return 0

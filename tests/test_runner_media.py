@@ -9,7 +9,7 @@ from fakes import IMAGE_CELL, TIMEOUT, FakeProjector, held, params, reply, servi
 
 from localllm.errors import InvalidRequest
 from localllm.media import DecodedImage
-from localllm.runner.protocol import locate_media, placeholder_tokens
+from localllm.runner.protocol import MediaLayout, locate_media, placeholder_tokens
 from localllm.runner.worker import Runner
 
 pytestmark = pytest.mark.fast
@@ -93,12 +93,13 @@ async def test_a_prompt_cut_through_an_image_drops_the_image_whole() -> None:
     red = image(4)
     stand_ins = placeholder_tokens(red.digest, 4)
     # A too-long prompt keeps its start and its end: here the end kept only the last two stand-ins.
-    kept, spans = locate_media([1, 2, *stand_ins[2:], 5, 6], [red], [4])
+    layout = [MediaLayout((), 4, ())]
+    kept, spans = locate_media([1, 2, *stand_ins[2:], 5, 6], [red], layout)
     assert kept == [1, 2, 5, 6] and spans == ()
-    kept, spans = locate_media([1, *stand_ins, 5], [red], [4])
+    kept, spans = locate_media([1, *stand_ins, 5], [red], layout)
     assert kept == [1, *stand_ins, 5] and [(s.start, s.count) for s in spans] == [(1, 4)]
     with pytest.raises(InvalidRequest):
-        locate_media([1, -7, 5], [red], [4])  # a negative id that stands in for nothing
+        locate_media([1, -7, 5], [red], layout)  # a negative id that stands in for nothing
 
 
 async def test_what_the_runner_refuses() -> None:
@@ -116,3 +117,22 @@ def test_stand_ins_are_negative_distinct_and_the_same_for_the_same_pixels() -> N
     assert placeholder_tokens(a.digest, 8) == placeholder_tokens(image(8, 1).digest, 8)
     assert set(placeholder_tokens(a.digest, 8)).isdisjoint(placeholder_tokens(b.digest, 8))
     assert all(token < 0 for token in placeholder_tokens(a.digest, 8))
+
+
+async def test_an_image_at_fewer_positions_than_embeddings_moves_what_follows_back() -> None:
+    """M-RoPE: the text after an image goes on from the image's last position, in the slot and when its
+    prefix is reused."""
+    with serving(num_parallel=1, projector_path="proj.gguf") as (runner, backend):
+        tall = DecodedImage(6, 2, bytes(6 * 2 * 3))  # six embeddings at three positions
+        _, first = await reply(
+            runner.submit(prompt_with(runner, "ab", tall, "cd"), params(num_predict=2), media=[tall])
+        )
+        _, again = await reply(
+            runner.submit(prompt_with(runner, "ab", tall, "ce"), params(num_predict=1), media=[tall])
+        )
+        context = backend.context
+    assert projector_of(backend).evaluated == [(0, 3, 6)]  # once: the second request reused it
+    # "ab<" at 0-2, the image at 3-5, then ">cd" from 6 on; the next request keeps "ab<", the image, ">c".
+    assert [str(d) for d in context.decoded][:2] == ["0:a@0 0:b@1 0:<@2", "0:>@6 0:c@7 0:d@8*"]
+    assert str(context.decoded[-1]).startswith("0:e@8*")
+    assert first.prompt_eval_count == 12 and again.prompt_cached_count == 11

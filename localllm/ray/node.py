@@ -149,9 +149,4 @@ class NodeEngine:
         return copied
 
 
-_CALLS = frozenset(
-    [
-        "embeddings", "render", "list", "show", "ps", "create", "create_blob", "pull", "copy", "delete", "load",
-        "unload", "has_blob",
-    ]  # fmt: skip
-)
+_CALLS = frozenset("embeddings render list show ps create create_blob pull copy delete load unload has_blob".split())

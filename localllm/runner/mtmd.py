@@ -55,12 +55,6 @@ class MtmdProjector:
             )
         self.handle: Any = handle
         self.path = path
-        if mtmd.mtmd_decode_use_mrope(handle):
-            self.close()
-            raise CapabilityError(
-                f"the projector {path} places image embeddings with M-RoPE (the Qwen2-VL family), which "
-                "localllm does not run yet; use a model whose projector does not"
-            )
         self.vision = bool(mtmd.mtmd_support_vision(handle))
         self.audio = bool(mtmd.mtmd_support_audio(handle))
         self.sample_rate: int | None = int(mtmd.mtmd_get_audio_sample_rate(handle)) if self.audio else None
@@ -72,7 +66,7 @@ class MtmdProjector:
             try:
                 before: list[int] = []
                 after: list[int] = []
-                count = 0
+                count = positions = 0
                 for i in range(mtmd.mtmd_input_chunks_size(chunks)):
                     chunk = mtmd.mtmd_input_chunks_get(chunks, i)
                     if mtmd.mtmd_input_chunk_get_type(chunk) == _CHUNK_TEXT:
@@ -81,9 +75,10 @@ class MtmdProjector:
                         raise InvalidRequest("the projector split one media item in two, which localllm cannot place")
                     else:
                         count = int(mtmd.mtmd_input_chunk_get_n_tokens(chunk))
-                if count <= 0:
+                        positions = int(mtmd.mtmd_input_chunk_get_n_pos(chunk))
+                if count <= 0 or not 0 < positions <= count:
                     raise InvalidRequest("the projector made no embeddings of this media item")
-                return MediaLayout(tuple(before), count, tuple(after))
+                return MediaLayout(tuple(before), count, tuple(after), positions)
             finally:
                 mtmd.mtmd_input_chunks_free(chunks)
 

@@ -173,11 +173,13 @@ def placeholder_tokens(digest: bytes, count: int) -> list[int]:
 @attrs.frozen
 class MediaLayout:
     """How the projector puts one media item into a prompt: the text tokens it wraps the item in (an
-    image's begin and end markers, for some models) and how many embeddings the item becomes."""
+    image's begin and end markers, for some models), how many embeddings the item becomes, and how many
+    positions they take (fewer, where the projector places them in two dimensions: M-RoPE)."""
 
     before: tuple[int, ...]
     count: int
     after: tuple[int, ...]
+    positions: int = attrs.field(default=attrs.Factory(lambda layout: layout.count, takes_self=True))
 
     def tokens(self, digest: bytes) -> list[int]:
         return [*self.before, *placeholder_tokens(digest, self.count), *self.after]
@@ -185,11 +187,12 @@ class MediaLayout:
 
 @attrs.frozen
 class MediaSpan:
-    """Where a media item's embeddings sit in a sequence's prompt."""
+    """Where a media item's embeddings sit in a sequence's prompt, and the positions they take."""
 
     start: int
     count: int
     media: Media
+    positions: int
 
     @property
     def end(self) -> int:
@@ -197,19 +200,19 @@ class MediaSpan:
 
 
 def locate_media(
-    prompt: Sequence[int], media: Sequence[Media], counts: Sequence[int]
+    prompt: Sequence[int], media: Sequence[Media], layouts: Sequence[MediaLayout]
 ) -> tuple[list[int], tuple[MediaSpan, ...]]:
-    """The prompt and the span of each media item's stand-ins in it (`counts[i]` embeddings for `media[i]`).
+    """The prompt and the span of each media item's stand-ins in it (`media[i]` laid out as `layouts[i]`).
 
     Stand-ins of an item cut short (a too-long prompt loses its middle) are dropped from the prompt: an
     item is evaluated whole or not at all. Any other negative token is refused.
     """
-    starts: dict[int, tuple[Media, list[int]]] = {}
+    starts: dict[int, tuple[Media, list[int], int]] = {}
     every: set[int] = set()
-    for item, count in zip(media, counts, strict=True):
-        stand_ins = placeholder_tokens(item.digest, count)
+    for item, layout in zip(media, layouts, strict=True):
+        stand_ins = placeholder_tokens(item.digest, layout.count)
         if stand_ins:
-            starts[stand_ins[0]] = (item, stand_ins)
+            starts[stand_ins[0]] = (item, stand_ins, layout.positions)
             every.update(stand_ins)
     kept: list[int] = []
     spans: list[MediaSpan] = []
@@ -222,7 +225,7 @@ def locate_media(
             continue
         found = starts.get(token)
         if found is not None and list(prompt[i : i + len(found[1])]) == found[1]:
-            spans.append(MediaSpan(len(kept), len(found[1]), found[0]))
+            spans.append(MediaSpan(len(kept), len(found[1]), found[0], found[2]))
             kept.extend(found[1])
             i += len(found[1])
         elif token not in every:

@@ -134,6 +134,13 @@ class _Slot:
     last_used: float = 0.0
     # After a context shift: how many leading entries are still what evaluating `cached` would give.
     plain: int | None = None
+    # Positions past entries: where a projector places an image at fewer positions than it has embeddings
+    # (M-RoPE), the next entry's position is len(cached) + offset.
+    offset: int = 0
+
+    @property
+    def next_position(self) -> int:
+        return len(self.cached) + self.offset
 
     @property
     def reusable(self) -> Sequence[int]:
@@ -273,10 +280,10 @@ class Runner:
         check_prompt_fits(prompt, self.n_ctx_seq, truncate=params.truncate)
         spans: tuple[MediaSpan, ...] = ()
         if media:
-            counts = [self.media_layout(item).count for item in media]
-            prompt, spans = locate_media(prompt, media, counts)  # refuses negative ids that are no stand-ins
+            layouts = [self.media_layout(item) for item in media]
+            prompt, spans = locate_media(prompt, media, layouts)  # refuses negative ids that are no stand-ins
             self.model.check_token_ids([token for token in prompt if token >= 0])
-            prompt, spans = locate_media(self._cut(prompt, params), media, counts)  # what a cut left whole
+            prompt, spans = locate_media(self._cut(prompt, params), media, layouts)  # what a cut left whole
             if spans and spans[-1].end >= len(prompt):
                 raise InvalidRequest("a prompt cannot end with an image or audio clip: put text after it")
         else:
@@ -424,7 +431,7 @@ class Runner:
             if from_donor >= from_cache and donor is not None and self.context.seq_cp(donor.seq_id, slot.seq_id):
                 slot.cached[:] = donor.cached
                 keep = from_donor
-            elif hit is not None and self._restore(slot, hit):
+            elif hit is not None and self._restore(slot, hit, active.handle.media):
                 restored = hit
                 keep = from_cache
             else:
@@ -432,12 +439,18 @@ class Runner:
                 keep = 0
         elif len(slot.cached) - keep >= _WORTH_SAVING:
             self._save(slot)
-        keep = _outside_media(active.handle.media, keep)  # an image is evaluated whole, never from its middle
-        if keep > 0 and (self.context.seq_pos_min(slot.seq_id) > 0 or not self.context.seq_rm(slot.seq_id, keep)):
+        media = active.handle.media
+        keep = _outside_media(media, keep)  # an image is evaluated whole, never from its middle
+        kept_offset = _offset_before(media, keep)
+        if keep > 0 and (
+            self.context.seq_pos_min(slot.seq_id) > 0 or not self.context.seq_rm(slot.seq_id, keep + kept_offset)
+        ):
             keep = 0  # a sliding-window cache may have dropped early positions: start over
         if keep == 0:
             self.context.seq_rm(slot.seq_id, 0)
+            kept_offset = 0
         del slot.cached[keep:]
+        slot.offset = kept_offset
         active.prompt_pos = keep
         if not active.handle.params.grammar:
             # Penalties look back over the prompt too, as they do in llama-server.
@@ -449,13 +462,14 @@ class Runner:
             self._drop_restored(slot, restored)
             active.prompt_pos = 0
 
-    def _restore(self, slot: _Slot, hit: CacheHit) -> bool:
+    def _restore(self, slot: _Slot, hit: CacheHit, media: Sequence[MediaSpan]) -> bool:
         """Put a saved state into the slot, checked against the tokens its entry claims.
 
         A state llama.cpp refuses, or one whose positions are not those of its tokens from position 0 (one
         more, fewer, or past the context), is dropped from the cache: the prompt is evaluated instead.
         """
         tokens = hit.tokens
+        last_position = len(tokens) - 1 + _offset_before(media, len(tokens))
         try:
             restored = self.context.state_set(slot.seq_id, hit.state)
         except Exception:  # a state the backend cannot even read is as good as one it refused
@@ -464,7 +478,7 @@ class Runner:
         if restored and not (
             0 < len(tokens) <= self.n_ctx_seq
             and self.context.seq_pos_min(slot.seq_id) == 0
-            and self.context.seq_pos_max(slot.seq_id) == len(tokens) - 1
+            and self.context.seq_pos_max(slot.seq_id) == last_position
         ):
             logger.warning("a saved prompt state does not hold the %d positions its entry claims", len(tokens))
             restored = False
@@ -483,7 +497,7 @@ class Runner:
             return self._evaluate_media(active, span) == 0
         token, last = prompt[active.prompt_pos], active.prompt_pos == len(prompt) - 1
         self.batch.clear()
-        index = self.batch.add(token, len(slot.cached), slot.seq_id, last)
+        index = self.batch.add(token, slot.next_position, slot.seq_id, last)
         status = self.context.decode(self.batch)
         if status != 0:
             logger.warning("decoding after a restored prompt state failed (%d): evaluating the prompt instead", status)
@@ -500,6 +514,7 @@ class Runner:
         """Empty the slot of a saved state that failed, and drop that state from the cache."""
         self.context.seq_rm(slot.seq_id, 0)
         slot.cached.clear()
+        slot.offset = 0
         if self.prompt_cache is not None:
             self.prompt_cache.drop(self.cache_key, hit.tokens)
 
@@ -546,13 +561,13 @@ class Runner:
                 if len(active.slot.cached) + 1 >= self.n_ctx_seq and not self._shift(active):
                     self._finish(active, "length")  # this cache cannot shift: the context is full
                     continue
-                cached, seq_id = active.slot.cached, active.slot.seq_id
-                active.batch_index = batch.add(active.next_token, len(cached), seq_id, True)
-                cached.append(active.next_token)
+                slot = active.slot
+                active.batch_index = batch.add(active.next_token, slot.next_position, slot.seq_id, True)
+                slot.cached.append(active.next_token)
                 active.next_token = None
-                active.draft = drafts.get(seq_id, [])
-                for offset, token in enumerate(active.draft):
-                    batch.add(token, len(cached) + offset, seq_id, True)
+                active.draft = drafts.get(slot.seq_id, [])
+                for ahead, token in enumerate(active.draft):
+                    batch.add(token, slot.next_position + ahead, slot.seq_id, True)
                 in_batch.append(active)
                 budget -= 1 + len(active.draft)
         # Then prompt chunks, as far as the batch has room.
@@ -564,11 +579,11 @@ class Runner:
             take = min(_text_before_media(active.handle.media, active.prompt_pos, len(prompt)), budget)
             if take <= 0:
                 continue
-            cached = active.slot.cached
+            slot = active.slot
             end = active.prompt_pos + take
             for i in range(active.prompt_pos, end):
-                index = batch.add(prompt[i], len(cached), active.slot.seq_id, i == len(prompt) - 1)
-                cached.append(prompt[i])
+                index = batch.add(prompt[i], slot.next_position, slot.seq_id, i == len(prompt) - 1)
+                slot.cached.append(prompt[i])
             if end == len(prompt):
                 active.batch_index = index
             active.prompt_evaluated += take
@@ -607,9 +622,10 @@ class Runner:
         """Put one item's embeddings into the sequence's cache; llama.cpp's status (0 when done)."""
         assert self.projector is not None
         slot = active.slot
-        status = self.projector.evaluate(self.context, span.media, position=len(slot.cached), seq_id=slot.seq_id)
+        status = self.projector.evaluate(self.context, span.media, position=slot.next_position, seq_id=slot.seq_id)
         if status == 0:
             slot.cached.extend(active.handle.prompt[span.start : span.end])
+            slot.offset += span.positions - span.count
             active.prompt_pos = span.end
             active.prompt_evaluated += span.count
         return status
@@ -682,7 +698,7 @@ class Runner:
             self.drafted += len(draft)
             self.drafts_accepted += accepted
             if accepted < len(draft):
-                self.context.seq_rm(active.slot.seq_id, len(active.slot.cached))
+                self.context.seq_rm(active.slot.seq_id, active.slot.next_position)
         if ending is None:
             active.next_token = token
         else:
@@ -783,6 +799,7 @@ class Runner:
         for active in actives:
             self.context.seq_rm(active.slot.seq_id, 0)
             active.slot.cached.clear()
+            active.slot.offset = 0
             self._release(active)
             active.handle.finished = True
             active.handle.mailbox.put(error)
@@ -879,6 +896,11 @@ def _text_before_media(media: Sequence[MediaSpan], position: int, end: int) -> i
         if span.start >= position:
             return span.start - position
     return end - position
+
+
+def _offset_before(media: Sequence[MediaSpan], index: int) -> int:
+    """How far the positions of the prompt's entries from `index` on are past their indexes."""
+    return sum(span.positions - span.count for span in media if span.end <= index)
 
 
 def _outside_media(media: Sequence[MediaSpan], position: int) -> int:
