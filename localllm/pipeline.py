@@ -12,7 +12,7 @@ import attrs
 from .chat.template import load_template
 from .errors import CapabilityError, ContextLengthExceeded, InvalidRequest
 from .options import Options
-from .prompt_media import PromptMedia, decode_all, for_display, marked_messages, marked_prompt
+from .prompt_media import Labelled, PromptMedia, decode_all, for_display, labelled, marked_messages, marked_prompt
 from .request import ChatRequest, GenerateRequest
 from .runner.protocol import LoadConfig, SamplingParams, ScoredText, SequenceHandle, SequenceResult, TextRunner
 from .scheduler.scheduler import Lease
@@ -277,7 +277,7 @@ async def render_generate(
     grammar = _grammar_for(request.format)
     images = request.images or ()
     if media is None:
-        media = await _decode(service, images)
+        media = await _decode(service, labelled(images))
     if request.raw:
         return GeneratePrompt(marked_prompt(request.prompt, images), grammar, media=media)
     if request.template:
@@ -423,7 +423,8 @@ async def render_chat(
     from .chat.prompt import prepare_chat_in_thread
 
     template = await service.template(resolved)
-    messages, images = marked_messages(_with_model_messages(resolved, request.messages))
+    conversation = _with_model_messages(resolved, request.messages)
+    messages, images = marked_messages(conversation, first=len(conversation) - len(request.messages))
     if media is None:
         media = await _decode(service, images)
     prepared = await prepare_chat_in_thread(
@@ -455,7 +456,7 @@ async def _resolve(service: ModelService, request: GenerateRequest | ChatRequest
     return resolved
 
 
-async def _decode(service: ModelService, images: Sequence[str]) -> PromptMedia:
+async def _decode(service: ModelService, images: Sequence[Labelled]) -> PromptMedia:
     """The request's images and audio, decoded and bounded in a worker thread."""
     if not images:
         return PromptMedia()

@@ -21,7 +21,16 @@ from .media import Media, MediaLimits, decode_media
 from .runner.protocol import TextRunner
 from .types import Message
 
-__all__ = ["AUDIO_SAMPLE_RATE", "PromptMedia", "decode_all", "for_display", "marked_messages", "marked_prompt"]
+__all__ = [
+    "AUDIO_SAMPLE_RATE",
+    "Labelled",
+    "PromptMedia",
+    "decode_all",
+    "for_display",
+    "labelled",
+    "marked_messages",
+    "marked_prompt",
+]
 
 #: The rate audio is resampled to: every audio encoder libmtmd runs reads 16 kHz (the projector checks).
 AUDIO_SAMPLE_RATE = 16_000
@@ -44,18 +53,27 @@ def _mark(content: str, first: int, count: int) -> str:
     return prefix + content
 
 
-def marked_messages(messages: Sequence[Message]) -> tuple[list[dict[str, Any]], list[str]]:
+Labelled = tuple[str, str]
+"""An image (base64 text) and where the request holds it ("messages[2].images[0]"), for error messages."""
+
+
+def marked_messages(messages: Sequence[Message], *, first: int = 0) -> tuple[list[dict[str, Any]], list[Labelled]]:
     """The messages as the template reads them, each image a marker in its text; and the images, in the
-    order the markers number them."""
+    order the markers number them. `messages[first]` is the request's first message."""
     rendered: list[dict[str, Any]] = []
-    images: list[str] = []
-    for message in messages:
+    images: list[Labelled] = []
+    for index, message in enumerate(messages):
         data = message.to_template_dict()
         if message.images:
             data["content"] = _mark(message.content, len(images), len(message.images))
-            images.extend(message.images)
+            images.extend((f"messages[{index - first}].images[{j}]", image) for j, image in enumerate(message.images))
         rendered.append(data)
     return rendered, images
+
+
+def labelled(images: Sequence[str]) -> list[Labelled]:
+    """A generate request's images, with where it holds each."""
+    return [(f"images[{j}]", image) for j, image in enumerate(images)]
 
 
 def marked_prompt(prompt: str, images: Sequence[str]) -> str:
@@ -68,14 +86,11 @@ def for_display(prompt: str) -> str:
     return _MARKER.sub(lambda match: f"[img-{match.group(1)}]", prompt)
 
 
-def decode_all(images: Sequence[str], limits: MediaLimits) -> list[Media]:
+def decode_all(images: Sequence[Labelled], limits: MediaLimits) -> list[Media]:
     """Every image (or audio clip) decoded and bounded; `InvalidRequest` naming the first bad one.
     Call in a worker thread: decoding is CPU work."""
     limits.check_count(len(images))
-    return [
-        decode_media(data, limits=limits, where=f"image {index}", sample_rate=AUDIO_SAMPLE_RATE)
-        for index, data in enumerate(images)
-    ]
+    return [decode_media(data, limits=limits, where=where, sample_rate=AUDIO_SAMPLE_RATE) for where, data in images]
 
 
 @attrs.frozen
