@@ -5,7 +5,8 @@ The projector is the tests' tiny random-weight LLaVA "mlp" one (`tests/projector
 embeddings of SmolLM2's width), paired with SmolLM2 135M Q4_1; greedy, 2 threads, one slot of 2048 tokens,
 one new token, flash attention auto, weight repacking as localllm chooses it, on both sides. A "new" image
 is one neither side has seen (its text before it is cached on both); a "cached" one is the same request
-again. Rounds alternate between the two sides; min / median / max over the rounds.
+again. Rounds alternate between the two sides (llama-server stopped with SIGSTOP during localllm's turn: on
+2 cores its idle threads slow the other side down); min / median / max over the rounds.
 
 - encode: libmtmd's preprocessing, encoding and decoding of one image into a sequence (localllm's
   projector wrapper, timed alone);
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import io
+import signal
 import statistics
 import sys
 import tempfile
@@ -134,19 +136,32 @@ def main() -> None:
         times = encode_times(model, projector, 20)
         print(f"\nencode one 256x256 image (preprocess, encode, decode into the sequence): "
               f"median {statistics.median(times) * 1e3:.1f} ms over {len(times)}")  # fmt: skip
+        home = Path(scratch) / "home"
+
+        async def create() -> None:
+            async with localllm.Engine(home) as engine:
+                d1, d2 = await engine.create_blob(model), await engine.create_blob(projector)
+                await engine.create("vis", files={"model.gguf": d1, "mmproj.gguf": d2})
+
+        # Created before the server starts (seconds): a file written in the last two seconds is checked on
+        # every use, until it has settled.
+        anyio.run(create)
         process, url = start_server(binary, model, repack, slots=1, extra=("--mmproj", str(projector)))
         ours: list[dict[str, float]] = []
         theirs: list[dict[str, float]] = []
         try:
 
             async def run_ours() -> None:
-                async with localllm.Engine(Path(scratch) / "home", num_parallel=1) as engine:
-                    d1, d2 = await engine.create_blob(model), await engine.create_blob(projector)
-                    await engine.create("vis", files={"model.gguf": d1, "mmproj.gguf": d2})
+                async with localllm.Engine(home, num_parallel=1) as engine:
                     await localllm_round(engine, -1)  # warm-up: load
                     for round_ in range(ROUNDS):
                         theirs.append(await server_round(url, 100 + round_))
-                        ours.append(await localllm_round(engine, round_))
+                        # The server is stopped while localllm runs: on 2 cores its idle threads still cost.
+                        process.send_signal(signal.SIGSTOP)
+                        try:
+                            ours.append(await localllm_round(engine, round_))
+                        finally:
+                            process.send_signal(signal.SIGCONT)
 
             anyio.run(server_round, url, -1)  # warm-up
             anyio.run(run_ours)
