@@ -88,11 +88,31 @@ async def test_prompt_chunks_go_in_admission_order_whatever_the_slot() -> None:
         await reply(earlier)
         await reply(later)
 
+    # The earlier prompt gets the room first; each batch holds its sequences in slot order.
     assert [str(d) for d in context.decoded[start : start + 3]] == [
         "1:.@0 1:.@1 1:.@2 1:.@3",
-        "1:.@4 1:.@5* 0:b@0 0:b@1",
+        "0:b@0 0:b@1 1:.@4 1:.@5*",
         "0:b@2 0:b@3 0:b@4 0:b@5*",
     ]
+
+
+async def test_a_batch_holds_its_sequences_in_slot_order_whatever_their_admission() -> None:
+    """llama.cpp evaluates a batch whose sequences are out of order in more, smaller pieces."""
+    with serving(num_parallel=3) as (runner, backend):
+        context = backend.context
+        await reply(runner.submit(tokens("y"), params()))  # slot 0 is now the more recently used
+        context.hold()
+        first = runner.submit(tokens("ab"), params(num_predict=3))
+        await held(context)
+        second = runner.submit(tokens("mn"), params(num_predict=3))
+        third = runner.submit(tokens("uv"), params(num_predict=3))
+        context.release()
+        for handle in (first, second, third):
+            await reply(handle)
+    for decoded in context.decoded:
+        seq_ids = [row[0] for row in decoded.rows]
+        assert seq_ids == sorted(seq_ids), str(decoded)
+    assert {row[0] for d in context.decoded for row in d.rows} == {0, 1, 2}
 
 
 # -- prefix reuse -------------------------------------------------------------------

@@ -548,50 +548,54 @@ class Runner:
         actives = self._in_admission_order()
         if not actives:
             return
-        batch = self.batch
-        batch.clear()
-        budget = batch.capacity
-        in_batch: list[_Active] = []
+        # Who gets room is decided in admission order: next tokens first, one each (with its draft), so
+        # running sequences never wait on a long prompt; then prompt chunks, as far as the batch has room.
+        budget = self.batch.capacity
+        runs: list[tuple[_Active, list[int]]] = []  # each sequence's tokens in this step, in order
         drafts = self._drafts(actives)
-        # Next tokens first: one each, so running sequences never wait on a long prompt. Each one's
-        # draft follows it at the next positions, with logits everywhere: `_sample` verifies it.
         for active in actives:
             active.batch_index = None
             if active.next_token is not None:
                 if len(active.slot.cached) + 1 >= self.n_ctx_seq and not self._shift(active):
                     self._finish(active, "length")  # this cache cannot shift: the context is full
                     continue
-                slot = active.slot
-                active.batch_index = batch.add(active.next_token, slot.next_position, slot.seq_id, True)
-                slot.cached.append(active.next_token)
-                active.next_token = None
-                active.draft = drafts.get(slot.seq_id, [])
-                for ahead, token in enumerate(active.draft):
-                    batch.add(token, slot.next_position + ahead, slot.seq_id, True)
-                in_batch.append(active)
+                active.draft = drafts.get(active.slot.seq_id, [])
+                runs.append((active, [active.next_token, *active.draft]))
                 budget -= 1 + len(active.draft)
-        # Then prompt chunks, as far as the batch has room.
         for active in actives:
             prompt = active.handle.prompt
             if active.prompt_pos >= len(prompt) or budget <= 0:
                 continue
             # Up to its next image or audio clip, which a step of its own evaluates.
             take = min(_text_before_media(active.handle.media, active.prompt_pos, len(prompt)), budget)
-            if take <= 0:
-                continue
-            slot = active.slot
-            end = active.prompt_pos + take
-            for i in range(active.prompt_pos, end):
-                index = batch.add(prompt[i], slot.next_position, slot.seq_id, i == len(prompt) - 1)
-                slot.cached.append(prompt[i])
-            if end == len(prompt):
-                active.batch_index = index
-            active.prompt_evaluated += take
-            active.prompt_pos = end
-            in_batch.append(active)
-            budget -= take
-        if not in_batch:
+            if take > 0:
+                runs.append((active, prompt[active.prompt_pos : active.prompt_pos + take]))
+                budget -= take
+        if not runs:
             return
+        # The batch holds the sequences in slot order: llama.cpp splits one whose sequences are out of
+        # order into several smaller evaluations (with four slots, up to half again the time of a step).
+        batch = self.batch
+        batch.clear()
+        in_batch: list[_Active] = []
+        for active, tokens in sorted(runs, key=lambda run: run[0].slot.seq_id):
+            slot = active.slot
+            if active.next_token is not None:  # its next token, with logits everywhere: `_sample` verifies a draft
+                active.batch_index = batch.add(active.next_token, slot.next_position, slot.seq_id, True)
+                slot.cached.append(active.next_token)
+                active.next_token = None
+                for ahead, token in enumerate(active.draft):
+                    batch.add(token, slot.next_position + ahead, slot.seq_id, True)
+            else:  # a prompt chunk: logits for the prompt's last token only
+                prompt, end = active.handle.prompt, active.prompt_pos + len(tokens)
+                for i in range(active.prompt_pos, end):
+                    index = batch.add(prompt[i], slot.next_position, slot.seq_id, i == len(prompt) - 1)
+                    slot.cached.append(prompt[i])
+                if end == len(prompt):
+                    active.batch_index = index
+                active.prompt_evaluated += len(tokens)
+                active.prompt_pos = end
+            in_batch.append(active)
         status = self.context.decode(batch)
         if status < 0:  # llama.cpp's own error: the context cannot be trusted any more
             raise RunnerError(f"llama_decode returned {status}")

@@ -1,0 +1,180 @@
+"""One decode step of four sequences: inside the runner, and in a bare loop over the same llama.cpp objects.
+
+Both sides load SmolLM2 135M Q4_1 through localllm's own backend with the same `LoadConfig` (2 threads, 4
+slots x 2048, flash attention auto, weight repacking as localllm chooses), evaluate the same four prompts
+and then decode 128 tokens each, greedily, one token per sequence per step. The runner side is an
+`Engine` serving four concurrent requests; the bare side is a Python loop: a batch of four next tokens,
+`llama_decode`, argmax of each row's logits. Rounds alternate; medians over every 4-token step.
+
+- decode: the time inside `llama_decode` for a step of four tokens;
+- gap: from the end of one such decode to the start of the next (sampling, sending text, building the batch);
+- step: decode + gap; aggregate tokens/s follows from it;
+- event loop CPU: the share of one core the engine's event-loop thread used during the runner's run.
+
+    nox -s bench -- benchmarks/bench_step.py
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+from common import smollm2_path
+
+import localllm
+from localllm.runner import llama as llama_backend
+from localllm.runner.protocol import LoadConfig
+
+ROUNDS = 5
+THREADS = 2
+SLOTS = 4
+NUM_CTX = 2048
+NEW_TOKENS = 128
+PROMPTS = [
+    "The history of the printing press begins",
+    "A recipe for a simple tomato soup:",
+    "The three laws of motion state that",
+    "Once upon a time, in a small village by the sea,",
+]
+
+Steps = list[tuple[int, float, float]]  # (tokens in the batch, start, end) of each decode
+
+
+class Timed:
+    """Records every decode of the contexts made while it is installed."""
+
+    def __init__(self) -> None:
+        self.steps: Steps = []
+        self._original = llama_backend.LlamaContext.decode
+
+    def __enter__(self) -> Timed:
+        original, steps = self._original, self.steps
+
+        def decode(context: Any, batch: Any) -> int:
+            start = time.perf_counter()
+            status = original(context, batch)
+            steps.append((batch.n_tokens, start, time.perf_counter()))
+            return int(status)
+
+        llama_backend.LlamaContext.decode = decode  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        llama_backend.LlamaContext.decode = self._original  # type: ignore[method-assign]
+
+
+def figures(steps: Steps) -> dict[str, float]:
+    """Medians over the steps of four tokens, each step's gap measured to the decode after it."""
+    decodes, gaps = [], []
+    for (tokens, start, end), (_, next_start, _) in itertools.pairwise(steps):
+        if tokens == SLOTS:
+            decodes.append(end - start)
+            gaps.append(next_start - end)
+    decode, gap = statistics.median(decodes), statistics.median(gaps)
+    return {"decode, ms": decode * 1e3, "gap, ms": gap * 1e3, "step, ms": (decode + gap) * 1e3,
+            "aggregate, tokens/s": SLOTS / (decode + gap)}  # fmt: skip
+
+
+def config() -> LoadConfig:
+    return LoadConfig(str(smollm2_path()), num_ctx=NUM_CTX, num_parallel=SLOTS, num_thread=THREADS)
+
+
+def bare_round(round_: int) -> dict[str, float]:
+    backend = llama_backend.LlamaBackend()
+    load = config()
+    model = backend.load_model(load, gpu_layers=0, tensor_split=None)
+    context = backend.new_context(model, load)
+    batch = backend.new_batch(context.n_batch, SLOTS)
+    try:
+        prompts = [model.tokenize(f"[{round_}] {p}", add_special=True, parse_special=True) for p in PROMPTS]
+        with Timed() as timed:
+            batch.clear()
+            lasts = []
+            for seq, prompt in enumerate(prompts):
+                for pos, token in enumerate(prompt):
+                    index = batch.add(token, pos, seq, pos == len(prompt) - 1)
+                lasts.append(index)
+            assert context.decode(batch) == 0
+            tokens = [int(np.argmax(context.logits(i))) for i in lasts]
+            positions = [len(p) for p in prompts]
+            for _ in range(NEW_TOKENS - 1):
+                batch.clear()
+                for seq in range(SLOTS):
+                    batch.add(tokens[seq], positions[seq], seq, True)
+                    positions[seq] += 1
+                assert context.decode(batch) == 0
+                tokens = [int(np.argmax(context.logits(i))) for i in range(SLOTS)]
+        return figures(timed.steps)
+    finally:
+        batch.close()
+        context.close()
+        model.close()
+
+
+def _thread_seconds(ident: int | None) -> float:
+    """CPU seconds a thread of this process has used (Linux)."""
+    native = next((t.native_id for t in threading.enumerate() if t.ident == ident), None)
+    try:
+        fields = Path(f"/proc/self/task/{native}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def runner_round(round_: int) -> dict[str, float]:
+    async def run() -> dict[str, float]:
+        options = {"temperature": 0, "repeat_penalty": 1.0, "num_predict": NEW_TOKENS, "num_ctx": NUM_CTX,
+                   "num_thread": THREADS}  # fmt: skip
+        with tempfile.TemporaryDirectory() as home:
+            async with localllm.Engine(home, num_parallel=SLOTS) as engine:
+                await engine.generate(str(smollm2_path()), "Hello", raw=True, options={**options, "num_predict": 1})
+                loop_thread = threading.get_ident()
+                cpu, wall = _thread_seconds(loop_thread), time.perf_counter()
+
+                async def one(prompt: str) -> None:
+                    await engine.generate(str(smollm2_path()), f"[{round_}] {prompt}", raw=True, options=options)
+
+                with Timed() as timed:
+                    async with anyio.create_task_group() as group:
+                        for prompt in PROMPTS:
+                            group.start_soon(one, prompt)
+                share = (_thread_seconds(loop_thread) - cpu) / (time.perf_counter() - wall)
+        result = figures(timed.steps) if timed.steps else {}
+        return {**result, "event loop CPU, share of a core": share}
+
+    return anyio.run(run)
+
+
+def main() -> None:
+    from localllm.runner.llama import repack_default
+
+    print(
+        f"SmolLM2 135M Q4_1; {THREADS} threads, {SLOTS} slots x {NUM_CTX}, {NEW_TOKENS} new tokens, greedy, flash "
+        f"attention auto, repacking {'on' if repack_default() else 'off'}; {ROUNDS} alternating rounds, medians"
+    )
+    bare_round(-1)  # warm-up
+    bare: list[dict[str, float]] = []
+    runner: list[dict[str, float]] = []
+    for round_ in range(ROUNDS):
+        bare.append(bare_round(round_))
+        runner.append(runner_round(round_))
+    print(f"\n{'':34} {'bare loop':>12} {'runner':>12} {'ratio':>8}")
+    for name in runner[0]:
+        ours = statistics.median(r[name] for r in runner)
+        if name in bare[0]:
+            theirs = statistics.median(r[name] for r in bare)
+            print(f"{name:34} {theirs:12.2f} {ours:12.2f} {ours / theirs:8.2f}")
+        else:
+            print(f"{name:34} {'':>12} {ours:12.3f}")
+
+
+if __name__ == "__main__":
+    main()
