@@ -275,3 +275,24 @@ async def test_concurrent_sampled_requests_follow_their_formats(llama: Llama, sm
         done = reply.done_reason == "stop"
         assert done or name == "json", (name, reply.response)  # the schemas are bounded
         check_output(llama, fmt, tokens, done)
+
+
+def test_plain_greedy_picks_what_llama_cpps_greedy_sampler_picks(llama: Llama) -> None:
+    """Greedy without penalties reads the most likely token off the logits: the same token every time."""
+    import llama_cpp
+
+    ours = SamplerChain(llama.model, GREEDY)
+    reference = llama_cpp.llama_sampler_init_greedy()
+    picks: list[tuple[int, int]] = []
+
+    def both(context: LlamaContext, index: int) -> int:
+        picked = ours.sample(context, index)
+        picks.append((picked, int(llama_cpp.llama_sampler_sample(reference, context.handle, index))))
+        return picked
+
+    try:
+        llama.generate(PERSON_PROMPT, both, 32)
+    finally:
+        llama_cpp.llama_sampler_free(reference)
+        ours.close()
+    assert len(picks) > 8 and all(a == b for a, b in picks)
