@@ -3,6 +3,7 @@ cancellation, endings."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,16 @@ async def test_a_batch_holds_its_sequences_in_slot_order_whatever_their_admissio
         seq_ids = [row[0] for row in decoded.rows]
         assert seq_ids == sorted(seq_ids), str(decoded)
     assert {row[0] for d in context.decoded for row in d.rows} == {0, 1, 2}
+
+
+async def test_an_idle_runner_ends_its_thread_and_the_next_request_starts_one() -> None:
+    """An idle runner's thread would keep llama.cpp's OpenMP team alive, which slows every other runner."""
+    with serving() as (runner, _backend):
+        assert (await reply(runner.submit(tokens("ab"), params(num_predict=2))))[0] == "cd"
+        thread = next(t for t in threading.enumerate() if t.name == f"localllm-runner-{id(runner):x}")
+        await anyio.to_thread.run_sync(thread.join, TIMEOUT)  # it ends by itself once idle
+        assert not thread.is_alive() and runner.healthy
+        assert (await reply(runner.submit(tokens("mn"), params(num_predict=2))))[0] == "op"
 
 
 # -- prefix reuse -------------------------------------------------------------------

@@ -30,6 +30,7 @@ from ..gguf.architectures import ENCODER_ARCHITECTURES
 from .backend import Backend, Pooling
 from .mailbox import Mailbox
 from .protocol import LoadConfig
+from .threads import WorkerThread
 
 __all__ = ["EmbedHandle", "EmbedResult", "EmbeddingRunner"]
 
@@ -143,8 +144,7 @@ class EmbeddingRunner:
         self._stopping = False
         self._closed = False
         self.failure: str | None = None  # why the worker died, once it has
-        self._thread = threading.Thread(target=self._run, name=f"localllm-embed-{id(self):x}", daemon=True)
-        self._thread.start()
+        self._worker = WorkerThread(self._run, f"localllm-embed-{id(self):x}", self._cond)
         logger.debug(
             "embedding runner for %s: %s pooling, %d dims, %d sequences of up to %d tokens per batch of %d",
             config.model_path,
@@ -190,7 +190,7 @@ class EmbeddingRunner:
     @property
     def healthy(self) -> bool:
         """False once the worker thread has died: the scheduler replaces such a runner."""
-        return self.failure is None and self._thread.is_alive()
+        return self.failure is None and (self._worker.alive or not self._worker.started)
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         return self.model.tokenize(text, add_special=add_special, parse_special=True)
@@ -226,7 +226,7 @@ class EmbeddingRunner:
         handle = EmbedHandle(self, prepared, normalize)
         with self._cond:
             self._pending.append(handle)
-            self._cond.notify()
+            self._worker.wake()
         return handle
 
     def _withdraw(self, handle: EmbedHandle) -> None:
@@ -244,8 +244,7 @@ class EmbeddingRunner:
                 return
             self._closed = self._stopping = True
             self._cond.notify_all()
-        if threading.current_thread() is not self._thread:
-            self._thread.join()
+        self._worker.join()
         closed = EngineClosed("the model was unloaded before this request finished")
         for handle in list(self._pending) + self._in_flight:
             if not handle.finished:
@@ -263,8 +262,8 @@ class EmbeddingRunner:
         try:
             while True:
                 with self._cond:
-                    while not self._stopping and not self._pending:
-                        self._cond.wait()
+                    if not self._worker.wait(lambda: self._stopping or bool(self._pending)):
+                        return  # idle: the thread ends, and with it llama.cpp's OpenMP team (see `threads`)
                     if self._stopping:
                         return
                     placed = self._fill_batch()

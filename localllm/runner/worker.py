@@ -63,6 +63,7 @@ from .protocol import (
     locate_media,
 )
 from .text import StopMatcher, Utf8Stream
+from .threads import WorkerThread, in_a_passing_thread
 
 if TYPE_CHECKING:
     from ..media import Media
@@ -181,7 +182,10 @@ class Runner:
             undo.callback(self.batch.close)
             self.projector: Projector | None = None
             if config.projector_path is not None:
-                self.projector = backend.new_projector(self.model, config, gpu_layers=gpu_layers)
+                model = self.model
+                self.projector = in_a_passing_thread(
+                    lambda: backend.new_projector(model, config, gpu_layers=gpu_layers)
+                )
                 undo.callback(self.projector.close)
             self._layouts: OrderedDict[bytes, MediaLayout] = OrderedDict()  # by media digest, the latest kept
             if drafter is None:
@@ -195,8 +199,7 @@ class Runner:
         self._stopping = False
         self._closed = False
         self.failure: str | None = None  # why the worker died, once it has
-        self._thread = threading.Thread(target=self._run, name=f"localllm-runner-{id(self):x}", daemon=True)
-        self._thread.start()
+        self._worker = WorkerThread(self._run, f"localllm-runner-{id(self):x}", self._cond)
 
     # -- the coroutine side -------------------------------------------------------
 
@@ -228,7 +231,7 @@ class Runner:
     @property
     def healthy(self) -> bool:
         """False once the worker thread has died: the scheduler replaces such a runner."""
-        return self.failure is None and self._thread.is_alive()
+        return self.failure is None and (self._worker.alive or not self._worker.started)
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         tokens = self.model.tokenize(text, add_special=add_special, parse_special=True)
@@ -292,7 +295,7 @@ class Runner:
         handle = SequenceHandle(self, prompt, params, mailbox, spans)
         with self._cond:
             self._pending.append(handle)
-            self._cond.notify()
+            self._worker.wake()
         return handle
 
     def _cut(self, prompt: list[int], params: SamplingParams) -> list[int]:
@@ -321,8 +324,7 @@ class Runner:
                 return
             self._closed = self._stopping = True
             self._cond.notify_all()
-        if threading.current_thread() is not self._thread:
-            self._thread.join()
+        self._worker.join()
         closed = EngineClosed("the model was unloaded before this request finished")
         for handle in self._pending:
             handle.mailbox.put(closed)
@@ -349,8 +351,8 @@ class Runner:
         try:
             while True:
                 with self._cond:
-                    while not self._stopping and not self._pending and self.active_count == 0:
-                        self._cond.wait()
+                    if not self._worker.wait(self._has_work):
+                        return  # idle: the thread ends, and with it llama.cpp's OpenMP team (see `threads`)
                     if self._stopping:
                         return
                     admitted = self._admit()
@@ -372,6 +374,9 @@ class Runner:
                 for handle in self._pending:
                     handle.mailbox.put(error)
                 self._pending.clear()
+
+    def _has_work(self) -> bool:
+        return self._stopping or bool(self._pending) or self.active_count > 0
 
     def _admit(self) -> list[_Active]:
         """Move waiting sequences into free slots (called with the lock held)."""
