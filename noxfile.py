@@ -101,6 +101,7 @@ def bench(session: nox.Session) -> None:
     scripts = session.posargs or [
         "benchmarks/bench_generate.py",
         "benchmarks/bench_server.py",
+        "benchmarks/bench_step.py",
         "benchmarks/bench_grammar.py",
         "benchmarks/bench_prompt_cache.py",
         "benchmarks/bench_speculative.py",
