@@ -131,8 +131,36 @@ class Decoded:
         return " ".join(f"{seq}:{chr(token)}@{pos}{'*' if logits else ''}" for seq, token, pos, logits in self.rows)
 
 
+def _opened() -> threading.Event:
+    gate = threading.Event()
+    gate.set()
+    return gate
+
+
 @attrs.define
-class FakeContext:
+class Gate:
+    """A gate the fake's work waits at while it is held, so a test can act between two steps."""
+
+    held: threading.Event = attrs.field(factory=threading.Event, kw_only=True)  # set while work waits at it
+    _open: threading.Event = attrs.field(factory=_opened, kw_only=True)
+
+    def hold(self) -> None:
+        """Make the next piece of work (a decode, an image's evaluation) wait until `release`."""
+        self._open.clear()
+
+    def release(self) -> None:
+        self.held.clear()
+        self._open.set()
+
+    def wait_at_gate(self) -> None:
+        if not self._open.is_set():
+            self.held.set()
+            if not self._open.wait(TIMEOUT):
+                raise AssertionError("the test never released the gate")
+
+
+@attrs.define
+class FakeContext(Gate):
     n_ctx_seq: int
     n_batch: int
     n_seq_max: int
@@ -144,21 +172,8 @@ class FakeContext:
     restores: list[int] = attrs.field(factory=list)  # state_set calls
     failing_restores: str | None = None  # how state_set fails: "refuse" (returns False) or "raise"; None: it does not
     statuses: deque[int] = attrs.field(factory=deque)  # what the next decodes return (then 0)
-    held: threading.Event = attrs.field(factory=threading.Event)  # set while a decode waits at the gate
     logit_reads: int = 0
     closed: bool = False
-    _open: threading.Event = attrs.field(factory=threading.Event)
-
-    def __attrs_post_init__(self) -> None:
-        self._open.set()
-
-    def hold(self) -> None:
-        """Make the next decode wait until `release`."""
-        self._open.clear()
-
-    def release(self) -> None:
-        self.held.clear()
-        self._open.set()
 
     @property
     def last(self) -> Decoded:
@@ -166,10 +181,7 @@ class FakeContext:
 
     def decode(self, batch: Batch) -> int:
         assert isinstance(batch, FakeBatch)
-        if not self._open.is_set():
-            self.held.set()
-            if not self._open.wait(TIMEOUT):
-                raise AssertionError("the test never released the decode gate")
+        self.wait_at_gate()
         rows = tuple(batch.rows)
         ends = {seq: max(cells, default=-1) for seq, cells in self.kv.items()}
         for seq, token, pos, _ in rows:  # llama.cpp's own checks: each sequence continues where it ends
@@ -249,27 +261,14 @@ def token_vector(token: int, pos: int) -> npt.NDArray[np.float32]:
 
 
 @attrs.define
-class FakeEmbeddingContext:
+class FakeEmbeddingContext(Gate):
     n_batch: int
     n_seq_max: int
     pooling: Pooling
     n_embd: int = 3
     decoded: list[Decoded] = attrs.field(factory=list)
     statuses: deque[int] = attrs.field(factory=deque)  # what the next decodes return (then 0)
-    held: threading.Event = attrs.field(factory=threading.Event)  # set while a decode waits at the gate
     closed: bool = False
-    _open: threading.Event = attrs.field(factory=threading.Event)
-
-    def __attrs_post_init__(self) -> None:
-        self._open.set()
-
-    def hold(self) -> None:
-        """Make the next decode wait until `release`."""
-        self._open.clear()
-
-    def release(self) -> None:
-        self.held.clear()
-        self._open.set()
 
     @property
     def last(self) -> Decoded:
@@ -284,10 +283,7 @@ class FakeEmbeddingContext:
 
     def decode(self, batch: Batch) -> int:
         assert isinstance(batch, FakeBatch)
-        if not self._open.is_set():
-            self.held.set()
-            if not self._open.wait(TIMEOUT):
-                raise AssertionError("the test never released the decode gate")
+        self.wait_at_gate()
         rows = tuple(batch.rows)
         assert 0 < len(rows) <= self.n_batch
         ends: dict[int, int] = {}
@@ -397,33 +393,19 @@ IMAGE_CELL = ord("#")  # what a fake projector writes into the cache for each of
 
 
 @attrs.define
-class FakeProjector:
+class FakeProjector(Gate):
     """A projector that makes `image.width` embeddings of an image, between begin and end markers, at
     `width // height` positions (fewer for a taller image, as M-RoPE places them), and writes one cell per
     position into the fake context's cache; `hold` makes the next evaluation wait until `release`."""
 
     evaluated: list[tuple[int, int, int]] = attrs.field(factory=list)  # (seq_id, position, count)
-    held: threading.Event = attrs.field(factory=threading.Event)
     closed: bool = False
-    _open: threading.Event = attrs.field(factory=threading.Event)
-
-    def __attrs_post_init__(self) -> None:
-        self._open.set()
-
-    def hold(self) -> None:
-        self._open.clear()
-
-    def release(self) -> None:
-        self._open.set()
 
     def layout(self, media: Any) -> MediaLayout:
         return MediaLayout((ord("<"),), media.width, (ord(">"),), media.width // media.height)
 
     def evaluate(self, context: Any, media: Any, *, position: int, seq_id: int) -> int:
-        if not self._open.is_set():
-            self.held.set()
-            if not self._open.wait(TIMEOUT):
-                raise AssertionError("the test never released the projector")
+        self.wait_at_gate()
         cells = context.kv.setdefault(seq_id, {})
         assert position == max(cells, default=-1) + 1, "an image goes right after what the sequence holds"
         for offset in range(media.width // media.height):
@@ -602,7 +584,7 @@ class _Replying:
 
 
 @attrs.define
-class ScriptedContext:
+class ScriptedContext(Gate):
     """A KV cache of token ids whose "model" gives each sequence the backend's reply to its prompt.
 
     The logits at a position favour the reply's next token (10 against 0 for every other token), then the
@@ -618,21 +600,12 @@ class ScriptedContext:
     decoded: list[Decoded] = attrs.field(factory=list)
     kv: dict[int, dict[int, int]] = attrs.field(factory=dict)  # seq_id -> position -> token
     replies: dict[int, _Replying] = attrs.field(factory=dict)
-    held: threading.Event = attrs.field(factory=threading.Event)
     closed: bool = False
-    _open: threading.Event = attrs.field(factory=threading.Event)
     _holding_after: int | None = None  # decodes to let through before the gate closes; None: leave it
-
-    def __attrs_post_init__(self) -> None:
-        self._open.set()
 
     def hold(self, after: int = 0) -> None:
         """Make the decode after the next `after` ones wait until `release` (call it before they can start)."""
         self._holding_after = after
-
-    def release(self) -> None:
-        self.held.clear()
-        self._open.set()
 
     @property
     def last(self) -> Decoded:
@@ -646,10 +619,7 @@ class ScriptedContext:
                 self._holding_after = None
             else:
                 self._holding_after -= 1
-        if not self._open.is_set():
-            self.held.set()
-            if not self._open.wait(TIMEOUT):
-                raise AssertionError("the test never released the decode gate")
+        self.wait_at_gate()
         rows = tuple(batch.rows)
         ends = {seq: max(cells, default=-1) for seq, cells in self.kv.items()}
         for seq, token, pos, _ in rows:  # llama.cpp's own checks: each sequence continues where it ends
