@@ -199,10 +199,10 @@ def main() -> None:
     for name in ours[0]:
         a, b = [r[name] for r in ours], [r[name] for r in theirs]
         ratios = [x / y for x, y in zip(a, b, strict=True)]
-        print(f"{name:40} {_spread(a):>22} {_spread(b):>22} {_spread(ratios, 2):>20}")
+        print(f"{name:40} {spread(a):>22} {spread(b):>22} {spread(ratios, 2):>20}")
 
 
-def _spread(values: list[float], digits: int = 3) -> str:
+def spread(values: list[float], digits: int = 3) -> str:
     return " ".join(f"{v:.{digits}f}" for v in (min(values), statistics.median(values), max(values)))
 
 

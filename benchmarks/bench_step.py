@@ -32,24 +32,13 @@ from typing import Any
 import anyio
 import httpx
 import numpy as np
+from bench_server import NEW_TOKENS, NUM_CTX, PROMPTS, ROUNDS, SLOTS, THREADS  # the same run as llama-server's
 from common import smollm2_path
 
 import localllm
 from localllm.runner import llama as llama_backend
 from localllm.runner.protocol import LoadConfig
 from localllm.runner.threads import in_a_passing_thread
-
-ROUNDS = 5
-THREADS = 2
-SLOTS = 4
-NUM_CTX = 2048
-NEW_TOKENS = 128
-PROMPTS = [
-    "The history of the printing press begins",
-    "A recipe for a simple tomato soup:",
-    "The three laws of motion state that",
-    "Once upon a time, in a small village by the sea,",
-]
 
 Steps = list[tuple[int, float, float]]  # (tokens in the batch, start, end) of each decode
 

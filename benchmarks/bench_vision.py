@@ -28,7 +28,7 @@ from pathlib import Path
 
 import anyio
 import httpx
-from bench_server import cpu_flags, server_binary, start_server
+from bench_server import cpu_flags, server_binary, spread, start_server
 from common import smollm2_path
 from PIL import Image
 
@@ -172,11 +172,7 @@ def main() -> None:
     for name in ours[0]:
         a, b = [r[name] for r in ours], [r[name] for r in theirs]
         ratios = [x / y for x, y in zip(a, b, strict=True)]
-        print(f"{name:28} {_spread(a, 1):>22} {_spread(b, 1):>22} {_spread(ratios, 2):>18}")
-
-
-def _spread(values: list[float], digits: int) -> str:
-    return " / ".join(f"{v:.{digits}f}" for v in (min(values), statistics.median(values), max(values)))
+        print(f"{name:28} {spread(a, 1):>22} {spread(b, 1):>22} {spread(ratios, 2):>18}")
 
 
 if __name__ == "__main__":
