@@ -284,9 +284,9 @@ class Runner:
         spans: tuple[MediaSpan, ...] = ()
         if media:
             layouts = [self.media_layout(item) for item in media]
-            prompt, spans = locate_media(prompt, media, layouts)  # refuses negative ids that are no stand-ins
             self.model.check_token_ids([token for token in prompt if token >= 0])
-            prompt, spans = locate_media(self._cut(prompt, params), media, layouts)  # what a cut left whole
+            # The stand-ins a cut left whole; negative ids that stand in for nothing are refused.
+            prompt, spans = locate_media(self._cut(prompt, params), media, layouts)
             if spans and spans[-1].end >= len(prompt):
                 raise InvalidRequest("a prompt cannot end with an image or audio clip: put text after it")
         else:
